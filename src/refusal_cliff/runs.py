@@ -1,0 +1,244 @@
+"""Run folders: metadata, fingerprints, resumable JSONL streams.
+
+Every verb writes into a folder the caller names (`--out DIR`). `metadata.json`
+records the schema version, the resolved config, package versions, the model id
+and revision, and the seed. A stage re-run with the same fingerprint (inputs +
+config) reuses finished work; a stage interrupted part-way resumes from the last
+complete example; a folder holding a run with a *different* fingerprint is never
+overwritten unless the user asks (`--overwrite`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import tempfile
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_PACKAGES = ("refusal-cliff", "torch", "transformers", "safetensors", "numpy", "trl", "peft", "lm-eval")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (inputs are part of a stage's fingerprint)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(payload: Any) -> str:
+    """A stable hash of a JSON-serialisable payload (config + input digests)."""
+    if is_dataclass(payload):
+        payload = asdict(payload)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON (line {exc.lineno}); regenerate it") from None
+
+
+class RunFolder:
+    """One stage's output folder.
+
+    Usage:
+        run = RunFolder(out, stage="generate", config=cfg_dict, overwrite=False)
+        run.start(model_id=..., revision=..., seed=...)   # checks/records the fingerprint
+        ...write artifacts with run.path("generations.jsonl")...
+        run.finish(extra={...})
+    """
+
+    def __init__(self, root: str | Path, stage: str, config: dict, overwrite: bool = False):
+        self.root = Path(root)
+        self.stage = stage
+        self.config = config
+        self.overwrite = overwrite
+        self.fingerprint = fingerprint({"stage": stage, "config": config})
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.root / f"metadata.{self.stage}.json" if self._shared() else self.root / "metadata.json"
+
+    def _shared(self) -> bool:
+        # Several stages may share a folder (generate + label make a "generation run"):
+        # the first stage owns metadata.json, others write metadata.<stage>.json.
+        main = self.root / "metadata.json"
+        if not main.is_file():
+            return False
+        try:
+            return json.loads(main.read_text()).get("stage") != self.stage
+        except (json.JSONDecodeError, OSError):
+            return False
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def previous(self) -> dict | None:
+        path = self.metadata_path
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def start(self, model_id: str | None = None, revision: str | None = None, seed: int | None = None,
+              artifacts: Iterable[str] = ()) -> bool:
+        """Create the folder and record metadata. Returns True if a previous run is resumed.
+
+        Raises UserError if the folder holds this stage's artifacts from a run with another
+        fingerprint, unless `overwrite` was set (then those artifacts are removed).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        previous = self.previous()
+        resumed = False
+        existing = [self.path(a) for a in artifacts if self.path(a).exists()]
+        if previous is not None and previous.get("fingerprint") == self.fingerprint:
+            resumed = True
+        elif previous is not None or existing:
+            if not self.overwrite:
+                raise UserError(
+                    f"{self.root} already holds a '{self.stage}' run with different inputs or settings; "
+                    "use another --out, or pass --overwrite to replace it"
+                )
+            for path in existing:
+                path.unlink()
+        self.metadata = {
+            "schema_version": SCHEMA_VERSION,
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "model_id": model_id,
+            "model_revision": revision,
+            "seed": seed,
+            "packages": package_versions(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": None,
+        }
+        if resumed and previous:
+            self.metadata["started"] = previous.get("started", self.metadata["started"])
+        write_json(self.metadata_path, self.metadata)
+        return resumed
+
+    def is_finished(self) -> bool:
+        previous = self.previous()
+        return bool(previous and previous.get("fingerprint") == self.fingerprint and previous.get("finished"))
+
+    def finish(self, extra: dict | None = None) -> None:
+        self.metadata["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if extra:
+            self.metadata.update(extra)
+        write_json(self.metadata_path, self.metadata)
+
+
+# -- JSONL streams ----------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """Read a JSONL file. A torn last line (a killed writer) is dropped, and cut off if `repair`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    data = path.read_bytes()
+    records, offset = [], 0
+    lines = data.split(b"\n")
+    for index, raw in enumerate(lines):
+        is_last = index == len(lines) - 1  # text after the final newline: possibly torn
+        if raw.strip():
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                if not is_last:
+                    raise UserError(
+                        f"{path}: line {index + 1} is not valid JSON; fix or delete the file"
+                    ) from None
+                logger.warning("%s: dropping a torn last line (an interrupted write)", path)
+                if repair:
+                    with open(path, "r+b") as handle:
+                        handle.truncate(offset)
+                break
+        offset += len(raw) + 1
+    return records
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    yield from read_jsonl(path)
+
+
+class JsonlWriter:
+    """Append records to a JSONL file, one flushed line per record (safe to kill at any time)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def completed_ids(path: str | Path) -> set[str]:
+    """Ids already written to a resumable JSONL artifact (repairing a torn last line)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    return {str(r["id"]) for r in read_jsonl(path, repair=True) if "id" in r}

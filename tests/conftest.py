@@ -1,0 +1,101 @@
+"""Shared fixtures: seeded RNGs, tiny random models of every supported architecture, the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+ARCHITECTURES = [
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+]
+
+
+def tiny_config(architecture: str, vocab_size: int = 49152, **overrides):
+    """A 2-layer, hidden-64 config with grouped KV heads (4 query heads, 2 KV heads)."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config_class = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+        "MistralForCausalLM": transformers.MistralConfig,
+        "Phi3ForCausalLM": transformers.Phi3Config,
+        "Gemma2ForCausalLM": transformers.Gemma2Config,
+        "Gemma3ForCausalLM": transformers.Gemma3TextConfig,
+    }[architecture]
+    if architecture == "Phi3ForCausalLM":
+        common.pop("head_dim")
+    common.update(overrides)
+    config = config_class(**common)
+    config.architectures = [architecture]
+    return config
+
+
+def make_tiny_model(architecture: str, seed: int = 0, vocab_size: int = 49152, **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(architecture, vocab_size=vocab_size, **overrides)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, architecture)(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smol_checkpoint():
+    """Folder of the embedded SmolLM2 checkpoint (converted from GGUF on first use)."""
+    from refusal_cliff.models import embedded_checkpoint
+
+    return embedded_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_checkpoint))
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def smol_model(smol_checkpoint):
+    from refusal_cliff.models import load_model
+
+    return load_model("default", device="cpu")
