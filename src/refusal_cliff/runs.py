@@ -242,3 +242,8 @@ def completed_ids(path: str | Path) -> set[str]:
     if not path.exists():
         return set()
     return {str(r["id"]) for r in read_jsonl(path, repair=True) if "id" in r}
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Write a whole JSONL file atomically (for small artifacts that are not streamed)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))

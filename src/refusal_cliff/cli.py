@@ -1,0 +1,62 @@
+"""The `refusal-cliff` command line: parses flags and calls one stage per verb; no logic here.
+
+A `UserError` (bad input) prints one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+# modules under refusal_cliff.commands holding verbs, in help order; every click command
+# defined at the top level of each module is registered
+_COMMAND_MODULES = ["generate", "diagnose", "report", "heads", "repair", "demo"]
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: re-run the same command to resume where it stopped", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="refusal-cliff")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """Diagnose and repair the refusal cliff of reasoning models (arXiv 2510.06036)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+
+
+def _register() -> None:
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.commands.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.commands.{module_name}":
+                continue  # a stage not built yet
+            raise
+        for name, value in vars(module).items():
+            if isinstance(value, click.Command) and not name.startswith("_") and value.name not in main.commands:
+                main.add_command(value)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

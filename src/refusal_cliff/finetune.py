@@ -1,0 +1,203 @@
+"""Safety fine-tuning on a selected set with TRL's SFT trainer, full-parameter or LoRA.
+
+The paper repairs the model with plain supervised fine-tuning on the examples
+Cliff-as-a-Judge selects (Appendix B: full-parameter, lr 5e-6, linear schedule,
+1 epoch, batch 1 x 4 accumulation, bf16, max length 16384, DeepSpeed ZeRO-2).
+Those are the defaults here; LoRA is offered for small machines.
+
+The training data is TRL's prompt-completion format with *text* prompts: the
+prompt is the rendered chat template up to the assistant header, the completion
+is the thinking block + end template + safe response + end of turn (see
+`selection.sft_example`). This trains on exactly the token sequence the model
+sees at inference with any chat template (no `{% generation %}` markers needed),
+and TRL's `completion_only_loss` puts the loss on the assistant part only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import UserError, require
+from .runs import RunFolder, file_digest, read_jsonl, write_json
+
+logger = logging.getLogger(__name__)
+
+FULL_LEARNING_RATE = 5e-6  # paper, Appendix B (full-parameter)
+LORA_LEARNING_RATE = 1e-4  # LoRA adapters need a larger step; not from the paper
+
+
+@dataclass
+class FinetuneConfig:
+    """SFT settings; the defaults are the paper's Appendix B."""
+
+    lora: bool = False  # train LoRA adapters instead of every parameter
+    learning_rate: float | None = None  # None: 5e-6 full-parameter (paper), 1e-4 LoRA
+    lr_scheduler_type: str = "linear"  # learning-rate schedule
+    warmup_ratio: float = 0.0  # fraction of steps of linear warm-up
+    num_train_epochs: float = 1.0  # passes over the selected set
+    max_steps: int = -1  # stop after this many optimizer steps (-1: run the epochs)
+    per_device_train_batch_size: int = 1  # examples per device per step
+    gradient_accumulation_steps: int = 4  # steps accumulated per optimizer update
+    max_length: int = 16384  # longest training sequence in tokens (longer ones are truncated)
+    precision: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16", "fp32"
+    gradient_checkpointing: bool = False  # trade compute for memory on long thinking
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_target_modules: str = "all-linear"  # modules that get adapters (comma list or "all-linear")
+    seed: int = 0  # data order and initialisation seed
+    logging_steps: int = 1  # log the loss every this many steps
+    deepspeed: str | None = None  # DeepSpeed JSON config (multi-GPU); see configs/deepspeed_zero2.json
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return LORA_LEARNING_RATE if self.lora else FULL_LEARNING_RATE
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: Path  # a full checkpoint loadable by `models.load_model` (merged for LoRA)
+    adapter_dir: Path | None  # the LoRA adapter (PEFT format), None for full-parameter runs
+    metrics: dict  # train_loss, steps, n_examples, runtime
+
+
+def load_sft_examples(path: str | Path) -> list[dict]:
+    """Prompt-completion examples from `selection.jsonl` (`sft_prompt`/`sft_completion`) or from a
+    TRL prompt-completion JSONL (`prompt`/`completion` strings)."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"{path} holds no examples; select some first (refusal-cliff select)")
+    examples = []
+    for number, row in enumerate(rows, 1):
+        if isinstance(row.get("sft_prompt"), str) and isinstance(row.get("sft_completion"), str):
+            examples.append({"prompt": row["sft_prompt"], "completion": row["sft_completion"]})
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            examples.append({"prompt": row["prompt"], "completion": row["completion"]})
+        else:
+            raise UserError(f"{path}: line {number} has neither sft_prompt/sft_completion nor prompt/completion "
+                            "strings; pass DIR/selection.jsonl from `refusal-cliff select`")
+    return examples
+
+
+def _precision_flags(precision: str) -> dict:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise UserError(f"--precision {precision} needs a GPU; use fp32 (or auto) on CPU")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"unknown precision {precision!r}; use auto, bf16, fp16 or fp32")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path, config: FinetuneConfig):
+    """Build TRL's SFTTrainer on prompt-completion examples (loss on the completion only)."""
+    datasets = require("datasets", "train")
+    trl = require("trl", "train")
+    peft_config = None
+    if config.lora:
+        peft = require("peft", "train")
+        targets = config.lora_target_modules
+        peft_config = peft.LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            task_type="CAUSAL_LM",
+        )
+    else:
+        model.requires_grad_(True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    args = trl.SFTConfig(
+        output_dir=str(out_dir),
+        learning_rate=config.resolved_learning_rate(),
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        optim="adamw_torch",
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        deepspeed=config.deepspeed,
+        use_cpu=not torch.cuda.is_available(),
+        **_precision_flags(config.precision),
+    )
+    dataset = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    return trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=peft_config)
+
+
+def train_sft(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
+              config: FinetuneConfig | None = None) -> FinetuneResult:
+    """Fine-tune `model` on prompt-completion examples and save it.
+
+    Full-parameter runs save `out_dir/model`; LoRA runs save the adapter to `out_dir/adapter` and
+    the merged weights to `out_dir/model`, so every result loads with `load_model(out_dir/model)`.
+    """
+    config = config or FinetuneConfig()
+    if not examples:
+        raise UserError("no training examples; the selection is empty")
+    out = Path(out_dir)
+    trainer = sft_trainer(model, tokenizer, examples, out / "trainer", config)
+    output = trainer.train()
+    trained = trainer.model
+    adapter_dir = None
+    if config.lora:
+        adapter_dir = out / "adapter"
+        trained.save_pretrained(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        trained = trained.merge_and_unload()
+    model_dir = out / "model"
+    trained.eval().requires_grad_(False)
+    if not getattr(trained.config, "architectures", None):
+        trained.config.architectures = [type(trained).__name__]
+    trained.save_pretrained(str(model_dir))  # safetensors
+    tokenizer.save_pretrained(str(model_dir))
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "steps": int(output.global_step),
+        "n_examples": len(examples),
+        "runtime_s": float(output.metrics.get("train_runtime", 0.0)),
+        "learning_rate": config.resolved_learning_rate(),
+        "log_history": trainer.state.log_history,
+    }
+    write_json(out / "train_metrics.json", metrics)
+    logger.info("fine-tuned on %d examples in %d steps (loss %.4f); model at %s",
+                len(examples), metrics["steps"], metrics["train_loss"], model_dir)
+    return FinetuneResult(model_dir, adapter_dir, metrics)
+
+
+def run_finetune(loaded, data_path: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None,
+                 overwrite: bool = False) -> FinetuneResult:
+    """The `finetune` stage: read the selection, train, save, record metadata.
+
+    Args:
+        loaded: the model to repair (`models.LoadedModel`); its weights are updated in place.
+        data_path: `selection.jsonl` from `select` (or a TRL prompt-completion JSONL).
+    """
+    config = config or FinetuneConfig()
+    examples = load_sft_examples(data_path)
+    run = RunFolder(out_dir, "finetune", {"model": loaded.model_id, "data": str(data_path),
+                                          "data_digest": file_digest(data_path), **config.to_dict()},
+                    overwrite=overwrite)
+    run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
+              artifacts=["train_metrics.json"])
+    loaded.model.train()
+    result = train_sft(loaded.model, loaded.tokenizer, examples, out_dir, config)
+    run.finish({"model_dir": str(result.model_dir), "adapter_dir": str(result.adapter_dir or ""),
+                "metrics": {k: v for k, v in result.metrics.items() if k != "log_history"}})
+    return result

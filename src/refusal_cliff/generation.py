@@ -1,0 +1,262 @@
+"""Generation with thinking: a batched Hugging Face backend, thinking budgets and clipping.
+
+Every example is generated in two phases over exactly the text the probing
+sequence will hold:
+
+1. **thinking**: from `generation_prompt` (chat template + thinking-start marker)
+   until the model writes the end marker, stops (EOS), or spends the thinking
+   budget. The last case is the paper's "thinking clipping": the thinking is cut.
+2. **answer**: from `generation_prompt + thinking + end_template` until EOS or the
+   answer budget.
+
+Models without a thinking mode (e.g. the embedded SmolLM2) run the same way in
+"reasoning mode": the prompt opens a thinking block and the end template is
+appended after the budget. The backend is an interface (`complete`); a vLLM
+backend can implement it later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .runs import JsonlWriter, RunFolder, completed_ids, fingerprint
+from .templates import ThinkingTemplate, clean_thinking, detect_thinking_template, generation_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of `generate` (every field is a CLI flag)."""
+
+    max_thinking_tokens: int = 256  # thinking budget; the thinking is clipped when it runs out
+    max_answer_tokens: int = 96  # answer budget
+    batch_size: int = 8  # prompts per batch
+    system_prompt: str | None = None  # optional system message
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    seed: int = 0  # sampling seed (per batch: seed + hash of its first id)
+    end_template: str | None = None  # override the detected thinking-end template
+    start_marker: str | None = None  # override the thinking-start marker
+    end_marker: str | None = None  # override the thinking-end marker
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    finish: str  # "stop" (a stop string), "eos", or "length"
+
+
+class GenerationBackend(Protocol):
+    def complete(self, texts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[Completion]:
+        """Continue each text; stop at EOS, a stop string, or after max_new_tokens."""
+
+
+class StopOnText:
+    """Stopping criterion: a row is done once its new text contains one of the stop strings.
+
+    transformers' own `stop_strings` handling costs ~6x the forward pass of a small model on CPU
+    (measured here); decoding the last few tokens of each row is cheap.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings)
+        self.prompt_length = prompt_length
+        longest = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in self.stop_strings)
+        self.window = longest + 3
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window) :]  # [batch, window]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=False)
+        done = [any(s in t for s in self.stop_strings) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class HFBackend:
+    """Batched `model.generate` with left padding and a KV cache."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = {self.tokenizer.eos_token_id}
+        if isinstance(config_eos, int):
+            eos.add(config_eos)
+        elif config_eos:
+            eos.update(config_eos)
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    @torch.inference_mode()
+    def complete(self, texts, max_new_tokens, stop_strings=(), temperature=0.0, top_p=1.0, seed=0):
+        if max_new_tokens <= 0:
+            return [Completion("", 0, "length") for _ in texts]
+        tokenizer = self.tokenizer
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(self.loaded.device) for k, v in batch.items()}
+        kwargs: dict = dict(
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids,
+            do_sample=temperature > 0,
+        )
+        if temperature > 0:
+            torch.manual_seed(seed)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop_strings:
+            from transformers import StoppingCriteriaList
+
+            criterion = StopOnText(tokenizer, stop_strings, batch["input_ids"].shape[1])
+            kwargs.update(stopping_criteria=StoppingCriteriaList([criterion]))
+        output = self.model.generate(**batch, **kwargs)
+        new_tokens = output[:, batch["input_ids"].shape[1] :]  # [batch, new]
+        completions = []
+        for row in new_tokens.tolist():
+            finish, ids = "length", row
+            for index, token in enumerate(row):
+                if token in self.eos_ids:
+                    finish, ids = "eos", row[:index]
+                    break
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            for stop in stop_strings:
+                if stop in text:
+                    finish, text = "stop", text.split(stop, 1)[0] + stop
+                    break
+            # trailing pad tokens (after a stop string) are not part of the text
+            if tokenizer.pad_token and finish == "stop":
+                text = text.replace(tokenizer.pad_token, "")
+            completions.append(Completion(text, len(ids), finish))
+        return completions
+
+
+def _batch_seed(seed: int, first_id: str) -> int:
+    return seed + int(hashlib.sha256(first_id.encode()).hexdigest()[:8], 16)
+
+
+def check_lengths(loaded, prompts: Sequence[dict], texts: Sequence[str], config: GenerationConfig) -> None:
+    """Reject a prompt that cannot fit the model's context with the budgets (before any work)."""
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    budget = config.max_thinking_tokens + config.max_answer_tokens + 16
+    for prompt, text in zip(prompts, texts):
+        n = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n + budget > context:
+            raise UserError(
+                f"prompt {prompt['id']!r} has {n} tokens; with the thinking and answer budgets "
+                f"({budget - 16}) it exceeds the model's context of {context}. Shorten or drop it, or lower "
+                "--max-thinking-tokens / --max-answer-tokens"
+            )
+
+
+def generate_answers(loaded, records: Sequence[dict], config: GenerationConfig,
+                     backend: GenerationBackend | None = None) -> list[dict]:
+    """Phase 2 only: the answer of records that already carry `generation_prompt`, `thinking` and
+    `end_template` (used for clipped thinking and for candidates that bring their own thinking)."""
+    backend = backend or HFBackend(loaded)
+    out = []
+    for start in range(0, len(records), config.batch_size):
+        chunk = records[start : start + config.batch_size]
+        texts = [r["generation_prompt"] + r["thinking"] + r["end_template"] for r in chunk]
+        answers = backend.complete(texts, config.max_answer_tokens, (), config.temperature, config.top_p,
+                                   _batch_seed(config.seed + 1, str(chunk[0]["id"])))
+        for record, answer in zip(chunk, answers):
+            out.append({**record, "answer": answer.text.strip(), "answer_tokens": answer.n_tokens})
+    return out
+
+
+def generate_records(loaded, prompts: Sequence[dict], config: GenerationConfig,
+                     template: ThinkingTemplate | None = None, backend: GenerationBackend | None = None,
+                     progress: bool = True) -> Iterator[dict]:
+    """Generate thinking and answer for each prompt; yields one record per example as its batch ends.
+
+    Args:
+        prompts: dicts with `id` and `prompt`.
+    """
+    tokenizer = loaded.tokenizer
+    template = template or detect_thinking_template(
+        tokenizer, config.start_marker, config.end_marker, config.end_template
+    )
+    backend = backend or HFBackend(loaded)
+    texts = [generation_prompt(tokenizer, template, p["prompt"], config.system_prompt) for p in prompts]
+    check_lengths(loaded, prompts, texts, config)
+    # longest first: less padding per batch, and an out-of-memory error shows up at once
+    order = sorted(range(len(prompts)), key=lambda i: -len(texts[i]))
+    bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress)
+    try:
+        for start in range(0, len(order), config.batch_size):
+            indices = order[start : start + config.batch_size]
+            seed = _batch_seed(config.seed, str(prompts[indices[0]]["id"]))
+            batch_texts = [texts[i] for i in indices]
+            thoughts = backend.complete(batch_texts, config.max_thinking_tokens, [template.end_marker],
+                                        config.temperature, config.top_p, seed)
+            partial = []
+            for i, thought in zip(indices, thoughts):
+                thinking_end = {"stop": "marker", "eos": "eos", "length": "budget"}[thought.finish]
+                partial.append({
+                    "id": str(prompts[i]["id"]),
+                    "prompt": prompts[i]["prompt"],
+                    "system_prompt": config.system_prompt,
+                    "generation_prompt": texts[i],
+                    "thinking": clean_thinking(thought.text, template),
+                    "end_template": template.end_template,
+                    "prompt_tokens": len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]),
+                    "thinking_tokens": thought.n_tokens,
+                    "thinking_clipped": thinking_end == "budget",
+                    "thinking_end": thinking_end,
+                })
+            for record in generate_answers(loaded, partial, config, backend):
+                yield record
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+def prompts_digest(prompts: Sequence[dict]) -> str:
+    return fingerprint([[p["id"], p["prompt"]] for p in prompts])
+
+
+def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_dir: str | Path,
+                 overwrite: bool = False, progress: bool = True, source: str | None = None) -> Path:
+    """The `generate` stage: writes `generations.jsonl` + `metadata.json`, resuming a killed run.
+
+    Returns the path of generations.jsonl.
+    """
+    stage_config = {
+        "model": loaded.model_id,
+        "prompts": source,
+        "prompts_digest": prompts_digest(prompts),
+        "n_prompts": len(prompts),
+        **config.to_dict(),
+    }
+    run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite)
+    target = run.path("generations.jsonl")
+    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
+                        artifacts=["generations.jsonl", "labels.jsonl"])
+    done = completed_ids(target) if resumed else set()
+    pending = [p for p in prompts if str(p["id"]) not in done]
+    if done:
+        logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
+    template = detect_thinking_template(loaded.tokenizer, config.start_marker, config.end_marker,
+                                        config.end_template)
+    with JsonlWriter(target) as writer:
+        for record in generate_records(loaded, pending, config, template, progress=progress):
+            writer.write(record)
+    run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts)})
+    return target

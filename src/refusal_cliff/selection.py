@@ -1,0 +1,565 @@
+"""Cliff-as-a-Judge: score safety-training candidates by their refusal cliff, pick the top k, export SFT data.
+
+The paper's section 5: a poorly aligned reasoning model often *knows* it should
+refuse (its refusal score plateaus high while it thinks) and the intention is
+suppressed only at the last tokens. The examples where the drop is deepest,
+ranked by the misalignment score `MS = plateau - final`, are the ones worth
+training on: 700 of 40k WildJailbreak examples matched full-data training.
+
+This module holds the three steps between a candidate file and a training set:
+
+1. `load_candidates`: WildJailbreak-style files (`vanilla` / `adversarial`,
+   `completion`, `data_type`) or plain `prompt` + `response` files.
+2. `score_candidates`: the model thinks on each prompt (unless the candidate
+   brings its own thinking) and answers; the probing sequence is traced with the
+   prober and `MS` computed. Streamed to `generations.jsonl` and `scores.jsonl`
+   and resumable, so that tens of thousands of candidates fit in one run.
+3. `select` + `export_selection`: top-k by `MS`, or a baseline (random, rule,
+   judge, full), deterministic under a seed with ties broken by id; the SFT
+   target is the model's own thinking + the thinking-end template + the safe
+   reference response, written for TRL and for LLaMA-Factory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .errors import UserError
+from .runs import JsonlWriter, RunFolder, completed_ids, fingerprint, read_jsonl, write_json
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("cliff", "random", "rule", "judge", "full")
+DEMO_CANDIDATES = "demo:candidates"
+PROMPT_COLUMNS = ("prompt", "vanilla", "instruction", "question", "goal")
+RESPONSE_COLUMNS = ("completion", "response", "output", "target", "answer")
+_SENTINEL = "\x01ASSISTANT\x01"
+
+# -- candidates ------------------------------------------------------------------------
+
+
+def _candidate_rows(source: str) -> list[dict]:
+    if source == DEMO_CANDIDATES:
+        text = resources.files("refusal_cliff.resources").joinpath("demo_candidates.jsonl").read_text("utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    from .data import _read_rows  # the one reader of csv/json/jsonl/parquet files
+
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"candidate file not found: {source}; pass a .jsonl/.json/.csv/.parquet file "
+                        f"or {DEMO_CANDIDATES}")
+    return _read_rows(path)
+
+
+def _first_present(row: dict, lowered: dict[str, str], names: Sequence[str]) -> str | None:
+    for name in names:
+        key = lowered.get(name)
+        value = row.get(key) if key else None
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def load_candidates(source: str, limit: int | None = None) -> list[dict]:
+    """Load a candidate set of harmful prompts with safe reference responses.
+
+    Columns are detected case-insensitively. The prompt is `adversarial` when that column is
+    non-empty (WildJailbreak's adversarial rows), else the first of `prompt`, `vanilla`,
+    `instruction`, `question`, `goal`; the response is the first of `completion`, `response`,
+    `output`, `target`, `answer`. A `thinking` column, when present, is used as the model's thinking
+    instead of generating it.
+
+    Args:
+        source: a file path or `demo:candidates` (the built-in set of 40).
+        limit: keep the first `limit` candidates.
+
+    Returns:
+        Dicts with `id` (the file's id, else the row index, as str), `prompt`, `response`,
+        `data_type`, optional `thinking`, and the file's other columns.
+    """
+    rows = _candidate_rows(source)
+    if not rows or not isinstance(rows[0], dict):
+        raise UserError(f"{source} holds no candidate records")
+    lowered = {str(c).lower().strip(): c for c in rows[0]}
+    if not any(name in lowered for name in (*PROMPT_COLUMNS, "adversarial")):
+        raise UserError(f"{source}: no prompt column ({', '.join(PROMPT_COLUMNS)}, adversarial); "
+                        f"its columns are {', '.join(map(str, rows[0]))}")
+    if not any(name in lowered for name in RESPONSE_COLUMNS):
+        raise UserError(f"{source}: no safe-response column ({', '.join(RESPONSE_COLUMNS)}); "
+                        f"its columns are {', '.join(map(str, rows[0]))}")
+    candidates, skipped = [], 0
+    for index, row in enumerate(rows):
+        prompt = _first_present(row, lowered, ("adversarial", *PROMPT_COLUMNS))
+        response = _first_present(row, lowered, RESPONSE_COLUMNS)
+        if prompt is None or response is None:
+            skipped += 1
+            continue
+        candidate = {k: v for k, v in row.items() if v is not None}
+        candidate["id"] = str(row["id"]) if row.get("id") not in (None, "") else str(index)
+        candidate["prompt"] = prompt
+        candidate["response"] = response
+        candidate["data_type"] = row.get(lowered.get("data_type", "data_type")) or "unknown"
+        thinking = row.get(lowered.get("thinking", "thinking"))
+        if isinstance(thinking, str):
+            candidate["thinking"] = thinking
+        candidates.append(candidate)
+    if skipped:
+        logger.warning("%s: skipped %d rows without a prompt or a response", source, skipped)
+    ids = [c["id"] for c in candidates]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{source}: the 'id' column has duplicates; make ids unique or drop the column")
+    if not candidates:
+        raise UserError(f"{source}: no row has both a prompt and a response")
+    return candidates[:limit] if limit else candidates
+
+
+# -- scoring ----------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreConfig:
+    """How candidates are scored."""
+
+    max_thinking_tokens: int = 256  # thinking budget for the model's own thinking
+    max_answer_tokens: int = 64  # answer budget (the answer feeds the rule and judge baselines)
+    batch_size: int = 8  # prompts per generation / trace batch
+    system_prompt: str | None = None  # optional system message
+    temperature: float = 0.0  # 0 = greedy thinking
+    seed: int = 0  # generation seed
+    chunk_size: int = 64  # candidates generated and traced per step (the unit of resumption)
+    plateau: str = "max"  # plateau statistic over the thinking region: "max" (8-token moving average) or "mean"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def generation_config(self):
+        from .generation import GenerationConfig
+
+        return GenerationConfig(max_thinking_tokens=self.max_thinking_tokens,
+                                max_answer_tokens=self.max_answer_tokens, batch_size=self.batch_size,
+                                system_prompt=self.system_prompt, temperature=self.temperature, seed=self.seed)
+
+
+def _records_with_given_thinking(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[dict]:
+    """Generation records for candidates that bring their own thinking: only the answer is generated."""
+    from .generation import generate_answers
+    from .templates import detect_thinking_template, generation_prompt
+
+    template = detect_thinking_template(loaded.tokenizer)
+    partial = [{
+        "id": c["id"],
+        "prompt": c["prompt"],
+        "system_prompt": config.system_prompt,
+        "generation_prompt": generation_prompt(loaded.tokenizer, template, c["prompt"], config.system_prompt),
+        "thinking": c["thinking"],
+        "end_template": template.end_template,
+        "thinking_tokens": len(loaded.tokenizer(c["thinking"], add_special_tokens=False)["input_ids"]),
+        "thinking_clipped": False,
+        "thinking_end": "given",
+    } for c in candidates]
+    return generate_answers(loaded, partial, config.generation_config())
+
+
+def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[dict]:
+    from .generation import generate_records
+
+    given = [c for c in candidates if "thinking" in c]
+    fresh = [c for c in candidates if "thinking" not in c]
+    records = _records_with_given_thinking(loaded, given, config) if given else []
+    if fresh:
+        prompts = [{"id": c["id"], "prompt": c["prompt"]} for c in fresh]
+        records += list(generate_records(loaded, prompts, config.generation_config(), progress=False))
+    return records
+
+
+def trace_scores(loaded, prober, records: Sequence[dict], config: ScoreConfig) -> Iterator[dict]:
+    """`{id, plateau, final, ms, t_cliff, drop}` of each generation record, by tracing its probing
+    sequence with the prober (trace.py does the forward passes)."""
+    from .trace import cliff_metrics, trace_records
+
+    for result in trace_records(loaded, prober, list(records), batch_size=config.batch_size):
+        metrics = cliff_metrics(result.scores, result.regions, plateau_method=config.plateau)
+        yield {"id": str(result.id), **{k: _plain(metrics[k]) for k in ("plateau", "final", "ms", "t_cliff", "drop")}}
+
+
+def _plain(value):
+    """JSON-safe number: NaN becomes None (e.g. the drop of a sequence that starts with the end template)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _chunks(items: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
+
+
+def score_candidates(
+    loaded,
+    prober,
+    candidates: Sequence[dict],
+    out_dir: str | Path,
+    config: ScoreConfig | None = None,
+    judge=None,
+    overwrite: bool = False,
+    source: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Score candidates by their misalignment score, streamed to `out_dir` and resumable.
+
+    Writes `generations.jsonl` (the model's thinking and answer, format of the `generate` stage)
+    and `scores.jsonl` (`id, plateau, final, ms, t_cliff, drop, refusal, unsafe`): `refusal` is the
+    keyword label of the model's own answer (rule baseline), `unsafe` the judge's verdict (judge
+    baseline, null without a judge). Ids already in `scores.jsonl` are skipped; generations
+    already written are reused.
+
+    Args:
+        loaded: the model being repaired (`models.LoadedModel`).
+        prober: a loaded prober (`probe.load_prober`).
+        candidates: from `load_candidates`.
+        judge: optional `labeling.ModelJudge` for the judge baseline.
+
+    Returns:
+        The score rows of all candidates, in candidate order.
+    """
+    from tqdm.auto import tqdm
+
+    from .labeling import KeywordLabeler
+
+    config = config or ScoreConfig()
+    stage_config = {
+        "model": loaded.model_id,
+        "candidates": source,
+        "candidates_digest": fingerprint([[c["id"], c["prompt"], c.get("thinking")] for c in candidates]),
+        "judge": getattr(judge, "name", None),
+        **config.to_dict(),
+    }
+    run = RunFolder(out_dir, "score", stage_config, overwrite=overwrite)
+    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
+                        artifacts=["scores.jsonl", "generations.jsonl"])
+    scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
+    done = completed_ids(scores_path) if resumed else set()
+    generated = {r["id"]: r for r in read_jsonl(generations_path, repair=True)} if (
+        resumed and generations_path.exists()) else {}
+    pending = [c for c in candidates if c["id"] not in done]
+    if done:
+        logger.info("resuming: %d of %d candidates already scored", len(done), len(candidates))
+    labeler = KeywordLabeler()
+    bar = tqdm(total=len(candidates), initial=len(done), desc="score", unit="ex", disable=not progress)
+    with JsonlWriter(generations_path) as generation_writer, JsonlWriter(scores_path) as score_writer:
+        for chunk in _chunks(pending, config.chunk_size):
+            missing = [c for c in chunk if c["id"] not in generated]
+            for record in _generate(loaded, missing, config) if missing else []:
+                generation_writer.write(record)
+                generated[record["id"]] = record
+            records = [generated[c["id"]] for c in chunk]
+            verdicts = judge.judge([(r["prompt"], r.get("answer", "")) for r in records]) if judge else None
+            by_id = {r["id"]: r for r in records}
+            verdict_of = {r["id"]: v for r, v in zip(records, verdicts)} if verdicts else {}
+            for row in trace_scores(loaded, prober, records, config):
+                refusal, _ = labeler.label(by_id[row["id"]].get("answer", ""), loaded.tokenizer)
+                row["refusal"] = refusal
+                row["unsafe"] = (verdict_of[row["id"]] == "unsafe") if verdicts else None
+                score_writer.write(row)
+                bar.update(1)
+    bar.close()
+    run.finish({"n_candidates": len(candidates)})
+    rows = {r["id"]: r for r in read_jsonl(scores_path)}
+    return [rows[c["id"]] for c in candidates if c["id"] in rows]
+
+
+# -- selection --------------------------------------------------------------------------
+
+
+def resolve_k(k: int | float | str | None, n: int) -> int:
+    """Number of examples to select: an int, a fraction in (0, 1), or "all"/None (every candidate).
+
+    A fraction is rounded up so that a non-empty set never selects nothing.
+    """
+    if k is None or (isinstance(k, str) and k.strip().lower() in ("all", "full")):
+        return n
+    if isinstance(k, str):
+        try:
+            k = float(k) if any(ch in k for ch in ".eE") else int(k)
+        except ValueError:
+            raise UserError(f"--k {k!r} is not a number; pass a count (700), a fraction (0.017) or 'all'") from None
+    if isinstance(k, float) and not k.is_integer():
+        if not 0 < k < 1:
+            raise UserError(f"--k {k} is neither a count nor a fraction in (0, 1)")
+        return min(n, max(1, math.ceil(k * n)))
+    if k < 0:
+        raise UserError(f"--k must be at least 0, got {k}")
+    return min(n, int(k))
+
+
+def _id_key(identifier: str) -> tuple:
+    """Natural order of ids ("2" before "10", "ex-2" before "ex-10"), the tie-break of every method."""
+    parts = []
+    for token in re.split(r"(\d+)", str(identifier)):
+        parts.append((0, int(token), "") if token.isdigit() else (1, 0, token))
+    return tuple(parts)
+
+
+def _sample(pool: list[dict], k: int, seed: int) -> list[dict]:
+    pool = sorted(pool, key=lambda r: _id_key(r["id"]))
+    if k >= len(pool):
+        return pool
+    chosen = random.Random(seed).sample(range(len(pool)), k)
+    return [pool[i] for i in sorted(chosen)]
+
+
+def select(scores: Sequence[dict], method: str = "cliff", k: int | float | str | None = None,
+           seed: int = 0) -> list[dict]:
+    """Choose training examples from scored candidates.
+
+    Args:
+        scores: rows with `id`, `ms`, and for the baselines `refusal` (rule) / `unsafe` (judge).
+        method: `cliff` (top-k by MS, descending; ties by id), `random` (k uniformly at random),
+            `rule` (the model's own answer is not a refusal), `judge` (the judge says the answer is
+            unsafe), `full` (every candidate). `rule` and `judge` keep every flagged example when
+            k covers them, else k of them at random.
+        k: a count, a fraction of the candidates, or None / "all".
+        seed: seed of the random choices (random, and rule/judge when subsampling).
+
+    Returns:
+        The selected score rows, in selection order (MS descending for cliff, id order otherwise).
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown selection method {method!r}; use one of {', '.join(METHODS)}")
+    rows = list(scores)
+    if not rows:
+        raise UserError("no scored candidates to select from; score a candidate file first")
+    n = resolve_k(k, len(rows))
+    if method == "full":
+        return sorted(rows, key=lambda r: _id_key(r["id"]))
+    if method == "cliff":
+        for row in rows:
+            if not isinstance(row.get("ms"), (int, float)) or math.isnan(row["ms"]):
+                raise UserError(f"candidate {row.get('id')} has no misalignment score; re-run the scoring")
+        return sorted(rows, key=lambda r: (-r["ms"], _id_key(r["id"])))[:n]
+    if method == "random":
+        return _sample(rows, n, seed)
+    if method == "rule":
+        pool = [r for r in rows if r.get("refusal") is False]
+    else:
+        if all(r.get("unsafe") is None for r in rows):
+            raise UserError("the judge baseline needs judge verdicts: score the candidates with --judge MODEL")
+        pool = [r for r in rows if r.get("unsafe") is True]
+    if not pool:
+        logger.warning("%s baseline: no candidate is flagged; the selection is empty", method)
+    return _sample(pool, n, seed)
+
+
+# -- SFT targets ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnFrame:
+    """How the chat template frames an assistant turn, read by rendering a sentinel turn.
+
+    Attributes:
+        opening: the text the generation prompt adds after the assistant header as it is rendered
+            in a finished conversation, plus the thinking-start text our generation adds
+            ("<think>\\n" both when the template opens thinking itself and when we do).
+        end_of_turn: what the template closes an assistant turn with, without trailing whitespace
+            (e.g. "<|im_end|>"); the eos token when the template closes with nothing.
+        strip_bos: the tokenizer adds a BOS token that the rendered template already holds, so the
+            prompt text must not carry it (else training sees two).
+    """
+
+    opening: str
+    end_of_turn: str
+    strip_bos: bool
+
+
+def turn_frame(tokenizer, record: dict) -> TurnFrame:
+    """Read the assistant-turn framing of `tokenizer`'s chat template for one generation record."""
+    from .templates import build_messages
+
+    messages = build_messages(record["prompt"], record.get("system_prompt"))
+    rendered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _SENTINEL}],
+                                             tokenize=False)
+    header, _, tail = rendered.partition(_SENTINEL)
+    generation_prompt = record["generation_prompt"]
+    if _SENTINEL in rendered and generation_prompt.startswith(header):
+        opening = generation_prompt[len(header):]
+    else:  # a template that renders history differently: fall back to the exact generation prompt
+        logger.warning("the chat template renders the assistant header differently in history; "
+                       "the SFT prompt is the generation prompt itself")
+        opening = ""
+    end_of_turn = tail.rstrip() or (tokenizer.eos_token or "")
+    bos = getattr(tokenizer, "bos_token", None)
+    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return TurnFrame(opening=opening, end_of_turn=end_of_turn, strip_bos=adds_bos)
+
+
+def sft_example(tokenizer, record: dict, response: str, frame: TurnFrame | None = None) -> dict:
+    """The SFT target of one candidate: the model's own thinking + end template + the safe response.
+
+    Returns a dict with:
+        `sft_prompt`: the exact text the model sees before its turn (rendered chat template up to
+            the assistant header), for TRL's prompt-completion format;
+        `sft_completion`: thinking-start text + thinking + end template + response + end of turn;
+        `messages`: the same conversation for chat-format trainers; the assistant content is the
+            continuation of the assistant header (start marker included, end of turn excluded).
+    The sequence `sft_prompt + sft_completion` equals `generation_prompt + thinking + end_template
+    + response + end_of_turn`, i.e. byte-identical to what the model conditions on at inference.
+    """
+    from .templates import build_messages
+
+    frame = frame or turn_frame(tokenizer, record)
+    generation_prompt = record["generation_prompt"]
+    cut = len(generation_prompt) - len(frame.opening)
+    prompt_text = generation_prompt[:cut]
+    if frame.strip_bos and prompt_text.startswith(tokenizer.bos_token):
+        prompt_text = prompt_text[len(tokenizer.bos_token):]
+    assistant = frame.opening + record["thinking"] + record["end_template"] + response
+    messages = build_messages(record["prompt"], record.get("system_prompt"))
+    messages.append({"role": "assistant", "content": assistant})
+    return {"sft_prompt": prompt_text, "sft_completion": assistant + frame.end_of_turn, "messages": messages}
+
+
+def build_selection(tokenizer, selected: Sequence[dict], candidates: Sequence[dict],
+                    generations: Sequence[dict], method: str) -> list[dict]:
+    """Join selected score rows with their candidate and generation, and attach the SFT target."""
+    candidate_of = {c["id"]: c for c in candidates}
+    generation_of = {g["id"]: g for g in generations}
+    rows = []
+    frame = None
+    for rank, score in enumerate(selected):
+        identifier = score["id"]
+        if identifier not in candidate_of or identifier not in generation_of:
+            raise UserError(f"candidate {identifier} has a score but no candidate or generation record; "
+                            "score into a fresh --out folder")
+        candidate, record = candidate_of[identifier], generation_of[identifier]
+        frame = frame or turn_frame(tokenizer, record)
+        target = sft_example(tokenizer, record, candidate["response"], frame)
+        rows.append({
+            "id": identifier,
+            "rank": rank,
+            "method": method,
+            **{k: score.get(k) for k in ("ms", "plateau", "final", "refusal", "unsafe")},
+            "prompt": candidate["prompt"],
+            "response": candidate["response"],
+            "data_type": candidate.get("data_type"),
+            "system_prompt": record.get("system_prompt"),
+            "thinking": record["thinking"],
+            "end_template": record["end_template"],
+            "model_answer": record.get("answer"),
+            **target,
+        })
+    return rows
+
+
+# -- export -----------------------------------------------------------------------------
+
+TRL_PROMPT_COMPLETION = "sft_prompt_completion.jsonl"
+TRL_MESSAGES = "sft_messages.jsonl"
+LLAMAFACTORY_ALPACA = "llamafactory_alpaca.json"
+LLAMAFACTORY_SHAREGPT = "llamafactory_sharegpt.json"
+LLAMAFACTORY_INFO = "dataset_info.json"
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def export_selection(rows: Sequence[dict], out_dir: str | Path, name: str = "cliff_selection") -> dict[str, Path]:
+    """Write the selected set for TRL and LLaMA-Factory.
+
+    Files:
+        `sft_prompt_completion.jsonl`: TRL prompt-completion (`prompt`, `completion` strings), the
+            exact token sequence, loss on the completion only; what `finetune` trains on; works
+            with any chat template.
+        `sft_messages.jsonl`: TRL conversational (`messages`). Templates that rewrite past
+            assistant turns (DeepSeek-R1's strips the thinking) lose the thinking in this form;
+            prefer the prompt-completion file for those.
+        `llamafactory_alpaca.json`, `llamafactory_sharegpt.json` + `dataset_info.json`: the
+            LLaMA-Factory dataset folder (`dataset_dir`), entries `<name>` (alpaca) and
+            `<name>_sharegpt` (sharegpt, OpenAI-style role tags). The output holds the thinking
+            block; use a template with the model's thinking markers (`deepseekr1`, `qwen3`).
+
+    Returns:
+        {file kind: path}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "trl_prompt_completion": out / TRL_PROMPT_COMPLETION,
+        "trl_messages": out / TRL_MESSAGES,
+        "llamafactory_alpaca": out / LLAMAFACTORY_ALPACA,
+        "llamafactory_sharegpt": out / LLAMAFACTORY_SHAREGPT,
+        "llamafactory_dataset_info": out / LLAMAFACTORY_INFO,
+    }
+    _write_jsonl(paths["trl_prompt_completion"],
+                 ({"prompt": r["sft_prompt"], "completion": r["sft_completion"]} for r in rows))
+    _write_jsonl(paths["trl_messages"], ({"messages": r["messages"]} for r in rows))
+    alpaca = []
+    for r in rows:
+        entry = {"instruction": r["prompt"], "input": "", "output": r["messages"][-1]["content"]}
+        if r.get("system_prompt"):
+            entry["system"] = r["system_prompt"]
+        alpaca.append(entry)
+    write_json(paths["llamafactory_alpaca"], alpaca)
+    write_json(paths["llamafactory_sharegpt"], [{"messages": r["messages"]} for r in rows])
+    alpaca_columns = {"prompt": "instruction", "query": "input", "response": "output"}
+    if any(r.get("system_prompt") for r in rows):
+        alpaca_columns["system"] = "system"
+    write_json(paths["llamafactory_dataset_info"], {
+        name: {"file_name": LLAMAFACTORY_ALPACA, "formatting": "alpaca", "columns": alpaca_columns},
+        f"{name}_sharegpt": {
+            "file_name": LLAMAFACTORY_SHAREGPT,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                     "assistant_tag": "assistant", "system_tag": "system"},
+        },
+    })
+    return paths
+
+
+@dataclass
+class SelectResult:
+    scores_path: Path
+    selection_path: Path
+    n_candidates: int
+    n_selected: int
+    exports: dict = field(default_factory=dict)
+
+
+def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, method: str = "cliff",
+               k: int | float | str | None = None, seed: int = 0, config: ScoreConfig | None = None,
+               judge=None, overwrite: bool = False, source: str | None = None,
+               progress: bool = True) -> SelectResult:
+    """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports."""
+    if method not in METHODS:
+        raise UserError(f"unknown selection method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "judge" and judge is None:
+        raise UserError("--method judge needs a judge model: pass --judge MODEL (e.g. a LlamaGuard checkpoint)")
+    out = Path(out_dir)
+    scores = score_candidates(loaded, prober, candidates, out, config, judge=judge, overwrite=overwrite,
+                              source=source, progress=progress)
+    selected = select(scores, method, k, seed)
+    generations = read_jsonl(out / "generations.jsonl")
+    rows = build_selection(loaded.tokenizer, selected, candidates, generations, method)
+    selection_path = out / "selection.jsonl"
+    _write_jsonl(selection_path, rows)
+    exports = export_selection(rows, out)
+    write_json(out / "metadata.select.json", {
+        "stage": "select", "method": method, "k": k, "resolved_k": resolve_k(k, len(scores)), "seed": seed,
+        "n_candidates": len(scores), "n_selected": len(rows), "source": source,
+        "ms_mean_selected": (sum(r["ms"] for r in rows) / len(rows)) if rows else None,
+        "ms_mean_all": sum(s["ms"] for s in scores) / len(scores),
+    })
+    logger.info("selected %d of %d candidates by %s", len(rows), len(scores), method)
+    return SelectResult(out / "scores.jsonl", selection_path, len(scores), len(rows), exports)

@@ -1,0 +1,636 @@
+"""Per-token refusal traces and the refusal-cliff metrics computed on them.
+
+A trace is `refusal_score(h_j)` for every position j of an example's probing
+sequence (prompt + thinking + end template), each token tagged with its region.
+The paper's refusal cliff is the drop of this score over the few end-template
+tokens; this module computes traces (one forward pass per batch, stopped at the
+prober's layer, the prober applied inside the hook so no hidden state is kept),
+the metrics on one trace (plateau, final score, MS, t_cliff, drop), averaged
+normalised curves per group, layer-wise traces (several probers in one pass), the
+thinking-clipping records, and the `traces.parquet` / `cliff.jsonl` /
+`curves.json` artifacts (docs/artifacts.md), written streamed and resumable by id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .activations import iter_activations
+from .errors import UserError
+from .runs import JsonlWriter, atomic_write_text, completed_ids, read_jsonl, write_json
+from .templates import REGION_END, REGION_PROMPT, REGION_THINKING, probing_tokens
+
+logger = logging.getLogger(__name__)
+
+PLATEAU_METHODS = ("max", "mean")
+T_CLIFF_METHODS = ("last", "max_drop")
+DEFAULT_WINDOW = 8
+N_POINTS = 101
+
+GROUP_HARMFUL_COMPLIED = "harmful_complied"
+GROUP_HARMFUL_REFUSED = "harmful_refused"
+GROUP_HARMLESS = "harmless"
+GROUPS = (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED, GROUP_HARMLESS)
+
+TRACES = "traces.parquet"
+CLIFF = "cliff.jsonl"
+CURVES = "curves.json"
+LAYERWISE = "layerwise.json"
+CLIPPING = "clipping.json"
+
+
+# -- metrics on one trace (pure numpy) -------------------------------------------------------
+
+
+def _as_arrays(scores: Sequence[float], regions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    regions = np.asarray(regions)
+    if scores.ndim != 1 or len(scores) != len(regions) or len(scores) == 0:
+        raise ValueError(f"a trace needs as many scores as regions (got {scores.shape}, {len(regions)})")
+    return scores, regions
+
+
+def _end_positions(regions: np.ndarray) -> np.ndarray:
+    positions = np.flatnonzero(regions == REGION_END)
+    if len(positions) == 0:
+        raise ValueError("the trace has no end-template token")
+    return positions
+
+
+def moving_average(values: Sequence[float], window: int = DEFAULT_WINDOW) -> np.ndarray:
+    """Moving average over full windows; a series shorter than `window` gives its one mean."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return values
+    window = max(1, min(window, len(values)))
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    return (cumulative[window:] - cumulative[:-window]) / window
+
+
+def plateau(
+    scores: Sequence[float], regions: Sequence[str], method: str = "max", window: int = DEFAULT_WINDOW
+) -> float:
+    """The refusal intention held during thinking (paper's "maximum refusal intention" I).
+
+    `max` (default): maximum of the `window`-token moving average over the thinking region
+    (the average of all thinking tokens if there are fewer than `window`). `mean`: mean over
+    the thinking region. With no thinking token at all, the prompt region is used instead
+    (the model's intention before it starts answering); with neither, NaN.
+    """
+    if method not in PLATEAU_METHODS:
+        raise UserError(f"plateau method must be one of {', '.join(PLATEAU_METHODS)}, not {method!r}")
+    scores, regions = _as_arrays(scores, regions)
+    span = scores[regions == REGION_THINKING]
+    if len(span) == 0:
+        span = scores[regions == REGION_PROMPT]
+    if len(span) == 0:
+        return float("nan")
+    if method == "mean":
+        return float(span.mean())
+    return float(moving_average(span, window).max())
+
+
+def final_score(scores: Sequence[float], regions: Sequence[str]) -> float:
+    """I': the score at the last end-template token (where the answer's first token comes from)."""
+    scores, regions = _as_arrays(scores, regions)
+    return float(scores[_end_positions(regions)[-1]])
+
+
+def t_cliff(scores: Sequence[float], regions: Sequence[str], method: str = "last") -> int:
+    """Position of the cliff: `last` (default) the last end-template token; `max_drop` the
+    end-template position with the largest one-step drop `score[j-1] - score[j]` (earliest on ties)."""
+    if method not in T_CLIFF_METHODS:
+        raise UserError(f"t_cliff method must be one of {', '.join(T_CLIFF_METHODS)}, not {method!r}")
+    scores, regions = _as_arrays(scores, regions)
+    positions = _end_positions(regions)
+    if method == "last":
+        return int(positions[-1])
+    positions = positions[positions > 0]
+    if len(positions) == 0:  # the sequence is the end template alone, starting at 0
+        return int(_end_positions(regions)[-1])
+    drops = scores[positions - 1] - scores[positions]
+    return int(positions[int(np.argmax(drops))])
+
+
+def cliff_drop(scores: Sequence[float], regions: Sequence[str]) -> float:
+    """Score at the last token before the end template minus the final score (NaN if none precedes)."""
+    scores, regions = _as_arrays(scores, regions)
+    start = _end_positions(regions)[0]
+    if start == 0:
+        return float("nan")
+    return float(scores[start - 1] - final_score(scores, regions))
+
+
+def cliff_metrics(
+    scores: Sequence[float],
+    regions: Sequence[str],
+    plateau_method: str = "max",
+    t_cliff_method: str = "last",
+    window: int = DEFAULT_WINDOW,
+) -> dict:
+    """`{plateau, final, ms, t_cliff, drop}` of one trace; `ms = plateau - final` (signed)."""
+    plateau_value = plateau(scores, regions, plateau_method, window)
+    final = final_score(scores, regions)
+    return {
+        "plateau": plateau_value,
+        "final": final,
+        "ms": plateau_value - final,
+        "t_cliff": t_cliff(scores, regions, t_cliff_method),
+        "drop": cliff_drop(scores, regions),
+    }
+
+
+# -- normalisation and averaging ------------------------------------------------------------
+
+
+def normalized_positions(length: int) -> np.ndarray:
+    """Positions 0..length-1 mapped linearly onto 0..100."""
+    if length == 1:
+        return np.zeros(1)
+    return np.arange(length, dtype=np.float64) * (100.0 / (length - 1))
+
+
+def normalize_trace(scores: Sequence[float], n_points: int = N_POINTS) -> np.ndarray:
+    """Resample a trace onto `n_points` evenly spaced positions over 0..100 (linear interpolation)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        raise ValueError("cannot normalise an empty trace")
+    if len(scores) == 1:
+        return np.full(n_points, scores[0])
+    return np.interp(np.linspace(0.0, 100.0, n_points), normalized_positions(len(scores)), scores)
+
+
+def end_template_start(regions: Sequence[str]) -> float:
+    """Where the end template starts, in normalised units (0..100)."""
+    regions = np.asarray(regions)
+    start = int(_end_positions(regions)[0])
+    return float(normalized_positions(len(regions))[start])
+
+
+class CurveAccumulator:
+    """Running mean/std of normalised traces per group (memory independent of the number of traces)."""
+
+    def __init__(self, n_points: int = N_POINTS):
+        self.n_points = n_points
+        self._sum: dict[str, np.ndarray] = {}
+        self._sum_sq: dict[str, np.ndarray] = {}
+        self._count: dict[str, int] = {}
+        self._end: dict[str, float] = {}
+
+    def add(self, group: str, scores: Sequence[float], regions: Sequence[str]) -> None:
+        curve = normalize_trace(scores, self.n_points)
+        if group not in self._sum:
+            self._sum[group] = np.zeros(self.n_points)
+            self._sum_sq[group] = np.zeros(self.n_points)
+            self._count[group] = 0
+            self._end[group] = 0.0
+        self._sum[group] += curve
+        self._sum_sq[group] += curve * curve
+        self._count[group] += 1
+        self._end[group] += end_template_start(regions)
+
+    def result(self) -> dict:
+        """`{group: {x, mean, std, n, end_template_start}}` (std: population std over traces)."""
+        x = np.linspace(0.0, 100.0, self.n_points)
+        out = {}
+        for group in sorted(self._sum):
+            n = self._count[group]
+            mean = self._sum[group] / n
+            std = np.sqrt(np.maximum(self._sum_sq[group] / n - mean * mean, 0.0))
+            out[group] = {
+                "x": x.tolist(),
+                "mean": mean.tolist(),
+                "std": std.tolist(),
+                "n": n,
+                "end_template_start": self._end[group] / n,
+            }
+        return out
+
+
+def average_curves(
+    traces: Iterable[tuple[str, Sequence[float], Sequence[str]]], n_points: int = N_POINTS
+) -> dict:
+    """Average normalised traces per group: items are `(group, scores, regions)`; returns the
+    `curves.json` structure."""
+    accumulator = CurveAccumulator(n_points)
+    for group, scores, regions in traces:
+        accumulator.add(group, scores, regions)
+    return accumulator.result()
+
+
+def group_of(harmful: bool, refusal: bool | None) -> str:
+    """The averaging group of an example: harmful_complied, harmful_refused or harmless."""
+    if not harmful:
+        return GROUP_HARMLESS
+    return GROUP_HARMFUL_REFUSED if refusal else GROUP_HARMFUL_COMPLIED
+
+
+def load_trace_records(run: str | Path, harmful: bool) -> tuple[list[dict], dict[str, str]]:
+    """Generation records of a run and the group of each id.
+
+    A harmful run needs labels.jsonl (its groups depend on the model's refusals); for a
+    harmless run labels are not needed (every example is `harmless`).
+    """
+    run = Path(run)
+    generations = run / "generations.jsonl"
+    if not generations.is_file():
+        raise UserError(f"{run} has no generations.jsonl; run `refusal-cliff generate --out {run}` first")
+    records = read_jsonl(generations)
+    if not harmful:
+        return records, {str(r["id"]): GROUP_HARMLESS for r in records}
+    labels_path = run / "labels.jsonl"
+    if not labels_path.is_file():
+        raise UserError(f"{run} has no labels.jsonl; run `refusal-cliff label {run}` first")
+    refusals = {str(r["id"]): bool(r["refusal"]) for r in read_jsonl(labels_path)}
+    kept = [r for r in records if str(r["id"]) in refusals]
+    if len(kept) < len(records):
+        logger.warning("%s: %d generations have no label and are skipped", run, len(records) - len(kept))
+    return kept, {str(r["id"]): group_of(True, refusals[str(r["id"])]) for r in kept}
+
+
+# -- computing traces --------------------------------------------------------------------------
+
+
+@dataclass
+class TraceResult:
+    """The trace(s) of one generation record.
+
+    Attributes:
+        id: the record id.
+        token_ids: the probing sequence.
+        regions: region of each token (prompt / thinking / end_template).
+        scores_by_layer: prober layer -> refusal scores [n_tokens] (float32).
+    """
+
+    id: str
+    token_ids: list[int]
+    regions: list[str]
+    scores_by_layer: dict[int, np.ndarray]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The scores of the only (or shallowest) prober."""
+        return self.scores_by_layer[min(self.scores_by_layer)]
+
+
+def _prober_transform(weights: torch.Tensor, biases: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def transform(hidden: torch.Tensor) -> torch.Tensor:  # [batch, pos, d_model] float32
+        weight = weights.to(hidden.device)  # [n_probers, d_model]
+        bias = biases.to(hidden.device)  # [n_probers]
+        return torch.sigmoid(hidden @ weight.T + bias)  # [batch, pos, n_probers]
+
+    return transform
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def trace_records_layerwise(
+    loaded,
+    probers: Sequence,
+    records: Iterable[dict],
+    batch_size: int = 8,
+    sort_window: int | None = None,
+) -> Iterator[TraceResult]:
+    """Trace every position of each record's probing sequence with one prober per layer, in one
+    pass per batch stopped at the deepest prober's layer. Yields results in input order.
+
+    Args:
+        loaded: a `models.LoadedModel`.
+        probers: `probe.Prober`s, at distinct layers.
+        records: generation records (generations.jsonl lines); may be a generator.
+        batch_size: sequences per forward pass.
+        sort_window: records tokenised, length-sorted and held together (default 32 batches).
+    """
+    layers = [p.layer for p in probers]
+    if not probers:
+        raise UserError("no prober given; train one with `refusal-cliff probe train`")
+    if len(set(layers)) != len(layers):
+        raise UserError(f"layer-wise tracing needs one prober per layer; got layers {layers}")
+    d_model = loaded.adapter.geometry(loaded.model).d_model
+    for prober in probers:
+        if prober.d_model != d_model:
+            raise UserError(f"a prober for d_model {prober.d_model} cannot read this model (d_model {d_model})")
+    transforms = {
+        p.layer: _prober_transform(p.weight.float().reshape(1, -1), p.bias.float().reshape(1)) for p in probers
+    }
+    window = sort_window or batch_size * 32
+    pad = loaded.tokenizer.pad_token_id or 0
+    for chunk in _chunks(records, window):
+        tokenised = [probing_tokens(loaded.tokenizer, record) for record in chunk]
+        sequences = [ids for ids, _ in tokenised]
+        for index, values in iter_activations(
+            loaded.model, loaded.adapter, sequences, layers, "all", batch_size, transforms, pad, window
+        ):
+            ids, regions = tokenised[index]
+            scores = {layer: value[:, 0].cpu().numpy().astype(np.float32) for layer, value in values.items()}
+            yield TraceResult(str(chunk[index]["id"]), list(ids), list(regions), scores)
+
+
+def trace_records(
+    loaded, prober, records: Iterable[dict], batch_size: int = 8, sort_window: int | None = None
+) -> Iterator[TraceResult]:
+    """Trace each record with one prober (see `trace_records_layerwise`)."""
+    yield from trace_records_layerwise(loaded, [prober], records, batch_size, sort_window)
+
+
+# -- artifacts ---------------------------------------------------------------------------------
+
+
+def _parts_dir(out_dir: Path) -> Path:
+    path = out_dir / TRACES
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a single file, not a trace dataset folder; use another --out or delete it")
+    return path
+
+
+def prepare_trace_outputs(out_dir: str | Path) -> set[str]:
+    """Make an interrupted trace run consistent and return the ids already done.
+
+    Parts of `traces.parquet/` are written before their `cliff.jsonl` lines; a part whose ids
+    are not all in cliff.jsonl was interrupted: it is deleted, and those ids' cliff lines too,
+    so they are traced again.
+    """
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    parts_dir = _parts_dir(out_dir)
+    done = completed_ids(out_dir / CLIFF)
+    kept: set[str] = set()
+    if parts_dir.is_dir():
+        for stale in parts_dir.glob(".*.tmp"):
+            stale.unlink()
+        for part in sorted(parts_dir.glob("part-*.parquet")):
+            ids = set(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+            if ids <= done:
+                kept |= ids
+            else:
+                logger.warning("removing %s: written by an interrupted run, its examples are traced again", part)
+                part.unlink()
+    consistent = done & kept
+    if consistent != done:
+        rows = [r for r in read_jsonl(out_dir / CLIFF) if str(r.get("id")) in consistent]
+        atomic_write_text(out_dir / CLIFF, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return consistent
+
+
+def _write_part(parts_dir: Path, results: Sequence[TraceResult], tokenizer) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids, positions, token_ids, tokens, regions, scores = [], [], [], [], [], []
+    for result in results:
+        n = len(result.token_ids)
+        ids.extend([result.id] * n)
+        positions.extend(range(n))
+        token_ids.extend(result.token_ids)
+        tokens.extend(tokenizer.batch_decode([[t] for t in result.token_ids]))
+        regions.extend(result.regions)
+        scores.append(result.scores)
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "position": pa.array(positions, pa.int32()),
+            "token_id": pa.array(token_ids, pa.int32()),
+            "token": pa.array(tokens, pa.string()),
+            "region": pa.array(regions, pa.string()),
+            "score": pa.array(np.concatenate(scores).astype(np.float32), pa.float32()),
+        }
+    )
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")]
+    path = parts_dir / f"part-{(max(existing) + 1) if existing else 0:05d}.parquet"
+    tmp = parts_dir / f".{path.name}.tmp"  # dot-files are ignored by pyarrow datasets
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_trace_outputs(
+    out_dir: str | Path,
+    results: Iterable[TraceResult],
+    groups: Mapping[str, str] | None,
+    tokenizer,
+    plateau_method: str = "max",
+    t_cliff_method: str = "last",
+    window: int = DEFAULT_WINDOW,
+    part_size: int = 64,
+) -> int:
+    """Append traces to `traces.parquet/` (one part per `part_size` examples) and metrics to
+    `cliff.jsonl`, then rewrite `curves.json` over everything in the folder. Returns the number
+    of examples written. Call `prepare_trace_outputs` first and skip the ids it returns."""
+    out_dir = Path(out_dir)
+    parts_dir = _parts_dir(out_dir)
+    written = 0
+    with JsonlWriter(out_dir / CLIFF) as cliff:
+        for chunk in _chunks(results, part_size):
+            _write_part(parts_dir, chunk, tokenizer)
+            for result in chunk:
+                row = {"id": result.id}
+                metrics = cliff_metrics(result.scores, result.regions, plateau_method, t_cliff_method, window)
+                # NaN is not JSON: a metric that does not exist for this trace is null
+                row.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
+                row["group"] = (groups or {}).get(result.id)
+                cliff.write(row)
+            written += len(chunk)
+            logger.info("traced %d examples", written)
+    write_json(out_dir / CURVES, curves_from_outputs(out_dir))
+    return written
+
+
+def iter_saved_traces(out_dir: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+    """`(id, scores, regions)` of every trace in `out_dir/traces.parquet/`, one part in memory at a time."""
+    import pyarrow.parquet as pq
+
+    parts_dir = _parts_dir(Path(out_dir))
+    for part in sorted(parts_dir.glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["id", "position", "region", "score"])
+        ids = table.column("id").to_pylist()
+        regions = table.column("region").to_pylist()
+        scores = table.column("score").to_numpy()
+        start = 0
+        for stop in range(1, len(ids) + 1):
+            if stop == len(ids) or ids[stop] != ids[start]:
+                yield ids[start], scores[start:stop], regions[start:stop]
+                start = stop
+
+
+def curves_from_outputs(out_dir: str | Path, n_points: int = N_POINTS) -> dict:
+    """The `curves.json` structure over all traces in `out_dir`, grouped by `cliff.jsonl`'s `group`."""
+    out_dir = Path(out_dir)
+    groups = {str(r["id"]): r.get("group") for r in read_jsonl(out_dir / CLIFF)} if (out_dir / CLIFF).is_file() else {}
+    accumulator = CurveAccumulator(n_points)
+    for trace_id, scores, regions in iter_saved_traces(out_dir):
+        accumulator.add(groups.get(trace_id) or "all", scores, regions)
+    return accumulator.result()
+
+
+def run_trace(
+    loaded,
+    prober,
+    records: Sequence[dict],
+    out_dir: str | Path,
+    groups: Mapping[str, str] | None = None,
+    batch_size: int = 8,
+    plateau_method: str = "max",
+    t_cliff_method: str = "last",
+    window: int = DEFAULT_WINDOW,
+) -> int:
+    """Trace the records not yet in `out_dir/cliff.jsonl` and write all trace artifacts.
+
+    Returns the number of examples traced in this call (0 when everything was done already).
+    """
+    if plateau_method not in PLATEAU_METHODS or t_cliff_method not in T_CLIFF_METHODS:
+        raise UserError(
+            f"plateau method must be one of {PLATEAU_METHODS} and t_cliff method one of {T_CLIFF_METHODS}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = prepare_trace_outputs(out_dir)
+    ids = [str(r["id"]) for r in records]
+    if len(set(ids)) != len(ids):
+        raise UserError("record ids are not unique; trace each run into its own --out folder")
+    todo = [r for r in records if str(r["id"]) not in done]
+    if done:
+        logger.info("resuming: %d of %d examples already traced", len(records) - len(todo), len(records))
+    results = trace_records(loaded, prober, todo, batch_size)
+    return write_trace_outputs(
+        out_dir, results, groups, loaded.tokenizer, plateau_method, t_cliff_method, window,
+        part_size=max(batch_size * 8, 1),
+    )
+
+
+def layerwise_summary(
+    loaded,
+    probers: Sequence,
+    records: Iterable[dict],
+    groups: Mapping[str, str] | None = None,
+    batch_size: int = 8,
+    plateau_method: str = "max",
+    t_cliff_method: str = "last",
+    n_points: int = N_POINTS,
+) -> dict:
+    """The `layerwise.json` structure: `{layer: {group: {"mean": [...], "ms_mean": float}, "ms_mean": float}}`
+    (top-level `ms_mean` over all examples), from one pass per batch with one prober per layer."""
+    accumulators = {p.layer: CurveAccumulator(n_points) for p in probers}
+    ms: dict[int, dict[str, list[float]]] = {p.layer: {} for p in probers}
+    for result in trace_records_layerwise(loaded, probers, records, batch_size):
+        group = (groups or {}).get(result.id) or "all"
+        for layer, scores in result.scores_by_layer.items():
+            accumulators[layer].add(group, scores, result.regions)
+            metrics = cliff_metrics(scores, result.regions, plateau_method, t_cliff_method)
+            ms[layer].setdefault(group, []).append(metrics["ms"])
+    summary = {}
+    for layer in sorted(accumulators):
+        curves = accumulators[layer].result()
+        entry: dict = {
+            group: {"mean": curve["mean"], "ms_mean": float(np.mean(ms[layer][group]))}
+            for group, curve in curves.items()
+        }
+        every = [value for values in ms[layer].values() for value in values]
+        entry["ms_mean"] = float(np.mean(every)) if every else float("nan")
+        summary[str(layer)] = entry
+    return summary
+
+
+# -- thinking clipping -------------------------------------------------------------------------
+
+DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def clip_thinking(tokenizer, thinking: str, fraction: float) -> tuple[str, int]:
+    """The first `floor(fraction * n_tokens)` tokens of the thinking, as the exact text prefix
+    they cover (cut at a token's end offset, so the text is byte-identical to the original start).
+
+    Returns:
+        (clipped thinking, number of tokens kept).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise UserError(f"clipping fractions must lie in [0, 1], got {fraction}")
+    encoded = tokenizer(thinking, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    keep = int(math.floor(fraction * len(offsets) + 1e-9))
+    if keep == 0:
+        return "", 0
+    if keep == len(offsets):
+        return thinking, keep
+    return thinking[: offsets[keep - 1][1]], keep
+
+
+def clip_thinking_records(
+    tokenizer, records: Iterable[dict], fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> list[dict]:
+    """One clipped copy of each record per fraction: thinking cut to its first fraction of TOKENS,
+    the record's end template still appended. The answer is cleared (to be regenerated).
+
+    New fields: `id` = "{id}@{fraction}", `source_id`, `clip_fraction`; `thinking_tokens` is the
+    number kept.
+    """
+    out = []
+    for record in records:
+        for fraction in fractions:
+            thinking, kept = clip_thinking(tokenizer, record["thinking"], float(fraction))
+            clipped = dict(record)
+            clipped.update(
+                id=f"{record['id']}@{float(fraction):g}",
+                source_id=record["id"],
+                clip_fraction=float(fraction),
+                thinking=thinking,
+                thinking_tokens=kept,
+                answer="",
+                answer_tokens=0,
+            )
+            out.append(clipped)
+    return out
+
+
+def _nanmean(values: Iterable[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def clipping_summary(cliff_rows: Iterable[dict], refusals: Mapping[str, bool] | None = None) -> list[dict]:
+    """The `clipping.json` structure: per fraction `{fraction, final_mean, ms_mean, drop_mean,
+    refusal_rate, n}` from the cliff rows of clipped records (fraction from `clip_fraction`, else
+    from the "{id}@{fraction}" id); refusal_rate from the labels of the regenerated answers, keyed
+    by the clipped id (None without labels)."""
+    by_fraction: dict[float, list[dict]] = {}
+    for row in cliff_rows:
+        fraction = row.get("clip_fraction")
+        if fraction is None:
+            if "@" not in str(row["id"]):
+                raise UserError(f"cliff row {row['id']!r} is not from a clipped record (no clip_fraction)")
+            fraction = str(row["id"]).rsplit("@", 1)[1]
+        by_fraction.setdefault(float(fraction), []).append(row)
+    summary = []
+    for fraction in sorted(by_fraction):
+        rows = by_fraction[fraction]
+        labelled = [refusals[str(r["id"])] for r in rows if refusals and str(r["id"]) in refusals]
+        summary.append(
+            {
+                "fraction": fraction,
+                "final_mean": _nanmean(r["final"] for r in rows),
+                "ms_mean": _nanmean(r["ms"] for r in rows),
+                "drop_mean": _nanmean(r["drop"] for r in rows),
+                "refusal_rate": float(np.mean(labelled)) if labelled else None,
+                "n": len(rows),
+            }
+        )
+    return summary

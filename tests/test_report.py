@@ -1,0 +1,322 @@
+"""Tests for report.py: every section renders from hand-made artifacts, model text is escaped,
+summary.json holds the numbers, missing artifacts skip sections, malformed ones are UserErrors."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from matplotlib.figure import Figure
+
+from refusal_cliff import report as rep
+from refusal_cliff.commands.report import report as report_command
+from refusal_cliff.errors import UserError
+
+XSS = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=alert(2)>"
+MATHTEXT = r"$\undefinedcommand$"  # would crash matplotlib's mathtext parser if not escaped
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def _write_jsonl(path: Path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def _curve(shape: np.ndarray, n: int) -> dict:
+    return {"x": np.linspace(0, 100, 101).tolist(), "mean": shape.tolist(), "std": (0.05 + 0 * shape).tolist(),
+            "n": n, "end_template_start": 95.0}
+
+
+def _make_run(root: Path) -> Path:
+    """A demo-like run folder with every artifact, hostile text in prompts, answers and names."""
+    x = np.linspace(0, 1, 101)
+    cliff_shape = np.clip(0.2 + 0.7 * x, 0, 0.85)
+    cliff_shape[96:] = np.linspace(0.8, 0.1, 5)
+    _write_json(root / "demo.json", {"system_prompt": f"Be safe {XSS}", "refusal_rate": 0.25,
+                                     f"note {IMG}": {"nested": [1, 2]}})
+    _write_json(root / "metadata.json", {"stage": "demo", "model_id": "org/tiny-reasoner", "model_revision": "abc123",
+                                         "started": "2025-01-02T03:04:05+00:00"})
+    # Prompt ids are row indices: harmful and harmless generation runs share ids.
+    _write_jsonl(root / "generate_harmful" / "generations.jsonl", [
+        {"id": "0", "prompt": f"HARMFUL PROMPT 0 {XSS}", "thinking": "plan " * 1000 + "THE END OF THINKING",
+         "end_template": "\n</think>\n\n", "answer": f"Sure, here is how {IMG}"},
+        {"id": "1", "prompt": "HARMFUL PROMPT 1", "thinking": "short thought", "answer": "I can't help with that."},
+        {"id": "2", "prompt": f"HARMFUL PROMPT 2 {IMG}", "thinking": XSS, "answer": ""},
+    ])
+    _write_jsonl(root / "generate_harmful" / "labels.jsonl", [
+        {"id": "0", "refusal": False, "judge": "keyword", "matched": None},
+        {"id": "1", "refusal": True, "judge": "keyword", "matched": "I can't"},
+        {"id": "2", "refusal": False, "judge": "keyword", "matched": None},
+    ])
+    _write_jsonl(root / "generate_harmless" / "generations.jsonl", [
+        {"id": "0", "prompt": "HARMLESS PROMPT 0", "thinking": "t", "answer": "a"},
+        {"id": "1", "prompt": "HARMLESS PROMPT 1", "thinking": "t", "answer": "a"},
+    ])
+    _write_json(root / "probe" / "prober.json", {
+        "model_id": "org/tiny-reasoner", "model_revision": "abc123", "architecture": "LlamaForCausalLM",
+        "layer": 2, "n_layers": 3, "d_model": 64, "final_norm_applied": True, "end_template": "\n</think>\n\n",
+        "metrics": {"val_accuracy": 0.97, "ood_accuracy": 0.91, "best_epoch": 4, "n_train": 200, "n_val": 50},
+        "history": [{"epoch": e, "train_loss": 0.7 / e, "val_loss": 0.75 / e, "val_accuracy": 0.8 + 0.03 * e,
+                     "ood_accuracy": None if e == 1 else 0.7 + 0.04 * e} for e in range(1, 6)],
+        "config": {"lr": 1e-3},
+    })
+    _write_json(root / "trace" / "curves.json", {
+        "harmful": _curve(cliff_shape, 3),
+        "harmless": _curve(0.1 + 0.05 * x, 2),
+        f"odd {MATHTEXT} {XSS}": _curve(0.5 + 0 * x, 1),
+    })
+    _write_jsonl(root / "trace" / "cliff.jsonl", [
+        {"id": "0", "plateau": 0.9, "final": 0.05, "ms": 0.85, "t_cliff": 120, "drop": 0.4, "group": "harmful"},
+        {"id": "1", "plateau": 0.8, "final": 0.7, "ms": 0.1, "t_cliff": 40, "drop": 0.05, "group": "harmful"},
+        {"id": "2", "plateau": 0.7, "final": 0.2, "t_cliff": 77, "group": "harmful"},  # ms derived: 0.5
+        {"id": "0", "plateau": 0.15, "final": 0.1, "ms": 0.05, "t_cliff": 30, "drop": 0.01, "group": "harmless"},
+        {"id": "1", "plateau": 0.12, "final": 0.1, "ms": 0.02, "t_cliff": 31, "drop": 0.01, "group": "harmless"},
+    ])
+    _write_json(root / "trace" / "layerwise.json", {
+        str(layer): {"harmful": {"mean": (cliff_shape * (layer + 1) / 3).tolist()},
+                     "harmless": {"mean": (0.1 + 0 * x).tolist()}, "ms_mean": 0.2 * (layer + 1)}
+        for layer in (0, 1, 2)
+    })
+    _write_json(root / "trace" / "clipping.json", [
+        {"fraction": f, "final_mean": 0.1 + 0.5 * f, "ms_mean": 0.7 - 0.5 * f, "drop_mean": 0.3 - 0.2 * f,
+         "refusal_rate": 0.2 + 0.6 * f, "n": 3} for f in (0.0, 0.5, 1.0)
+    ])
+    heads = [{"layer": layer, "head": head, "contribution": float(np.sin(3 * layer + head)),
+              "contribution_exact": float(np.sin(3 * layer + head)) + 0.01, "std": 0.1}
+             for layer in range(3) for head in range(4)]
+    heads.sort(key=lambda h: h["contribution"])
+    for rank, head in enumerate(heads):
+        head["rank"] = rank
+    _write_json(root / "heads" / "heads.json", heads)
+    _write_json(root / "ablate" / "ablation.json", [
+        {"threshold": t, "heads": [[2, 1]] * int(100 * t), "gamma": 0.0, "renormalize": False,
+         "final_score_mean": 0.1 + 3 * t, "asr": 0.6 - 5 * t, "benign_refusal_rate": 0.05 + t,
+         "n_harmful": 20, "n_benign": 10} for t in (0.0, 0.01, 0.03, 0.1)
+    ])
+    _write_json(root / "repair" / "evaluation.json", {
+        "models": [
+            {"model": "org/tiny-reasoner", "asr": 0.38, "over_refusal": 0.02, "final_score_mean": 0.1,
+             "tasks": {"arc_challenge": 0.5, f"task {XSS}": {"acc": 0.4, "stderr": 0.01}}},
+            {"model": f"cliff-k700 {IMG}", "method": "cliff", "k": 700, "asr": 0.025, "over_refusal": 0.04,
+             "final_score_mean": 0.8, "tasks": {"arc_challenge": 0.49}},
+        ],
+        "asr_vs_k": {"cliff": [{"k": 100, "asr": 0.2}, {"k": 700, "asr": 0.025}],
+                     f"rule {XSS}": {"k": [1000, 20000], "asr": [0.3, 0.03]}},
+    })
+    return root
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return _make_run(tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, Path]:
+    """One full render shared by the read-only checks (rendering all figures takes seconds)."""
+    run_dir = _make_run(tmp_path_factory.mktemp("report") / "run")
+    return run_dir, rep.render_report(run_dir, top_examples=3)
+
+
+def test_full_report_renders_every_section_escaped(rendered: tuple[Path, Path]):
+    run_dir, path = rendered
+    assert path == run_dir / "report.html"
+    page = path.read_text(encoding="utf-8")
+
+    # Hostile text is escaped everywhere and never appears raw; the page has no script at all.
+    assert "<script" not in page.lower()
+    assert "<img src=x" not in page
+    assert html.escape(XSS) in page and html.escape(IMG) in page
+    assert html.escape(f"HARMFUL PROMPT 0 {XSS}") in page
+    assert html.escape(f"cliff-k700 {IMG}") in page  # evaluation model name
+    assert html.escape(f"task {XSS}") in page  # task name
+    assert html.escape(f"Be safe {XSS}") in page and html.escape(f"note {IMG}") in page  # run notes
+
+    # Self-contained: no external resources.
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+    # Every section is present, nothing skipped, every figure embedded and written.
+    for key, title in rep.SECTIONS:
+        assert f'<section id="{key}">' in page, key
+        assert f'href="#{key}"' in page
+    assert "Skipped sections" not in page
+    assert page.count("data:image/png;base64,") == len(rep.FIGURE_NAMES)
+    for name in rep.FIGURE_NAMES:
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    # Examples: ids collide across harmful/harmless runs; the harmful group reads generate_harmful/.
+    assert "HARMLESS PROMPT" not in page
+    assert "THE END OF THINKING" in page  # the tail of a long thinking is kept...
+    assert "plan " * 1000 not in page and "…" in page  # ...and the middle is cut with a marker
+    # Header facts.
+    assert "org/tiny-reasoner" in page and "abc123" in page and rep.__version__ in page
+
+
+def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
+    run_dir, _ = rendered
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped"] == {}
+    assert summary["sections"] == [key for key, _ in rep.SECTIONS]
+    assert summary["model_ids"] == ["org/tiny-reasoner"]
+    assert summary["prober"]["metrics"]["val_accuracy"] == 0.97
+    assert summary["prober"]["history"][0]["ood_accuracy"] is None
+    assert summary["prober"]["history"][4]["val_accuracy"] == pytest.approx(0.95)
+
+    cliff = summary["cliff"]
+    assert cliff["harmful"]["n"] == 3
+    assert cliff["harmful"]["ms_mean"] == pytest.approx((0.85 + 0.1 + 0.5) / 3)
+    assert cliff["harmless"]["plateau_mean"] == pytest.approx(0.135)
+
+    examples = summary["examples"]
+    assert [e["id"] for e in examples] == ["0", "2", "1"]  # sorted by MS, derived ms for id 2
+    assert examples[1]["ms"] == pytest.approx(0.5)
+    assert [e["refusal"] for e in examples] == [False, False, True]
+    assert all(e["group"] == "harmful" and e["text_found"] for e in examples)
+
+    expected_harmless = float(np.mean(0.1 + 0.05 * np.linspace(0, 1, 101)))
+    assert summary["plateau"]["harmless_score"] == pytest.approx(expected_harmless)
+    assert summary["plateau"]["harmless_groups"] == ["harmless"]
+    assert summary["plateau"]["groups"]["harmful"]["plateau_mean"] == pytest.approx(0.8)
+
+    assert summary["layerwise"]["group"] == "harmful"
+    assert [v["ms_mean"] for v in summary["layerwise"]["layers"].values()] == pytest.approx([0.2, 0.4, 0.6])
+    assert [r["refusal_rate"] for r in summary["clipping"]] == pytest.approx([0.2, 0.5, 0.8])
+
+    heads = summary["heads"]
+    assert heads["shape"] == [3, 4]
+    most_negative = min(np.sin(3 * layer + head) for layer in range(3) for head in range(4))
+    assert heads["top_suppression_heads"][0]["contribution"] == pytest.approx(most_negative)
+    assert heads["min"] == pytest.approx(most_negative)
+
+    assert [r["threshold"] for r in summary["ablation"]] == [0.0, 0.01, 0.03, 0.1]
+    assert summary["ablation"][2]["asr"] == pytest.approx(0.45)
+    assert summary["ablation"][3]["n_heads"] == 10
+
+    models = summary["evaluation"]["models"]
+    assert models[0]["asr"] == 0.38 and models[1]["k"] == 700
+    assert models[0]["tasks"][f"task {XSS}"] == 0.4  # {"acc": ...} read leniently
+    assert summary["evaluation"]["asr_vs_k"]["cliff"] == [{"k": 100, "asr": 0.2}, {"k": 700, "asr": 0.025}]
+    assert summary["notes"]["refusal_rate"] == 0.25
+    assert summary["figures"]["fig_heads.png"] == "heads"
+
+
+def test_empty_folder_lists_every_section_as_skipped(tmp_path: Path):
+    # Decision: an empty folder is not an error; the report says that every section was skipped.
+    page = rep.render_report(tmp_path).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sections"] == []
+    assert set(summary["skipped"]) == {key for key, _ in rep.SECTIONS}
+    assert "Skipped sections" in page and "no curves.json" in page
+    assert "<section id=" not in page
+
+
+def test_partial_run_skips_only_missing_sections(run_dir: Path):
+    for name in ("ablate/ablation.json", "probe/prober.json", "heads/heads.json", "repair/evaluation.json",
+                 "trace/layerwise.json", "trace/clipping.json"):
+        (run_dir / name).unlink()
+    (run_dir / "fig_ablation.png").write_bytes(b"stale")
+    rep.render_report(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["skipped"]) == {"ablation", "prober", "heads", "evaluation", "layerwise", "clipping"}
+    assert summary["sections"] == ["notes", "traces", "cliff", "examples", "plateau"]
+    assert not (run_dir / "fig_ablation.png").exists()  # a stale figure is not left behind
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "0", "plateau": 0.9, "final": 0.1}\nnot json\n{"id": "1", "plateau": 0.5, "final": 0.4}\n',
+     "line 2"),
+    ('{"id": "0", "plateau": "high", "final": 0.1}\n', "plateau"),
+    ('{"plateau": 0.9, "final": 0.1}\n', "missing 'id'"),
+    ('[1, 2]\n', "must be an object"),
+])
+def test_malformed_cliff_jsonl_is_a_user_error(run_dir: Path, content: str, message: str):
+    (run_dir / "trace" / "cliff.jsonl").write_text(content)
+    with pytest.raises(UserError, match=message):
+        rep.render_report(run_dir)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("heads/heads.json", '{"layer": 0}'),
+    ("trace/curves.json", '{"harmful": {"mean": [0.1, "x"]}}'),
+    ("probe/prober.json", "{not json"),
+    ("repair/evaluation.json", '{"models": [{"model": "m", "asr": "low"}]}'),
+])
+def test_other_malformed_artifacts_are_user_errors(run_dir: Path, name: str, content: str):
+    (run_dir / name).write_text(content)
+    with pytest.raises(UserError):
+        rep.render_report(run_dir)
+
+
+def test_missing_folder_is_a_user_error(tmp_path: Path):
+    with pytest.raises(UserError, match="not found"):
+        rep.render_report(tmp_path / "nope")
+
+
+def test_lenient_formats(tmp_path: Path):
+    """asr_vs_k as a list of {method, k, asr}; layerwise groups as bare lists; curves without x/std."""
+    _write_json(tmp_path / "evaluation.json", {"models": [], "asr_vs_k": [
+        {"method": "random", "k": 500, "asr": 0.3}, {"method": "random", "k": 100, "asr": 0.35}]})
+    _write_json(tmp_path / "layerwise.json", {"layer_10": {"harmful": [0.5, 0.6, 0.2]},
+                                              "layer_2": {"harmful": [0.4, 0.4, 0.3]}})
+    _write_json(tmp_path / "curves.json", {"harmful": {"mean": [0.2, 0.8, 0.1]}})
+    rep.render_report(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["evaluation"]["asr_vs_k"]["random"] == [{"k": 100, "asr": 0.35}, {"k": 500, "asr": 0.3}]
+    assert list(summary["layerwise"]["layers"]) == ["layer_2", "layer_10"]  # numeric order
+    assert summary["traces"]["harmful"]["max"] == 0.8
+
+
+def test_plot_functions_take_plain_data():
+    figures = [
+        rep.plot_prober_history([{"epoch": 1, "train_loss": 0.5, "val_accuracy": 0.9}]),
+        rep.plot_traces({"harmful": {"x": [0, 50, 100], "mean": [0.1, 0.9, 0.2]}}),
+        rep.plot_layerwise({str(i): [0.1, 0.5, 0.1 * i] for i in range(12)}, {str(i): 0.1 * i for i in range(12)}),
+        rep.plot_plateau_vs_harmless({"harmful": 0.8}, {"harmful": 0.2}, 0.1),
+        rep.plot_clipping([{"fraction": 0.5, "refusal_rate": 0.4}, {"fraction": 0.0, "ms_mean": 0.6}]),
+        rep.plot_ablation([{"threshold": 0.01, "asr": 0.2, "gamma": 0.0}]),
+        rep.plot_asr_vs_k({"cliff": [(100, 0.2), (700, 0.02)]}),
+    ]
+    matrix = np.array([[0.5, -2.0], [np.nan, 1.0]])  # [n_layers, n_heads]
+    heads_figure = rep.plot_heads(matrix)
+    figures.append(heads_figure)
+    assert all(isinstance(f, Figure) for f in figures)
+    image = heads_figure.axes[0].images[0]
+    assert image.norm.vcenter == 0 and image.norm.vmin == -2.0 and image.norm.vmax == 2.0  # centred at 0
+    assert image.get_cmap().name == "RdBu_r"  # red positive, blue negative
+    assert rep.figure_png(figures[0])[:4] == b"\x89PNG"
+
+    rows = [{"layer": 1, "head": 0, "value": -0.3}, {"layer": 0, "head": 2, "value": 0.1}]
+    grid = rep.heads_matrix(rows)
+    assert grid.shape == (2, 3) and grid[1, 0] == -0.3 and np.isnan(grid[0, 0])
+
+
+def test_truncate_text():
+    assert rep.truncate_text("short", 10) == "short"
+    assert rep.truncate_text("a" * 20, 10) == "a" * 10 + " …"
+    cut = rep.truncate_text("HEAD" + "x" * 100 + "TAIL", 20, keep_tail=True)
+    assert cut.startswith("HEAD") and cut.endswith("TAIL") and " … " in cut and len(cut) < 30
+
+
+def test_cli_report(tmp_path: Path):
+    run_dir = tmp_path / "run"  # figure-free artifacts keep this fast
+    _write_jsonl(run_dir / "cliff.jsonl", [{"id": str(i), "plateau": 0.9, "final": 0.1 * i} for i in range(5)])
+    _write_jsonl(run_dir / "generations.jsonl", [{"id": str(i), "prompt": f"p{i}", "answer": XSS} for i in range(5)])
+    runner = CliRunner()
+    result = runner.invoke(report_command, ["--run", str(run_dir), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    assert str(run_dir / "report.html") in result.output
+    examples = json.loads((run_dir / "summary.json").read_text())["examples"]
+    assert [e["id"] for e in examples] == ["0", "1"] and examples[0]["group"] == "all"
+    assert XSS not in (run_dir / "report.html").read_text()
+
+    result = runner.invoke(report_command, ["--run", str(tmp_path / "missing")])
+    assert isinstance(result.exception, UserError)
