@@ -99,3 +99,12 @@ def smol_model(smol_checkpoint):
     from refusal_cliff.models import load_model
 
     return load_model("default", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A saved tiny random Llama with the SmolLM2 tokenizer: a local model folder for CLI tests."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("LlamaForCausalLM").save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder

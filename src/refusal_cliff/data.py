@@ -24,6 +24,8 @@ DEMO_SETS = ("demo:harmful", "demo:harmless")
 
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; pass a file holding prompts")
     try:
         if suffix == ".csv":
             with open(path, newline="", encoding="utf-8") as handle:

@@ -245,6 +245,10 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
         "n_prompts": len(prompts),
         **config.to_dict(),
     }
+    template = detect_thinking_template(loaded.tokenizer, config.start_marker, config.end_marker,
+                                        config.end_template)
+    texts = [generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts]
+    check_lengths(loaded, prompts, texts, config)  # before anything is written
     run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite)
     target = run.path("generations.jsonl")
     resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
@@ -253,8 +257,6 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
     pending = [p for p in prompts if str(p["id"]) not in done]
     if done:
         logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
-    template = detect_thinking_template(loaded.tokenizer, config.start_marker, config.end_marker,
-                                        config.end_template)
     with JsonlWriter(target) as writer:
         for record in generate_records(loaded, pending, config, template, progress=progress):
             writer.write(record)

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from refusal_cliff.data import load_prompts
+from refusal_cliff.errors import UserError
+
+SHARED = "../shared/data"
+
+
+def test_demo_sets():
+    harmful, harmless = load_prompts("demo:harmful"), load_prompts("demo:harmless")
+    assert len(harmful) >= 24 and len(harmless) >= 24
+    assert len({p["id"] for p in harmful + harmless}) == len(harmful) + len(harmless)
+
+
+@pytest.mark.parametrize("name, column", [
+    ("prompt", "prompt"), ("Goal", "Goal"), ("instruction", "instruction"),
+    ("forbidden_prompt", "forbidden_prompt"), ("QUESTION", "QUESTION"), ("vanilla", "vanilla")])
+def test_column_detection_csv(tmp_path, name, column):
+    path = tmp_path / "p.csv"
+    path.write_text(f"other,{name}\nx,hello\ny,world\n")
+    prompts = load_prompts(str(path))
+    assert [p["prompt"] for p in prompts] == ["hello", "world"] and prompts[0]["other"] == "x"
+    assert [p["id"] for p in prompts] == ["0", "1"]
+
+
+def test_formats(tmp_path):
+    rows = [{"id": "a", "instruction": "one"}, {"id": "b", "instruction": "two"}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    for name in ("p.json", "p.jsonl", "p.parquet", "p.txt"):
+        assert [p["prompt"] for p in load_prompts(str(tmp_path / name))] == ["one", "two"]
+    assert [p["id"] for p in load_prompts(str(tmp_path / "p.jsonl"))] == ["a", "b"]
+    assert len(load_prompts(str(tmp_path / "p.jsonl"), limit=1)) == 1
+
+
+def test_explicit_column(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"class": "x", "data": "hello"}]))
+    assert load_prompts(str(path), column="data")[0]["prompt"] == "hello"
+    with pytest.raises(UserError, match="no column 'nope'"):
+        load_prompts(str(path), column="nope")
+    with pytest.raises(UserError, match="--column"):
+        load_prompts(str(path))
+
+
+@pytest.mark.parametrize("content, match", [("", "empty"), ("[1, 2", "not valid JSON"), ('{"a": 1}', "list")])
+def test_bad_files(tmp_path, content, match):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=match):
+        load_prompts(str(path))
+
+
+def test_empty_csv_has_no_prompts(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\n")
+    with pytest.raises(UserError, match="no prompts"):
+        load_prompts(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="not found"):
+        load_prompts("/no/such/prompts.csv")
+
+
+@pytest.mark.parametrize("relative", ["advbench/harmful_behaviors.csv", "jailbreakbench/benign-behaviors.csv",
+                                      "strongreject/strongreject_small_dataset.csv",
+                                      "refusal_direction/splits/harmful_val.json", "alpaca/seed_tasks.jsonl"])
+def test_shared_benchmark_files(relative):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / relative
+    if not path.exists():
+        pytest.skip(f"{path} is not present on this machine")
+    prompts = load_prompts(str(path))
+    assert len(prompts) > 10 and all(p["prompt"].strip() for p in prompts)
