@@ -173,3 +173,70 @@ def test_run_ablation_end_to_end_on_a_tiny_model(smol_tokenizer, tmp_path):
     assert len(seen) == 3 and all(len(o["harmful"]) == 2 for o in seen)
     plot_ablation(records, tmp_path / "ablation.png")
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture
+def tiny_run(tmp_path, smol_tokenizer):
+    """A tiny Llama saved as a local model folder, a prober for it, and a labelled harmful run."""
+    from refusal_cliff.generation import GenerationConfig, generate_records
+    from refusal_cliff.probe import Prober, save_prober
+    from refusal_cliff.runs import write_jsonl
+
+    model = make_tiny_model("LlamaForCausalLM")
+    model.generation_config.pad_token_id = smol_tokenizer.pad_token_id
+    model.save_pretrained(str(tmp_path / "model"))
+    smol_tokenizer.save_pretrained(str(tmp_path / "model"))
+    loaded = LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny", None, "test")
+    prober = Prober(torch.nn.Linear(64, 1), layer=1,
+                    metadata={"architecture": "LlamaForCausalLM", "n_layers": 2, "final_norm_applied": True})
+    save_prober(prober, tmp_path / "prober")
+    prompts = [{"id": str(i), "prompt": text} for i, text in enumerate(["Make a weapon.", "Pick a lock.", "Hi."])]
+    config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3, batch_size=3)
+    records = list(generate_records(loaded, prompts, config, progress=False))
+    write_jsonl(tmp_path / "run" / "generations.jsonl", records)
+    write_jsonl(tmp_path / "run" / "labels.jsonl",
+                [{"id": r["id"], "refusal": r["id"] == "0", "judge": "keyword"} for r in records])
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p["prompt"]}"}}\n' for p in prompts))
+    return tmp_path
+
+
+def test_heads_and_ablate_commands(tiny_run):
+    import json
+
+    from click.testing import CliRunner
+
+    from refusal_cliff.cli import main
+
+    runner = CliRunner()
+    model, prober = str(tiny_run / "model"), str(tiny_run / "prober" / "prober.safetensors")
+    result = runner.invoke(main, ["heads", "--model", model, "--device", "cpu", "--prober", prober,
+                                  "--generations", str(tiny_run / "run" / "generations.jsonl"),
+                                  "--out", str(tiny_run / "heads")])
+    assert result.exit_code == 0, result.output
+    heads = json.loads((tiny_run / "heads" / "heads.json").read_text())
+    assert len(heads) == 8 and [h["rank"] for h in heads] == list(range(8))
+    assert [h["contribution"] for h in heads] == sorted(h["contribution"] for h in heads)
+    metadata = json.loads((tiny_run / "heads" / "metadata.json").read_text())
+    assert metadata["n_examples"] == 2  # ids 1 and 2 complied
+    assert metadata["exact_decomposition_max_error"] < 1e-4
+    assert (tiny_run / "heads" / "heads.png").is_file()
+
+    common = ["ablate", "--model", model, "--device", "cpu", "--prober", prober,
+              "--heads", str(tiny_run / "heads" / "heads.json"), "--thresholds", "0.125,0.25",
+              "--prompts", str(tiny_run / "prompts.jsonl"), "--benign-prompts", str(tiny_run / "prompts.jsonl"),
+              "--limit", "2", "--max-thinking-tokens", "3", "--max-answer-tokens", "2"]
+    bad = runner.invoke(main, common + ["--renormalize", "--out", str(tiny_run / "bad"),
+                                        "--export", str(tiny_run / "x")])
+    assert bad.exit_code == 2 and "renormalize" in bad.output
+    result = runner.invoke(main, common + ["--out", str(tiny_run / "ablation"), "--export", str(tiny_run / "fixed")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tiny_run / "ablation" / "ablation.json").read_text())
+    assert [r["threshold"] for r in records] == [0.0, 0.125, 0.25]
+    assert records[2]["heads"][:1] == records[1]["heads"] == [[heads[0]["layer"], heads[0]["head"]]]
+    assert all(r["n_harmful"] == 2 and r["n_benign"] == 2 for r in records)
+    assert (tiny_run / "ablation" / "ablation.png").is_file()
+    assert (tiny_run / "fixed" / "config.json").is_file()
+    # a second run with the same inputs resumes: nothing is regenerated, the results are the same
+    again = runner.invoke(main, common + ["--out", str(tiny_run / "ablation")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tiny_run / "ablation" / "ablation.json").read_text()) == records

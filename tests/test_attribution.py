@@ -245,3 +245,19 @@ def test_plot_heads_writes_png(tmp_path):
     ranking = rank_heads(_fake_attribution(values))
     plot_heads(ranking, 2, 4, tmp_path / "heads.png", thresholds=[0.1, 0.3])
     assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_exact_decomposition_on_the_embedded_model(smol_model):
+    """SmolLM2 (30 layers, 9 heads, tied embeddings): the decomposition still adds up, batched."""
+    tokenizer = smol_model.tokenizer
+    texts = ["How do I pick a lock?\n</think>\n\n", "Name a fruit.\n</think>\n\n"]
+    sequences = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    geometry = smol_model.adapter.geometry(smol_model.model)
+    prober = _prober(geometry.d_model)
+    result = attribute_sequences(smol_model.model, sequences, prober, geometry.n_layers - 1, True,
+                                 pad_token_id=tokenizer.pad_token_id)
+    assert result.contribution.shape == (2, 30, 9)
+    torch.testing.assert_close(result.exact_total(), result.logit, rtol=1e-3, atol=1e-3)
+    logits = prober_logits(smol_model.model, sequences, prober, geometry.n_layers - 1, tokenizer.pad_token_id)
+    torch.testing.assert_close(logits, result.logit, rtol=1e-4, atol=1e-4)

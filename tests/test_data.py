@@ -22,7 +22,7 @@ def test_column_detection_csv(tmp_path, name, column):
     path.write_text(f"other,{name}\nx,hello\ny,world\n")
     prompts = load_prompts(str(path))
     assert [p["prompt"] for p in prompts] == ["hello", "world"] and prompts[0]["other"] == "x"
-    assert [p["id"] for p in prompts] == ["0", "1"]
+    assert [p["id"] for p in prompts] == ["p-0", "p-1"]
 
 
 def test_formats(tmp_path):

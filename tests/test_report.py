@@ -32,8 +32,8 @@ def _write_jsonl(path: Path, records) -> None:
 
 
 def _curve(shape: np.ndarray, n: int) -> dict:
-    return {"x": np.linspace(0, 100, 101).tolist(), "mean": shape.tolist(), "std": (0.05 + 0 * shape).tolist(),
-            "n": n, "end_template_start": 95.0}
+    return {"x": np.linspace(0, 100, 101).tolist(), "mean": shape.tolist(),
+            "std": (0.05 + 0 * shape).tolist(), "n": n, "end_template_start": 95.0}
 
 
 def _make_run(root: Path) -> Path:
@@ -43,13 +43,14 @@ def _make_run(root: Path) -> Path:
     cliff_shape[96:] = np.linspace(0.8, 0.1, 5)
     _write_json(root / "demo.json", {"system_prompt": f"Be safe {XSS}", "refusal_rate": 0.25,
                                      f"note {IMG}": {"nested": [1, 2]}})
-    _write_json(root / "metadata.json", {"stage": "demo", "model_id": "org/tiny-reasoner", "model_revision": "abc123",
-                                         "started": "2025-01-02T03:04:05+00:00"})
+    _write_json(root / "metadata.json", {"stage": "demo", "model_id": "org/tiny-reasoner",
+                                         "model_revision": "abc123", "started": "2025-01-02T03:04:05+00:00"})
     # Prompt ids are row indices: harmful and harmless generation runs share ids.
     _write_jsonl(root / "generate_harmful" / "generations.jsonl", [
         {"id": "0", "prompt": f"HARMFUL PROMPT 0 {XSS}", "thinking": "plan " * 1000 + "THE END OF THINKING",
          "end_template": "\n</think>\n\n", "answer": f"Sure, here is how {IMG}"},
-        {"id": "1", "prompt": "HARMFUL PROMPT 1", "thinking": "short thought", "answer": "I can't help with that."},
+        {"id": "1", "prompt": "HARMFUL PROMPT 1", "thinking": "short thought",
+         "answer": "I can't help with that."},
         {"id": "2", "prompt": f"HARMFUL PROMPT 2 {IMG}", "thinking": XSS, "answer": ""},
     ])
     _write_jsonl(root / "generate_harmful" / "labels.jsonl", [
@@ -63,7 +64,8 @@ def _make_run(root: Path) -> Path:
     ])
     _write_json(root / "probe" / "prober.json", {
         "model_id": "org/tiny-reasoner", "model_revision": "abc123", "architecture": "LlamaForCausalLM",
-        "layer": 2, "n_layers": 3, "d_model": 64, "final_norm_applied": True, "end_template": "\n</think>\n\n",
+        "layer": 2, "n_layers": 3, "d_model": 64, "final_norm_applied": True,
+        "end_template": "\n</think>\n\n",
         "metrics": {"val_accuracy": 0.97, "ood_accuracy": 0.91, "best_epoch": 4, "n_train": 200, "n_val": 50},
         "history": [{"epoch": e, "train_loss": 0.7 / e, "val_loss": 0.75 / e, "val_accuracy": 0.8 + 0.03 * e,
                      "ood_accuracy": None if e == 1 else 0.7 + 0.04 * e} for e in range(1, 6)],
@@ -75,14 +77,18 @@ def _make_run(root: Path) -> Path:
         f"odd {MATHTEXT} {XSS}": _curve(0.5 + 0 * x, 1),
     })
     _write_jsonl(root / "trace" / "cliff.jsonl", [
-        {"id": "0", "plateau": 0.9, "final": 0.05, "ms": 0.85, "t_cliff": 120, "drop": 0.4, "group": "harmful"},
+        {"id": "0", "plateau": 0.9, "final": 0.05, "ms": 0.85, "t_cliff": 120, "drop": 0.4,
+         "group": "harmful"},
         {"id": "1", "plateau": 0.8, "final": 0.7, "ms": 0.1, "t_cliff": 40, "drop": 0.05, "group": "harmful"},
         {"id": "2", "plateau": 0.7, "final": 0.2, "t_cliff": 77, "group": "harmful"},  # ms derived: 0.5
-        {"id": "0", "plateau": 0.15, "final": 0.1, "ms": 0.05, "t_cliff": 30, "drop": 0.01, "group": "harmless"},
-        {"id": "1", "plateau": 0.12, "final": 0.1, "ms": 0.02, "t_cliff": 31, "drop": 0.01, "group": "harmless"},
+        {"id": "0", "plateau": 0.15, "final": 0.1, "ms": 0.05, "t_cliff": 30, "drop": 0.01,
+         "group": "harmless"},
+        {"id": "1", "plateau": 0.12, "final": 0.1, "ms": 0.02, "t_cliff": 31, "drop": 0.01,
+         "group": "harmless"},
     ])
     _write_json(root / "trace" / "layerwise.json", {
-        str(layer): {"harmful": {"mean": (cliff_shape * (layer + 1) / 3).tolist()},
+        str(layer): {"harmful": {"mean": (cliff_shape * (layer + 1) / 3).tolist(),
+                                 "ms_mean": 0.3 * (layer + 1)},
                      "harmless": {"mean": (0.1 + 0 * x).tolist()}, "ms_mean": 0.2 * (layer + 1)}
         for layer in (0, 1, 2)
     })
@@ -145,7 +151,7 @@ def test_full_report_renders_every_section_escaped(rendered: tuple[Path, Path]):
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
     # Every section is present, nothing skipped, every figure embedded and written.
-    for key, title in rep.SECTIONS:
+    for key, _ in rep.SECTIONS:
         assert f'<section id="{key}">' in page, key
         assert f'href="#{key}"' in page
     assert "Skipped sections" not in page
@@ -188,7 +194,9 @@ def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
     assert summary["plateau"]["groups"]["harmful"]["plateau_mean"] == pytest.approx(0.8)
 
     assert summary["layerwise"]["group"] == "harmful"
-    assert [v["ms_mean"] for v in summary["layerwise"]["layers"].values()] == pytest.approx([0.2, 0.4, 0.6])
+    layers = summary["layerwise"]["layers"].values()
+    assert [v["ms_mean"] for v in layers] == pytest.approx([0.3, 0.6, 0.9])  # the shown group's own MS
+    assert [v["ms_mean_all_groups"] for v in layers] == pytest.approx([0.2, 0.4, 0.6])
     assert [r["refusal_rate"] for r in summary["clipping"]] == pytest.approx([0.2, 0.5, 0.8])
 
     heads = summary["heads"]
@@ -279,7 +287,8 @@ def test_plot_functions_take_plain_data():
     figures = [
         rep.plot_prober_history([{"epoch": 1, "train_loss": 0.5, "val_accuracy": 0.9}]),
         rep.plot_traces({"harmful": {"x": [0, 50, 100], "mean": [0.1, 0.9, 0.2]}}),
-        rep.plot_layerwise({str(i): [0.1, 0.5, 0.1 * i] for i in range(12)}, {str(i): 0.1 * i for i in range(12)}),
+        rep.plot_layerwise({str(i): [0.1, 0.5, 0.1 * i] for i in range(12)},
+                           {str(i): 0.1 * i for i in range(12)}),
         rep.plot_plateau_vs_harmless({"harmful": 0.8}, {"harmful": 0.2}, 0.1),
         rep.plot_clipping([{"fraction": 0.5, "refusal_rate": 0.4}, {"fraction": 0.0, "ms_mean": 0.6}]),
         rep.plot_ablation([{"threshold": 0.01, "asr": 0.2, "gamma": 0.0}]),
@@ -308,14 +317,19 @@ def test_truncate_text():
 
 def test_cli_report(tmp_path: Path):
     run_dir = tmp_path / "run"  # figure-free artifacts keep this fast
-    _write_jsonl(run_dir / "cliff.jsonl", [{"id": str(i), "plateau": 0.9, "final": 0.1 * i} for i in range(5)])
-    _write_jsonl(run_dir / "generations.jsonl", [{"id": str(i), "prompt": f"p{i}", "answer": XSS} for i in range(5)])
+    no_thinking = {"id": "9", "plateau": None, "final": 0.3, "ms": None, "group": None}  # trace writes nulls
+    _write_jsonl(run_dir / "cliff.jsonl", [{"id": str(i), "plateau": 0.9, "final": 0.1 * i}
+                                           for i in range(5)] + [no_thinking])
+    _write_jsonl(run_dir / "generations.jsonl", [{"id": str(i), "prompt": f"p{i}", "answer": XSS}
+                                                 for i in range(5)])
     runner = CliRunner()
     result = runner.invoke(report_command, ["--run", str(run_dir), "--top", "2"])
     assert result.exit_code == 0, result.output
     assert str(run_dir / "report.html") in result.output
     examples = json.loads((run_dir / "summary.json").read_text())["examples"]
     assert [e["id"] for e in examples] == ["0", "1"] and examples[0]["group"] == "all"
+    cliff = json.loads((run_dir / "summary.json").read_text())["cliff"]["all"]
+    assert cliff["n"] == 6 and cliff["n_with_ms"] == 5 and cliff["final_mean"] == pytest.approx(1.3 / 6)
     assert XSS not in (run_dir / "report.html").read_text()
 
     result = runner.invoke(report_command, ["--run", str(tmp_path / "missing")])

@@ -290,7 +290,8 @@ def plot_ablation(records: Sequence[dict], path: str | Path, title: str | None =
         heights = [v if v is not None else 0.0 for v in values]
         bars = axis.bar(range(len(ordered)), heights, color="#4477aa")
         for bar, value in zip(bars, values):
-            axis.annotate("n/a" if value is None else f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            text = "n/a" if value is None else f"{value:.2f}"
+            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                           ha="center", va="bottom", fontsize=8)
         axis.set_xticks(range(len(ordered)), labels)
         axis.set_xlabel("heads ablated (fraction of all heads)")
@@ -301,3 +302,119 @@ def plot_ablation(records: Sequence[dict], path: str | Path, title: str | None =
     figure.tight_layout()
     figure.savefig(str(path), dpi=150)
     plt.close(figure)
+
+
+# -- the `ablate` stage --------------------------------------------------------------------
+
+
+def read_ranking(path: str | Path) -> list[dict]:
+    """Read heads.json (written by `heads`) and check its entries."""
+    from .runs import read_json
+
+    ranking = read_json(path)
+    if not isinstance(ranking, list) or not ranking or not all(
+        isinstance(item, dict) and {"layer", "head", "rank"} <= set(item) for item in ranking
+    ):
+        raise UserError(f"{path} is not a heads.json written by `refusal-cliff heads`")
+    return ranking
+
+
+def run_ablate(
+    loaded,
+    prober: nn.Linear,
+    layer: int,
+    heads_path: str | Path,
+    thresholds: Sequence[float],
+    harmful_prompts: Sequence[dict],
+    out_dir: str | Path,
+    generation_config,
+    benign_prompts: Sequence[dict] = (),
+    gamma: float = 0.0,
+    renormalize: bool = False,
+    judge=None,
+    export_dir: str | Path | None = None,
+    export_threshold: float | None = None,
+    baseline: bool = True,
+    prober_path: str | Path | None = None,
+    sources: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """The `ablate` stage: ablation.json (one record per threshold, plus the unablated baseline at
+    threshold 0 when `baseline`), ablation.png, ablation_generations.jsonl, and optionally the
+    exported repaired model. A killed run resumes after the last finished threshold.
+
+    Returns the paths written, by name.
+    """
+    from .attribution import parse_thresholds
+    from .generation import prompts_digest
+    from .runs import JsonlWriter, RunFolder, file_digest, read_json, write_json
+
+    thresholds = parse_thresholds(thresholds)
+    ranking = read_ranking(heads_path)
+    geometry = loaded.adapter.geometry(loaded.model)
+    n_total = geometry.n_layers * geometry.n_heads
+    if len(ranking) != n_total:
+        raise UserError(f"{heads_path} ranks {len(ranking)} heads but the model has {n_total}; "
+                        "run `heads` on this model")
+    if export_dir is not None:
+        if renormalize:
+            raise UserError("--export cannot fold --renormalize into weights; export without --renormalize")
+        export_threshold = max(thresholds) if export_threshold is None else parse_thresholds([export_threshold])[0]
+        if Path(export_dir).exists() and any(Path(export_dir).iterdir()):
+            raise UserError(f"{export_dir} is not empty; choose a new folder for --export")
+    config = {
+        "model": loaded.model_id,
+        "prober": str(prober_path) if prober_path else None,
+        "prober_digest": file_digest(prober_path) if prober_path and Path(prober_path).is_file() else None,
+        "layer": layer,
+        "heads": str(heads_path),
+        "heads_digest": file_digest(heads_path),
+        "thresholds": thresholds,
+        "gamma": float(gamma),
+        "renormalize": bool(renormalize),
+        "baseline": baseline,
+        "harmful_digest": prompts_digest(harmful_prompts),
+        "benign_digest": prompts_digest(benign_prompts) if benign_prompts else None,
+        "judge": getattr(judge, "name", None),
+        "generation": generation_config.to_dict(),
+        **(sources or {}),
+    }
+    run = RunFolder(out_dir, "ablate", config, overwrite=overwrite)
+    artifacts = ["ablation.json", "ablation.png", "ablation_generations.jsonl"]
+    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=generation_config.seed,
+                        artifacts=artifacts)
+    results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
+    results: list[dict] = read_json(results_path) if resumed and results_path.is_file() else []
+    if not resumed and generations_path.exists():
+        generations_path.unlink()
+    done = {record["threshold"] for record in results}
+    if done:
+        logger.info("resuming: thresholds %s already measured", sorted(done))
+
+    with JsonlWriter(generations_path) as writer:
+        def keep(record: dict, outcome: dict) -> None:
+            results.append(record)
+            write_json(results_path, sorted(results, key=lambda r: r["threshold"]))
+            for kind in ("harmful", "benign"):
+                for example in outcome[kind]:
+                    writer.write({"threshold": record["threshold"], "set": kind, **example})
+
+        pending = [t for t in thresholds if t not in done]
+        if pending or (baseline and 0.0 not in done):
+            run_ablation(loaded, prober, layer, ranking, pending, harmful_prompts, generation_config,
+                         benign_prompts, gamma, renormalize, judge=judge,
+                         baseline=baseline and 0.0 not in done, progress=progress, on_record=keep)
+    results = sorted(results, key=lambda r: r["threshold"])
+    write_json(results_path, results)
+    plot_ablation(results, run.path("ablation.png"))
+    paths = {"ablation.json": results_path, "ablation.png": run.path("ablation.png"),
+             "ablation_generations.jsonl": generations_path}
+    extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}
+    if export_dir is not None:
+        heads = heads_at_threshold(ranking, export_threshold, n_total)
+        paths["export"] = export_ablated_model(loaded, heads, gamma, export_dir)
+        extra["export"] = {"path": str(export_dir), "threshold": export_threshold, "gamma": float(gamma),
+                           "heads": [list(h) for h in heads]}
+    run.finish(extra)
+    return paths

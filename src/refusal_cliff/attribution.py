@@ -456,7 +456,8 @@ def heads_at_threshold(ranking: Sequence[dict], fraction: float, n_total: int | 
 def parse_thresholds(text: str | Iterable[float]) -> list[float]:
     """'0.01,0.03,0.1' -> [0.01, 0.03, 0.1] (sorted, each in (0, 1])."""
     try:
-        values = [float(part) for part in text.split(",") if part.strip()] if isinstance(text, str) else [float(v) for v in text]
+        parts = text.split(",") if isinstance(text, str) else list(text)
+        values = [float(part) for part in parts if str(part).strip()]
     except ValueError:
         raise UserError(f"--thresholds must be comma-separated fractions such as 0.01,0.03,0.1, got {text!r}") from None
     if not values or any(not 0 < v <= 1 for v in values):
@@ -524,3 +525,91 @@ def plot_heads(
     figure.tight_layout()
     figure.savefig(str(path), dpi=150)
     plt.close(figure)
+
+
+# -- the `heads` stage ---------------------------------------------------------------------
+
+
+def read_labels(path: str | Path) -> dict[str, bool]:
+    """labels.jsonl -> {id: refusal}."""
+    from .runs import read_jsonl
+
+    labels = {}
+    for label in read_jsonl(path):
+        if "id" not in label or "refusal" not in label:
+            raise UserError(f"{path} is not a labels.jsonl (needs id and refusal); run `refusal-cliff label`")
+        labels[str(label["id"])] = bool(label["refusal"])
+    return labels
+
+
+def run_heads(
+    loaded,
+    prober: nn.Linear,
+    layer: int,
+    final_norm_applied: bool,
+    generations: str | Path,
+    out_dir: str | Path,
+    labels: str | Path | None = None,
+    group: str = "harmful-complied",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    batch_size: int = 8,
+    rank_by: str = "contribution",
+    prober_path: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """The `heads` stage: attribute the group's examples, rank the heads, write heads.json + heads.png.
+
+    `generations` is a generation run of harmful prompts; `labels` defaults to the
+    `labels.jsonl` beside it. Returns the path of heads.json.
+    """
+    from .runs import RunFolder, file_digest, read_jsonl, write_json
+
+    generations = Path(generations)
+    records = read_jsonl(generations)
+    if not records:
+        raise UserError(f"{generations} holds no generations; run `refusal-cliff generate` first")
+    missing = [key for key in ("id", "generation_prompt", "thinking", "end_template") if key not in records[0]]
+    if missing:
+        raise UserError(f"{generations} lacks {missing}; pass a generations.jsonl written by `generate`")
+    if labels is None and group != "all" and (generations.parent / "labels.jsonl").is_file():
+        labels = generations.parent / "labels.jsonl"
+    label_map = read_labels(labels) if labels is not None else None
+    chosen = select_group(records, label_map, group)
+    if not chosen:
+        raise UserError(f"no example of {generations} is in group {group!r}; pick another --group")
+    thresholds = parse_thresholds(thresholds)
+    config = {
+        "model": loaded.model_id,
+        "prober": str(prober_path) if prober_path else None,
+        "prober_digest": file_digest(prober_path) if prober_path and Path(prober_path).is_file() else None,
+        "layer": layer,
+        "final_norm_applied": final_norm_applied,
+        "generations": str(generations),
+        "generations_digest": file_digest(generations),
+        "labels": str(labels) if labels else None,
+        "group": group,
+        "thresholds": thresholds,
+        "rank_by": rank_by,
+        "t_cliff": "last token of the probing sequence",
+    }
+    run = RunFolder(out_dir, "heads", config, overwrite=overwrite)
+    run.start(model_id=loaded.model_id, revision=loaded.revision, artifacts=["heads.json", "heads.png"])
+    attribution = attribute_records(loaded, chosen, prober, layer, final_norm_applied, batch_size, progress=progress)
+    ranking = rank_heads(attribution, rank_by)
+    geometry = loaded.adapter.geometry(loaded.model)
+    write_json(run.path("heads.json"), ranking)
+    plot_heads(ranking, geometry.n_layers, geometry.n_heads, run.path("heads.png"), thresholds,
+               prober_bias=attribution.prober_bias,
+               title=f"{loaded.model_id}: head contributions at t_cliff ({group}, n={len(chosen)})")
+    n_total = geometry.n_layers * geometry.n_heads
+    residual = (attribution.exact_total() - attribution.logit).abs().max()
+    run.finish({
+        "n_examples": len(chosen),
+        "prober_bias": attribution.prober_bias,
+        "suppression_heads": {str(t): heads_at_threshold(ranking, t, n_total) for t in thresholds},
+        "exact_decomposition_max_error": float(residual),
+        "mean_logit": float(attribution.logit.mean()),
+    })
+    logger.info("attributed %d examples; exact decomposition max error %.2e", len(chosen), float(residual))
+    return run.path("heads.json")

@@ -111,7 +111,8 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
         limit: keep the first `limit` prompts.
 
     Returns:
-        A list of dicts with `id` (str) and `prompt` (str), plus the source's other columns.
+        A list of dicts with `id` (str) and `prompt` (str), plus the source's other columns. The id
+        is the source's own `id` column when it has one, else "<file stem>-<row index>".
     """
     path = Path(source).expanduser()
     if source in DEMO_SETS:
@@ -129,6 +130,9 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if not isinstance(rows[0], dict):
         raise UserError(f"{source}: expected records with named columns")
     key = detect_column(rows, column, source)
+    # ids without an id column: "<file stem>-<row>", unique across the prompt sets of one study
+    prefix = source.split(":", 1)[-1] if source in DEMO_SETS else (path.stem if path.exists() else
+                                                                  source.replace("/", "_").replace(":", "_"))
     prompts, skipped = [], 0
     for index, row in enumerate(rows):
         text = row.get(key)
@@ -136,7 +140,7 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
             skipped += 1
             continue
         record = {k: v for k, v in row.items() if k != key}
-        record["id"] = str(row["id"]) if row.get("id") not in (None, "") else str(index)
+        record["id"] = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{index}"
         record["prompt"] = text
         prompts.append(record)
     if skipped:

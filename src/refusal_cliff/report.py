@@ -46,6 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from . import __version__
 from .errors import UserError
@@ -65,8 +66,8 @@ THINKING_CHARS = 1200
 ANSWER_CHARS = 600
 NOTE_CHARS = 2000
 
-FIGURE_NAMES = ("fig_prober.png", "fig_traces.png", "fig_layerwise.png", "fig_plateau.png", "fig_clipping.png",
-                "fig_heads.png", "fig_ablation.png", "fig_asr_vs_k.png")
+FIGURE_NAMES = ("fig_prober.png", "fig_traces.png", "fig_layerwise.png", "fig_plateau.png",
+                "fig_clipping.png", "fig_heads.png", "fig_ablation.png", "fig_asr_vs_k.png")
 
 # (anchor, title) in report order.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -209,7 +210,8 @@ def load_prober(path: Path) -> dict:
         })
     clean_metrics = {}
     for key, value in metrics.items():
-        clean_metrics[str(key)] = _num(value, f"{path}: metrics.{key}", optional=True)
+        _num(value, f"{path}: metrics.{key}", optional=True)
+        clean_metrics[str(key)] = value  # ints (epochs, counts) stay ints for display
     return {
         "model_id": data.get("model_id"),
         "model_revision": data.get("model_revision"),
@@ -248,22 +250,28 @@ def load_curves(path: Path) -> dict[str, dict]:
 
 
 def load_cliff(path: Path) -> list[dict]:
-    """cliff.jsonl → [{id, group, plateau, final, ms, t_cliff, drop}] (ms = plateau − final if absent)."""
+    """cliff.jsonl → [{id, group, plateau, final, ms, t_cliff, drop}].
+
+    A metric may be null (the trace stage writes null for one that does not exist for a trace,
+    e.g. a plateau without thinking tokens); `ms` is plateau − final when absent and both exist.
+    """
     rows = []
     for index, record in enumerate(read_jsonl(path)):
         where = f"{path} line {index + 1}"
         _expect(record, dict, where)
         if "id" not in record:
             raise UserError(f"{where}: missing 'id'; regenerate it with `refusal-cliff trace`")
-        plateau = _num(record.get("plateau"), f"{where}: 'plateau'")
-        final = _num(record.get("final"), f"{where}: 'final'")
+        plateau = _num(record.get("plateau"), f"{where}: 'plateau'", optional=True)
+        final = _num(record.get("final"), f"{where}: 'final'", optional=True)
         ms = _num(record.get("ms"), f"{where}: 'ms'", optional=True)
+        if ms is None and plateau is not None and final is not None:
+            ms = plateau - final
         rows.append({
             "id": str(record["id"]),
             "group": str(record.get("group") or "all"),
             "plateau": plateau,
             "final": final,
-            "ms": plateau - final if ms is None else ms,
+            "ms": ms,
             "t_cliff": record.get("t_cliff") if isinstance(record.get("t_cliff"), int) else None,
             "drop": _num(record.get("drop"), f"{where}: 'drop'", optional=True),
         })
@@ -276,8 +284,8 @@ def _layer_sort_key(name: str) -> tuple[int, str]:
 
 
 def load_layerwise(path: Path) -> dict:
-    """layerwise.json → {"layers": {layer: {"groups": {group: mean}, "ms_mean": float|None}},
-    "end_template_start": float|None}. Layers are ordered by their number."""
+    """layerwise.json → {"layers": {layer: {"groups": {group: mean trace}, "group_ms_mean": {group: float},
+    "ms_mean": float|None}}, "end_template_start": float|None}. Layers are ordered by their number."""
     data = _expect(read_json(path), dict, str(path))
     end_start = None
     layers: dict[str, dict] = {}
@@ -288,6 +296,7 @@ def load_layerwise(path: Path) -> dict:
         where = f"{path}: layer {layer!r}"
         _expect(entry, dict, where)
         groups: dict[str, list[float]] = {}
+        group_ms: dict[str, float | None] = {}
         ms_mean = None
         for key, value in entry.items():
             if key == "ms_mean":
@@ -296,9 +305,11 @@ def load_layerwise(path: Path) -> dict:
                 end_start = _num(value, f"{where} 'end_template_start'", optional=True)
             elif isinstance(value, dict) and "mean" in value:
                 groups[str(key)] = _numbers(value["mean"], f"{where} group {key!r} 'mean'")
+                group_ms[str(key)] = _num(value.get("ms_mean"), f"{where} group {key!r} 'ms_mean'",
+                                          optional=True)
             elif isinstance(value, list):  # lenient: {layer: {group: [...]}}
                 groups[str(key)] = _numbers(value, f"{where} group {key!r}")
-        layers[str(layer)] = {"groups": groups, "ms_mean": ms_mean}
+        layers[str(layer)] = {"groups": groups, "group_ms_mean": group_ms, "ms_mean": ms_mean}
     ordered = {name: layers[name] for name in sorted(layers, key=_layer_sort_key)}
     return {"layers": ordered, "end_template_start": end_start}
 
@@ -329,6 +340,7 @@ def load_heads(path: Path) -> list[dict]:
                              "std": False, "rank": False}, "layer")
     for index, row in enumerate(rows):
         row["layer"], row["head"] = int(row["layer"]), int(row["head"])
+        row["rank"] = None if row["rank"] is None else int(row["rank"])
         row["value"] = row["contribution"] if row["contribution"] is not None else row["contribution_exact"]
         if row["value"] is None:
             raise UserError(f"{path}: [{index}] has neither 'contribution' nor 'contribution_exact'")
@@ -337,12 +349,15 @@ def load_heads(path: Path) -> list[dict]:
 
 def load_ablation(path: Path) -> list[dict]:
     """ablation.json → rows sorted by `threshold` (fraction of all heads)."""
-    rows = _load_rows(path, {"threshold": True, "gamma": False, "final_score_mean": False, "asr": False,
-                             "benign_refusal_rate": False, "n_harmful": False, "n_benign": False}, "threshold")
+    fields = {"threshold": True, "gamma": False, "final_score_mean": False, "asr": False,
+              "benign_refusal_rate": False, "n_harmful": False, "n_benign": False}
+    rows = _load_rows(path, fields, "threshold")
     for row in rows:
         heads = row.get("heads")
         row["n_heads"] = len(heads) if isinstance(heads, list) else None
         row["renormalize"] = bool(row.get("renormalize", False))
+        for key in ("n_harmful", "n_benign"):
+            row[key] = None if row[key] is None else int(row[key])
     return rows
 
 
@@ -393,9 +408,8 @@ def load_evaluation(path: Path) -> dict:
             "model": str(entry.get("model", f"model {index}")),
             "method": None if entry.get("method") is None else str(entry["method"]),
             "k": _num(entry.get(k_key), f"{where}.{k_key}", optional=True) if k_key else None,
-            "asr": _num(entry.get("asr"), f"{where}.asr", optional=True),
-            "over_refusal": _num(entry.get("over_refusal"), f"{where}.over_refusal", optional=True),
-            "final_score_mean": _num(entry.get("final_score_mean"), f"{where}.final_score_mean", optional=True),
+            **{key: _num(entry.get(key), f"{where}.{key}", optional=True)
+               for key in ("asr", "over_refusal", "final_score_mean")},
             "tasks": tasks,
         })
     raw = data.get("asr_vs_k")
@@ -459,6 +473,8 @@ def plot_prober_history(history: Sequence[Mapping[str, Any]]) -> Figure:
     series(acc_ax, "val_accuracy", "validation accuracy", "o")
     series(acc_ax, "ood_accuracy", "OOD accuracy", "s")
     loss_ax.set(xlabel="epoch", ylabel="BCE loss", title="Loss")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(-0.02, 1.02))
     for ax in (loss_ax, acc_ax):
         if ax.lines:
@@ -514,9 +530,9 @@ def plot_layerwise(layers: Mapping[str, Sequence[float]], ms_mean: Mapping[str, 
         ax.plot(x, mean, color=cmap(norm(index)), lw=1.6, label=_plain(f"layer {layer}"))
     ax.set(xlabel="normalised position", ylabel="refusal score", xlim=(0, 100), ylim=(-0.02, 1.02),
            title=_plain(f"Per-layer traces ({group})" if group else "Per-layer traces"))
-    if len(layers) <= 8:
+    if 0 < len(layers) <= 8:
         ax.legend(frameon=False, fontsize="small")
-    else:
+    elif layers:
         bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax)
         names = list(layers)
         ticks = np.linspace(0, len(names) - 1, min(6, len(names))).round().astype(int)
@@ -544,14 +560,17 @@ def plot_plateau_vs_harmless(plateaus: Mapping[str, float], finals: Mapping[str,
     figure, (ax,) = _figure(6, 3.6)
     groups = list(plateaus)
     x = np.arange(len(groups))
-    width = 0.38 if finals else 0.6
+    width = 0.3 if finals else 0.45
     ax.bar(x - (width / 2 if finals else 0), [plateaus[g] for g in groups], width, label="plateau I",
            color="tab:red")
     if finals:
-        ax.bar(x + width / 2, [finals.get(g, np.nan) for g in groups], width, label="final I'", color="tab:blue")
+        heights = [np.nan if finals.get(g) is None else finals[g] for g in groups]
+        ax.bar(x + width / 2, heights, width, label="final I'",
+               color="tab:blue")
     if harmless_score is not None:
         ax.axhline(harmless_score, color="gray", lw=2, ls="--", label="harmless prompts (mean score)")
     ax.set_xticks(x, [_plain(g) for g in groups])
+    ax.set_xlim(-1, len(groups))
     ax.set(ylabel="refusal score", ylim=(0, 1.05), title="Plateau vs harmless prompts")
     ax.legend(frameon=False, fontsize="small")
     return figure
@@ -561,7 +580,8 @@ def plot_clipping(rows: Sequence[Mapping[str, Any]]) -> Figure:
     """Figure 5 (third and fourth columns): cliff and refusal rate vs thinking-clipping fraction.
 
     Args:
-        rows: [{fraction, final_mean, ms_mean, drop_mean, refusal_rate}], any of the last four optional.
+        rows: [{fraction, final_mean, ms_mean, drop_mean, refusal_rate}], any of the last four optional;
+            `fraction` is the fraction of the thinking's tokens kept before the end template.
     """
     figure, (score_ax, rate_ax) = _figure(9, 3.4, ncols=2)
     rows = sorted(rows, key=lambda r: r["fraction"])
@@ -575,8 +595,8 @@ def plot_clipping(rows: Sequence[Mapping[str, Any]]) -> Figure:
     series(score_ax, "ms_mean", "cliff MS = I − I'", "s")
     series(score_ax, "drop_mean", "largest one-step drop", "^")
     series(rate_ax, "refusal_rate", "refusal rate", "o")
-    score_ax.set(xlabel="clipping fraction", ylabel="score", title="Cliff vs clipping")
-    rate_ax.set(xlabel="clipping fraction", ylabel="refusal rate", ylim=(-0.02, 1.02),
+    score_ax.set(xlabel="fraction of thinking kept", ylabel="score", title="Cliff vs clipping")
+    rate_ax.set(xlabel="fraction of thinking kept", ylabel="refusal rate", ylim=(-0.02, 1.02),
                 title="Refusals vs clipping")
     for ax in (score_ax, rate_ax):
         if ax.lines:
@@ -614,8 +634,8 @@ def plot_heads(matrix: Any, title: str | None = None) -> Figure:
     image = ax.imshow(matrix, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
                       aspect="auto", origin="lower", interpolation="nearest")
     ax.set(xlabel="head", ylabel="layer", title=_plain(title or "Head contributions to the refusal score"))
-    if n_heads <= 40:
-        ax.set_xticks(range(n_heads))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.colorbar(image, ax=ax, label="contribution (red: towards refusal)")
     return figure
 
@@ -631,14 +651,15 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]]) -> Figure:
     settings: dict[tuple, list] = {}
     for row in rows:
         settings.setdefault((row.get("gamma"), bool(row.get("renormalize"))), []).append(row)
-    panels = (("final_score_mean", "refusal score at the last token (higher is safer)"),
-              ("asr", "ASR (lower is safer)"), ("benign_refusal_rate", "benign refusal rate"))
+    panels = (("final_score_mean", "Final refusal score (higher: safer)"),
+              ("asr", "ASR (lower: safer)"), ("benign_refusal_rate", "Benign refusal rate"))
     for ax, (key, title) in zip(axes, panels):
         for (gamma, renormalize), group in settings.items():
             points = sorted((100 * r["threshold"], r[key]) for r in group if r.get(key) is not None)
             if not points:
                 continue
-            label = "γ=" + ("?" if gamma is None else f"{gamma:g}") + (", renormalised" if renormalize else "")
+            label = "γ=" + ("?" if gamma is None else f"{gamma:g}")
+            label += ", renormalised" if renormalize else ""
             ax.plot(*zip(*points), marker="o", label=label)
         ax.set(xlabel="ablated heads (% of all heads)", title=title, ylim=(-0.02, 1.02))
         if ax.lines and len(settings) > 1:
@@ -711,8 +732,9 @@ class RunArtifacts:
     run_dir: Path
     data: dict[str, Any] = field(default_factory=dict)  # artifact name → parsed content
     paths: dict[str, Path] = field(default_factory=dict)  # artifact name → the file it was read from
-    generations: dict[Path, dict[str, dict]] = field(default_factory=dict)  # generations.jsonl → {id: record}
-    labels: dict[Path, dict[str, dict]] = field(default_factory=dict)  # generations.jsonl → {id: its label}
+    # generations.jsonl path → {id: record}, and → {id: label} from the labels.jsonl beside it
+    generations: dict[Path, dict[str, dict]] = field(default_factory=dict)
+    labels: dict[Path, dict[str, dict]] = field(default_factory=dict)
 
     def get(self, name: str) -> tuple[Path | None, Any]:
         return self.paths.get(name), self.data.get(name)
@@ -780,7 +802,8 @@ class _Report:
         self.figures[name] = section
         data = base64.b64encode(png).decode("ascii")
         return _Html(f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{_e(caption)} <span class=\"muted\">({_e(name)})</span></figcaption></figure>")
+                     f'<figcaption>{_e(caption)} <span class="muted">({_e(name)})</span></figcaption>'
+                     "</figure>")
 
     def source_note(self, *paths: Path | None) -> _Html:
         names = ", ".join(self.rel(p) for p in paths if p is not None)
@@ -833,10 +856,11 @@ def _section_prober(report: _Report) -> dict | None:
     if prober["history"]:
         parts.append(report.figure("prober", "fig_prober.png", plot_prober_history(prober["history"]),
                                    "prober loss and accuracy per epoch",
-                                   "Loss, validation accuracy and OOD accuracy of the refusal prober per epoch."))
+                                   "Loss, validation accuracy and OOD accuracy of the refusal prober "
+                                   "per epoch."))
+        keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "ood_accuracy")
         parts.append(_table(["epoch", "train loss", "val loss", "val accuracy", "OOD accuracy"],
-                            [[h["epoch"], h["train_loss"], h["val_loss"], h["val_accuracy"], h["ood_accuracy"]]
-                             for h in prober["history"]]))
+                            [[h[k] for k in keys] for h in prober["history"]]))
     parts.append(report.source_note(path))
     report.summary["prober"] = {key: prober[key] for key in
                                 ("model_id", "model_revision", "layer", "d_model", "final_norm_applied",
@@ -848,7 +872,8 @@ def _section_prober(report: _Report) -> dict | None:
 def _curve_stats(curve: Mapping[str, Any]) -> dict:
     mean = np.asarray(curve["mean"], float)  # [points]
     return {"n": curve.get("n"), "max": float(np.nanmax(mean)), "last": float(mean[-1]),
-            "mean": float(np.nanmean(mean)), "end_template_start": curve.get("end_template_start")}
+            "max_minus_last": float(np.nanmax(mean) - mean[-1]), "mean": float(np.nanmean(mean)),
+            "end_template_start": curve.get("end_template_start")}
 
 
 def _section_traces(report: _Report) -> dict | None:
@@ -863,10 +888,10 @@ def _section_traces(report: _Report) -> dict | None:
     figure = report.figure("traces", "fig_traces.png", plot_traces(curves), "averaged refusal-score traces",
                            "Averaged refusal score over normalised positions (band: ±1 std); "
                            "the end-template region is shaded orange.")
-    rows = [[group, s["n"], s["max"], s["last"], s["max"] - s["last"], s["end_template_start"]]
+    rows = [[group, s["n"], s["max"], s["last"], s["max_minus_last"], s["end_template_start"]]
             for group, s in stats.items()]
-    table = _table(["group", "n", "max of mean trace", "mean trace at 100", "max − last", "end template starts at"],
-                   rows)
+    table = _table(["group", "n", "max of mean trace", "mean trace at 100", "max − last",
+                    "end template starts at"], rows)
     report.summary["traces"] = stats
     report.sections["traces"] = _Html(figure + table + report.source_note(path))
     return curves
@@ -876,11 +901,12 @@ def _group_stats(rows: Sequence[dict]) -> dict[str, dict]:
     stats: dict[str, dict] = {}
     for group in dict.fromkeys(r["group"] for r in rows):
         members = [r for r in rows if r["group"] == group]
-        ms = [r["ms"] for r in members]
-        stats[group] = {"n": len(members), "plateau_mean": _mean([r["plateau"] for r in members]),
+        ms = [r["ms"] for r in members if r["ms"] is not None]
+        stats[group] = {"n": len(members), "n_with_ms": len(ms),
+                        "plateau_mean": _mean([r["plateau"] for r in members]),
                         "final_mean": _mean([r["final"] for r in members]), "ms_mean": _mean(ms),
-                        "ms_max": float(max(ms)), "drop_mean": _mean([r["drop"] for r in members
-                                                                      if r["drop"] is not None])}
+                        "ms_max": max(ms) if ms else None,
+                        "drop_mean": _mean([r["drop"] for r in members])}
     return stats
 
 
@@ -893,9 +919,9 @@ def _section_cliff(report: _Report) -> tuple[Path | None, list[dict] | None]:
         report.skipped["cliff"] = f"{report.rel(path)} is empty"
         return path, None
     stats = _group_stats(rows)
-    table = _table(["group", "n", "mean plateau I", "mean final I'", "mean MS", "max MS", "mean largest drop"],
-                   [[g, s["n"], s["plateau_mean"], s["final_mean"], s["ms_mean"], s["ms_max"], s["drop_mean"]]
-                    for g, s in stats.items()])
+    keys = ("n", "plateau_mean", "final_mean", "ms_mean", "ms_max", "drop_mean")
+    headers = ["group", "n", "mean plateau I", "mean final I'", "mean MS", "max MS", "mean largest drop"]
+    table = _table(headers, [[g, *(s[k] for k in keys)] for g, s in stats.items()])
     report.summary["cliff"] = stats
     report.sections["cliff"] = _Html(table + report.source_note(path))
     return path, rows
@@ -929,7 +955,10 @@ def _section_examples(report: _Report, cliff_path: Path | None, rows: list[dict]
     if not rows or cliff_path is None:
         report.skipped["examples"] = "needs cliff.jsonl"
         return
-    chosen = sorted(rows, key=lambda r: r["ms"], reverse=True)[:top]
+    chosen = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"], reverse=True)[:top]
+    if not chosen:
+        report.skipped["examples"] = "no example in cliff.jsonl has a misalignment score"
+        return
     table_rows, summary_rows, sources = [], [], set()
     for rank, row in enumerate(chosen, start=1):
         generation, labels = None, None
@@ -952,13 +981,15 @@ def _section_examples(report: _Report, cliff_path: Path | None, rows: list[dict]
                              "final": row["final"], "ms": row["ms"], "refusal": refusal,
                              "text_found": bool(generation)})
     if sources:
-        report.sources["generations.jsonl"] = sorted(report.rel(p) for p in sources if p.name == "generations.jsonl")
-    note = "" if sources else '<p class="muted">No generations.jsonl holds these ids: texts are unavailable.</p>'
-    table = _table(["#", "id", "group", "plateau I", "final I'", "MS", "refused", "prompt", "thinking", "answer"],
-                   table_rows, "examples")
+        report.sources["generations.jsonl"] = sorted(
+            report.rel(p) for p in sources if p.name == "generations.jsonl")
+    note = "" if sources else '<p class="muted">No generations.jsonl holds these ids: no texts.</p>'
+    headers = ["#", "id", "group", "plateau I", "final I'", "MS", "refused", "prompt", "thinking", "answer"]
+    table = _table(headers, table_rows, "examples")
     report.summary["examples"] = summary_rows
     report.sections["examples"] = _Html(
-        f'<p>The {len(chosen)} examples with the largest MS = I − I\' (long texts are cut, marked "…").</p>'
+        f"<p>The {len(chosen)} examples with the largest MS = I − I' "
+        '(long texts are cut, marked "…").</p>'
         + note + table + report.source_note(cliff_path, *sorted(sources)))
 
 
@@ -981,8 +1012,11 @@ def _section_layerwise(report: _Report, curves: dict | None) -> None:
         return
     groups = list(dict.fromkeys(g for layer in data["layers"].values() for g in layer["groups"]))
     group = _preferred_group(groups)
-    traces = {name: layer["groups"][group] for name, layer in data["layers"].items() if group in layer["groups"]}
-    ms_mean = {name: layer["ms_mean"] for name, layer in data["layers"].items()}
+    traces = {name: layer["groups"][group] for name, layer in data["layers"].items()
+              if group in layer["groups"]}
+    # The shown group's own mean MS per layer where the producer wrote it, else the layer's overall one.
+    ms_mean = {name: layer["group_ms_mean"].get(group) if layer["group_ms_mean"].get(group) is not None
+               else layer["ms_mean"] for name, layer in data["layers"].items()}
     if not traces and not any(v is not None for v in ms_mean.values()):
         report.skipped["layerwise"] = f"{report.rel(path)} holds no layers"
         return
@@ -990,10 +1024,11 @@ def _section_layerwise(report: _Report, curves: dict | None) -> None:
     if end_start is None and curves and group in curves:
         end_start = curves[group].get("end_template_start")
     figure = report.figure("layerwise", "fig_layerwise.png",
-                           plot_layerwise(traces, ms_mean, end_start, group), "per-layer refusal-score traces",
+                           plot_layerwise(traces, ms_mean, end_start, group),
+                           "per-layer refusal-score traces",
                            f"Averaged refusal-score traces of group '{group}' at each probed layer (shallow: "
                            "dark, deep: yellow); right: mean misalignment score per layer.")
-    summary = {name: {"ms_mean": layer["ms_mean"],
+    summary = {name: {"ms_mean": ms_mean[name], "ms_mean_all_groups": layer["ms_mean"],
                       **({"max": float(np.nanmax(layer["groups"][group])), "last": layer["groups"][group][-1]}
                          if group in layer["groups"] else {})}
                for name, layer in data["layers"].items()}
@@ -1008,7 +1043,7 @@ def _section_plateau(report: _Report, cliff_rows: list[dict] | None, curves: dic
         report.skipped["plateau"] = "needs cliff.jsonl with harmful groups"
         return
     stats = _group_stats(cliff_rows)
-    harmful = {g: s for g, s in stats.items() if not is_harmless_group(g)}
+    harmful = {g: s for g, s in stats.items() if not is_harmless_group(g) and s["plateau_mean"] is not None}
     if not harmful:
         report.skipped["plateau"] = "cliff.jsonl has no harmful group"
         return
@@ -1019,10 +1054,12 @@ def _section_plateau(report: _Report, cliff_rows: list[dict] | None, curves: dic
     # Mean refusal score over the whole (normalised) trace of harmless prompts, averaged over
     # harmless groups weighted by their sizes.
     weights = [curves[g].get("n") or 1 for g in harmless_groups]
-    harmless_score = float(np.average([np.nanmean(curves[g]["mean"]) for g in harmless_groups], weights=weights))
+    harmless_means = [np.nanmean(curves[g]["mean"]) for g in harmless_groups]
+    harmless_score = float(np.average(harmless_means, weights=weights))
     plateaus = {g: s["plateau_mean"] for g, s in harmful.items()}
     finals = {g: s["final_mean"] for g, s in harmful.items()}
-    figure = report.figure("plateau", "fig_plateau.png", plot_plateau_vs_harmless(plateaus, finals, harmless_score),
+    figure = report.figure("plateau", "fig_plateau.png",
+                           plot_plateau_vs_harmless(plateaus, finals, harmless_score),
                            "plateau vs harmless score",
                            "Mean plateau I and final score I' of harmful prompts; the gray line is the mean "
                            "refusal score over harmless prompts' traces.")
@@ -1048,8 +1085,9 @@ def _section_clipping(report: _Report) -> None:
     figure = report.figure("clipping", "fig_clipping.png", plot_clipping(rows), "cliff vs thinking clipping",
                            "Final score, cliff (MS) and refusal rate as the thinking is clipped.")
     keys = ("fraction", "final_mean", "ms_mean", "drop_mean", "refusal_rate", "n")
-    table = _table(["clipping fraction", "mean final I'", "mean MS", "mean largest drop", "refusal rate", "n"],
-                   [[r[k] if k != "n" or r[k] is None else int(r[k]) for k in keys] for r in rows])
+    headers = ["fraction of thinking kept", "mean final I'", "mean MS", "mean largest drop", "refusal rate",
+               "n"]
+    table = _table(headers, [[r[k] if k != "n" or r[k] is None else int(r[k]) for k in keys] for r in rows])
     report.summary["clipping"] = [{k: r[k] for k in keys} for r in rows]
     report.sections["clipping"] = _Html(figure + table + report.source_note(path))
 
@@ -1063,17 +1101,17 @@ def _section_heads(report: _Report, prober: dict | None) -> None:
         report.skipped["heads"] = f"{report.rel(path)} is empty"
         return
     n_layers = None
-    if prober and isinstance(prober.get("n_layers"), int) and prober["n_layers"] > max(h["layer"] for h in heads):
-        n_layers = prober["n_layers"]
+    prober_layers = prober.get("n_layers") if prober else None
+    if isinstance(prober_layers, int) and prober_layers > max(h["layer"] for h in heads):
+        n_layers = prober_layers  # show layers without scored heads as blank rows
     matrix = heads_matrix(heads, n_layers=n_layers)  # [n_layers, n_heads]
     figure = report.figure("heads", "fig_heads.png", plot_heads(matrix), "per-head contribution heatmap",
                            "Mean contribution of each attention head to the refusal score at t_cliff "
                            "(red: towards refusal, blue: suppresses refusal).")
     top = heads[:10]
-    table = _table(["rank", "layer", "head", "contribution", "exact contribution", "std"],
-                   [[h["rank"] if h["rank"] is None else int(h["rank"]), h["layer"], h["head"], h["contribution"],
-                     h["contribution_exact"], h["std"]] for h in top])
     keys = ("rank", "layer", "head", "contribution", "contribution_exact", "std")
+    table = _table(["rank", "layer", "head", "contribution", "exact contribution", "std"],
+                   [[h[k] for k in keys] for h in top])
     report.summary["heads"] = {"n_heads_scored": len(heads), "shape": list(matrix.shape),
                                "min": float(np.nanmin(matrix)), "max": float(np.nanmax(matrix)),
                                "top_suppression_heads": [{k: h[k] for k in keys} for h in top]}
@@ -1094,11 +1132,11 @@ def _section_ablation(report: _Report) -> None:
                            "refusal-suppression heads are ablated.")
     keys = ("threshold", "n_heads", "gamma", "renormalize", "final_score_mean", "asr", "benign_refusal_rate",
             "n_harmful", "n_benign")
-    table = _table(["threshold", "heads", "γ", "renormalised", "mean final score", "ASR", "benign refusal rate",
-                    "n harmful", "n benign"],
-                   [[_pct(r["threshold"]), r["n_heads"], r["gamma"], r["renormalize"], r["final_score_mean"],
-                     _pct(r["asr"]), _pct(r["benign_refusal_rate"]),
-                     *(None if r[k] is None else int(r[k]) for k in ("n_harmful", "n_benign"))] for r in rows])
+    headers = ["threshold", "heads", "γ", "renormalised", "mean final score", "ASR", "benign refusal rate",
+               "n harmful", "n benign"]
+    table = _table(headers, [[_pct(r["threshold"]), r["n_heads"], r["gamma"], r["renormalize"],
+                              r["final_score_mean"], _pct(r["asr"]), _pct(r["benign_refusal_rate"]),
+                              r["n_harmful"], r["n_benign"]] for r in rows])
     report.summary["ablation"] = [{k: r[k] for k in keys} for r in rows]
     report.sections["ablation"] = _Html(figure + table + report.source_note(path))
 
@@ -1123,11 +1161,13 @@ def _section_evaluation(report: _Report) -> None:
             + [m["tasks"].get(t) for t in tasks] for m in models]
     parts = [_table(headers, rows)] if models else []
     if asr_vs_k:
-        parts.append(report.figure("evaluation", "fig_asr_vs_k.png", plot_asr_vs_k(asr_vs_k), "ASR vs examples",
-                                   "ASR after fine-tuning vs the number of training examples, per selection method."))
+        parts.append(report.figure("evaluation", "fig_asr_vs_k.png", plot_asr_vs_k(asr_vs_k),
+                                   "ASR vs examples",
+                                   "ASR after fine-tuning vs the number of training examples, per "
+                                   "selection method."))
     parts.append(report.source_note(path))
-    report.summary["evaluation"] = {"models": models,
-                                    "asr_vs_k": {m: [{"k": k, "asr": a} for k, a in pts] for m, pts in asr_vs_k.items()}}
+    curves = {method: [{"k": k, "asr": asr} for k, asr in points] for method, points in asr_vs_k.items()}
+    report.summary["evaluation"] = {"models": models, "asr_vs_k": curves}
     report.sections["evaluation"] = _Html("".join(parts))
 
 
@@ -1139,7 +1179,8 @@ margin:0;background:#f6f8fa;line-height:1.45}
 header{background:#24292f;color:#fff;padding:18px 32px}header h1{margin:0 0 6px;font-size:1.5em}
 header .meta{color:#d0d7de;font-size:.9em}header .meta span{margin-right:18px}
 main{max-width:1200px;margin:0 auto;padding:16px 32px 48px}
-section,nav,.skipped{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 20px;margin:16px 0}
+section,nav,.skipped{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 20px;
+margin:16px 0}
 h2{font-size:1.2em;border-bottom:1px solid #d8dee4;padding-bottom:6px}h3{font-size:1em}
 nav ol{margin:4px 0;columns:2}a{color:#0969da;text-decoration:none}a:hover{text-decoration:underline}
 .skipped{background:#fff8c5;border-color:#d4a72c}.skipped ul{margin:4px 0}
@@ -1174,7 +1215,8 @@ def _run_facts(run_dir: Path, prober: dict | None) -> dict[str, Any]:
                 bucket.append(meta[key])
     if prober and isinstance(prober.get("model_id"), str) and prober["model_id"] not in model_ids:
         model_ids.insert(0, prober["model_id"])
-    return {"model_ids": model_ids, "model_revisions": revisions, "started": min(started) if started else None}
+    return {"model_ids": model_ids, "model_revisions": revisions,
+            "started": min(started) if started else None}
 
 
 def _page(report: _Report, facts: dict, generated: str) -> str:
@@ -1185,15 +1227,18 @@ def _page(report: _Report, facts: dict, generated: str) -> str:
         meta.append(f"<span>revision: {_e(', '.join(facts['model_revisions']))}</span>")
     if facts["started"]:
         meta.append(f"<span>run started: {_e(facts['started'])}</span>")
-    meta += [f"<span>report generated: {_e(generated)}</span>", f"<span>refusal-cliff {_e(__version__)}</span>",
+    meta += [f"<span>report generated: {_e(generated)}</span>",
+             f"<span>refusal-cliff {_e(__version__)}</span>",
              f"<span>folder: {_e(report.run_dir.name)}</span>"]
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{_e('refusal-cliff report — ' + models)}</title><style>{_CSS}</style></head><body>",
              f'<header><h1>Refusal-cliff report</h1><div class="meta">{"".join(meta)}</div></header><main>']
     if report.skipped:
-        items = "".join(f"<li><b>{_e(titles[key])}</b>: {_e(reason)}</li>" for key, reason in report.skipped.items())
-        parts.append(f'<div class="skipped"><b>Skipped sections</b> (missing artifacts)<ul>{items}</ul></div>')
+        items = "".join(f"<li><b>{_e(titles[key])}</b>: {_e(reason)}</li>"
+                        for key, reason in report.skipped.items())
+        parts.append(f'<div class="skipped"><b>Skipped sections</b> (missing artifacts)<ul>{items}</ul>'
+                     "</div>")
     present = [key for key, _ in SECTIONS if key in report.sections]
     if present:
         links = "".join(f'<li><a href="#{key}">{_e(titles[key])}</a></li>' for key in present)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -57,6 +58,12 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half."""
     path = Path(path)
@@ -65,6 +72,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -150,7 +158,7 @@ class RunFolder:
                     "use another --out, or pass --overwrite to replace it"
                 )
             for path in existing:
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.metadata = {
             "schema_version": SCHEMA_VERSION,
             "stage": self.stage,
