@@ -492,8 +492,14 @@ def run_trace(
     plateau_method: str = "max",
     t_cliff_method: str = "last",
     window: int = DEFAULT_WINDOW,
+    part_size: int | None = None,
 ) -> int:
     """Trace the records not yet in `out_dir/cliff.jsonl` and write all trace artifacts.
+
+    Args:
+        records: generation records with unique ids; `groups` maps id -> averaging group.
+        part_size: examples per `traces.parquet/part-*.parquet` file, the unit of resumption
+            (default 8 batches).
 
     Returns the number of examples traced in this call (0 when everything was done already).
     """
@@ -513,7 +519,7 @@ def run_trace(
     results = trace_records(loaded, prober, todo, batch_size)
     return write_trace_outputs(
         out_dir, results, groups, loaded.tokenizer, plateau_method, t_cliff_method, window,
-        part_size=max(batch_size * 8, 1),
+        part_size=part_size or batch_size * 8,
     )
 
 
