@@ -23,6 +23,9 @@ def test_adapter_finds_layers_o_proj_and_geometry(tiny_model):
         assert o_proj.in_features == geometry.n_heads * geometry.head_dim
         assert o_proj.out_features == geometry.d_model
     assert adapter.final_norm(tiny_model) is not None
+    assert adapter.mlp(tiny_model, 1) is not None
+    if adapter.post_attention_norm_attr:
+        assert getattr(adapter.layers(tiny_model)[0], adapter.post_attention_norm_attr) is not None
 
 
 def test_o_proj_is_on_the_forward_path(tiny_model):

@@ -42,6 +42,11 @@ class ArchitectureAdapter:
     o_proj_attr: str = "o_proj"
     final_norm_attr: str = "norm"
     embed_attr: str = "embed_tokens"
+    mlp_attr: str = "mlp"
+    # Families that normalise a sub-layer's output before adding it to the residual stream
+    # (Gemma 2/3) name those norms here; the exact logit decomposition freezes their scale.
+    post_attention_norm_attr: str | None = None
+    post_mlp_norm_attr: str | None = None
     # Gemma multiplies embeddings by sqrt(d_model) inside the model: the adapter records it
     # so that the exact logit decomposition can account for it.
     embedding_scale: Callable[[object], float] | None = None
@@ -64,6 +69,9 @@ class ArchitectureAdapter:
 
     def o_proj(self, model: nn.Module, layer: int) -> nn.Linear:
         return getattr(self.attention(model, layer), self.o_proj_attr)
+
+    def mlp(self, model: nn.Module, layer: int) -> nn.Module:
+        return getattr(self.layers(model)[layer], self.mlp_attr)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         return getattr(self.base_model(model), self.final_norm_attr)
@@ -123,8 +131,13 @@ for _name in (
     "Phi3ForCausalLM",
 ):
     register(ArchitectureAdapter(name=_name))
-register(ArchitectureAdapter(name="Gemma2ForCausalLM", embedding_scale=_gemma_scale))
-register(ArchitectureAdapter(name="Gemma3ForCausalLM", embedding_scale=_gemma_scale))
+for _name in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+    register(ArchitectureAdapter(
+        name=_name,
+        embedding_scale=_gemma_scale,
+        post_attention_norm_attr="post_attention_layernorm",
+        post_mlp_norm_attr="post_feedforward_layernorm",
+    ))
 
 
 def supported_architectures() -> list[str]:

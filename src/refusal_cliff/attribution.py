@@ -40,13 +40,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS = (0.01, 0.03, 0.10)
 GROUPS = ("harmful-complied", "harmful-refused", "all")
 
-# Families that normalise a sub-layer's output before adding it to the residual stream:
-# architecture -> (norm applied to the attention output, norm applied to the MLP output).
-_POST_NORMS: dict[str, tuple[str, str]] = {
-    "Gemma2ForCausalLM": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "Gemma3ForCausalLM": ("post_attention_layernorm", "post_feedforward_layernorm"),
-}
-_MLP_ATTR = "mlp"
 
 
 # -- results -------------------------------------------------------------------------------
@@ -222,7 +215,9 @@ def attribute_batch(
     positions = torch.as_tensor(positions, dtype=torch.long).to(device) % seq  # [batch]
     rows = torch.arange(batch, device=device)
 
-    post_norms = _POST_NORMS.get(adapter.name)
+    # families that normalise a sub-layer's output before the residual add (Gemma 2/3)
+    post_norms = (adapter.post_attention_norm_attr, adapter.post_mlp_norm_attr)
+    post_norms = post_norms if all(post_norms) else None
     layers = adapter.layers(model)
     captured: dict[tuple[str, int], torch.Tensor] = {}  # (kind, layer) -> [batch, width]
 
@@ -251,7 +246,7 @@ def attribute_batch(
             pre_hooks.append((getattr(block, post_norms[0]), pre_hook("attention_out", index)))
             hooks.append((getattr(block, post_norms[1]), post_hook("mlp", index)))
         else:
-            hooks.append((getattr(block, _MLP_ATTR), post_hook("mlp", index)))
+            hooks.append((adapter.mlp(model, index), post_hook("mlp", index)))
     # stop after the prober's layer only when no later o_proj input is still needed
     hooks.append((layers[layer], post_hook("hidden", layer, stop=layer == n_layers - 1)))
     with add_hooks(forward_pre_hooks=pre_hooks, forward_hooks=hooks):
