@@ -81,3 +81,9 @@ def test_shared_benchmark_files(relative):
         pytest.skip(f"{path} is not present on this machine")
     prompts = load_prompts(str(path))
     assert len(prompts) > 10 and all(p["prompt"].strip() for p in prompts)
+
+
+def test_csv_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes("\ufeffprompt,x\nhello,1\n".encode("utf-8"))
+    assert load_prompts(str(path))[0]["prompt"] == "hello"

@@ -58,7 +58,7 @@ def test_plateau_max_of_8_token_moving_average():
 
 def test_plateau_short_and_missing_thinking():
     assert plateau([0.2, 0.4, 0.6, 0.0], [P, T, T, E]) == pytest.approx(0.5)  # 2 thinking tokens: their mean
-    assert plateau([0.2, 0.4, 0.0], [P, P, E]) == pytest.approx(0.3)  # no thinking: prompt region
+    assert np.isnan(plateau([0.2, 0.4, 0.0], [P, P, E]))  # no thinking: undefined (DESIGN: thinking region)
     assert np.isnan(plateau([0.5], [E]))
     with pytest.raises(UserError):
         plateau([0.5], [E], method="median")
@@ -198,7 +198,7 @@ def test_layerwise_summary(smol_tokenizer):
     assert set(summary["1"]) == {"harmless", "harmful_complied", "ms_mean"}
     assert len(summary["1"]["harmless"]["mean"]) == 101
     traces = list(trace_records(loaded, random_prober(1), RECORDS))
-    expected = np.mean([cliff_metrics(t.scores, t.regions)["ms"] for t in traces])
+    expected = np.nanmean([cliff_metrics(t.scores, t.regions)["ms"] for t in traces])
     assert summary["1"]["ms_mean"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -392,13 +392,18 @@ def run_ablate(
     if done:
         logger.info("resuming: thresholds %s already measured", sorted(done))
 
+    if generations_path.exists():  # drop the generations of a threshold that was not finished
+        from .runs import read_jsonl, write_jsonl
+
+        write_jsonl(generations_path, [r for r in read_jsonl(generations_path) if r.get("threshold") in done])
     with JsonlWriter(generations_path) as writer:
         def keep(record: dict, outcome: dict) -> None:
-            results.append(record)
-            write_json(results_path, sorted(results, key=lambda r: r["threshold"]))
+            # generations first: ablation.json is what marks a threshold as done
             for kind in ("harmful", "benign"):
                 for example in outcome[kind]:
                     writer.write({"threshold": record["threshold"], "set": kind, **example})
+            results.append(record)
+            write_json(results_path, sorted(results, key=lambda r: r["threshold"]))
 
         pending = [t for t in thresholds if t not in done]
         if pending or (baseline and 0.0 not in done):

@@ -28,11 +28,11 @@ def _read_rows(path: Path) -> list[dict]:
         raise UserError(f"{path} is empty; pass a file holding prompts")
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as handle:
+            with open(path, newline="", encoding="utf-8-sig") as handle:
                 return [dict(row) for row in csv.DictReader(handle)]
         if suffix == ".jsonl":
             rows = []
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 for number, line in enumerate(handle, 1):
                     if line.strip():
                         try:
@@ -41,7 +41,7 @@ def _read_rows(path: Path) -> list[dict]:
                             raise UserError(f"{path}: line {number} is not valid JSON; fix the file") from None
             return [r if isinstance(r, dict) else {"prompt": r} for r in rows]
         if suffix == ".json":
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(obj, dict):
                 lists = [v for v in obj.values() if isinstance(v, list)]
                 if len(lists) != 1:

@@ -127,20 +127,23 @@ class HFBackend:
         output = self.model.generate(**batch, **kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1] :]  # [batch, new]
         completions = []
+        pad = tokenizer.pad_token_id
         for row in new_tokens.tolist():
             finish, ids = "length", row
             for index, token in enumerate(row):
                 if token in self.eos_ids:
                     finish, ids = "eos", row[:index]
                     break
-            text = tokenizer.decode(ids, skip_special_tokens=False)
+            text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             for stop in stop_strings:
                 if stop in text:
-                    finish, text = "stop", text.split(stop, 1)[0] + stop
+                    finish = "stop"
+                    # a row that stopped early is padded to the batch's length: not part of its output
+                    while ids and ids[-1] == pad:
+                        ids = ids[:-1]
+                    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    text = text.split(stop, 1)[0] + stop
                     break
-            # trailing pad tokens (after a stop string) are not part of the text
-            if tokenizer.pad_token and finish == "stop":
-                text = text.replace(tokenizer.pad_token, "")
             completions.append(Completion(text, len(ids), finish))
         return completions
 
@@ -240,6 +243,8 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
     """
     stage_config = {
         "model": loaded.model_id,
+        "revision": loaded.revision,
+        "dtype": str(next(loaded.model.parameters()).dtype),
         "prompts": source,
         "prompts_digest": prompts_digest(prompts),
         "n_prompts": len(prompts),

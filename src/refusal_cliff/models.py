@@ -11,6 +11,7 @@ directory; later loads read that copy in a second or two.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from .architectures import ArchitectureAdapter, get_adapter
 from .errors import UserError
+from .runs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return device
 
@@ -116,6 +122,8 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = gguf_model.config
     config.architectures = [type(gguf_model).__name__]
+    if hasattr(config, "quantization_config"):  # the weights are plain float32 now
+        del config.quantization_config
     # transformers will not save a model loaded from GGUF: rebuild it from its config.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
@@ -134,7 +142,42 @@ def embedded_checkpoint() -> Path:
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(gguf_path, target)
+    config_path = target / "config.json"
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:  # a cache written by an earlier version
+        del config["quantization_config"]
+        atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
     return target
+
+
+def forget_gguf_origin(model) -> None:
+    """A model loaded from GGUF holds plain dequantised weights but still carries the GGUF
+    `quantization_config` and quantizer, which make `save_pretrained` and the Trainer refuse it.
+    Drop them, so exported checkpoints load as ordinary models."""
+    quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+        quantization, "quant_method", None)
+    if quantization is None or "gguf" not in str(method).lower():
+        return
+    del model.config.quantization_config
+    for attribute, value in (("is_quantized", False), ("hf_quantizer", None), ("quantization_method", None)):
+        if attribute in vars(model):
+            setattr(model, attribute, value)
+
+
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Only the tokenizer of a hub id, local folder, `.gguf` file or the embedded model."""
+    from transformers import AutoTokenizer
+
+    path = Path(model).expanduser()
+    try:
+        if model in (DEFAULT_MODEL, EMBEDDED_NAME):
+            return AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
+        if model.endswith(".gguf"):
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load the tokenizer of {model!r} ({type(exc).__name__})") from None
 
 
 def load_model(
@@ -182,6 +225,11 @@ def load_model(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        if require_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"{model_id} has no chat template; use an instruct/reasoning model or set "
+                "tokenizer.chat_template in a local copy"
+            )
         loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -190,6 +238,7 @@ def load_model(
         ) from None
     if not getattr(loaded.config, "architectures", None):
         loaded.config.architectures = [type(loaded).__name__]
+    forget_gguf_origin(loaded)
     adapter = get_adapter(loaded)
     adapter.check(loaded)
     loaded.to(device).eval()

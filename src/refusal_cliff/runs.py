@@ -151,7 +151,7 @@ class RunFolder:
         existing = [self.path(a) for a in artifacts if self.path(a).exists()]
         if previous is not None and previous.get("fingerprint") == self.fingerprint:
             resumed = True
-        elif previous is not None or existing:
+        elif (previous is not None and previous.get("finished")) or existing:
             if not self.overwrite:
                 raise UserError(
                     f"{self.root} already holds a '{self.stage}' run with different inputs or settings; "
@@ -227,6 +227,14 @@ class JsonlWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            read_jsonl(self.path, repair=True)  # cut a torn last line left by a killed writer
+            with open(self.path, "rb+") as handle:  # a complete record missing its newline
+                size = handle.seek(0, os.SEEK_END)
+                if size:
+                    handle.seek(size - 1)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
         self._handle = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

@@ -83,15 +83,13 @@ def plateau(
 
     `max` (default): maximum of the `window`-token moving average over the thinking region
     (the average of all thinking tokens if there are fewer than `window`). `mean`: mean over
-    the thinking region. With no thinking token at all, the prompt region is used instead
-    (the model's intention before it starts answering); with neither, NaN.
+    the thinking region. With no thinking token at all (e.g. thinking clipped to 0%) the plateau
+    is undefined: NaN (written as null), and so is MS.
     """
     if method not in PLATEAU_METHODS:
         raise UserError(f"plateau method must be one of {', '.join(PLATEAU_METHODS)}, not {method!r}")
     scores, regions = _as_arrays(scores, regions)
     span = scores[regions == REGION_THINKING]
-    if len(span) == 0:
-        span = scores[regions == REGION_PROMPT]
     if len(span) == 0:
         return float("nan")
     if method == "mean":
@@ -547,11 +545,11 @@ def layerwise_summary(
     for layer in sorted(accumulators):
         curves = accumulators[layer].result()
         entry: dict = {
-            group: {"mean": curve["mean"], "ms_mean": float(np.mean(ms[layer][group]))}
+            group: {"mean": curve["mean"], "ms_mean": _nanmean(ms[layer][group])}
             for group, curve in curves.items()
         }
         every = [value for values in ms[layer].values() for value in values]
-        entry["ms_mean"] = float(np.mean(every)) if every else float("nan")
+        entry["ms_mean"] = _nanmean(every)  # examples without thinking have no MS
         summary[str(layer)] = entry
     return summary
 

@@ -45,6 +45,8 @@ def generation_options(func):
     @click.option("--end-template", default=None,
                   help="Override the thinking-end template (default: read from the chat template, "
                        "else '\\n</think>\\n\\n').")
+    @click.option("--start-marker", default=None, help="Override the thinking-start marker (default <think>).")
+    @click.option("--end-marker", default=None, help="Override the thinking-end marker (default </think>).")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -52,16 +54,22 @@ def generation_options(func):
     return wrapper
 
 
+def _unescape(text: str) -> str:
+    """Turn typed escapes ('\\n') into characters, leaving non-ASCII text intact."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 GENERATION_KEYS = ("max_thinking_tokens", "max_answer_tokens", "batch_size", "system_prompt", "temperature",
-                   "top_p", "seed", "end_template")
+                   "top_p", "seed", "end_template", "start_marker", "end_marker")
 MODEL_KEYS = ("model", "device", "dtype", "revision", "trust_remote_code")
 
 
 def generation_config_from(options: dict) -> GenerationConfig:
     """Pop the generation flags out of a command's kwargs into a GenerationConfig."""
     values = {key: options.pop(key) for key in GENERATION_KEYS if key in options}
-    if values.get("end_template"):
-        values["end_template"] = values["end_template"].encode().decode("unicode_escape")
+    for key in ("end_template", "start_marker", "end_marker"):
+        if values.get(key):
+            values[key] = _unescape(values[key])
     return GenerationConfig(**values)
 
 

@@ -18,6 +18,11 @@ def _run_digest(run: str | Path) -> dict:
             if (run / name).is_file()}
 
 
+def _model_fingerprint(options: dict) -> dict:
+    """The model flags that change results (the device does not, beyond float noise)."""
+    return {key: options.get(key) for key in ("model", "dtype", "revision")}
+
+
 def _check_run(run: str, role: str) -> None:
     path = Path(run)
     if not (path / "generations.jsonl").is_file():
@@ -58,8 +63,7 @@ def probe_train_command(harmful, harmless, ood, layer, lr, train_batch_size, epo
     _check_run(harmless, "harmless")
     for run in ood:
         _check_run(run, "ood")
-    model_id = options.get("model")
-    config = {"model": model_id, "harmful": _run_digest(harmful), "harmless": _run_digest(harmless),
+    config = {**_model_fingerprint(options), "harmful": _run_digest(harmful), "harmless": _run_digest(harmless),
               "ood": [_run_digest(r) for r in ood], "layer": layer, "lr": lr, "train_batch_size": train_batch_size,
               "epochs": epochs, "val_fraction": val_fraction, "seed": seed}
     stage = RunFolder(out, "probe", config, overwrite=overwrite)
@@ -101,6 +105,9 @@ def trace_command(prober_path, generations, harmless_generations, plateau_method
     from ..runs import RunFolder, file_digest
     from ..trace import load_trace_records, run_trace
 
+    prober_file = Path(prober_path) / "prober.safetensors" if Path(prober_path).is_dir() else Path(prober_path)
+    if not prober_file.is_file():
+        raise UserError(f"no prober at {prober_path}; train one with `refusal-cliff probe train`")
     records, groups = [], {}
     for path, harmful in [*((g, True) for g in generations), *((g, False) for g in harmless_generations)]:
         if not Path(path).is_file():
@@ -108,9 +115,8 @@ def trace_command(prober_path, generations, harmless_generations, plateau_method
         run_records, run_groups = load_trace_records(Path(path).parent, harmful)
         records += run_records
         groups.update(run_groups)
-    config = {"model": options.get("model"), "prober": file_digest(Path(prober_path) / "prober.safetensors"
-                                                                    if Path(prober_path).is_dir() else prober_path),
-              "inputs": [file_digest(p) for p in (*generations, *harmless_generations)],
+    config = {**_model_fingerprint(options), "prober": file_digest(prober_file),
+              "inputs": [_run_digest(Path(p).parent) for p in (*generations, *harmless_generations)],
               "plateau": plateau_method, "t_cliff": t_cliff_method}
     stage = RunFolder(out, "trace", config, overwrite=overwrite)
     loaded = load_from_options(options)

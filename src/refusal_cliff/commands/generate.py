@@ -33,7 +33,7 @@ def generate_command(prompts, column, limit, out, overwrite, **options):
 
 
 @click.command("label")
-@click.option("--generations", required=True, type=click.Path(dir_okay=False),
+@click.option("--generations", required=True,
               help="generations.jsonl written by `generate`.")
 @click.option("--keywords", default=None, type=click.Path(dir_okay=False),
               help="Extra refusal keywords, one per line (added to the built-in list).")
@@ -42,12 +42,15 @@ def generate_command(prompts, column, limit, out, overwrite, **options):
               help="Model whose tokenizer counts the 32 answer tokens (default: the generation run's model).")
 @click.option("--judge", default=None, help="A LlamaGuard-style judge model (hub id, folder or .gguf).")
 @out_option
-def label_command(generations, keywords, only_keywords, tokenizer_model, judge, out):
+@overwrite_option
+def label_command(generations, keywords, only_keywords, tokenizer_model, judge, out, overwrite):
     """Label refusals on the answer (first 32 tokens); writes OUT/labels.jsonl."""
     from ..labeling import KeywordLabeler, ModelJudge, default_keywords, label_records, load_keywords
-    from ..models import load_model
+    from ..models import load_model, load_tokenizer
     from ..runs import RunFolder, file_digest, read_json, read_jsonl, write_jsonl
 
+    if not Path(generations).is_file():
+        raise UserError(f"file not found: {generations}")
     records = read_jsonl(generations)
     if not records:
         raise UserError(f"{generations} holds no generations; run `refusal-cliff generate` first")
@@ -65,18 +68,22 @@ def label_command(generations, keywords, only_keywords, tokenizer_model, judge, 
         model_id = read_json(meta).get("config", {}).get("model") if meta.is_file() else None
     tokenizer = None
     if model_id:
-        from transformers import AutoTokenizer
-
-        from ..models import EMBEDDED_NAME, embedded_checkpoint
-
         try:
-            location = str(embedded_checkpoint()) if model_id in ("default", EMBEDDED_NAME) else model_id
-            tokenizer = AutoTokenizer.from_pretrained(location)
-        except (OSError, ValueError):
-            click.echo(f"warning: could not load the tokenizer of {model_id}; counting words instead", err=True)
+            tokenizer = load_tokenizer(model_id)
+        except UserError as exc:
+            click.echo(f"warning: {exc}; counting the answer's first 32 words instead of tokens", err=True)
+    else:
+        click.echo("warning: no --tokenizer and no metadata.json beside the generations; counting the answer's "
+                   "first 32 words instead of tokens", err=True)
     judge_model = ModelJudge(load_model(judge, require_chat_template=True)) if judge else None
-    run = RunFolder(out, "label", {"generations": str(generations), "digest": file_digest(generations),
+    digest = file_digest(generations)
+    run = RunFolder(out, "label", {"generations": str(generations), "digest": digest,
                                    "keywords": words, "judge": judge}, overwrite=True)
+    previous = run.previous()
+    if (run.path("labels.jsonl").exists() and previous and previous.get("config", {}).get("digest") != digest
+            and not overwrite):
+        raise UserError(f"{run.path('labels.jsonl')} labels other generations; use another --out, "
+                        "or pass --overwrite to replace it")
     run.start(model_id=model_id, artifacts=[])
     labels = label_records(records, KeywordLabeler(words), tokenizer, judge_model)
     write_jsonl(run.path("labels.jsonl"), labels)
