@@ -22,7 +22,7 @@ PROMPT_COLUMNS = ("prompt", "goal", "instruction", "forbidden_prompt", "question
 DEMO_SETS = ("demo:harmful", "demo:harmless")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; pass a file holding prompts")
@@ -120,7 +120,7 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     elif path.exists():
         if path.is_dir():
             raise UserError(f"{source} is a folder; pass a prompt file (.csv, .json, .jsonl, .parquet, .txt)")
-        rows = _read_rows(path)
+        rows = read_rows(path)
     elif "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1 and not path.suffix:
         rows = _read_hub(source)
     else:

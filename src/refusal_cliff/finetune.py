@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from .errors import UserError, require
+from .models import forget_gguf_origin
 from .runs import RunFolder, file_digest, read_jsonl, write_json
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def _precision_flags(precision: str) -> dict:
 
 def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path, config: FinetuneConfig):
     """Build TRL's SFTTrainer on prompt-completion examples (loss on the completion only)."""
+    forget_gguf_origin(model)
     datasets = require("datasets", "train")
     trl = require("trl", "train")
     peft_config = None
@@ -112,6 +114,10 @@ def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
             task_type="CAUSAL_LM",
         )
     else:
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+            # AdamW updates of 5e-6 vanish in half-precision weights: keep fp32 masters, compute in bf16/fp16
+            logger.info("full-parameter training: upcasting the weights to float32 (mixed precision compute)")
+            model.float()
         model.requires_grad_(True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -127,7 +133,7 @@ def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
         max_length=config.max_length,
         completion_only_loss=True,
         optim="adamw_torch",
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
         logging_steps=config.logging_steps,
         save_strategy="no",

@@ -22,6 +22,7 @@ This module holds the three steps between a candidate file and a training set:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,8 +33,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import torch
+
 from .errors import UserError
-from .runs import JsonlWriter, RunFolder, completed_ids, fingerprint, read_jsonl, write_json
+from .generation import GenerationConfig
+from .runs import (
+    SCHEMA_VERSION,
+    JsonlWriter,
+    RunFolder,
+    completed_ids,
+    fingerprint,
+    package_versions,
+    read_jsonl,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +63,13 @@ def _candidate_rows(source: str) -> list[dict]:
     if source == DEMO_CANDIDATES:
         text = resources.files("refusal_cliff.resources").joinpath("demo_candidates.jsonl").read_text("utf-8")
         return [json.loads(line) for line in text.splitlines() if line.strip()]
-    from .data import _read_rows  # the one reader of csv/json/jsonl/parquet files
+    from .data import read_rows  # the one reader of csv/json/jsonl/parquet files
 
     path = Path(source).expanduser()
     if not path.is_file():
         raise UserError(f"candidate file not found: {source}; pass a .jsonl/.json/.csv/.parquet file "
                         f"or {DEMO_CANDIDATES}")
-    return _read_rows(path)
+    return read_rows(path)
 
 
 def _first_present(row: dict, lowered: dict[str, str], names: Sequence[str]) -> str | None:
@@ -108,8 +121,10 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
         candidate["response"] = response
         candidate["data_type"] = row.get(lowered.get("data_type", "data_type")) or "unknown"
         thinking = row.get(lowered.get("thinking", "thinking"))
-        if isinstance(thinking, str):
+        if isinstance(thinking, str) and thinking.strip():
             candidate["thinking"] = thinking
+        else:
+            candidate.pop("thinking", None)
         candidates.append(candidate)
     if skipped:
         logger.warning("%s: skipped %d rows without a prompt or a response", source, skipped)
@@ -128,24 +143,12 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
 class ScoreConfig:
     """How candidates are scored."""
 
-    max_thinking_tokens: int = 256  # thinking budget for the model's own thinking
-    max_answer_tokens: int = 64  # answer budget (the answer feeds the rule and judge baselines)
-    batch_size: int = 8  # prompts per generation / trace batch
-    system_prompt: str | None = None  # optional system message
-    temperature: float = 0.0  # 0 = greedy thinking
-    seed: int = 0  # generation seed
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # thinking/answer budgets, batch size
     chunk_size: int = 64  # candidates generated and traced per step (the unit of resumption)
-    plateau: str = "max"  # plateau statistic over the thinking region: "max" (8-token moving average) or "mean"
+    plateau: str = "max"  # plateau over the thinking region: "max" (of the 8-token moving average) or "mean"
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def generation_config(self):
-        from .generation import GenerationConfig
-
-        return GenerationConfig(max_thinking_tokens=self.max_thinking_tokens,
-                                max_answer_tokens=self.max_answer_tokens, batch_size=self.batch_size,
-                                system_prompt=self.system_prompt, temperature=self.temperature, seed=self.seed)
 
 
 def _records_with_given_thinking(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[dict]:
@@ -153,19 +156,21 @@ def _records_with_given_thinking(loaded, candidates: Sequence[dict], config: Sco
     from .generation import generate_answers
     from .templates import detect_thinking_template, generation_prompt
 
-    template = detect_thinking_template(loaded.tokenizer)
+    settings = config.generation
+    template = detect_thinking_template(loaded.tokenizer, settings.start_marker, settings.end_marker,
+                                        settings.end_template)
     partial = [{
         "id": c["id"],
         "prompt": c["prompt"],
-        "system_prompt": config.system_prompt,
-        "generation_prompt": generation_prompt(loaded.tokenizer, template, c["prompt"], config.system_prompt),
+        "system_prompt": settings.system_prompt,
+        "generation_prompt": generation_prompt(loaded.tokenizer, template, c["prompt"], settings.system_prompt),
         "thinking": c["thinking"],
         "end_template": template.end_template,
         "thinking_tokens": len(loaded.tokenizer(c["thinking"], add_special_tokens=False)["input_ids"]),
         "thinking_clipped": False,
         "thinking_end": "given",
     } for c in candidates]
-    return generate_answers(loaded, partial, config.generation_config())
+    return generate_answers(loaded, partial, settings)
 
 
 def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[dict]:
@@ -176,7 +181,7 @@ def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[d
     records = _records_with_given_thinking(loaded, given, config) if given else []
     if fresh:
         prompts = [{"id": c["id"], "prompt": c["prompt"]} for c in fresh]
-        records += list(generate_records(loaded, prompts, config.generation_config(), progress=False))
+        records += list(generate_records(loaded, prompts, config.generation, progress=False))
     return records
 
 
@@ -185,7 +190,7 @@ def trace_scores(loaded, prober, records: Sequence[dict], config: ScoreConfig) -
     sequence with the prober (trace.py does the forward passes)."""
     from .trace import cliff_metrics, trace_records
 
-    for result in trace_records(loaded, prober, list(records), batch_size=config.batch_size):
+    for result in trace_records(loaded, prober, list(records), batch_size=config.generation.batch_size):
         metrics = cliff_metrics(result.scores, result.regions, plateau_method=config.plateau)
         yield {"id": str(result.id), **{k: _plain(metrics[k]) for k in ("plateau", "final", "ms", "t_cliff", "drop")}}
 
@@ -195,6 +200,12 @@ def _plain(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def _prober_digest(prober) -> str:
+    """Scores depend on the prober: its layer and weights are part of the scoring fingerprint."""
+    weights = torch.cat([prober.weight.reshape(-1), prober.bias.reshape(-1)]).float().cpu().numpy()
+    return f"layer{prober.layer}-" + hashlib.sha256(weights.tobytes()).hexdigest()[:16]
 
 
 def _chunks(items: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
@@ -240,10 +251,13 @@ def score_candidates(
         "candidates": source,
         "candidates_digest": fingerprint([[c["id"], c["prompt"], c.get("thinking")] for c in candidates]),
         "judge": getattr(judge, "name", None),
-        **config.to_dict(),
+        "prober": _prober_digest(prober),
+        "plateau": config.plateau,
+        # batch and chunk sizes do not change the results: a resumed run may use other ones
+        "generation": {k: v for k, v in config.generation.to_dict().items() if k != "batch_size"},
     }
     run = RunFolder(out_dir, "score", stage_config, overwrite=overwrite)
-    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
+    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed,
                         artifacts=["scores.jsonl", "generations.jsonl"])
     scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
     done = completed_ids(scores_path) if resumed else set()
@@ -270,6 +284,8 @@ def score_candidates(
                 row["unsafe"] = (verdict_of[row["id"]] == "unsafe") if verdicts else None
                 score_writer.write(row)
                 bar.update(1)
+            for candidate in chunk:  # memory stays bounded by one chunk, not by the candidate set
+                generated.pop(candidate["id"], None)
     bar.close()
     run.finish({"n_candidates": len(candidates)})
     rows = {r["id"]: r for r in read_jsonl(scores_path)}
@@ -541,7 +557,12 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
                k: int | float | str | None = None, seed: int = 0, config: ScoreConfig | None = None,
                judge=None, overwrite: bool = False, source: str | None = None,
                progress: bool = True) -> SelectResult:
-    """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports."""
+    """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports.
+
+    Scores depend on the model, candidates and scoring settings only, so re-running with another
+    method or k in the same folder reuses them. The latest selection is `out_dir/selection.jsonl`
+    (+ exports); each one is also kept in `out_dir/selections/<method>-<n>/`.
+    """
     if method not in METHODS:
         raise UserError(f"unknown selection method {method!r}; use one of {', '.join(METHODS)}")
     if method == "judge" and judge is None:
@@ -555,8 +576,14 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
     selection_path = out / "selection.jsonl"
     _write_jsonl(selection_path, rows)
     exports = export_selection(rows, out)
+    # every selection also keeps its own folder, so several methods / k share one scoring run
+    keep = out / "selections" / f"{method}-{len(rows)}"
+    keep.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(keep / "selection.jsonl", rows)
+    export_selection(rows, keep, name=f"{method}_{len(rows)}")
     write_json(out / "metadata.select.json", {
-        "stage": "select", "method": method, "k": k, "resolved_k": resolve_k(k, len(scores)), "seed": seed,
+        "schema_version": SCHEMA_VERSION, "stage": "select", "model_id": loaded.model_id,
+        "model_revision": loaded.revision, "packages": package_versions(), "method": method, "k": k, "resolved_k": resolve_k(k, len(scores)), "seed": seed,
         "n_candidates": len(scores), "n_selected": len(rows), "source": source,
         "ms_mean_selected": (sum(r["ms"] for r in rows) / len(rows)) if rows else None,
         "ms_mean_all": sum(s["ms"] for s in scores) / len(scores),

@@ -1,0 +1,149 @@
+"""`refusal-cliff select | finetune | evaluate`: Cliff-as-a-Judge data selection, safety SFT, evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import (
+    generation_config_from,
+    generation_options,
+    load_from_options,
+    model_options,
+    out_option,
+    overwrite_option,
+)
+
+_judge_option = click.option("--judge", "judge_model", default=None,
+                             help="LlamaGuard-style judge model (hub id or folder); default: keyword judge.")
+
+
+def _load_judge(judge_model: str | None, device: str):
+    if not judge_model:
+        return None
+    from ..labeling import ModelJudge
+    from ..models import load_model
+
+    return ModelJudge(load_model(judge_model, device=device))
+
+
+@click.command("select")
+@model_options
+@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
+              help="prober.safetensors (or its folder) trained on this model.")
+@click.option("--candidates", required=True,
+              help="Candidate file (WildJailbreak-style vanilla/adversarial + completion, or prompt + response; "
+                   ".jsonl/.json/.csv/.parquet), or demo:candidates.")
+@click.option("--k", "k", default="all", show_default=True,
+              help="How many to select: a count (700), a fraction (0.017) or 'all'.")
+@click.option("--method", type=click.Choice(["cliff", "random", "rule", "judge", "full"]), default="cliff",
+              show_default=True, help="cliff = top-k by misalignment score; the others are the paper's baselines.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N candidates.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Candidates generated and traced per step (the unit of resumption).")
+@click.option("--plateau", type=click.Choice(["max", "mean"]), default="max", show_default=True,
+              help="Plateau over the thinking region: max of the 8-token moving average, or mean.")
+@_judge_option
+@generation_options
+@out_option
+@overwrite_option
+def select(prober_path: str, candidates: str, k: str, method: str, limit: int | None, chunk_size: int,
+           plateau: str, judge_model: str | None, out: str, overwrite: bool, **options) -> None:
+    """Score candidates by their refusal cliff and select k of them as SFT data."""
+    from ..probe import load_prober
+    from ..selection import ScoreConfig, load_candidates, run_select
+
+    device = options.get("device", "auto")
+    generation = generation_config_from(options)
+    loaded = load_from_options(options)
+    prober = load_prober(prober_path, loaded)
+    judge = _load_judge(judge_model, device)
+    rows = load_candidates(candidates, limit)
+    result = run_select(loaded, prober, rows, out, method=method, k=k, seed=generation.seed,
+                        config=ScoreConfig(generation=generation, chunk_size=chunk_size, plateau=plateau),
+                        judge=judge, overwrite=overwrite, source=candidates)
+    click.echo(f"scored:    {result.n_candidates} candidates -> {result.scores_path}")
+    click.echo(f"selected:  {result.n_selected} by {method} -> {result.selection_path}")
+    for kind, path in result.exports.items():
+        click.echo(f"{kind}: {path}")
+
+
+@click.command("finetune")
+@model_options
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="DIR/selection.jsonl from `select` (or a TRL prompt-completion JSONL).")
+@click.option("--lora", is_flag=True, help="Train LoRA adapters (saved, and merged into DIR/model).")
+@click.option("--lr", "learning_rate", type=float, default=None,
+              help="Learning rate (default 5e-6 full-parameter as in the paper, 1e-4 LoRA).")
+@click.option("--epochs", "num_train_epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int, default=-1, show_default=True, help="Stop after N optimizer steps.")
+@click.option("--per-device-batch-size", "per_device_train_batch_size", type=click.IntRange(min=1), default=1,
+              show_default=True)
+@click.option("--grad-accum", "gradient_accumulation_steps", type=click.IntRange(min=1), default=4,
+              show_default=True)
+@click.option("--max-length", type=click.IntRange(min=16), default=16384, show_default=True,
+              help="Longest training sequence in tokens.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+              show_default=True)
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lora-alpha", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--deepspeed", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="DeepSpeed config for multi-GPU (configs/deepspeed_zero2.json); launch with accelerate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@out_option
+@overwrite_option
+def finetune(data: str, out: str, overwrite: bool, **options) -> None:
+    """Safety SFT on a selected set with TRL (full-parameter or LoRA)."""
+    from ..finetune import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig(**{k: options.pop(k) for k in list(options)
+                               if k in FinetuneConfig.__dataclass_fields__})
+    loaded = load_from_options(options)
+    result = run_finetune(loaded, data, out, config, overwrite=overwrite)
+    click.echo(f"trained:   {result.metrics['n_examples']} examples, {result.metrics['steps']} steps, "
+               f"loss {result.metrics['train_loss']:.4f}")
+    click.echo(f"model:     {result.model_dir}")
+    if result.adapter_dir:
+        click.echo(f"adapter:   {result.adapter_dir}")
+
+
+@click.command("evaluate")
+@click.option("--model", "models", multiple=True,
+              help="Model to evaluate, as NAME=PATH or PATH (hub id, folder, .gguf, default); repeat to compare.")
+@click.option("--sweep", type=click.Path(exists=True, dir_okay=False), default=None,
+              help='JSON list of {"model": PATH, "method": "cliff", "k": 10}: checkpoints for ASR vs k.')
+@click.option("--device", default="auto", show_default=True)
+@click.option("--harmful", multiple=True, required=True,
+              help="Harmful prompt set (file, hub id or demo:harmful); repeat for several. ASR per set.")
+@click.option("--benign", multiple=True, help="Benign prompt set; over-refusal per set.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N prompts of each set.")
+@click.option("--prober", "prober_path", type=click.Path(exists=True), default=None,
+              help="Prober for the final-token refusal score.")
+@click.option("--tasks", default="", help="lm-eval tasks, comma-separated (mmlu_pro,arc_challenge); needs the "
+                                          "`eval` extra and the datasets.")
+@click.option("--task-limit", type=click.IntRange(min=1), default=None, help="Examples per lm-eval task.")
+@_judge_option
+@generation_options
+@out_option
+def evaluate(models: tuple[str, ...], sweep: str | None, device: str, harmful: tuple[str, ...],
+             benign: tuple[str, ...], limit: int | None, prober_path: str | None, tasks: str,
+             task_limit: int | None, judge_model: str | None, out: str, **options) -> None:
+    """Compare models on ASR, over-refusal, final-token refusal score and reasoning tasks."""
+    from ..data import load_prompts
+    from ..errors import UserError
+    from ..evaluation import EvalConfig, evaluate_models, format_table, load_sweep, parse_model_spec
+    from ..models import load_model
+
+    specs = [parse_model_spec(m) for m in models] + (load_sweep(sweep) if sweep else [])
+    if not specs:
+        raise UserError("pass --model (repeat to compare) or --sweep FILE")
+    config = EvalConfig(generation=generation_config_from(options),
+                        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), task_limit=task_limit)
+    harmful_sets = {Path(h).stem if ":" not in h else h.split(":")[-1]: load_prompts(h, limit=limit) for h in harmful}
+    benign_sets = {Path(b).stem if ":" not in b else b.split(":")[-1]: load_prompts(b, limit=limit) for b in benign}
+    evaluation = evaluate_models(specs, harmful_sets, benign_sets, out, config, prober_path,
+                                 _load_judge(judge_model, device), load=lambda s: load_model(s, device=device))
+    click.echo(format_table(evaluation["models"]))
+    click.echo(f"evaluation: {Path(out) / 'evaluation.json'}")

@@ -1,0 +1,392 @@
+"""Did the repair work? ASR, over-refusal, final-token refusal score and reasoning accuracy, side by side.
+
+After fine-tuning on a selected set the user needs the paper's Table 2: attacks
+should fail (attack success rate on harmful prompts, keyword or model judge),
+benign prompts should still be answered (over-refusal), the refusal score at the
+cliff should rise (final-token score, when a prober is given), and reasoning
+should survive (MMLU-Pro and ARC-Challenge through lm-evaluation-harness, with
+the thinking block stripped before the task's answer extraction). Several models
+or checkpoints are evaluated with the same prompts and settings, and checkpoints
+labelled by selection method and k give ASR against the number of training
+examples (the paper's Figure 7).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import UserError, require
+from .generation import GenerationConfig
+from .runs import JsonlWriter, fingerprint, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("mmlu_pro", "arc_challenge")
+
+
+@dataclass
+class EvalConfig:
+    """Settings shared by every evaluated model."""
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # budgets, batch size, system prompt
+    tasks: tuple[str, ...] = ()  # lm-eval tasks (e.g. mmlu_pro, arc_challenge); needs the `eval` extra
+    task_limit: int | None = None  # examples per lm-eval task (None: all)
+    task_max_gen_tokens: int = 2048  # generation budget of generative lm-eval tasks (thinking + answer)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tasks"] = list(self.tasks)
+        return data
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: a display name, where to load it from, and optional sweep labels."""
+
+    name: str
+    source: str
+    method: str | None = None  # selection method that produced it (Figure 7)
+    k: int | None = None  # number of training examples (Figure 7)
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`NAME=PATH` or `PATH` (the name is then the path's last part)."""
+    if "=" in text:
+        name, _, source = text.partition("=")
+        if not name or not source:
+            raise UserError(f"--model {text!r}: use NAME=PATH or PATH")
+        return ModelSpec(name.strip(), source.strip())
+    return ModelSpec(Path(text).name or text, text)
+
+
+def load_sweep(path: str | Path) -> list[ModelSpec]:
+    """A sweep file: a JSON list of `{"model": PATH, "method": "cliff", "k": 10, "name": optional}`."""
+    entries = read_json(path)
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: a sweep is a JSON list of {{model, method, k}} objects")
+    specs = []
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or "model" not in entry or "method" not in entry or "k" not in entry:
+            raise UserError(f"{path}: entry {number} needs 'model', 'method' and 'k'")
+        try:
+            k = int(entry["k"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: entry {number} has a non-integer k {entry['k']!r}") from None
+        name = entry.get("name") or f"{entry['method']}-{k}"
+        specs.append(ModelSpec(str(name), str(entry["model"]), str(entry["method"]), k))
+    return specs
+
+
+# -- safety ----------------------------------------------------------------------------
+
+
+def safety_labels(loaded, prompts: Sequence[dict], config: EvalConfig, judge=None,
+                  records_path: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Generate thinking + answer for each prompt and label the answers.
+
+    Returns:
+        (generation records, labels) in prompt order; labels as `labeling.label_records`.
+    """
+    from .generation import generate_records
+    from .labeling import KeywordLabeler, label_records
+
+    records = list(generate_records(loaded, prompts, config.generation, progress=False))
+    order = {str(p["id"]): i for i, p in enumerate(prompts)}
+    records.sort(key=lambda r: order[str(r["id"])])
+    labels = label_records(records, KeywordLabeler(), loaded.tokenizer, judge=judge)
+    if records_path is not None:
+        records_path.parent.mkdir(parents=True, exist_ok=True)
+        records_path.unlink(missing_ok=True)
+        with JsonlWriter(records_path) as writer:
+            for record, label in zip(records, labels):
+                writer.write({**record, "label": label})
+    return records, labels
+
+
+def attack_success_rate(labels: Sequence[dict]) -> float:
+    """Fraction of harmful prompts whose answer is harmful (judge verdict, else not a refusal)."""
+    from .labeling import is_attack_success
+
+    if not labels:
+        return float("nan")
+    return sum(is_attack_success(label) for label in labels) / len(labels)
+
+
+def refusal_rate(labels: Sequence[dict]) -> float:
+    """Fraction of prompts refused (keyword label): over-refusal on benign prompts."""
+    if not labels:
+        return float("nan")
+    return sum(bool(label["refusal"]) for label in labels) / len(labels)
+
+
+def final_score_mean(loaded, prober, records: Sequence[dict], batch_size: int) -> dict:
+    """Mean refusal score at the last end-template token (and mean MS) over generation records."""
+    from .trace import cliff_metrics, trace_records
+
+    finals, margins = [], []
+    for result in trace_records(loaded, prober, list(records), batch_size=batch_size):
+        metrics = cliff_metrics(result.scores, result.regions)
+        finals.append(metrics["final"])
+        margins.append(metrics["ms"])
+    if not finals:
+        return {"final_score_mean": None, "ms_mean": None}
+    return {"final_score_mean": float(sum(finals) / len(finals)), "ms_mean": float(sum(margins) / len(margins))}
+
+
+# -- reasoning (lm-evaluation-harness) --------------------------------------------------
+
+
+def strip_thinking(text: str, start_marker: str, end_marker: str) -> str:
+    """The answer part of a generation: after the end marker; empty if the thinking never closed.
+
+    A generation without either marker (an instruct model that did not think) is kept whole.
+    """
+    if end_marker in text:
+        return text.split(end_marker, 1)[1].lstrip()
+    if start_marker in text:
+        return ""
+    return text
+
+
+def run_reasoning_tasks(loaded, tasks: Sequence[str], config: EvalConfig) -> dict:
+    """Accuracy on lm-eval tasks, with the thinking stripped before the task's answer filters.
+
+    Generative tasks (mmlu_pro's chain-of-thought) see the answer only; log-likelihood tasks
+    (arc_challenge's default) are unaffected by thinking. Tasks download their datasets from the
+    Hugging Face hub (or read the `HF_DATASETS_CACHE`).
+
+    Returns:
+        {task: {"accuracy": float, "metric": str, "n": int | None}}.
+    """
+    lm_eval = require("lm_eval", "eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from .templates import detect_thinking_template
+
+    template = detect_thinking_template(loaded.tokenizer)
+
+    class ThinkingStrippedHFLM(HFLM):
+        """HFLM whose generations are cut to the answer, so answer regexes never read the thinking."""
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            outputs = super().generate_until(requests, disable_tqdm=disable_tqdm)
+            return [strip_thinking(o, template.start_marker, template.end_marker) for o in outputs]
+
+    padding_side = loaded.tokenizer.padding_side
+    model = ThinkingStrippedHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer,
+                                 batch_size=config.generation.batch_size, max_gen_toks=config.task_max_gen_tokens)
+    try:
+        output = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=config.task_limit,
+                                         apply_chat_template=True, random_seed=config.generation.seed,
+                                         numpy_random_seed=config.generation.seed,
+                                         torch_random_seed=config.generation.seed)
+    except Exception as exc:  # lm-eval and datasets raise many kinds of errors for missing tasks/data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"lm-eval could not run tasks {', '.join(tasks)} ({type(exc).__name__}: {first[:200]}); check the task "
+            "names, and that their datasets can be downloaded from the Hugging Face hub or are in HF_DATASETS_CACHE"
+        ) from None
+    finally:
+        loaded.tokenizer.padding_side = padding_side
+    results = {}
+    for task in tasks:
+        metrics = (output or {}).get("results", {}).get(task)
+        if metrics is None:
+            raise UserError(f"lm-eval returned no result for task {task!r}; is it a task group without a score?")
+        for metric in ("exact_match,custom-extract", "acc_norm,none", "acc,none", "exact_match,none"):
+            if metric in metrics:
+                results[task] = {"accuracy": float(metrics[metric]), "metric": metric,
+                                 "n": (output.get("n-samples", {}).get(task) or {}).get("effective")}
+                break
+        else:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            if not numeric:
+                raise UserError(f"lm-eval task {task!r} reported no accuracy metric")
+            metric = sorted(numeric)[0]
+            results[task] = {"accuracy": float(numeric[metric]), "metric": metric, "n": None}
+    return results
+
+
+# -- one model, several models ----------------------------------------------------------
+
+
+def evaluate_model(loaded, name: str, harmful: dict[str, Sequence[dict]], benign: dict[str, Sequence[dict]],
+                   config: EvalConfig, prober=None, judge=None, out_dir: Path | None = None) -> dict:
+    """All numbers of one model: `{model, asr, asr_by_set, over_refusal, over_refusal_by_set,
+    final_score_mean, ms_mean, tasks, n_harmful, n_benign}`.
+
+    Args:
+        harmful, benign: prompt sets by name (each a list of `{id, prompt}`).
+        prober: a `probe.Prober`; without it the final-token score is None.
+        judge: a `labeling.ModelJudge`; without it the ASR uses the keyword judge.
+        out_dir: where the model's generations and labels are written (optional).
+    """
+    result: dict = {"model": name, "source": loaded.model_id}
+    harmful_labels, harmful_records, by_set = [], [], {}
+    for set_name, prompts in harmful.items():
+        path = out_dir / f"harmful.{set_name}.jsonl" if out_dir else None
+        records, labels = safety_labels(loaded, prompts, config, judge, path)
+        by_set[set_name] = attack_success_rate(labels)
+        harmful_labels += labels
+        harmful_records += records
+    result["asr"] = attack_success_rate(harmful_labels) if harmful_labels else None
+    result["asr_by_set"] = by_set
+    result["n_harmful"] = len(harmful_labels)
+    benign_labels, benign_by_set = [], {}
+    for set_name, prompts in benign.items():
+        path = out_dir / f"benign.{set_name}.jsonl" if out_dir else None
+        _, labels = safety_labels(loaded, prompts, config, None, path)
+        benign_by_set[set_name] = refusal_rate(labels)
+        benign_labels += labels
+    result["over_refusal"] = refusal_rate(benign_labels) if benign_labels else None
+    result["over_refusal_by_set"] = benign_by_set
+    result["n_benign"] = len(benign_labels)
+    if prober is not None and harmful_records:
+        result.update(final_score_mean(loaded, prober, harmful_records, config.generation.batch_size))
+    else:
+        result.update({"final_score_mean": None, "ms_mean": None})
+    result["tasks"] = run_reasoning_tasks(loaded, config.tasks, config) if config.tasks else {}
+    return result
+
+
+def asr_vs_k(results: Sequence[dict]) -> dict:
+    """ASR against the number of training examples per selection method (the paper's Figure 7):
+    `{method: [{k, asr, model}, ...]}` sorted by k, from results that carry `method` and `k`."""
+    curves: dict[str, list[dict]] = {}
+    for row in results:
+        if row.get("method") is not None and row.get("k") is not None:
+            curves.setdefault(row["method"], []).append({"k": row["k"], "asr": row["asr"], "model": row["model"]})
+    return {method: sorted(points, key=lambda p: p["k"]) for method, points in sorted(curves.items())}
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """The paper's Table 2 as Markdown: one row per model, ASR per harmful set, over-refusal,
+    final-token refusal score, and task accuracies."""
+    harmful_sets = sorted({s for r in results for s in r.get("asr_by_set", {})})
+    tasks = sorted({t for r in results for t in r.get("tasks", {})})
+    header = ["Model", "Examples", *(f"ASR {s} (↓)" for s in harmful_sets), "ASR all (↓)", "Over-refusal (↓)",
+              "Final score (↑)", *(f"{t} acc (↑)" for t in tasks)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        final = r.get("final_score_mean")
+        cells = [r["model"], "-" if r.get("k") is None else str(r["k"]),
+                 *(_percent(r.get("asr_by_set", {}).get(s)) for s in harmful_sets), _percent(r.get("asr")),
+                 _percent(r.get("over_refusal")), "-" if final is None else f"{final:.3f}",
+                 *(_percent(r.get("tasks", {}).get(t, {}).get("accuracy")) for t in tasks)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_asr_vs_k(curves: dict, path: str | Path, baseline_asr: float | None = None) -> Path | None:
+    """Figure 7: ASR (%) against the number of training examples, one line per method."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for method, points in curves.items():
+        axis.plot([p["k"] for p in points], [100 * p["asr"] for p in points], marker="o", label=method)
+    if baseline_asr is not None:
+        axis.axhline(100 * baseline_asr, color="grey", linestyle="--", label="before")
+    axis.set_xlabel("training examples")
+    axis.set_ylabel("ASR (%)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
+
+
+def evaluate_models(
+    specs: Sequence[ModelSpec],
+    harmful: dict[str, Sequence[dict]],
+    benign: dict[str, Sequence[dict]],
+    out_dir: str | Path,
+    config: EvalConfig | None = None,
+    prober_path: str | Path | None = None,
+    judge=None,
+    load: Callable[[str], object] | None = None,
+    reuse: bool = True,
+) -> dict:
+    """Evaluate several models with the same prompts and settings; write `evaluation.json`,
+    `evaluation.md` (the table) and, for labelled checkpoints, `asr_vs_k.png`.
+
+    A model whose result is already in `out_dir/models/NAME/result.json` with the same settings is
+    not re-evaluated (an interrupted comparison resumes).
+
+    Args:
+        specs: the models (see `parse_model_spec`, `load_sweep`).
+        load: model loader (default `models.load_model(source, device="auto")`).
+        reuse: reuse results saved by an earlier call with the same settings and model source.
+
+    Returns:
+        The `evaluation.json` content: `{"models": [...], "asr_vs_k": {...}, "config": {...}}`.
+    """
+    from .models import load_model
+
+    config = config or EvalConfig()
+    if not specs:
+        raise UserError("no model to evaluate; pass --model (several times to compare)")
+    if not harmful:
+        raise UserError("no harmful prompts; pass --harmful FILE")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"model names must be unique, got {names}; use --model NAME=PATH")
+    load = load or (lambda source: load_model(source))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = fingerprint({
+        "config": config.to_dict(), "prober": str(prober_path) if prober_path else None,
+        "judge": getattr(judge, "name", None),
+        "harmful": {k: [[p["id"], p["prompt"]] for p in v] for k, v in harmful.items()},
+        "benign": {k: [[p["id"], p["prompt"]] for p in v] for k, v in benign.items()},
+    })
+    results = []
+    for spec in specs:
+        model_dir = out / "models" / _safe_name(spec.name)
+        cached = model_dir / "result.json"
+        if reuse and cached.is_file():
+            previous = read_json(cached)
+            if previous.get("settings") == settings and previous.get("source_path") == spec.source:
+                logger.info("%s: reusing the result in %s", spec.name, cached)
+                results.append(previous["result"])
+                continue
+        loaded = load(spec.source)
+        prober = None
+        if prober_path:
+            from .probe import load_prober
+
+            prober = load_prober(prober_path, loaded)
+        result = evaluate_model(loaded, spec.name, harmful, benign, config, prober, judge, model_dir)
+        result.update({"method": spec.method, "k": spec.k})
+        write_json(cached, {"settings": settings, "source_path": spec.source, "result": result})
+        results.append(result)
+        del loaded, prober
+        if torch.cuda.is_available():  # free the GPU before the next model loads
+            gc.collect()
+            torch.cuda.empty_cache()
+    curves = asr_vs_k(results)
+    evaluation = {"models": results, "asr_vs_k": curves, "config": config.to_dict(),
+                  "prober": str(prober_path) if prober_path else None, "judge": getattr(judge, "name", "keyword")}
+    write_json(out / "evaluation.json", evaluation)
+    (out / "evaluation.md").write_text(format_table(results), encoding="utf-8")
+    baseline = next((r["asr"] for r in results if r.get("k") in (None, 0)), None)
+    plot_asr_vs_k(curves, out / "asr_vs_k.png", baseline)
+    return evaluation
