@@ -189,3 +189,9 @@ def test_bad_input_exits_2_with_one_line(case, tiny_model_dir, tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     if before is not None:
         assert (tmp_path / "run" / "generations.jsonl").read_bytes() == before
+
+
+def test_a_missing_flag_is_one_line_exit_2():
+    result = _cli("generate", "--out", "somewhere")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--prompts" in result.stderr

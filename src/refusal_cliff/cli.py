@@ -26,6 +26,13 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.UsageError as exc:  # a missing or malformed flag: one line, not a usage block
+            names, context = [], exc.ctx
+            while context is not None and context.parent is not None:
+                names.insert(0, context.info_name)
+                context = context.parent
+            click.echo(f"error: {exc.format_message()} (see: refusal-cliff {' '.join([*names, '--help'])})", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: re-run the same command to resume where it stopped", err=True)
             sys.exit(130)
