@@ -37,6 +37,8 @@ def test_strip_thinking():
     assert strip_thinking("hmm\n</think>\n\nB", "<think>", "</think>") == "B"  # template opened the thinking
     assert strip_thinking("<think>\nstill thinking", "<think>", "</think>") == ""
     assert strip_thinking("The answer is (C).", "<think>", "</think>") == "The answer is (C)."
+    # R1-style template opened <think> itself and the thinking never closed: no answer leaks out
+    assert strip_thinking("so maybe (C)...", "<think>", "</think>", opened_by_template=True) == ""
 
 
 def test_model_specs_and_sweep(tmp_path):

@@ -142,14 +142,16 @@ def final_score_mean(loaded, prober, records: Sequence[dict], batch_size: int) -
 # -- reasoning (lm-evaluation-harness) --------------------------------------------------
 
 
-def strip_thinking(text: str, start_marker: str, end_marker: str) -> str:
+def strip_thinking(text: str, start_marker: str, end_marker: str, opened_by_template: bool = False) -> str:
     """The answer part of a generation: after the end marker; empty if the thinking never closed.
 
-    A generation without either marker (an instruct model that did not think) is kept whole.
+    A generation without either marker is kept whole (an instruct model that did not think),
+    unless the chat template itself opened the thinking block (R1 distills, QwQ): then the text
+    is all thinking and the answer is empty.
     """
     if end_marker in text:
         return text.split(end_marker, 1)[1].lstrip()
-    if start_marker in text:
+    if start_marker in text or opened_by_template:
         return ""
     return text
 
@@ -176,7 +178,8 @@ def run_reasoning_tasks(loaded, tasks: Sequence[str], config: EvalConfig) -> dic
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             outputs = super().generate_until(requests, disable_tqdm=disable_tqdm)
-            return [strip_thinking(o, template.start_marker, template.end_marker) for o in outputs]
+            return [strip_thinking(o, template.start_marker, template.end_marker, template.template_opens_thinking)
+                    for o in outputs]
 
     padding_side = loaded.tokenizer.padding_side
     model = ThinkingStrippedHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer,
