@@ -108,6 +108,13 @@ def test_evaluation_of_tiny_models_produces_the_table(smol_tokenizer, tmp_path):
     # a second call with the same settings reuses the saved results
     evaluate_models(specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
     assert loaded_calls == ["a", "b"]
+    # other models into the same folder: refused, nothing replaced, unless asked
+    before = (tmp_path / "eval" / "evaluation.json").read_bytes()
+    with pytest.raises(UserError, match="--overwrite"):
+        evaluate_models(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
+    assert (tmp_path / "eval" / "evaluation.json").read_bytes() == before
+    evaluate_models(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load,
+                    overwrite=True)
 
 
 def test_evaluation_needs_models_and_harmful_prompts(tmp_path):

@@ -139,7 +139,7 @@ def test_resume_after_kill(tiny_model_dir, tmp_path):
     result = _cli(*args)
     assert result.returncode == 0, result.stderr
     ids = [r["id"] for r in read_jsonl(target)]
-    assert sorted(ids) == [f"p{i:02d}" for i in range(30)] and len(ids) == len(set(ids))
+    assert ids == [f"p{i:02d}" for i in range(30)]  # none lost, none duplicated, in prompt order
     # a finished run re-run with the same inputs reuses everything
     before = target.read_bytes()
     assert _cli(*args).returncode == 0 and target.read_bytes() == before

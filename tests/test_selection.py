@@ -313,3 +313,11 @@ def test_cli_select_finetune_evaluate(smol_tokenizer, tmp_path):
                                             str(tmp_path / "prober"), "--candidates", DEMO_CANDIDATES, "--k", "2",
                                             "--method", "judge", "--out", str(tmp_path / "sel2")])
     assert result.exit_code != 0 and "--judge" in str(result.exception)
+
+
+def test_an_attack_target_is_never_a_safe_response(tmp_path):
+    """AdvBench's `target` ("Sure, here is ...") must not become an SFT response."""
+    path = tmp_path / "advbench_like.csv"
+    path.write_text("goal,target\nDo a bad thing,\"Sure, here is how to do a bad thing\"\n")
+    with pytest.raises(UserError, match="safe-response"):
+        load_candidates(str(path))

@@ -327,6 +327,7 @@ def evaluate_models(
     judge=None,
     load: Callable[[str], object] | None = None,
     reuse: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate several models with the same prompts and settings; write `evaluation.json`,
     `evaluation.md` (the table) and, for labelled checkpoints, `asr_vs_k.png`.
@@ -338,6 +339,8 @@ def evaluate_models(
         specs: the models (see `parse_model_spec`, `load_sweep`).
         load: model loader (default `models.load_model(source, device="auto")`).
         reuse: reuse results saved by an earlier call with the same settings and model source.
+        overwrite: replace an `evaluation.json` in `out_dir` made with other settings or models
+            (otherwise that is a UserError: nothing already written is replaced silently).
 
     Returns:
         The `evaluation.json` content: `{"models": [...], "asr_vs_k": {...}, "config": {...}}`.
@@ -361,6 +364,13 @@ def evaluate_models(
         "harmful": {k: [[p["id"], p["prompt"]] for p in v] for k, v in harmful.items()},
         "benign": {k: [[p["id"], p["prompt"]] for p in v] for k, v in benign.items()},
     })
+    existing = out / "evaluation.json"
+    if existing.is_file() and not overwrite:
+        previous = read_json(existing)
+        same_models = [m.get("model") for m in previous.get("models", [])] == names
+        if previous.get("settings") != settings or not same_models:
+            raise UserError(f"{existing} holds an evaluation with other models or settings; use another "
+                            "--out, or pass --overwrite to replace it")
     results = []
     for spec in specs:
         model_dir = out / "models" / _safe_name(spec.name)
@@ -386,7 +396,7 @@ def evaluate_models(
             gc.collect()
             torch.cuda.empty_cache()
     curves = asr_vs_k(results)
-    evaluation = {"models": results, "asr_vs_k": curves, "config": config.to_dict(),
+    evaluation = {"models": results, "asr_vs_k": curves, "config": config.to_dict(), "settings": settings,
                   "prober": str(prober_path) if prober_path else None, "judge": getattr(judge, "name", "keyword")}
     write_json(out / "evaluation.json", evaluation)
     (out / "evaluation.md").write_text(format_table(results), encoding="utf-8")

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .runs import JsonlWriter, RunFolder, completed_ids, fingerprint
+from .runs import JsonlWriter, RunFolder, completed_ids, fingerprint, read_jsonl, write_jsonl
 from .templates import ThinkingTemplate, clean_thinking, detect_thinking_template, generation_prompt
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
     run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite)
     target = run.path("generations.jsonl")
     resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
-                        artifacts=["generations.jsonl", "labels.jsonl"])
+                        artifacts=["generations.jsonl", "labels.jsonl", "metadata.label.json"])
     done = completed_ids(target) if resumed else set()
     pending = [p for p in prompts if str(p["id"]) not in done]
     if done:
@@ -265,5 +265,8 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
     with JsonlWriter(target) as writer:
         for record in generate_records(loaded, pending, config, template, progress=progress):
             writer.write(record)
+    # written as batches finished (longest prompts first); once complete, put them in prompt order
+    order = {str(p["id"]): index for index, p in enumerate(prompts)}
+    write_jsonl(target, sorted(read_jsonl(target), key=lambda r: order.get(str(r["id"]), len(order))))
     run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts)})
     return target

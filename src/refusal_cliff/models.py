@@ -10,6 +10,7 @@ directory; later loads read that copy in a second or two.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import json
 import logging
@@ -218,8 +219,10 @@ def load_model(
         if not (path / "config.json").is_file():
             raise UserError(f"{model} is not a model folder (no config.json); pass a hub id, folder or .gguf")
         source, model_id, location = "local", str(path), str(path)
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model.split("/")[0]).is_dir():
         raise UserError(f"model path not found: {model}; check the path or pass a hub id")
+    elif difflib.get_close_matches(model, [DEFAULT_MODEL], n=1, cutoff=0.75):
+        raise UserError(f"unknown model {model!r}; did you mean 'default' (the embedded model)?")
     else:
         source, model_id, location = "hub", model, model
 

@@ -465,4 +465,8 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
     linear.requires_grad_(False)
+    if loaded_model is not None and metadata.get("model_id") not in (None, loaded_model.model_id):
+        logger.warning("the prober was trained on %s and is applied to %s (same architecture and size): "
+                       "fine for a fine-tuned or ablated copy, meaningless for an unrelated model",
+                       metadata.get("model_id"), loaded_model.model_id)
     return Prober(linear=linear, layer=layer, metadata=metadata)

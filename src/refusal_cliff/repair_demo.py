@@ -93,7 +93,7 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     specs = [ModelSpec("before", "before", None, None),
              ModelSpec("after (cliff, LoRA)", "after (cliff, LoRA)", "cliff", len(selection))]
     evaluation = evaluate_models(specs, harmful, benign, out, EvalConfig(generation=generation), prober_path,
-                                 load=lambda name: models[name], reuse=False)
+                                 load=lambda name: models[name], reuse=False, overwrite=True)
     evaluation["selections"] = selections
     evaluation["finetune"] = {k: v for k, v in result.metrics.items() if k != "log_history"}
     write_json(out / "evaluation.json", evaluation)

@@ -53,7 +53,9 @@ logger = logging.getLogger(__name__)
 METHODS = ("cliff", "random", "rule", "judge", "full")
 DEMO_CANDIDATES = "demo:candidates"
 PROMPT_COLUMNS = ("prompt", "vanilla", "instruction", "question", "goal")
-RESPONSE_COLUMNS = ("completion", "response", "output", "target", "answer")
+# Only columns that hold a SAFE reference response. AdvBench's `target` ("Sure, here is ...") is an
+# attack target and must never become a fine-tuning response, so it is not on this list.
+RESPONSE_COLUMNS = ("completion", "response", "safe_response", "refusal")
 _SENTINEL = "\x01ASSISTANT\x01"
 
 # -- candidates ------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
     Columns are detected case-insensitively. The prompt is `adversarial` when that column is
     non-empty (WildJailbreak's adversarial rows), else the first of `prompt`, `vanilla`,
     `instruction`, `question`, `goal`; the response is the first of `completion`, `response`,
-    `output`, `target`, `answer`. A `thinking` column, when present, is used as the model's thinking
+    `safe_response`, `refusal` (never AdvBench's `target`: an attack target, not a safe response). A `thinking` column, when present, is used as the model's thinking
     instead of generating it.
 
     Args:

@@ -53,7 +53,7 @@ def probe_group():
               help="Sequences per forward pass when capturing activations.")
 @out_option
 @overwrite_option
-def probe_train_command(harmful, harmless, ood, layer, lr, train_batch_size, epochs, val_fraction, seed,
+def _probe_train_command(harmful, harmless, ood, layer, lr, train_batch_size, epochs, val_fraction, seed,
                         batch_size, out, overwrite, **options):
     """Train the prober on last-token activations; writes OUT/prober.safetensors and OUT/prober.json."""
     from ..probe import save_prober, train_prober_from_runs

@@ -49,6 +49,8 @@ def label_command(generations, keywords, only_keywords, tokenizer_model, judge, 
     from ..models import load_model, load_tokenizer
     from ..runs import RunFolder, file_digest, read_json, read_jsonl, write_jsonl
 
+    if Path(generations).is_dir():
+        raise UserError(f"{generations} is a folder; pass its generations.jsonl")
     if not Path(generations).is_file():
         raise UserError(f"file not found: {generations}")
     records = read_jsonl(generations)

@@ -127,9 +127,10 @@ def finetune(data: str, out: str, overwrite: bool, **options) -> None:
 @_judge_option
 @generation_options
 @out_option
+@click.option("--overwrite", is_flag=True, help="Replace an evaluation with other models or settings in --out.")
 def evaluate(models: tuple[str, ...], sweep: str | None, device: str, harmful: tuple[str, ...],
              benign: tuple[str, ...], limit: int | None, prober_path: str | None, tasks: str,
-             task_limit: int | None, judge_model: str | None, out: str, **options) -> None:
+             task_limit: int | None, judge_model: str | None, out: str, overwrite: bool, **options) -> None:
     """Compare models on ASR, over-refusal, final-token refusal score and reasoning tasks."""
     from ..data import load_prompts
     from ..errors import UserError
@@ -144,6 +145,7 @@ def evaluate(models: tuple[str, ...], sweep: str | None, device: str, harmful: t
     harmful_sets = {Path(h).stem if ":" not in h else h.split(":")[-1]: load_prompts(h, limit=limit) for h in harmful}
     benign_sets = {Path(b).stem if ":" not in b else b.split(":")[-1]: load_prompts(b, limit=limit) for b in benign}
     evaluation = evaluate_models(specs, harmful_sets, benign_sets, out, config, prober_path,
-                                 _load_judge(judge_model, device), load=lambda s: load_model(s, device=device))
+                                 _load_judge(judge_model, device), load=lambda s: load_model(s, device=device),
+                                 overwrite=overwrite)
     click.echo(format_table(evaluation["models"]))
     click.echo(f"evaluation: {Path(out) / 'evaluation.json'}")
