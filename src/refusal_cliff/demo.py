@@ -156,7 +156,10 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
     from .probe import save_prober
 
     prober_path = save_prober(main_prober, probe_dir)
-    notes["prober validation accuracy"] = round(main_prober.metadata["metrics"]["val_accuracy"], 3)
+    metrics = main_prober.metadata["metrics"]
+    notes["prober validation accuracy"] = (f"{metrics['val_accuracy']:.3f} on {metrics['n_val']} held-out examples "
+                                           f"({metrics['n_train']} for training)"
+                                           + (": too few to mean much" if metrics["n_val"] < 10 else ""))
     notes["prober training"] = (f"the paper's recipe (Adam 1e-3, batch 256, balanced, 80/20, best epoch kept) but "
                                 f"{DEMO_PROBER_EPOCHS} epochs instead of 5: the built-in set has a few dozen "
                                 "examples, so 5 epochs would be 5 optimizer steps")

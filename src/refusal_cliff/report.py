@@ -955,7 +955,10 @@ def _section_examples(report: _Report, cliff_path: Path | None, rows: list[dict]
     if not rows or cliff_path is None:
         report.skipped["examples"] = "needs cliff.jsonl"
         return
-    chosen = sorted((r for r in rows if r["ms"] is not None), key=lambda r: r["ms"], reverse=True)[:top]
+    scored = [r for r in rows if r["ms"] is not None]
+    harmful = [r for r in scored if not is_harmless_group(r.get("group") or "")]
+    # the cliff is about harmful prompts: show those when there are any
+    chosen = sorted(harmful or scored, key=lambda r: r["ms"], reverse=True)[:top]
     if not chosen:
         report.skipped["examples"] = "no example in cliff.jsonl has a misalignment score"
         return
