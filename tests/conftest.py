@@ -18,6 +18,16 @@ ARCHITECTURES = [
     "Gemma3ForCausalLM",
 ]
 
+# The families the head-level identities are checked on: (architecture, make_tiny_model overrides);
+# Llama with attention_bias gives o_proj a bias.
+CORE = [
+    ("LlamaForCausalLM", {}),
+    ("LlamaForCausalLM", {"attention_bias": True}),
+    ("Qwen2ForCausalLM", {}),
+    ("Qwen3ForCausalLM", {}),
+]
+CORE_IDS = ["llama", "llama-bias", "qwen2", "qwen3"]
+
 
 def tiny_config(architecture: str, vocab_size: int = 49152, **overrides):
     """A 2-layer, hidden-64 config with grouped KV heads (4 query heads, 2 KV heads)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import CORE, CORE_IDS, make_tiny_model
 from refusal_cliff.ablation import (
     export_ablated_model,
     fold_head_scaling,
@@ -19,13 +19,6 @@ from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
 from refusal_cliff.models import LoadedModel
 
-CORE = [
-    ("LlamaForCausalLM", {}),
-    ("LlamaForCausalLM", {"attention_bias": True}),
-    ("Qwen2ForCausalLM", {}),
-    ("Qwen3ForCausalLM", {}),
-]
-CORE_IDS = ["llama", "llama-bias", "qwen2", "qwen3"]
 VOCAB = 1024
 HEADS = [(0, 1), (1, 0), (1, 3)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHITECTURES, make_tiny_model
+from conftest import ARCHITECTURES, CORE, CORE_IDS, make_tiny_model
 from refusal_cliff.activations import pad_left
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.attribution import (
@@ -24,14 +24,6 @@ from refusal_cliff.attribution import (
 from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
 
-# (architecture, make_tiny_model overrides); Llama with attention_bias gives o_proj a bias.
-CORE = [
-    ("LlamaForCausalLM", {}),
-    ("LlamaForCausalLM", {"attention_bias": True}),
-    ("Qwen2ForCausalLM", {}),
-    ("Qwen3ForCausalLM", {}),
-]
-CORE_IDS = ["llama", "llama-bias", "qwen2", "qwen3"]
 VOCAB = 1024  # small embeddings keep model construction fast; token ids stay below 1000
 
 
