@@ -92,3 +92,26 @@ def test_probe_train_needs_labels(runs, tiny_model_dir, tmp_path):
                                        str(tmp_path), "--harmless", str(runs / "harmless"), "--out",
                                        str(tmp_path / "p")])
     assert result.exit_code == 2 and "generations.jsonl" in result.output
+
+
+def test_layer_and_clipping_studies(runs, tiny_model_dir):
+    result = _invoke("layers", "--model", tiny_model_dir, "--harmful", runs / "harmful", "--harmless",
+                     runs / "harmless", "--layers", "0", "--epochs", 2, "--out", runs / "layers")
+    assert result.exit_code == 0, result.output
+    layerwise = json.loads((runs / "layers" / "layerwise.json").read_text())
+    assert set(layerwise) == {"0", "1"}  # the asked layer and the last one
+    assert len(layerwise["1"]["harmless"]["mean"]) == 101
+    assert (runs / "layers" / "layer_00" / "prober.safetensors").is_file()
+
+    result = _invoke("clip", "--model", tiny_model_dir, "--prober", runs / "probe", "--generations",
+                     runs / "harmful" / "generations.jsonl", "--fractions", "0,0.5,1", "--limit", 4,
+                     "--max-answer-tokens", 3, "--out", runs / "clip")
+    assert result.exit_code == 0, result.output
+    clipping = json.loads((runs / "clip" / "clipping.json").read_text())
+    assert [row["fraction"] for row in clipping] == [0.0, 0.5, 1.0] and all(row["n"] == 4 for row in clipping)
+    assert clipping[0]["ms_mean"] is None  # no thinking left: the plateau is undefined
+
+    bad = CliRunner().invoke(main, ["clip", "--prober", str(runs / "probe"), "--generations",
+                                    str(runs / "harmful" / "generations.jsonl"), "--fractions", "0,2",
+                                    "--out", str(runs / "clip2")])
+    assert bad.exit_code == 2 and "[0, 1]" in bad.output

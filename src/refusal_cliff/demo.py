@@ -15,16 +15,13 @@ prompt; the report says so and gives the refusal rate obtained.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .data import load_prompts
-from .generation import GenerationConfig, generate_answers, run_generate
+from .generation import GenerationConfig, run_generate
 from .labeling import KeywordLabeler, label_records
 from .runs import RunFolder, read_json, read_jsonl, write_json, write_jsonl
 
@@ -76,35 +73,15 @@ def _generate_and_label(loaded, prompts: str, settings: DemoSettings, limit: int
     return {"n": len(labels), "refusals": refused, "refusal_rate": refused / max(len(labels), 1)}
 
 
-def _train_probers(loaded, harmful_run: Path, harmless_run: Path, layers: list[int], out: Path) -> dict:
-    """One prober per layer from one activation pass (the last layer's is the main prober)."""
-    from .activations import last_token_activations
-    from .probe import Prober, build_probe_dataset, prober_metadata, save_prober, train_prober
-
-    dataset = build_probe_dataset(loaded.tokenizer, harmful_run, harmless_run)
-    features = last_token_activations(loaded.model, loaded.adapter, dataset.sequences, layers, 8,
-                                      loaded.tokenizer.pad_token_id or 0)
-    labels = torch.tensor(dataset.labels, dtype=torch.long)
-    probers = {}
-    for layer in layers:
-        linear, history, metrics = train_prober(features[layer], labels, epochs=DEMO_PROBER_EPOCHS)
-        config = {"harmful_run": str(harmful_run), "harmless_run": str(harmless_run), "layer": layer}
-        prober = Prober(linear=linear, layer=layer,
-                        metadata=prober_metadata(loaded, layer, dataset.end_template, metrics, history, config))
-        save_prober(prober, out / f"layer_{layer:02d}")
-        probers[layer] = prober
-    return probers
-
-
 def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = False,
              on_stage: Callable[[str], None] = lambda message: None) -> Path:
     """Run the diagnosis end to end into `out_dir`; returns the path of report.html."""
     from .ablation import run_ablate
     from .attribution import run_heads
-    from .probe import load_prober
+    from .probe import save_prober
     from .report import render_report
-    from .trace import (clip_thinking_records, clipping_summary, layerwise_summary, load_trace_records,
-                        run_trace)
+    from .studies import resolve_study_layers, run_clipping_study, run_layer_study
+    from .trace import load_trace_records, run_trace
 
     settings = demo_settings(quick)
     out = Path(out_dir)
@@ -125,10 +102,10 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
     n_layers = loaded.adapter.geometry(loaded.model).n_layers
     harmful_run, harmless_run = out / "generate_harmful", out / "generate_harmless"
 
-    stage("generate_harmful", "1/8 generating answers to the built-in harmful prompts")
+    stage("generate_harmful", "1/7 generating answers to the built-in harmful prompts")
     harmful_stats = _generate_and_label(loaded, "demo:harmful", settings, settings.n_harmful, harmful_run)
     done("generate_harmful")
-    stage("generate_harmless", "2/8 generating answers to the built-in harmless prompts")
+    stage("generate_harmless", "2/7 generating answers to the built-in harmless prompts")
     harmless_stats = _generate_and_label(loaded, "demo:harmless", settings, settings.n_harmless, harmless_run)
     done("generate_harmless")
     notes.update({
@@ -148,14 +125,11 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
     })
     write_json(notes_path, notes)
 
-    stage("probe", "3/8 training the refusal prober (one per layer of the layer-wise study)")
-    layers = sorted({layer % n_layers for layer in settings.layers} | {n_layers - 1})
-    probers = _train_probers(loaded, harmful_run, harmless_run, layers, out / "probers")
+    layers = resolve_study_layers(settings.layers, n_layers)
+    stage("probe", f"3/7 training a refusal prober per layer ({', '.join(map(str, layers))}) and tracing each layer")
+    probers = run_layer_study(loaded, harmful_run, harmless_run, layers, out / "layers", epochs=DEMO_PROBER_EPOCHS)
     main_prober = probers[n_layers - 1]
-    probe_dir = out / "probe"
-    from .probe import save_prober
-
-    prober_path = save_prober(main_prober, probe_dir)
+    prober_path = save_prober(main_prober, out / "probe")
     metrics = main_prober.metadata["metrics"]
     notes["prober validation accuracy"] = (f"{metrics['val_accuracy']:.3f} on {metrics['n_val']} held-out examples "
                                            f"({metrics['n_train']} for training)"
@@ -165,7 +139,7 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
                                 "examples, so 5 epochs would be 5 optimizer steps")
     done("probe")
 
-    stage("trace", "4/8 tracing the refusal score over every token")
+    stage("trace", "4/7 tracing the refusal score over every token (last-layer prober)")
     harmful_records, groups = load_trace_records(harmful_run, harmful=True)
     harmless_records, harmless_groups = load_trace_records(harmless_run, harmful=False)
     groups.update(harmless_groups)
@@ -175,29 +149,13 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
     run_trace(loaded, main_prober, harmful_records + harmless_records, trace_dir, groups, batch_size=8)
     done("trace")
 
-    stage("layerwise", f"5/8 layer-wise traces (layers {', '.join(map(str, layers))})")
-    layerwise = layerwise_summary(loaded, [probers[layer] for layer in layers], harmful_records + harmless_records,
-                                  groups, batch_size=8)
-    write_json(trace_dir / "layerwise.json", layerwise)
-    done("layerwise")
-
-    stage("clipping", "6/8 thinking-clipping study (regenerating answers from clipped thinking)")
-    clip_dir = out / "clipping"
+    stage("clipping", "5/7 thinking-clipping study (regenerating answers from clipped thinking)")
     clip_source = harmful_records[: settings.n_clip] if settings.n_clip else harmful_records
-    clipped = clip_thinking_records(loaded.tokenizer, clip_source, settings.fractions)
-    answer_config = GenerationConfig(max_answer_tokens=settings.answer, batch_size=settings.batch_size)
-    answered = generate_answers(loaded, clipped, answer_config)
-    clip_labels = label_records(answered, KeywordLabeler(), loaded.tokenizer)
-    write_jsonl(clip_dir / "generations.jsonl", answered)
-    write_jsonl(clip_dir / "labels.jsonl", clip_labels)
-    shutil.rmtree(clip_dir / "trace", ignore_errors=True)  # cheap to redo; never mix with stale traces
-    run_trace(loaded, main_prober, answered, clip_dir / "trace", None, batch_size=8)
-    clip_rows = read_jsonl(clip_dir / "trace" / "cliff.jsonl")
-    clipping = clipping_summary(clip_rows, {label["id"]: label["refusal"] for label in clip_labels})
-    write_json(out / "clipping.json", clipping)
+    run_clipping_study(loaded, main_prober, clip_source, settings.fractions, out / "clipping",
+                       max_answer_tokens=settings.answer, batch_size=settings.batch_size)
     done("clipping")
 
-    stage("heads", "7/8 attributing the refusal logit to every attention head at t_cliff")
+    stage("heads", "6/7 attributing the refusal logit to every attention head at t_cliff")
     complied = sum(1 for g in groups.values() if g == "harmful_complied")
     group = "harmful-complied" if complied >= 2 else "all"
     notes["heads group"] = (f"harmful prompts the model complied with ({complied})" if group != "all"
@@ -206,7 +164,7 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
                            out / "heads", group=group, prober_path=prober_path, overwrite=True, progress=False)
     done("heads")
 
-    stage("ablate", "8/8 ablating the suppression heads and regenerating answers")
+    stage("ablate", "7/7 ablating the suppression heads and regenerating answers")
     ablation_config = GenerationConfig(max_thinking_tokens=settings.thinking, max_answer_tokens=settings.answer,
                                        batch_size=settings.batch_size, system_prompt=SAFETY_SYSTEM_PROMPT)
     run_ablate(loaded, main_prober.linear, main_prober.layer, heads_path, settings.thresholds,

@@ -1011,7 +1011,7 @@ def _preferred_group(groups: Sequence[str]) -> str | None:
 def _section_layerwise(report: _Report, curves: dict | None) -> None:
     path, data = report.get("layerwise.json")
     if path is None:
-        report.skipped["layerwise"] = "no layerwise.json (written by `refusal-cliff demo`, or `trace.layerwise_summary` in Python)"
+        report.skipped["layerwise"] = "no layerwise.json (run `refusal-cliff layers`)"
         return
     groups = list(dict.fromkeys(g for layer in data["layers"].values() for g in layer["groups"]))
     group = _preferred_group(groups)
@@ -1080,7 +1080,7 @@ def _section_plateau(report: _Report, cliff_rows: list[dict] | None, curves: dic
 def _section_clipping(report: _Report) -> None:
     path, rows = report.get("clipping.json")
     if path is None:
-        report.skipped["clipping"] = "no clipping.json (written by `refusal-cliff demo`, or `trace.clipping_summary` in Python)"
+        report.skipped["clipping"] = "no clipping.json (run `refusal-cliff clip`)"
         return
     if not rows:
         report.skipped["clipping"] = f"{report.rel(path)} is empty"

@@ -127,3 +127,80 @@ def trace_command(prober_path, generations, harmless_generations, plateau_method
     stage.finish({"n_examples": len(records)})
     click.echo(f"traced {written} new examples ({len(records)} in all): {Path(out) / 'cliff.jsonl'}, "
                f"{Path(out) / 'traces.parquet'}, {Path(out) / 'curves.json'}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise UserError(f"fractions must lie in [0, 1], got {text!r}")
+    return values
+
+
+@click.command("layers")
+@model_options
+@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (with labels.jsonl).")
+@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (with labels.jsonl).")
+@click.option("--layers", "layer_list", default="auto", show_default=True,
+              help="Comma-separated 0-based layers (negative: from the end), or 'auto' (5 evenly spaced); "
+                   "the last layer is always added.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Prober epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@out_option
+def layers_command(harmful, harmless, layer_list, epochs, batch_size, out, **options):
+    """Layer-wise study (Figure 5, left): a prober per layer, every example traced at every layer;
+    writes OUT/layer_KK/prober.* and OUT/layerwise.json."""
+    from ..studies import run_layer_study
+
+    _check_run(harmful, "harmful")
+    _check_run(harmless, "harmless")
+    layers = None if layer_list == "auto" else _int_list(layer_list)
+    loaded = load_from_options(options)
+    if layers is None:
+        n_layers = loaded.adapter.geometry(loaded.model).n_layers
+        layers = sorted({round(i * (n_layers - 1) / 4) for i in range(5)})
+    probers = run_layer_study(loaded, harmful, harmless, layers, out, epochs=epochs, batch_size=batch_size)
+    for layer, prober in sorted(probers.items()):
+        click.echo(f"layer {layer:>3}: validation accuracy {prober.metadata['metrics']['val_accuracy']:.3f}")
+    click.echo(f"wrote {Path(out) / 'layerwise.json'}")
+
+
+@click.command("clip")
+@model_options
+@click.option("--prober", "prober_path", required=True, help="prober.safetensors (or its folder).")
+@click.option("--generations", required=True, help="generations.jsonl of HARMFUL prompts.")
+@click.option("--fractions", default="0,0.25,0.5,0.75,1", show_default=True,
+              help="Fractions of the thinking's tokens kept before the end template is appended.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N examples.")
+@click.option("--max-answer-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@out_option
+def clip_command(prober_path, generations, fractions, limit, max_answer_tokens, batch_size, out, **options):
+    """Thinking-clipping study (Figure 5, right): clip the thinking, regenerate the answer, trace it;
+    writes OUT/clipping.json (final score, cliff and refusal rate per fraction)."""
+    from ..probe import load_prober
+    from ..runs import read_jsonl
+    from ..studies import run_clipping_study
+
+    if not Path(generations).is_file():
+        raise UserError(f"file not found: {generations}; pass a generations.jsonl written by `generate`")
+    records = read_jsonl(generations)[:limit] if limit else read_jsonl(generations)
+    if not records or "thinking" not in records[0]:
+        raise UserError(f"{generations} holds no generation records with thinking")
+    values = _fraction_list(fractions)
+    loaded = load_from_options(options)
+    prober = load_prober(prober_path, loaded)
+    rows = run_clipping_study(loaded, prober, records, values, out, max_answer_tokens, batch_size)
+    for row in rows:
+        rate = "-" if row["refusal_rate"] is None else f"{row['refusal_rate']:.0%}"
+        click.echo(f"kept {row['fraction']:.2f} of the thinking: final {row['final_mean']:.3f}, refusal rate {rate}")
+    click.echo(f"wrote {Path(out) / 'clipping.json'}")
