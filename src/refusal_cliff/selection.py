@@ -31,7 +31,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -46,7 +46,9 @@ from .runs import (
     package_versions,
     read_jsonl,
     write_json,
+    write_jsonl,
 )
+from .trace import chunked
 
 logger = logging.getLogger(__name__)
 
@@ -210,11 +212,6 @@ def _prober_digest(prober) -> str:
     return f"layer{prober.layer}-" + hashlib.sha256(weights.tobytes()).hexdigest()[:16]
 
 
-def _chunks(items: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
-
-
 def score_candidates(
     loaded,
     prober,
@@ -271,7 +268,7 @@ def score_candidates(
     labeler = KeywordLabeler()
     bar = tqdm(total=len(candidates), initial=len(done), desc="score", unit="ex", disable=not progress)
     with JsonlWriter(generations_path) as generation_writer, JsonlWriter(scores_path) as score_writer:
-        for chunk in _chunks(pending, config.chunk_size):
+        for chunk in chunked(pending, config.chunk_size):
             missing = [c for c in chunk if c["id"] not in generated]
             for record in _generate(loaded, missing, config) if missing else []:
                 generation_writer.write(record)
@@ -486,12 +483,6 @@ LLAMAFACTORY_SHAREGPT = "llamafactory_sharegpt.json"
 LLAMAFACTORY_INFO = "dataset_info.json"
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def export_selection(rows: Sequence[dict], out_dir: str | Path, name: str = "cliff_selection") -> dict[str, Path]:
     """Write the selected set for TRL and LLaMA-Factory.
 
@@ -519,9 +510,9 @@ def export_selection(rows: Sequence[dict], out_dir: str | Path, name: str = "cli
         "llamafactory_sharegpt": out / LLAMAFACTORY_SHAREGPT,
         "llamafactory_dataset_info": out / LLAMAFACTORY_INFO,
     }
-    _write_jsonl(paths["trl_prompt_completion"],
+    write_jsonl(paths["trl_prompt_completion"],
                  ({"prompt": r["sft_prompt"], "completion": r["sft_completion"]} for r in rows))
-    _write_jsonl(paths["trl_messages"], ({"messages": r["messages"]} for r in rows))
+    write_jsonl(paths["trl_messages"], ({"messages": r["messages"]} for r in rows))
     alpaca = []
     for r in rows:
         entry = {"instruction": r["prompt"], "input": "", "output": r["messages"][-1]["content"]}
@@ -576,12 +567,12 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
     generations = read_jsonl(out / "generations.jsonl")
     rows = build_selection(loaded.tokenizer, selected, candidates, generations, method)
     selection_path = out / "selection.jsonl"
-    _write_jsonl(selection_path, rows)
+    write_jsonl(selection_path, rows)
     exports = export_selection(rows, out)
     # every selection also keeps its own folder, so several methods / k share one scoring run
     keep = out / "selections" / f"{method}-{len(rows)}"
     keep.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(keep / "selection.jsonl", rows)
+    write_jsonl(keep / "selection.jsonl", rows)
     export_selection(rows, keep, name=f"{method}_{len(rows)}")
     write_json(out / "metadata.select.json", {
         "schema_version": SCHEMA_VERSION, "stage": "select", "model_id": loaded.model_id,

@@ -27,7 +27,7 @@ import torch
 from .activations import iter_activations
 from .errors import UserError
 from .runs import JsonlWriter, atomic_write_text, completed_ids, read_jsonl, write_json
-from .templates import REGION_END, REGION_PROMPT, REGION_THINKING, probing_tokens
+from .templates import REGION_END, REGION_THINKING, probing_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,8 @@ def _prober_transform(weights: torch.Tensor, biases: torch.Tensor) -> Callable[[
     return transform
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, consumed lazily."""
     chunk = []
     for item in items:
         chunk.append(item)
@@ -331,7 +332,7 @@ def trace_records_layerwise(
     }
     window = sort_window or batch_size * 32
     pad = loaded.tokenizer.pad_token_id or 0
-    for chunk in _chunks(records, window):
+    for chunk in chunked(records, window):
         tokenised = [probing_tokens(loaded.tokenizer, record) for record in chunk]
         sequences = [ids for ids, _ in tokenised]
         for index, values in iter_activations(
@@ -438,7 +439,7 @@ def write_trace_outputs(
     parts_dir = _parts_dir(out_dir)
     written = 0
     with JsonlWriter(out_dir / CLIFF) as cliff:
-        for chunk in _chunks(results, part_size):
+        for chunk in chunked(results, part_size):
             _write_part(parts_dir, chunk, tokenizer)
             for result in chunk:
                 row = {"id": result.id}
