@@ -1,22 +1,29 @@
 """The `refusal-cliff` command line: parses flags and calls one stage per verb; no logic here.
 
-A `UserError` (bad input) prints one line and exits with status 2, without a traceback.
+A `UserError` (bad input) prints one line and exits with status 2, without a traceback; so does an
+`OSError` or `UnicodeDecodeError` on a user's file (read-only, disk full, permission, not UTF-8).
+`--debug` (or `REFUSAL_CLIFF_DEBUG=1`) shows the traceback instead, for bug reports.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, describe_file_error
 
 # modules under refusal_cliff.commands holding verbs, in help order; every click command
 # defined at the top level of each module is registered
 _COMMAND_MODULES = ["generate", "diagnose", "report", "heads", "repair", "demo"]
+
+
+def _debug(ctx) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("REFUSAL_CLIFF_DEBUG", "").lower() in ("1", "true", "yes")
 
 
 class _Group(click.Group):
@@ -24,7 +31,14 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
+            if _debug(ctx):
+                raise
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except (OSError, UnicodeDecodeError) as exc:  # a user's file: read-only, disk full, not UTF-8...
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {describe_file_error(exc)}", err=True)
             sys.exit(2)
         except click.UsageError as exc:  # a missing or malformed flag: one line, not a usage block
             names, context = [], exc.ctx
@@ -42,11 +56,12 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="refusal-cliff")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error, for bug reports (or REFUSAL_CLIFF_DEBUG=1).")
+def main(verbose: int, quiet: bool, debug: bool) -> None:
     """Diagnose and repair the refusal cliff of reasoning models (arXiv 2510.06036)."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "httpx", "urllib3", "matplotlib", "huggingface_hub"):
+    for noisy in ("transformers", "httpx", "httpx2", "urllib3", "matplotlib", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
 
 

@@ -29,3 +29,63 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingExtraError(module.split(".")[0], extra) from exc
+
+
+# What a user can do about an operating-system error, by errno name.
+_OS_ADVICE = {
+    "EROFS": "the file system is read-only; pass an --out on a writable disk",
+    "ENOSPC": "the disk is full; free some space (or use an --out on another disk) and re-run to resume",
+    "EDQUOT": "the disk quota is used up; free some space (or use an --out on another disk) and re-run to resume",
+    "EACCES": "check the permissions, or pass a path you can write to",
+    "EPERM": "check the permissions, or pass a path you can write to",
+    "ENOTDIR": "a part of this path is a file, not a folder; pass another path",
+    "EISDIR": "this is a folder; pass a file",
+    "ENOENT": "check the path",
+    "EEXIST": "remove it or pass another path",
+    "ENAMETOOLONG": "use a shorter path",
+    "EMFILE": "too many open files; raise the limit (ulimit -n) and re-run",
+}
+_PATH_LOCALS = ("path", "target", "filename", "file", "generations", "out", "root")
+
+
+def _path_in_traceback(exc: BaseException) -> str | None:
+    """The file an exception was raised on, from the innermost frame that names one.
+
+    An `OSError` usually carries its filename; one raised on a write (disk full) or a
+    `UnicodeDecodeError` does not, so look for an open file or a path variable instead."""
+    import io
+    import os
+
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        values = frame.f_locals
+        for value in values.values():
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                return value.name
+        for name in _PATH_LOCALS:
+            value = values.get(name)
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                return str(value)
+    return None
+
+
+def describe_file_error(exc: OSError | UnicodeDecodeError) -> str:
+    """One line for an `OSError` or `UnicodeDecodeError` on a user's file: `<path>: <cause>; <what to do>`."""
+    import errno
+
+    if isinstance(exc, UnicodeDecodeError):
+        path = _path_in_traceback(exc)
+        cause = f"not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})"
+        advice = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or check that this is the right file"
+    else:
+        path = exc.filename if exc.filename is not None else _path_in_traceback(exc)
+        if exc.filename2 is not None:
+            path = f"{path} -> {exc.filename2}"
+        name = errno.errorcode.get(exc.errno or -1, "")
+        cause = (exc.strerror or type(exc).__name__).rstrip(".").lower()
+        advice = _OS_ADVICE.get(name, "check the path, or re-run with --debug to see where it failed")
+    return f"{path}: {cause}; {advice}" if path else f"{cause}; {advice}"

