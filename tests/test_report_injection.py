@@ -93,6 +93,10 @@ _PROBE = """<script>
 </script>"""
 
 
+def _attribute(match):
+    return json.loads(match.group(1).replace("&quot;", '"'))
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_report_in_a_browser_fires_no_dialog_and_decodes_every_figure(report, tmp_path):
@@ -111,7 +115,6 @@ def test_report_in_a_browser_fires_no_dialog_and_decodes_every_figure(report, tm
     dialogs = re.search(r'data-dialogs="([^"]*)"', root.group(0))
     figures = re.search(r'data-figures="([^"]*)"', root.group(0))
     assert dialogs and figures, f"the probe did not run: {root.group(0)}"
-    unquote = lambda text: json.loads(text.replace("&quot;", '"'))  # noqa: E731
-    assert unquote(dialogs.group(1)) == [], "a dialog fired"
-    widths = unquote(figures.group(1))
+    assert _attribute(dialogs) == [], "a dialog fired"
+    widths = _attribute(figures)
     assert widths and all(width > 0 for width in widths), f"figures that did not decode: {widths}"
