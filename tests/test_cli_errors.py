@@ -78,7 +78,7 @@ def test_a_non_utf8_keyword_file_is_one_line(generations, tmp_path):
     keywords = tmp_path / "keywords.txt"
     keywords.write_bytes("désolé\n".encode("latin-1"))
     line = _one_error_line(_invoke("label", "--generations", generations, "--keywords", keywords,
-                                   "--out", tmp_path / "out"), str(keywords))
+                                   "--out", tmp_path / "out"), str(keywords), after_warnings=True)
     assert "UTF-8" in line
 
 
