@@ -10,7 +10,6 @@ from refusal_cliff.ablation import (
     export_ablated_model,
     fold_head_scaling,
     group_heads,
-    plot_ablation,
     run_ablation,
     scale_heads,
 )
@@ -18,6 +17,7 @@ from refusal_cliff.architectures import get_adapter
 from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
 from refusal_cliff.models import LoadedModel
+from refusal_cliff.plotting import plot_ablation, save_figure
 
 VOCAB = 1024
 HEADS = [(0, 1), (1, 0), (1, 3)]
@@ -164,7 +164,7 @@ def test_run_ablation_end_to_end_on_a_tiny_model(smol_tokenizer, tmp_path):
         assert 0 < record["final_score_mean"] < 1
         assert 0 <= record["asr"] <= 1 and 0 <= record["benign_refusal_rate"] <= 1
     assert len(seen) == 3 and all(len(o["harmful"]) == 2 for o in seen)
-    plot_ablation(records, tmp_path / "ablation.png")
+    save_figure(plot_ablation(records), tmp_path / "ablation.png")
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -13,10 +13,10 @@ from refusal_cliff.attribution import (
     HeadAttribution,
     attribute_batch,
     attribute_sequences,
+    head_marks,
     head_vectors,
     heads_at_threshold,
     parse_thresholds,
-    plot_heads,
     prober_logits,
     rank_heads,
     select_group,
@@ -232,11 +232,12 @@ def test_select_group():
         select_group(records, {"a": True}, "harmful-complied")
 
 
-def test_plot_heads_writes_png(tmp_path):
+def test_head_marks_label_each_head_with_its_smallest_threshold():
     values = torch.randn(3, 2, 4)
     ranking = rank_heads(_fake_attribution(values))
-    plot_heads(ranking, 2, 4, tmp_path / "heads.png", thresholds=[0.1, 0.3])
-    assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    marks = head_marks(ranking, [0.1, 0.3], 8)  # 1 head at 10%, 2 heads at 30%
+    first, second = [(r["layer"], r["head"]) for r in sorted(ranking, key=lambda r: r["rank"])[:2]]
+    assert marks == {first: "0.1", second: "0.3"}
 
 
 @pytest.mark.slow

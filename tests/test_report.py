@@ -1,5 +1,6 @@
-"""Tests for report.py: every section renders from hand-made artifacts, model text is escaped,
-summary.json holds the numbers, missing artifacts skip sections, malformed ones are UserErrors."""
+"""Tests for the report package: every section renders from hand-made artifacts, model text is
+escaped, summary.json holds the numbers, missing artifacts skip sections, malformed ones are
+UserErrors, an unreliable prober raises a warning. The figures themselves: tests/test_plotting.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from matplotlib.figure import Figure
-
 from refusal_cliff import report as rep
 from refusal_cliff.commands.report import report as report_command
 from refusal_cliff.errors import UserError
@@ -111,14 +110,31 @@ def _make_run(root: Path) -> Path:
     _write_json(root / "repair" / "evaluation.json", {
         "models": [
             {"model": "org/tiny-reasoner", "asr": 0.38, "over_refusal": 0.02, "final_score_mean": 0.1,
-             "tasks": {"arc_challenge": 0.5, f"task {XSS}": {"acc": 0.4, "stderr": 0.01}}},
+             "tasks": {"arc_challenge": {"accuracy": 0.5}, f"task {XSS}": {"accuracy": 0.4, "stderr": 0.01}}},
             {"model": f"cliff-k700 {IMG}", "method": "cliff", "k": 700, "asr": 0.025, "over_refusal": 0.04,
-             "final_score_mean": 0.8, "tasks": {"arc_challenge": 0.49}},
+             "final_score_mean": 0.8, "tasks": {"arc_challenge": {"accuracy": 0.49}}},
         ],
-        "asr_vs_k": {"cliff": [{"k": 100, "asr": 0.2}, {"k": 700, "asr": 0.025}],
-                     f"rule {XSS}": {"k": [1000, 20000], "asr": [0.3, 0.03]}},
+        "asr_vs_k": {"cliff": [{"k": 700, "asr": 0.025, "model": "m2"}, {"k": 100, "asr": 0.2, "model": "m1"}],
+                     f"rule {XSS}": [{"k": 1000, "asr": 0.3}, {"k": 20000, "asr": 0.03}]},
     })
+    _make_selection(root / "repair" / "select")
     return root
+
+
+def _make_selection(folder: Path) -> None:
+    """What `select` writes: scores of 40 candidates (one without thinking), the top 4 by MS, metadata."""
+    scores = [{"id": f"c{i}", "plateau": 0.9, "final": 0.9 - 0.02 * i, "ms": 0.02 * i, "t_cliff": 50, "drop": 0.1,
+               "refusal": i % 2 == 0, "unsafe": None} for i in range(40)]
+    scores.append({"id": "c40", "plateau": None, "final": 0.4, "ms": None, "t_cliff": 3, "drop": None,
+                   "refusal": False, "unsafe": None})
+    _write_jsonl(folder / "scores.jsonl", scores)
+    selected = sorted(scores[:40], key=lambda r: -r["ms"])[:4]
+    _write_jsonl(folder / "selection.jsonl", [
+        {**row, "rank": rank, "method": "cliff", "prompt": f"CANDIDATE {row['id']} {XSS}",
+         "response": f"safe reply {IMG}", "thinking": "hmm", "messages": []} for rank, row in enumerate(selected)])
+    _write_json(folder / "metadata.select.json", {
+        "stage": "select", "method": "cliff", "k": 4, "resolved_k": 4, "n_candidates": 41, "n_selected": 4,
+        "ms_mean_selected": 0.75, "ms_mean_all": 0.39})
 
 
 @pytest.fixture
@@ -151,7 +167,7 @@ def test_full_report_renders_every_section_escaped(rendered: tuple[Path, Path]):
     assert "http://" not in page and "https://" not in page and "<link" not in page
 
     # Every section is present, nothing skipped, every figure embedded and written.
-    for key, _ in rep.SECTIONS:
+    for key in (section.name for section in rep.SECTIONS):
         assert f'<section id="{key}">' in page, key
         assert f'href="#{key}"' in page
     assert "Skipped sections" not in page
@@ -171,7 +187,7 @@ def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
     run_dir, _ = rendered
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["skipped"] == {}
-    assert summary["sections"] == [key for key, _ in rep.SECTIONS]
+    assert summary["sections"] == [section.name for section in rep.SECTIONS]
     assert summary["model_ids"] == ["org/tiny-reasoner"]
     assert summary["prober"]["metrics"]["val_accuracy"] == 0.97
     assert summary["prober"]["history"][0]["ood_accuracy"] is None
@@ -211,7 +227,7 @@ def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
 
     models = summary["evaluation"]["models"]
     assert models[0]["asr"] == 0.38 and models[1]["k"] == 700
-    assert models[0]["tasks"][f"task {XSS}"] == 0.4  # {"acc": ...} read leniently
+    assert models[0]["tasks"][f"task {XSS}"] == 0.4  # {"accuracy": ...} as `evaluate` writes it
     assert summary["evaluation"]["asr_vs_k"]["cliff"] == [{"k": 100, "asr": 0.2}, {"k": 700, "asr": 0.025}]
     assert summary["notes"]["refusal_rate"] == 0.25
     assert summary["figures"]["fig_heads.png"] == "heads"
@@ -222,19 +238,21 @@ def test_empty_folder_lists_every_section_as_skipped(tmp_path: Path):
     page = rep.render_report(tmp_path).read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["sections"] == []
-    assert set(summary["skipped"]) == {key for key, _ in rep.SECTIONS}
+    assert set(summary["skipped"]) == {section.name for section in rep.SECTIONS}
     assert "Skipped sections" in page and "no curves.json" in page
     assert "<section id=" not in page
 
 
 def test_partial_run_skips_only_missing_sections(run_dir: Path):
     for name in ("ablate/ablation.json", "probe/prober.json", "heads/heads.json", "repair/evaluation.json",
-                 "trace/layerwise.json", "trace/clipping.json"):
+                 "trace/layerwise.json", "trace/clipping.json", "repair/select/scores.jsonl"):
         (run_dir / name).unlink()
     (run_dir / "fig_ablation.png").write_bytes(b"stale")
     rep.render_report(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["skipped"]) == {"ablation", "prober", "heads", "evaluation", "layerwise", "clipping"}
+    assert set(summary["skipped"]) == {"ablation", "prober", "heads", "evaluation", "layerwise", "clipping",
+                                       "selection"}
+    assert "scores.jsonl" in summary["skipped"]["selection"]
     assert summary["sections"] == ["notes", "traces", "cliff", "examples", "plateau"]
     assert not (run_dir / "fig_ablation.png").exists()  # a stale figure is not left behind
 
@@ -269,13 +287,14 @@ def test_missing_folder_is_a_user_error(tmp_path: Path):
         rep.render_report(tmp_path / "nope")
 
 
-def test_lenient_formats(tmp_path: Path):
-    """asr_vs_k as a list of {method, k, asr}; layerwise groups as bare lists; curves without x/std."""
-    _write_json(tmp_path / "evaluation.json", {"models": [], "asr_vs_k": [
-        {"method": "random", "k": 500, "asr": 0.3}, {"method": "random", "k": 100, "asr": 0.35}]})
-    _write_json(tmp_path / "layerwise.json", {"layer_10": {"harmful": [0.5, 0.6, 0.2]},
-                                              "layer_2": {"harmful": [0.4, 0.4, 0.3]}})
-    _write_json(tmp_path / "curves.json", {"harmful": {"mean": [0.2, 0.8, 0.1]}})
+def test_writer_formats_sorted(tmp_path: Path):
+    """The formats the stages write (docs/artifacts.md), read in order: asr_vs_k by k, layers by number."""
+    _write_json(tmp_path / "evaluation.json", {"models": [], "asr_vs_k": {"random": [
+        {"k": 500, "asr": 0.3, "model": "r500"}, {"k": 100, "asr": 0.35, "model": "r100"}]}})
+    _write_json(tmp_path / "layerwise.json", {
+        "layer_10": {"harmful": {"mean": [0.5, 0.6, 0.2], "ms_mean": 0.4}, "ms_mean": 0.4},
+        "layer_2": {"harmful": {"mean": [0.4, 0.4, 0.3], "ms_mean": 0.1}, "ms_mean": None}})
+    _write_json(tmp_path / "curves.json", {"harmful": {"x": [0, 50, 100], "mean": [0.2, 0.8, 0.1], "std": None}})
     rep.render_report(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["evaluation"]["asr_vs_k"]["random"] == [{"k": 100, "asr": 0.35}, {"k": 500, "asr": 0.3}]
@@ -283,29 +302,109 @@ def test_lenient_formats(tmp_path: Path):
     assert summary["traces"]["harmful"]["max"] == 0.8
 
 
-def test_plot_functions_take_plain_data():
-    figures = [
-        rep.plot_prober_history([{"epoch": 1, "train_loss": 0.5, "val_accuracy": 0.9}]),
-        rep.plot_traces({"harmful": {"x": [0, 50, 100], "mean": [0.1, 0.9, 0.2]}}),
-        rep.plot_layerwise({str(i): [0.1, 0.5, 0.1 * i] for i in range(12)},
-                           {str(i): 0.1 * i for i in range(12)}),
-        rep.plot_plateau_vs_harmless({"harmful": 0.8}, {"harmful": 0.2}, 0.1),
-        rep.plot_clipping([{"fraction": 0.5, "refusal_rate": 0.4}, {"fraction": 0.0, "ms_mean": 0.6}]),
-        rep.plot_ablation([{"threshold": 0.01, "asr": 0.2, "gamma": 0.0}]),
-        rep.plot_asr_vs_k({"cliff": [(100, 0.2), (700, 0.02)]}),
-    ]
-    matrix = np.array([[0.5, -2.0], [np.nan, 1.0]])  # [n_layers, n_heads]
-    heads_figure = rep.plot_heads(matrix)
-    figures.append(heads_figure)
-    assert all(isinstance(f, Figure) for f in figures)
-    image = heads_figure.axes[0].images[0]
-    assert image.norm.vcenter == 0 and image.norm.vmin == -2.0 and image.norm.vmax == 2.0  # centred at 0
-    assert image.get_cmap().name == "RdBu_r"  # red positive, blue negative
-    assert rep.figure_png(figures[0])[:4] == b"\x89PNG"
+@pytest.mark.parametrize("name, content, message", [
+    # Formats no stage writes are not guessed at: the field is named in the error.
+    ("evaluation.json", {"models": [], "asr_vs_k": [{"method": "random", "k": 500, "asr": 0.3}]}, "asr_vs_k"),
+    ("evaluation.json", {"models": [], "asr_vs_k": {"random": {"k": [1, 2], "asr": [0.3, 0.2]}}}, "random"),
+    ("evaluation.json", {"models": [{"model": "m", "tasks": {"arc": 0.5}}]}, "tasks.arc"),
+    ("layerwise.json", {"layer_2": {"harmful": [0.4, 0.4, 0.3]}}, "harmful"),
+    ("curves.json", {"harmful": {"mean": [0.2, 0.8, 0.1]}}, "'x'"),
+    ("selection.jsonl", [{"id": "c1", "rank": 0, "method": "cliff"}], "prompt"),
+    ("scores.jsonl", [{"id": "c1", "ms": 0.3, "refusal": "no"}], "refusal"),
+    ("metadata.select.json", {"method": "cliff", "n_candidates": 3}, "n_selected"),
+])
+def test_formats_outside_the_schema_are_user_errors(tmp_path: Path, name: str, content, message: str):
+    if name.endswith(".jsonl"):
+        _write_jsonl(tmp_path / name, content)
+    else:
+        _write_json(tmp_path / name, content)
+    with pytest.raises(UserError, match=message):
+        rep.render_report(tmp_path)
 
-    rows = [{"layer": 1, "head": 0, "value": -0.3}, {"layer": 0, "head": 2, "value": 0.1}]
-    grid = rep.heads_matrix(rows)
-    assert grid.shape == (2, 3) and grid[1, 0] == -0.3 and np.isnan(grid[0, 0])
+
+def _prober_json(**extra) -> dict:
+    return {"model_id": "org/m", "layer": 1, "n_layers": 2, "d_model": 8, "final_norm_applied": False,
+            "metrics": {"val_accuracy": 0.6, "best_epoch": 1, **extra.pop("metrics", {})},
+            "history": [{"epoch": 1, "train_loss": 0.6, "val_loss": 0.7, "val_accuracy": 0.6, "ood_accuracy": None}],
+            **extra}
+
+
+def test_unreliable_prober_warning_comes_first(tmp_path: Path):
+    _write_json(tmp_path / "probe" / "prober.json", _prober_json(
+        quality="unreliable", quality_reasons=[f"only 12 validation examples {XSS}", "interval covers 0.5"],
+        metrics={"val_accuracy_ci95": [0.35, 0.81], "majority_rate": 0.58}))
+    # a layer-study prober two folders down is checked too
+    _write_json(tmp_path / "layers" / "layer_0" / "prober.json", _prober_json(quality="reliable"))
+    page = rep.render_report(tmp_path).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+
+    warning = page.index('class="warning"')
+    assert warning < page.index('class="skipped"') and warning < page.index("<nav>")
+    assert warning < page.index("<section")  # before any section
+    box = page[warning:page.index("</div>", warning)]
+    assert "Unreliable refusal prober" in box and "probe/prober.json" in box
+    assert html.escape(f"only 12 validation examples {XSS}") in box and "interval covers 0.5" in box
+    assert "[0.350, 0.810]" in box and "0.580" in box  # the 95% interval and the majority rate
+    assert XSS not in page
+
+    quality = {entry["source"]: entry for entry in summary["prober_quality"]}
+    assert set(quality) == {"probe/prober.json", "layers/layer_0/prober.json"}
+    assert quality["probe/prober.json"]["quality"] == "unreliable"
+    assert quality["probe/prober.json"]["val_accuracy_ci95"] == [0.35, 0.81]
+    assert quality["probe/prober.json"]["majority_rate"] == 0.58
+    assert quality["layers/layer_0/prober.json"]["quality"] == "reliable"
+    assert summary["prober"]["metrics"]["val_accuracy_ci95"] == [0.35, 0.81]
+
+
+@pytest.mark.parametrize("extra", [{}, {"quality": "reliable", "quality_reasons": []}])
+def test_no_warning_for_reliable_or_old_probers(tmp_path: Path, extra: dict):
+    _write_json(tmp_path / "prober.json", _prober_json(**extra))
+    page = rep.render_report(tmp_path).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 'class="warning"' not in page and "Unreliable" not in page
+    expected = [extra["quality"]] if extra else []  # an old prober states no quality
+    assert [entry["quality"] for entry in summary["prober_quality"]] == expected
+
+
+def test_prober_with_an_unknown_quality_is_a_user_error(tmp_path: Path):
+    _write_json(tmp_path / "prober.json", _prober_json(quality="great"))
+    with pytest.raises(UserError, match="quality"):
+        rep.render_report(tmp_path)
+
+
+def test_selection_section_from_a_select_folder(tmp_path: Path):
+    """A hand-made run with only `repair/select/` (as the repair demo writes it)."""
+    _make_selection(tmp_path / "run" / "repair" / "select")
+    run_dir = tmp_path / "run"
+    page = rep.render_report(run_dir).read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    assert summary["sections"] == ["selection"] and "selection" not in summary["skipped"]
+    selection = summary["selection"]
+    assert selection["method"] == "cliff" and selection["k"] == 4 and selection["resolved_k"] == 4
+    assert selection["n_candidates"] == 41 and selection["n_selected"] == 4 and selection["n_without_ms"] == 1
+    assert selection["ms_mean_selected"] == pytest.approx((0.78 + 0.76 + 0.74 + 0.72) / 4)
+    assert selection["ms_mean_all"] == pytest.approx(0.02 * sum(range(40)) / 40)
+    assert [r["id"] for r in selection["top_selected"]] == ["c39", "c38", "c37", "c36"]
+    assert summary["figures"] == {"fig_selection.png": "selection"}
+    assert (run_dir / "fig_selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["sources"]["scores.jsonl"] == ["repair/select/scores.jsonl"]
+
+    section = page[page.index('<section id="selection">'):]
+    assert "Cliff-as-a-Judge" in page and "data:image/png;base64," in section
+    assert html.escape(f"CANDIDATE c39 {XSS}") in section and XSS not in page  # prompts escaped
+    assert "<img src=x" not in page
+
+
+def test_selection_is_skipped_without_its_artifacts(tmp_path: Path):
+    _make_selection(tmp_path / "select")
+    (tmp_path / "select" / "metadata.select.json").unlink()
+    page = rep.render_report(tmp_path).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "metadata.select.json" in summary["skipped"]["selection"]
+    assert "refusal-cliff select" in summary["skipped"]["selection"]
+    assert "Cliff-as-a-Judge selection" in page[page.index("Skipped sections"):]
+    assert not (tmp_path / "fig_selection.png").exists()
 
 
 def test_truncate_text():

@@ -270,40 +270,6 @@ def run_ablation(
     return results
 
 
-def plot_ablation(records: Sequence[dict], path: str | Path, title: str | None = None) -> None:
-    """Final refusal score, ASR and benign refusal rate against the threshold (paper Figure 8)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ordered = sorted(records, key=lambda r: r["threshold"])
-    labels = ["none" if r["threshold"] == 0 else f"{100 * r['threshold']:g}%" for r in ordered]
-    panels = [
-        ("final_score_mean", "final refusal score (higher = safer)"),
-        ("asr", "attack success rate (lower = safer)"),
-        ("benign_refusal_rate", "benign refusal rate (over-refusal)"),
-    ]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for axis, (key, name) in zip(axes, panels):
-        values = [r.get(key) for r in ordered]
-        heights = [v if v is not None else 0.0 for v in values]
-        bars = axis.bar(range(len(ordered)), heights, color="#4477aa")
-        for bar, value in zip(bars, values):
-            text = "n/a" if value is None else f"{value:.2f}"
-            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                          ha="center", va="bottom", fontsize=8)
-        axis.set_xticks(range(len(ordered)), labels)
-        axis.set_xlabel("heads ablated (fraction of all heads)")
-        axis.set_ylim(0, 1.05)
-        axis.set_title(name, fontsize=9)
-    gamma = ordered[0]["gamma"] if ordered else 0.0
-    figure.suptitle(title or f"ablating refusal suppression heads (γ = {gamma:g})")
-    figure.tight_layout()
-    figure.savefig(str(path), dpi=150)
-    plt.close(figure)
-
-
 # -- the `ablate` stage --------------------------------------------------------------------
 
 
@@ -412,7 +378,9 @@ def run_ablate(
                          baseline=baseline and 0.0 not in done, progress=progress, on_record=keep)
     results = sorted(results, key=lambda r: r["threshold"])
     write_json(results_path, results)
-    plot_ablation(results, run.path("ablation.png"))
+    from .plotting import plot_ablation, save_figure  # lazy: matplotlib is slow to import
+
+    save_figure(plot_ablation(results), run.path("ablation.png"))
     paths = {"ablation.json": results_path, "ablation.png": run.path("ablation.png"),
              "ablation_generations.jsonl": generations_path}
     extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}

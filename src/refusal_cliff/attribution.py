@@ -479,47 +479,13 @@ def select_group(records: Sequence[dict], labels: dict[str, bool] | None, group:
 # -- plot ----------------------------------------------------------------------------------
 
 
-def plot_heads(
-    ranking: Sequence[dict],
-    n_layers: int,
-    n_heads: int,
-    path: str | Path,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    prober_bias: float = 0.0,
-    title: str | None = None,
-) -> None:
-    """Heatmap layers × heads of the mean contribution (paper Figure 6): red pushes towards refusal,
-    blue away from it. The colour is `s - b = w·Δh` (the paper-form score less the prober bias that
-    every head shares), centred on 0. The heads selected at the largest threshold are outlined and
-    labelled with the smallest threshold that selects them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.patches import Rectangle
-
-    grid = torch.full((n_layers, n_heads), float("nan"), dtype=torch.float64)
-    for item in ranking:
-        grid[item["layer"], item["head"]] = item["contribution"] - prober_bias
-    spread = float(torch.nan_to_num(grid).abs().max()) or 1.0
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(3.0, 0.22 * n_layers + 1.5)))
-    image = axes.imshow(grid.numpy(), aspect="auto", cmap="RdBu_r",
-                        norm=TwoSlopeNorm(vcenter=0.0, vmin=-spread, vmax=spread))
+def head_marks(ranking: Sequence[dict], thresholds: Sequence[float], n_total: int) -> dict[tuple[int, int], str]:
+    """{(layer, head): the smallest threshold that selects it}, for outlining heads in the heatmap."""
     marks = {}
     for fraction in sorted(thresholds, reverse=True):
-        for layer, head in heads_at_threshold(ranking, fraction, n_layers * n_heads):
-            marks[(layer, head)] = fraction
-    for (layer, head), fraction in marks.items():
-        axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
-        axes.text(head, layer, f"{fraction:g}", ha="center", va="center", fontsize=5)
-    axes.set_xlabel("head")
-    axes.set_ylabel("layer")
-    axes.set_title(title or "head contribution to the refusal logit at t_cliff")
-    figure.colorbar(image, ax=axes, label="mean w·Δh (paper score s minus b)")
-    figure.tight_layout()
-    figure.savefig(str(path), dpi=150)
-    plt.close(figure)
+        for layer, head in heads_at_threshold(ranking, fraction, n_total):
+            marks[(layer, head)] = f"{fraction:g}"
+    return marks
 
 
 # -- the `heads` stage ---------------------------------------------------------------------
@@ -594,9 +560,13 @@ def run_heads(
     ranking = rank_heads(attribution, rank_by)
     geometry = loaded.adapter.geometry(loaded.model)
     write_json(run.path("heads.json"), ranking)
-    plot_heads(ranking, geometry.n_layers, geometry.n_heads, run.path("heads.png"), thresholds,
-               prober_bias=attribution.prober_bias,
-               title=f"{loaded.model_id}: head contributions at t_cliff ({group}, n={len(chosen)})")
+    from . import plotting  # lazy: matplotlib is slow to import
+
+    # colour: w·Δh, the paper-form score less the prober bias that every head shares
+    matrix = plotting.heads_matrix(ranking, "contribution", geometry.n_layers, geometry.n_heads)
+    plotting.save_figure(plotting.plot_heads(
+        matrix - attribution.prober_bias, marks=head_marks(ranking, thresholds, geometry.n_layers * geometry.n_heads),
+        title=f"{loaded.model_id}: head contributions at t_cliff ({group}, n={len(chosen)})"), run.path("heads.png"))
     n_total = geometry.n_layers * geometry.n_heads
     residual = (attribution.exact_total() - attribution.logit).abs().max()
     run.finish({

@@ -261,29 +261,6 @@ def format_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_asr_vs_k(curves: dict, path: str | Path, baseline_asr: float | None = None) -> Path | None:
-    """Figure 7: ASR (%) against the number of training examples, one line per method."""
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for method, points in curves.items():
-        axis.plot([p["k"] for p in points], [100 * p["asr"] for p in points], marker="o", label=method)
-    if baseline_asr is not None:
-        axis.axhline(100 * baseline_asr, color="grey", linestyle="--", label="before")
-    axis.set_xlabel("training examples")
-    axis.set_ylabel("ASR (%)")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
-
-
 def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
 
@@ -384,5 +361,8 @@ def _evaluate_models(specs, harmful, benign, out: Path, config: EvalConfig, prob
     write_json(out / "evaluation.json", evaluation)
     (out / "evaluation.md").write_text(format_table(results), encoding="utf-8")
     baseline = next((r["asr"] for r in results if r.get("k") in (None, 0)), None)
-    plot_asr_vs_k(curves, out / "asr_vs_k.png", baseline)
+    if curves:
+        from .plotting import plot_asr_vs_k, save_figure  # lazy: matplotlib is slow to import
+
+        save_figure(plot_asr_vs_k(curves, baseline), out / "asr_vs_k.png")
     return evaluation

@@ -1,0 +1,370 @@
+"""Every figure of the project, as functions that take plain data and return a `Figure`.
+
+Why one module: the `heads`, `ablate` and `evaluate` stages save a PNG of their own and the
+report embeds the same figures; two copies drifted apart (the heads heatmap ran its layer axis
+the other way and cut its title off). Here each figure exists once, and a stage saves it with
+`save_figure(plot_x(...), path)`.
+
+Conventions:
+
+- Figures use an Agg canvas and `constrained_layout` (no pyplot global state, nothing cut off),
+  and long titles are wrapped to the figure's width.
+- Labels drawn from data go through `plain_label`: a `$` would start mathtext, which can fail
+  to parse on a model's or dataset's text.
+- Scores and rates are fractions in [0, 1]; positions are normalised to 0–100.
+- Heatmaps of heads are [n_layers, n_heads] arrays drawn with layer 0 at the bottom.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+FIGURE_DPI = 110
+END_TEMPLATE_COLOR = "orange"
+TITLE_CHARS_PER_INCH = 11  # a title wraps beyond about this many characters per inch of width
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def plain_label(label: Any) -> str:
+    """Text for a matplotlib label: `$` would start mathtext (and can fail to parse)."""
+    return str(label).replace("$", r"\$")
+
+
+def _title(figure: Figure, text: str, share: float = 1.0) -> str:
+    """`text` made safe for matplotlib and wrapped to `share` of the figure's width (the part the
+    title is centred over), so it is never cut off."""
+    width = max(20, int(share * figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    return textwrap.fill(plain_label(text), width)
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = [figure.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    return figure, axes
+
+
+def _shade_end_template(ax, start: float | None, end: float = 100.0) -> None:
+    if start is not None and math.isfinite(start):
+        ax.axvspan(start, end, color=END_TEMPLATE_COLOR, alpha=0.2, lw=0, label="end template")
+
+
+def _series(ax, rows: Sequence[Mapping[str, Any]], x_key: str, key: str, label: str, marker: str) -> None:
+    """One line of `rows[key]` against `rows[x_key]`, skipping rows where the value is missing."""
+    points = [(row[x_key], row[key]) for row in rows if row.get(key) is not None]
+    if points:
+        ax.plot(*zip(*points), marker=marker, label=label)
+
+
+def _legend(*axes, **kwargs) -> None:
+    for ax in axes:
+        if ax.lines:
+            ax.legend(frameon=False, **kwargs)
+
+
+def figure_png(figure: Figure) -> bytes:
+    """The PNG bytes of a figure."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+    return buffer.getvalue()
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(figure_png(figure))
+    return path
+
+
+# -- prober and traces ---------------------------------------------------------------------
+
+
+def plot_prober_history(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """Figure 3: training/validation loss and validation/OOD accuracy per epoch.
+
+    Args:
+        history: per epoch {epoch, train_loss, val_loss, val_accuracy, ood_accuracy}; missing
+            or None values are left out.
+    """
+    figure, (loss_ax, acc_ax) = _figure(9, 3.4, ncols=2)
+    rows = [{**entry, "epoch": entry.get("epoch", i + 1)} for i, entry in enumerate(history)]
+    _series(loss_ax, rows, "epoch", "train_loss", "train loss", "o")
+    _series(loss_ax, rows, "epoch", "val_loss", "validation loss", "s")
+    _series(acc_ax, rows, "epoch", "val_accuracy", "validation accuracy", "o")
+    _series(acc_ax, rows, "epoch", "ood_accuracy", "OOD accuracy", "s")
+    loss_ax.set(xlabel="epoch", ylabel="BCE loss", title="Loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(-0.02, 1.02))
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(loss_ax, acc_ax)
+    return figure
+
+
+def plot_traces(curves: Mapping[str, Mapping[str, Any]], title: str | None = None) -> Figure:
+    """Figure 4: averaged normalised refusal-score traces per group, end template shaded orange.
+
+    Args:
+        curves: {group: {"x": [0..100], "mean": [...], "std": [...] (optional), "n": int (optional),
+            "end_template_start": float (optional)}}; the shaded region starts at the earliest
+            `end_template_start`.
+    """
+    figure, (ax,) = _figure(7.5, 3.8)
+    starts = [c.get("end_template_start") for c in curves.values() if c.get("end_template_start") is not None]
+    _shade_end_template(ax, min(starts) if starts else None)
+    for group, curve in curves.items():
+        x, mean = np.asarray(curve["x"], float), np.asarray(curve["mean"], float)  # [points]
+        label = f"{group} (n={curve['n']})" if curve.get("n") is not None else str(group)
+        (line,) = ax.plot(x, mean, lw=2, label=plain_label(label))
+        if curve.get("std") is not None:
+            std = np.asarray(curve["std"], float)  # [points]
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set(xlabel="normalised position (0 = first prompt token, 100 = last end-template token)",
+           ylabel="refusal score", xlim=(0, 100), ylim=(-0.02, 1.02))
+    if title:
+        ax.set_title(_title(figure, title))
+    ax.legend(frameon=False, loc="best")
+    return figure
+
+
+def _layer_colorbar(figure: Figure, ax, names: Sequence[str], cmap, norm) -> None:
+    """A depth colour bar with at most six layer names (a legend would not fit many layers)."""
+    bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax)
+    ticks = np.linspace(0, len(names) - 1, min(6, len(names))).round().astype(int)
+    bar.set_ticks(ticks.tolist(), labels=[plain_label(names[t]) for t in ticks])
+    bar.set_label("layer")
+
+
+def plot_layerwise(layers: Mapping[str, Sequence[float]], ms_mean: Mapping[str, float | None] | None = None,
+                   end_template_start: float | None = None, group: str | None = None) -> Figure:
+    """Figure 5 (left): one averaged trace per layer, coloured by depth; MS per layer on the right.
+
+    Args:
+        layers: {layer name: mean normalised trace}, in depth order.
+        ms_mean: {layer name: mean misalignment score} (optional second panel).
+        end_template_start: where to start the orange end-template shading (0–100).
+        group: the prompt group the traces average over (for the title).
+    """
+    has_ms = bool(ms_mean) and any(v is not None for v in ms_mean.values())
+    figure, axes = _figure(10 if has_ms else 7.5, 3.8, ncols=2 if has_ms else 1)
+    ax = axes[0]
+    _shade_end_template(ax, end_template_start)
+    cmap = matplotlib.colormaps["viridis"]
+    norm = Normalize(0, max(len(layers) - 1, 1))
+    for index, (layer, mean) in enumerate(layers.items()):
+        mean = np.asarray(mean, float)  # [points]
+        ax.plot(np.linspace(0, 100, len(mean)), mean, color=cmap(norm(index)), lw=1.6,
+                label=plain_label(f"layer {layer}"))
+    ax.set(xlabel="normalised position", ylabel="refusal score", xlim=(0, 100), ylim=(-0.02, 1.02),
+           title=plain_label(f"Per-layer traces ({group})" if group else "Per-layer traces"))
+    if 0 < len(layers) <= 8:
+        ax.legend(frameon=False, fontsize="small")
+    elif layers:
+        _layer_colorbar(figure, ax, list(layers), cmap, norm)
+    if has_ms:
+        names = [name for name, value in ms_mean.items() if value is not None]
+        axes[1].plot(range(len(names)), [ms_mean[name] for name in names], marker="o")
+        axes[1].set_xticks(range(len(names)), [plain_label(name) for name in names],
+                           rotation=90 if len(names) > 12 else 0, fontsize="small")
+        axes[1].axhline(0, color="gray", lw=0.8)
+        axes[1].set(xlabel="layer", ylabel="mean MS (plateau − final)", title="Cliff depth per layer")
+    return figure
+
+
+def plot_plateau_vs_harmless(plateaus: Mapping[str, float], finals: Mapping[str, float] | None = None,
+                             harmless_score: float | None = None) -> Figure:
+    """Figure 5 (second column): mean plateau of harmful groups vs the mean harmless score.
+
+    Args:
+        plateaus: {harmful group: mean plateau}.
+        finals: {harmful group: mean final score} (drawn next to the plateau).
+        harmless_score: mean refusal score over harmless prompts (gray line).
+    """
+    figure, (ax,) = _figure(6, 3.6)
+    groups = list(plateaus)
+    x = np.arange(len(groups))
+    width = 0.3 if finals else 0.45
+    ax.bar(x - (width / 2 if finals else 0), [plateaus[g] for g in groups], width, label="plateau I",
+           color="tab:red")
+    if finals:
+        heights = [np.nan if finals.get(g) is None else finals[g] for g in groups]
+        ax.bar(x + width / 2, heights, width, label="final I'", color="tab:blue")
+    if harmless_score is not None:
+        ax.axhline(harmless_score, color="gray", lw=2, ls="--", label="harmless prompts (mean score)")
+    ax.set_xticks(x, [plain_label(g) for g in groups])
+    ax.set_xlim(-1, len(groups))
+    ax.set(ylabel="refusal score", ylim=(0, 1.05), title="Plateau vs harmless prompts")
+    ax.legend(frameon=False, fontsize="small")
+    return figure
+
+
+def plot_clipping(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Figure 5 (third and fourth columns): cliff and refusal rate vs thinking-clipping fraction.
+
+    Args:
+        rows: [{fraction, final_mean, ms_mean, drop_mean, refusal_rate}], any of the last four optional;
+            `fraction` is the fraction of the thinking's tokens kept before the end template.
+    """
+    figure, (score_ax, rate_ax) = _figure(9, 3.4, ncols=2)
+    rows = sorted(rows, key=lambda r: r["fraction"])
+    _series(score_ax, rows, "fraction", "final_mean", "final score I'", "o")
+    _series(score_ax, rows, "fraction", "ms_mean", "cliff MS = I − I'", "s")
+    _series(score_ax, rows, "fraction", "drop_mean", "largest one-step drop", "^")
+    _series(rate_ax, rows, "fraction", "refusal_rate", "refusal rate", "o")
+    score_ax.set(xlabel="fraction of thinking kept", ylabel="score", title="Cliff vs clipping")
+    rate_ax.set(xlabel="fraction of thinking kept", ylabel="refusal rate", ylim=(-0.02, 1.02),
+                title="Refusals vs clipping")
+    _legend(score_ax, rate_ax, fontsize="small")
+    return figure
+
+
+# -- heads and ablation --------------------------------------------------------------------
+
+
+def heads_matrix(heads: Sequence[Mapping[str, Any]], value: str = "value",
+                 n_layers: int | None = None, n_heads: int | None = None) -> np.ndarray:
+    """[n_layers, n_heads] array of a per-head value from heads.json rows (NaN where absent)."""
+    n_layers = n_layers or (max(int(h["layer"]) for h in heads) + 1 if heads else 0)
+    n_heads = n_heads or (max(int(h["head"]) for h in heads) + 1 if heads else 0)
+    matrix = np.full((n_layers, n_heads), np.nan)  # [n_layers, n_heads]
+    for head in heads:
+        if head.get(value) is not None:
+            matrix[int(head["layer"]), int(head["head"])] = head[value]
+    return matrix
+
+
+def _mark_heads(ax, marks: Mapping[tuple[int, int], str]) -> None:
+    """Outline each marked (layer, head) cell and write its label in it."""
+    for (layer, head), label in marks.items():
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+        ax.text(head, layer, plain_label(label), ha="center", va="center", fontsize=5)
+
+
+def plot_heads(matrix: Any, title: str | None = None, marks: Mapping[tuple[int, int], str] | None = None,
+               value_label: str = "contribution to the refusal logit (red: towards refusal)") -> Figure:
+    """Figure 6: heatmap of per-head contributions, layers × heads, red positive / blue negative.
+
+    Args:
+        matrix: array-like [n_layers, n_heads]; NaN cells are left blank. Layer 0 is at the
+            bottom; the diverging colormap is centred at 0 and symmetric.
+        title: wrapped to the figure's width (model ids make long titles).
+        marks: {(layer, head): label} cells to outline, e.g. the suppression heads with the
+            smallest threshold that selects them.
+        value_label: the colour bar's label.
+    """
+    matrix = np.asarray(matrix, float)  # [n_layers, n_heads]
+    if matrix.ndim != 2:
+        raise ValueError(f"plot_heads needs a 2-D [layers, heads] array, got shape {matrix.shape}")
+    n_layers, n_heads = matrix.shape
+    figure, (ax,) = _figure(min(max(4.5, 3 + 0.35 * n_heads), 12), min(max(3.2, 2.5 + 0.22 * n_layers), 11))
+    ax.grid(False)
+    limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
+    limit = max(limit, 1e-12)
+    image = ax.imshow(matrix, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
+                      aspect="auto", origin="lower", interpolation="nearest")
+    _mark_heads(ax, marks or {})
+    # the title is centred over the heatmap, which leaves room for the colour bar and the labels
+    ax.set(xlabel="head", ylabel="layer",
+           title=_title(figure, title or "Head contributions to the refusal score", share=0.6))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.colorbar(image, ax=ax, label=textwrap.fill(value_label, 40))
+    return figure
+
+
+def plot_ablation(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
+    """Figure 8: final refusal score, ASR and benign refusal rate vs the ablation threshold.
+
+    Args:
+        rows: ablation.json records [{threshold (fraction of all heads), final_score_mean, asr,
+            benign_refusal_rate, gamma, renormalize}]; one line per (gamma, renormalize) setting.
+        title: optional figure title.
+    """
+    figure, axes = _figure(11, 3.4, ncols=3)
+    settings: dict[tuple, list] = {}
+    for row in rows:
+        settings.setdefault((row.get("gamma"), bool(row.get("renormalize"))), []).append(row)
+    panels = (("final_score_mean", "Final refusal score (higher: safer)"),
+              ("asr", "ASR (lower: safer)"), ("benign_refusal_rate", "Benign refusal rate"))
+    for ax, (key, panel_title) in zip(axes, panels):
+        for (gamma, renormalize), group in settings.items():
+            points = sorted((100 * r["threshold"], r[key]) for r in group if r.get(key) is not None)
+            if not points:
+                continue
+            label = "γ=" + ("?" if gamma is None else f"{gamma:g}")
+            label += ", renormalised" if renormalize else ""
+            ax.plot(*zip(*points), marker="o", label=label)
+        ax.set(xlabel="ablated heads (% of all heads)", title=panel_title, ylim=(-0.02, 1.02))
+        if len(settings) > 1:
+            _legend(ax, fontsize="small")
+    if title:
+        figure.suptitle(_title(figure, title))
+    return figure
+
+
+# -- fine-tuning and selection -------------------------------------------------------------
+
+
+def plot_asr_vs_k(asr_vs_k: Mapping[str, Sequence[Mapping[str, Any]]], baseline_asr: float | None = None) -> Figure:
+    """Figure 7: ASR vs number of training examples, one line per selection method.
+
+    Args:
+        asr_vs_k: evaluation.json's `asr_vs_k`, {method: [{"k": int, "asr": float}, ...]}.
+        baseline_asr: ASR of the model before fine-tuning (gray dashed line), if known.
+    """
+    figure, (ax,) = _figure(6.5, 3.8)
+    all_k = [p["k"] for points in asr_vs_k.values() for p in points if p["k"] > 0]
+    for method, points in asr_vs_k.items():
+        _series(ax, sorted(points, key=lambda p: p["k"]), "k", "asr", plain_label(method), "o")
+    if baseline_asr is not None:
+        ax.axhline(baseline_asr, color="gray", ls="--", label="before fine-tuning")
+    if all_k and max(all_k) / min(all_k) >= 20:
+        ax.set_xscale("log")
+    ax.set(xlabel="training examples", ylabel="ASR", ylim=(-0.02, 1.02), title="ASR vs training examples")
+    _legend(ax, fontsize="small")
+    return figure
+
+
+def plot_ms_histogram(ms_all: Sequence[float], ms_selected: Sequence[float], method: str | None = None) -> Figure:
+    """Cliff-as-a-Judge: misalignment scores of all candidates, the selected ones overlaid.
+
+    The selected candidates are drawn as a second histogram on the same bins and as rug marks
+    under the axis, so a selection of a few examples out of thousands is still visible.
+
+    Args:
+        ms_all: MS of every candidate that has one (candidates without thinking have none).
+        ms_selected: MS of the selected candidates.
+        method: the selection method (for the legend).
+    """
+    figure, (ax,) = _figure(7, 3.6)
+    values = np.asarray([v for v in ms_all if v is not None and math.isfinite(v)], float)  # [n_candidates]
+    chosen = np.asarray([v for v in ms_selected if v is not None and math.isfinite(v)], float)  # [n_selected]
+    low, high = (float(values.min()), float(values.max())) if values.size else (-1.0, 1.0)
+    bins = np.linspace(low, high if high > low else low + 1e-6, 31)
+    ax.hist(values, bins=bins, color="tab:gray", alpha=0.6, label=f"all candidates with an MS (n={values.size})")
+    selected_label = plain_label(f"selected by {method}" if method else "selected") + f" (n={chosen.size})"
+    ax.hist(chosen, bins=bins, color="tab:red", alpha=0.8, label=selected_label)
+    ax.plot(chosen, np.zeros_like(chosen), "|", color="tab:red", markersize=14, transform=ax.get_xaxis_transform())
+    ax.set(xlabel="misalignment score MS = I − I'", ylabel="candidates", title="Misalignment score of candidates")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(frameon=False, fontsize="small")
+    return figure
