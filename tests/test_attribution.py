@@ -19,7 +19,6 @@ from refusal_cliff.attribution import (
     parse_thresholds,
     prober_logits,
     rank_heads,
-    select_group,
 )
 from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
@@ -218,18 +217,6 @@ def test_parse_thresholds():
     for bad in ("", "a", "0", "1.5"):
         with pytest.raises(UserError):
             parse_thresholds(bad)
-
-
-def test_select_group():
-    records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
-    labels = {"a": True, "b": False, "c": False}
-    assert [r["id"] for r in select_group(records, labels, "harmful-complied")] == ["b", "c"]
-    assert [r["id"] for r in select_group(records, labels, "harmful-refused")] == ["a"]
-    assert len(select_group(records, None, "all")) == 3
-    with pytest.raises(UserError, match="labels"):
-        select_group(records, None, "harmful-complied")
-    with pytest.raises(UserError, match="no label"):
-        select_group(records, {"a": True}, "harmful-complied")
 
 
 def test_head_marks_label_each_head_with_its_smallest_threshold():

@@ -1,5 +1,7 @@
 import pytest
 
+from refusal_cliff.errors import UserError
+
 from refusal_cliff.labeling import (KeywordLabeler, ModelJudge, answer_head, is_attack_success,
                                     label_records, load_keywords, normalise, parse_verdict)
 
@@ -75,3 +77,47 @@ def test_model_judge_with_a_tiny_model(smol_tokenizer):
     assert len(verdicts) == 3 and set(verdicts) <= {"safe", "unsafe", "unknown"}
     labels = label_records([{"id": "x", "prompt": "p", "answer": "Sure"}], KeywordLabeler(), None, judge)
     assert labels[0]["judge"] == "tiny-judge" and "judge_verdict" in labels[0]
+
+
+# -- the one labels join ----------------------------------------------------------------------
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_join_labels_excludes_and_names_unlabelled_ids(caplog):
+    from refusal_cliff.labeling import join_labels
+
+    records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    kept = join_labels(records, {"a": {"refusal": True}, "c": {"refusal": False}}, "gens.jsonl")
+    assert [(r["id"], r["refusal"]) for r in kept] == [("a", True), ("c", False)]
+    assert "1 of 3" in caplog.text and "b" in caplog.text
+
+
+def test_select_group_uses_one_spelling():
+    from refusal_cliff.labeling import select_group
+
+    records = [{"id": "a", "refusal": True}, {"id": "b", "refusal": False}, {"id": "c", "refusal": False}]
+    assert [r["id"] for r in select_group(records, "harmful_complied")] == ["b", "c"]
+    assert [r["id"] for r in select_group(records, "harmful-complied")] == ["b", "c"]  # old spelling read
+    assert [r["id"] for r in select_group(records, "harmful_refused")] == ["a"]
+    assert len(select_group(records, "all")) == 3
+    with pytest.raises(UserError, match="unknown group"):
+        select_group(records, "harmless")
+
+
+def test_labels_beside_a_file_are_used_only_if_they_cover_it(tmp_path):
+    from refusal_cliff.labeling import labels_for
+
+    gens = _write_jsonl(tmp_path / "subset.jsonl", [{"id": "x-1"}, {"id": "x-2"}])
+    _write_jsonl(tmp_path / "labels.jsonl", [{"id": "x-1", "refusal": True}])
+    with pytest.raises(UserError, match="does not label every example"):
+        labels_for(gens, None, required=True)
+    assert labels_for(gens, None, required=False) is None
+    _write_jsonl(tmp_path / "labels.jsonl", [{"id": f"x-{i}", "refusal": i % 2 == 0} for i in range(5)])
+    assert set(labels_for(gens, None)) == {f"x-{i}" for i in range(5)}
+    other = _write_jsonl(tmp_path / "other.jsonl", [{"id": "x-2", "refusal": False}])
+    assert set(labels_for(gens, other)) == {"x-2"}

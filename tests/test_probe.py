@@ -202,7 +202,10 @@ def test_train_prober_from_runs_end_to_end(tmp_path, smol_tokenizer):
                 "final_norm_applied", "end_template", "metrics", "history", "config"):
         assert key in metadata
     assert metadata["final_norm_applied"] is True and metadata["end_template"] == END
-    assert set(metadata["metrics"]) == {"val_accuracy", "ood_accuracy", "best_epoch", "n_train", "n_val"}
+    assert set(metadata["metrics"]) == {"val_accuracy", "val_accuracy_ci95", "majority_rate", "ood_accuracy",
+                                        "best_epoch", "n_train", "n_val"}
+    # 12 + 12 examples leave fewer than 20 for validation: the prober is judged unreliable, and says why
+    assert metadata["quality"] == "unreliable" and "validation examples" in metadata["quality_reasons"][0]
     assert metadata["metrics"]["n_train"] + metadata["metrics"]["n_val"] == 2 * 8  # 8 harmful refusals
     assert set(metadata["history"][0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "ood_accuracy"}
     assert metadata["history"][0]["ood_accuracy"] is not None
@@ -214,3 +217,19 @@ def test_train_prober_from_runs_too_few(tmp_path, smol_tokenizer):
     harmful_run, harmless_run, _, _ = make_runs(tmp_path, 1, 6)
     with pytest.raises(UserError, match="found 0 refusals .* and 5 compliant"):
         train_prober_from_runs(tiny_loaded(smol_tokenizer), harmful_run, harmless_run)
+
+
+def test_wilson_interval_and_quality_judgement():
+    from refusal_cliff.probe import judge_quality, wilson_interval
+
+    low, high = wilson_interval(15, 20)
+    assert 0.53 < low < 0.54 and 0.88 < high < 0.89  # the textbook Wilson interval of 15/20
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    good = {"n_val": 200, "val_accuracy": 0.95, "majority_rate": 0.5}
+    assert judge_quality(good) == ("reliable", [])
+    chance = {"n_val": 200, "val_accuracy": 0.54, "majority_rate": 0.5}  # interval reaches below 0.5
+    quality, reasons = judge_quality(chance)
+    assert quality == "unreliable" and "majority-class rate" in reasons[0]
+    small = {"n_val": 2, "val_accuracy": 0.5, "majority_rate": 0.5}
+    quality, reasons = judge_quality(small)
+    assert quality == "unreliable" and len(reasons) == 2

@@ -35,18 +35,50 @@ def test_completed_ids(tmp_path):
 
 def test_run_folder_fingerprints(tmp_path):
     run = RunFolder(tmp_path, "generate", {"a": 1})
-    assert run.start(model_id="m", artifacts=["out.jsonl"]) is False
+    assert run.start(model_id="m", artifacts=["out.jsonl"]).resumed is False
     (tmp_path / "out.jsonl").write_text("{}\n")
     run.finish()
     assert RunFolder(tmp_path, "generate", {"a": 1}).is_finished()
-    assert RunFolder(tmp_path, "generate", {"a": 1}).start(artifacts=["out.jsonl"]) is True
+    assert RunFolder(tmp_path, "generate", {"a": 1}).start(artifacts=["out.jsonl"]).resumed is True
     with pytest.raises(UserError, match="--overwrite"):
         RunFolder(tmp_path, "generate", {"a": 2}).start(artifacts=["out.jsonl"])
     assert (tmp_path / "out.jsonl").exists()  # nothing lost
-    RunFolder(tmp_path, "generate", {"a": 2}, overwrite=True).start(artifacts=["out.jsonl"])
+    replacing = RunFolder(tmp_path, "generate", {"a": 2}, overwrite=True).start(artifacts=["out.jsonl"])
     assert not (tmp_path / "out.jsonl").exists()
+    replacing.finish()
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert meta["schema_version"] == 1 and meta["config"] == {"a": 2} and "packages" in meta
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".replaced-")]  # the old run is gone
+
+
+def test_a_failed_overwrite_restores_the_earlier_run_byte_for_byte(tmp_path):
+    run = RunFolder(tmp_path, "trace", {"a": 1}, artifacts=["cliff.jsonl", "traces.parquet"])
+    with run.start():
+        (tmp_path / "cliff.jsonl").write_text('{"id": "old"}\n')
+        (tmp_path / "traces.parquet").mkdir()
+        (tmp_path / "traces.parquet" / "part-00000.parquet").write_bytes(b"old part")
+        run.finish()
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="late"):
+        with RunFolder(tmp_path, "trace", {"a": 2}, overwrite=True,
+                       artifacts=["cliff.jsonl", "traces.parquet", "curves.json"]).start():
+            (tmp_path / "cliff.jsonl").write_text('{"id": "new"}\n')
+            (tmp_path / "curves.json").write_text("{}")
+            raise UserError("a bad input found late")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_torn_line_cut_inside_a_multibyte_character_is_repaired(tmp_path):
+    path = tmp_path / "a.jsonl"
+    line = json.dumps({"id": "b", "text": "café ünïcödé"}, ensure_ascii=False).encode()
+    cut = line.index("é".encode()) + 1  # inside the two bytes of é
+    path.write_bytes(b'{"id": "a"}\n' + line[:cut])
+    assert [r["id"] for r in read_jsonl(path)] == ["a"]  # a reader drops it and leaves the file alone
+    assert path.read_bytes().endswith(line[:cut])
+    with JsonlWriter(path) as writer:  # the writer repairs its own file
+        writer.write({"id": "c"})
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "c"]
 
 
 def test_an_unfinished_run_without_artifacts_does_not_lock_the_folder(tmp_path):

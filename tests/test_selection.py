@@ -41,11 +41,22 @@ def test_k_as_fraction_rounds_up():
     assert resolve_k(0.5, 6) == 3
     assert resolve_k("0.1", 6) == 1
     assert resolve_k("all", 6) == 6
-    assert resolve_k(100, 6) == 6
-    with pytest.raises(UserError):
-        resolve_k("many", 6)
-    with pytest.raises(UserError):
-        resolve_k(1.5, 6)
+    for bad, message in (("many", "not a number"), (1.5, "fraction"), ("abc", "not a number"),
+                         ("-2", "at least 1"), (0, "at least 1"), (100, "more than the 6")):
+        with pytest.raises(UserError, match=message):
+            resolve_k(bad, 6)
+
+
+def test_baselines_work_with_candidates_without_ms():
+    """A candidate without thinking tokens has ms = null: no method may crash on it."""
+    rows = _scores()
+    rows[1]["ms"] = rows[1]["plateau"] = None
+    for method in ("random", "rule", "full"):
+        assert select(rows, method, "all")
+    assert "b" not in [r["id"] for r in select(rows, "cliff", "all")]  # cannot be ranked by MS
+    from refusal_cliff.selection import _mean_ms
+
+    assert _mean_ms(rows) == pytest.approx(sum(r["ms"] for r in rows if r["ms"] is not None) / 5)
 
 
 def test_rule_baseline_keeps_non_refusals():
@@ -54,7 +65,7 @@ def test_rule_baseline_keeps_non_refusals():
 
 
 def test_judge_baseline_keeps_unsafe_and_needs_verdicts():
-    assert {r["id"] for r in select(_scores(), "judge", 10)} == {"b", "d", "e"}
+    assert {r["id"] for r in select(_scores(), "judge", 5)} == {"b", "d", "e"}
     unjudged = [{**r, "unsafe": None} for r in _scores()]
     with pytest.raises(UserError, match="--judge"):
         select(unjudged, "judge", 3)
@@ -79,8 +90,7 @@ def test_selection_is_deterministic_under_seed_and_input_order():
 def test_unknown_method_and_missing_ms():
     with pytest.raises(UserError, match="unknown selection method"):
         select(_scores(), "best", 2)
-    with pytest.raises(UserError, match="misalignment score"):
-        select([{"id": "x", "ms": float("nan")}], "cliff", 1)
+    assert select([{"id": "x", "ms": float("nan")}, {"id": "y", "ms": 0.5}], "cliff", 1) == [{"id": "y", "ms": 0.5}]
 
 
 def test_load_candidates_wildjailbreak_and_plain(tmp_path):
@@ -90,7 +100,7 @@ def test_load_candidates_wildjailbreak_and_plain(tmp_path):
         {"vanilla": "v1", "adversarial": "adv1", "completion": "no1", "data_type": "adversarial_harmful"},
     ]))
     rows = load_candidates(str(wild))
-    assert [(r["id"], r["prompt"], r["response"]) for r in rows] == [("0", "v0", "no0"), ("1", "adv1", "no1")]
+    assert [(r["id"], r["prompt"], r["response"]) for r in rows] == [("wild-0", "v0", "no0"), ("wild-1", "adv1", "no1")]
     plain = tmp_path / "plain.csv"
     plain.write_text("id,prompt,response,thinking\nx,p,r,t\n")
     assert load_candidates(str(plain)) == [{"id": "x", "prompt": "p", "response": "r", "thinking": "t",
@@ -242,7 +252,7 @@ def test_score_and_select_end_to_end_resumes(smol_tokenizer, tmp_path):
     from refusal_cliff.generation import GenerationConfig
     from refusal_cliff.probe import load_prober
     from refusal_cliff.runs import read_jsonl
-    from refusal_cliff.selection import ScoreConfig, run_select
+    from refusal_cliff.selection import ScoreConfig, SelectConfig, run_select
 
     loaded = _tiny_loaded(smol_tokenizer)
     prober = load_prober(_random_prober(loaded, tmp_path / "prober"), loaded)
@@ -250,7 +260,7 @@ def test_score_and_select_end_to_end_resumes(smol_tokenizer, tmp_path):
     candidates[0]["thinking"] = "I was given this thinking."
     config = ScoreConfig(GenerationConfig(max_thinking_tokens=6, max_answer_tokens=4, batch_size=2), chunk_size=2)
     out = tmp_path / "select"
-    result = run_select(loaded, prober, candidates, out, "cliff", 3, config=config, progress=False)
+    result = run_select(loaded, prober, candidates, out, SelectConfig("cliff", "3"), config, progress=False)
     scores = read_jsonl(out / "scores.jsonl")
     assert [s["id"] for s in scores] == [c["id"] for c in candidates]
     assert all({"id", "plateau", "final", "ms"} <= set(s) for s in scores)
@@ -265,14 +275,14 @@ def test_score_and_select_end_to_end_resumes(smol_tokenizer, tmp_path):
     lines = (out / "scores.jsonl").read_text().splitlines()
     (out / "scores.jsonl").write_text("\n".join(lines[:3]) + "\n")
     n_generations = len(read_jsonl(out / "generations.jsonl"))
-    run_select(loaded, prober, candidates, out, "cliff", 3, config=config, progress=False)
+    run_select(loaded, prober, candidates, out, SelectConfig("cliff", "3"), config, progress=False)
     again = read_jsonl(out / "scores.jsonl")
     assert [s["id"] for s in again] == [c["id"] for c in candidates]
     assert len(read_jsonl(out / "generations.jsonl")) == n_generations
     for before, after in zip(scores, again):
         assert after["ms"] == pytest.approx(before["ms"], abs=1e-5)
     # another method in the same folder reuses the scores and keeps both selections
-    run_select(loaded, prober, candidates, out, "random", 2, config=config, progress=False)
+    run_select(loaded, prober, candidates, out, SelectConfig("random", "2"), config, progress=False)
     assert read_jsonl(out / "scores.jsonl") == again
     assert len(read_jsonl(out / "selections" / "random-2" / "selection.jsonl")) == 2
     assert (out / "selections" / "cliff-3" / "selection.jsonl").is_file()
@@ -283,7 +293,7 @@ def test_cli_select_finetune_evaluate(smol_tokenizer, tmp_path):
     pytest.importorskip("trl")
     from click.testing import CliRunner
 
-    from refusal_cliff.commands.repair import evaluate, finetune, select as select_command
+    from refusal_cliff.cli import main
     from refusal_cliff.runs import read_jsonl
 
     loaded = _tiny_loaded(smol_tokenizer)
@@ -293,26 +303,26 @@ def test_cli_select_finetune_evaluate(smol_tokenizer, tmp_path):
     _random_prober(loaded, tmp_path / "prober")
     small = ["--max-thinking-tokens", "4", "--max-answer-tokens", "3", "--batch-size", "2"]
     runner = CliRunner()
-    result = runner.invoke(select_command, ["--model", str(model_dir), "--device", "cpu", "--prober",
+    result = runner.invoke(main, ["select", "--model", str(model_dir), "--device", "cpu", "--prober",
                                             str(tmp_path / "prober"), "--candidates", DEMO_CANDIDATES, "--limit", "3",
                                             "--k", "2", *small, "--out", str(tmp_path / "sel")])
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(tmp_path / "sel" / "selection.jsonl")) == 2
     assert (tmp_path / "sel" / "dataset_info.json").is_file()
-    result = runner.invoke(finetune, ["--model", str(model_dir), "--device", "cpu", "--data",
+    result = runner.invoke(main, ["finetune", "--model", str(model_dir), "--device", "cpu", "--data",
                                       str(tmp_path / "sel" / "selection.jsonl"), "--lora", "--max-steps", "1",
                                       "--grad-accum", "1", "--out", str(tmp_path / "ft")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(evaluate, ["--model", f"before={model_dir}", "--model", f"after={tmp_path / 'ft' / 'model'}",
+    result = runner.invoke(main, ["evaluate", "--model", f"before={model_dir}", "--model", f"after={tmp_path / 'ft' / 'model'}",
                                       "--device", "cpu", "--harmful", "demo:harmful", "--benign", "demo:harmless",
                                       "--limit", "2", *small, "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert "| before |" in result.output and "| after |" in result.output
     assert len(json.loads((tmp_path / "eval" / "evaluation.json").read_text())["models"]) == 2
-    result = runner.invoke(select_command, ["--model", str(model_dir), "--device", "cpu", "--prober",
+    result = runner.invoke(main, ["select", "--model", str(model_dir), "--device", "cpu", "--prober",
                                             str(tmp_path / "prober"), "--candidates", DEMO_CANDIDATES, "--k", "2",
                                             "--method", "judge", "--out", str(tmp_path / "sel2")])
-    assert result.exit_code != 0 and "--judge" in str(result.exception)
+    assert result.exit_code == 2 and "--judge" in result.output
 
 
 def test_an_attack_target_is_never_a_safe_response(tmp_path):

@@ -27,7 +27,7 @@ from refusal_cliff.trace import (
     moving_average,
     normalize_trace,
     plateau,
-    run_trace,
+    trace_into,
     t_cliff,
     trace_records,
     trace_records_layerwise,
@@ -209,7 +209,7 @@ def test_run_trace_writes_artifacts_and_resumes(tmp_path, smol_tokenizer):
     loaded = tiny_loaded(smol_tokenizer)
     prober = random_prober(1)
     groups = {"r0": "harmless", "r1": "harmful_complied", "r2": "harmful_refused", "r3": "harmful_complied"}
-    assert run_trace(loaded, prober, RECORDS, tmp_path, groups, batch_size=1, part_size=2) == 4
+    assert trace_into(loaded, prober, RECORDS, tmp_path, groups, batch_size=1, part_size=2) == 4
     assert len(list((tmp_path / "traces.parquet").glob("part-*.parquet"))) == 2
     table = pq.read_table(tmp_path / "traces.parquet")
     assert table.column_names == ["id", "position", "token_id", "token", "region", "score"]
@@ -229,11 +229,11 @@ def test_run_trace_writes_artifacts_and_resumes(tmp_path, smol_tokenizer):
     assert curves["harmful_complied"]["n"] == 2 and len(curves["harmless"]["mean"]) == 101
 
     # a second call has nothing left to do
-    assert run_trace(loaded, prober, RECORDS, tmp_path, groups, batch_size=1) == 0
+    assert trace_into(loaded, prober, RECORDS, tmp_path, groups, batch_size=1) == 0
     # an interrupted run: the last part (r2, r3) was written but only r2's cliff line
     lines = (tmp_path / "cliff.jsonl").read_text().splitlines()
     (tmp_path / "cliff.jsonl").write_text("\n".join(lines[:-1]) + "\n")
-    assert run_trace(loaded, prober, RECORDS, tmp_path, groups, batch_size=1, part_size=2) == 2
+    assert trace_into(loaded, prober, RECORDS, tmp_path, groups, batch_size=1, part_size=2) == 2
     table = pq.read_table(tmp_path / "traces.parquet")
     assert table.num_rows == sum(lengths)  # no duplicated rows
     rerun = [json.loads(line) for line in (tmp_path / "cliff.jsonl").read_text().splitlines()]

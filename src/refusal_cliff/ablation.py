@@ -183,13 +183,28 @@ def evaluate_condition(
     labeler=None,
     judge=None,
     progress: bool = False,
+    bar=None,
+    condition: str = "",
 ) -> dict:
-    """Generate, label and score under whatever ablation is active. Returns the metrics and records."""
+    """Generate, label and score under whatever ablation is active. Returns the metrics and records.
+
+    `bar`: one overall tqdm bar advanced per generated example (its description names the condition).
+    """
     from .generation import generate_records
     from .labeling import KeywordLabeler, is_attack_success
 
+    def generate(prompts: Sequence[dict], kind: str) -> list[dict]:
+        if bar is None:
+            return list(generate_records(loaded, list(prompts), generation_config, progress=progress))
+        bar.set_description(f"ablate {condition} {kind}")
+        out = []
+        for record in generate_records(loaded, list(prompts), generation_config, progress=False):
+            out.append(record)
+            bar.update(1)
+        return out
+
     labeler = labeler or KeywordLabeler()
-    harmful = list(generate_records(loaded, list(harmful_prompts), generation_config, progress=progress))
+    harmful = generate(harmful_prompts, "harmful")
     harmful_labels = _refusals(loaded, harmful, labeler, judge)
     scores = _final_scores(loaded, harmful, prober, layer, generation_config.batch_size)
     metrics = {
@@ -201,7 +216,7 @@ def evaluate_condition(
     }
     benign = []
     if benign_prompts:
-        benign = list(generate_records(loaded, list(benign_prompts), generation_config, progress=progress))
+        benign = generate(benign_prompts, "benign")
         # over-refusal is a keyword judgement: the model judge rates harm, not refusals
         benign_labels = _refusals(loaded, benign, labeler, None)
         metrics["benign_refusal_rate"] = sum(label["refusal"] for label in benign_labels) / len(benign)
@@ -226,6 +241,7 @@ def run_ablation(
     baseline: bool = True,
     progress: bool = False,
     on_record=None,
+    bar=None,
 ) -> list[dict]:
     """For each threshold, ablate its suppression heads and measure the paper's Figure 8 metrics.
 
@@ -255,8 +271,9 @@ def run_ablation(
     for threshold, heads in conditions:
         logger.info("threshold %g: scaling %d heads by %g", threshold, len(heads), gamma)
         with scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize):
+            name = "unablated" if not heads else f"{threshold:g} ({len(heads)} heads)"
             outcome = evaluate_condition(loaded, prober, layer, harmful_prompts, benign_prompts,
-                                         generation_config, labeler, judge, progress)
+                                         generation_config, labeler, judge, progress, bar, name)
         record = {
             "threshold": threshold,
             "heads": [[layer_index, head] for layer_index, head in heads],
@@ -287,107 +304,121 @@ def read_ranking(path: str | Path) -> list[dict]:
 
 def run_ablate(
     loaded,
-    prober: nn.Linear,
-    layer: int,
+    prober,
     heads_path: str | Path,
-    thresholds: Sequence[float],
     harmful_prompts: Sequence[dict],
     out_dir: str | Path,
-    generation_config,
+    config=None,
+    generation_config=None,
     benign_prompts: Sequence[dict] = (),
-    gamma: float = 0.0,
-    renormalize: bool = False,
     judge=None,
     export_dir: str | Path | None = None,
-    export_threshold: float | None = None,
-    baseline: bool = True,
-    prober_path: str | Path | None = None,
     sources: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
     """The `ablate` stage: ablation.json (one record per threshold, plus the unablated baseline at
-    threshold 0 when `baseline`), ablation.png, ablation_generations.jsonl, and optionally the
+    threshold 0 when `config.baseline`), ablation.png, ablation_generations.jsonl, and optionally the
     exported repaired model. A killed run resumes after the last finished threshold.
+
+    Args:
+        prober: a loaded `probe.Prober`.
+        heads_path: heads.json written by `heads` on this model.
+        config: a `config.AblateConfig` (thresholds, gamma, renormalize, baseline, export threshold).
+        generation_config: a `config.GenerationConfig` for the regenerated answers.
+        export_dir: also write a repaired checkpoint with the heads of `config.export_threshold`
+            (default: the largest threshold) folded into the o_proj weights.
 
     Returns the paths written, by name.
     """
-    from .attribution import parse_thresholds
-    from .generation import prompts_digest
-    from .runs import JsonlWriter, RunFolder, file_digest, read_json, write_json
+    from tqdm.auto import tqdm
 
-    thresholds = parse_thresholds(thresholds)
+    from .config import AblateConfig, GenerationConfig
+    from .generation import prompts_digest
+    from .probe import warn_if_unreliable
+    from .runs import JsonlWriter, RunFolder, file_digest, read_json, read_jsonl, write_json, write_jsonl
+
+    config = config or AblateConfig()
+    generation_config = generation_config or GenerationConfig()
+    config.validate()
+    thresholds = sorted(set(config.thresholds))
+    gamma, renormalize, baseline = float(config.gamma), bool(config.renormalize), bool(config.baseline)
+    if not harmful_prompts:
+        raise UserError("no harmful prompts to ablate on; check --prompts")
     ranking = read_ranking(heads_path)
     geometry = loaded.adapter.geometry(loaded.model)
     n_total = geometry.n_layers * geometry.n_heads
     if len(ranking) != n_total:
         raise UserError(f"{heads_path} ranks {len(ranking)} heads but the model has {n_total}; "
                         "run `heads` on this model")
+    export_threshold = None
     if export_dir is not None:
         if renormalize:
             raise UserError("--export cannot fold --renormalize into weights; export without --renormalize")
-        export_threshold = max(thresholds) if export_threshold is None else parse_thresholds([export_threshold])[0]
+        export_threshold = max(thresholds) if config.export_threshold is None else float(config.export_threshold)
         if Path(export_dir).exists() and any(Path(export_dir).iterdir()):
             raise UserError(f"{export_dir} is not empty; choose a new folder for --export")
-    config = {
+    elif config.export_threshold is not None:
+        raise UserError("--export-threshold needs --export DIR")
+    stage_config = {
         "model": loaded.model_id,
-        "prober": str(prober_path) if prober_path else None,
-        "prober_digest": file_digest(prober_path) if prober_path and Path(prober_path).is_file() else None,
-        "layer": layer,
-        "heads": str(heads_path),
+        "revision": loaded.revision,
+        "prober": prober.fingerprint(),
+        "layer": prober.layer,
         "heads_digest": file_digest(heads_path),
         "thresholds": thresholds,
-        "gamma": float(gamma),
-        "renormalize": bool(renormalize),
+        "gamma": gamma,
+        "renormalize": renormalize,
         "baseline": baseline,
         "harmful_digest": prompts_digest(harmful_prompts),
         "benign_digest": prompts_digest(benign_prompts) if benign_prompts else None,
         "judge": getattr(judge, "name", None),
-        "generation": generation_config.to_dict(),
+        "generation": generation_config.results_dict(),
         **(sources or {}),
     }
-    run = RunFolder(out_dir, "ablate", config, overwrite=overwrite)
-    artifacts = ["ablation.json", "ablation.png", "ablation_generations.jsonl"]
-    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=generation_config.seed,
-                        artifacts=artifacts)
-    results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
-    results: list[dict] = read_json(results_path) if resumed and results_path.is_file() else []
-    if not resumed and generations_path.exists():
-        generations_path.unlink()
-    done = {record["threshold"] for record in results}
-    if done:
-        logger.info("resuming: thresholds %s already measured", sorted(done))
-
-    if generations_path.exists():  # drop the generations of a threshold that was not finished
-        from .runs import read_jsonl, write_jsonl
-
-        write_jsonl(generations_path, [r for r in read_jsonl(generations_path) if r.get("threshold") in done])
-    with JsonlWriter(generations_path) as writer:
-        def keep(record: dict, outcome: dict) -> None:
-            # generations first: ablation.json is what marks a threshold as done
-            for kind in ("harmful", "benign"):
-                for example in outcome[kind]:
-                    writer.write({"threshold": record["threshold"], "set": kind, **example})
-            results.append(record)
-            write_json(results_path, sorted(results, key=lambda r: r["threshold"]))
-
+    warn_if_unreliable(prober)
+    run = RunFolder(out_dir, "ablate", stage_config, overwrite=overwrite,
+                    artifacts=["ablation.json", "ablation.png", "ablation_generations.jsonl"])
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=generation_config.seed,
+                   extra={"prober": prober.summary()}):
+        results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
+        results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
+        done = {record["threshold"] for record in results}
+        if done:
+            logger.info("resuming: thresholds %s already measured", sorted(done))
+        if generations_path.exists():  # drop the generations of a threshold that was not finished
+            kept = [r for r in read_jsonl(generations_path) if r.get("threshold") in done]
+            write_jsonl(generations_path, kept)
         pending = [t for t in thresholds if t not in done]
-        if pending or (baseline and 0.0 not in done):
-            run_ablation(loaded, prober, layer, ranking, pending, harmful_prompts, generation_config,
-                         benign_prompts, gamma, renormalize, judge=judge,
-                         baseline=baseline and 0.0 not in done, progress=progress, on_record=keep)
-    results = sorted(results, key=lambda r: r["threshold"])
-    write_json(results_path, results)
-    from .plotting import plot_ablation, save_figure  # lazy: matplotlib is slow to import
+        with_baseline = baseline and 0.0 not in done
+        n_conditions = len(pending) + int(with_baseline)
+        total = n_conditions * (len(harmful_prompts) + len(benign_prompts))
+        with JsonlWriter(generations_path) as writer, tqdm(total=total, desc="ablate", unit="ex",
+                                                           disable=not progress) as bar:
+            def keep(record: dict, outcome: dict) -> None:
+                # generations first: ablation.json is what marks a threshold as done
+                for kind in ("harmful", "benign"):
+                    for example in outcome[kind]:
+                        writer.write({"threshold": record["threshold"], "set": kind, **example})
+                results.append(record)
+                write_json(results_path, sorted(results, key=lambda r: r["threshold"]))
 
-    save_figure(plot_ablation(results), run.path("ablation.png"))
-    paths = {"ablation.json": results_path, "ablation.png": run.path("ablation.png"),
-             "ablation_generations.jsonl": generations_path}
-    extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}
-    if export_dir is not None:
-        heads = heads_at_threshold(ranking, export_threshold, n_total)
-        paths["export"] = export_ablated_model(loaded, heads, gamma, export_dir)
-        extra["export"] = {"path": str(export_dir), "threshold": export_threshold, "gamma": float(gamma),
-                           "heads": [list(h) for h in heads]}
-    run.finish(extra)
+            if n_conditions:
+                run_ablation(loaded, prober.linear, prober.layer, ranking, pending, harmful_prompts,
+                             generation_config, benign_prompts, gamma, renormalize, judge=judge,
+                             baseline=with_baseline, progress=False, on_record=keep, bar=bar)
+        results = sorted(results, key=lambda r: r["threshold"])
+        write_json(results_path, results)
+        from .plotting import plot_ablation, save_figure  # lazy: matplotlib is slow to import
+
+        save_figure(plot_ablation(results), run.path("ablation.png"))
+        paths = {"ablation.json": results_path, "ablation.png": run.path("ablation.png"),
+                 "ablation_generations.jsonl": generations_path}
+        extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}
+        if export_dir is not None:
+            heads = heads_at_threshold(ranking, export_threshold, n_total)
+            paths["export"] = export_ablated_model(loaded, heads, gamma, export_dir)
+            extra["export"] = {"path": str(export_dir), "threshold": export_threshold, "gamma": gamma,
+                               "heads": [list(h) for h in heads], "measured": True}
+        run.finish(extra)
     return paths

@@ -182,6 +182,7 @@ def iter_activation_batches(
     transforms: Mapping[int, Transform] | None = None,
     pad_token_id: int = 0,
     sort_window: int | None = None,
+    desc: str | None = None,
 ) -> Iterator[ActivationBatch]:
     """Yield batches of captures in processing order (longest first within each window).
 
@@ -192,23 +193,28 @@ def iter_activation_batches(
         batch_size: sequences per forward pass.
         transforms: layer -> function applied to that layer's capture inside the hook.
         sort_window: sequences sorted by length together (default 32 batches); bounds memory.
+        desc: show a progress bar with this description (None: no bar).
     """
+    from tqdm.auto import tqdm
+
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     _check_sequences(sequences)
     n_layers = len(adapter.layers(model))
     layers = resolve_layers(layers, n_layers)
     window = sort_window or batch_size * 32
-    for start in range(0, len(sequences), window):
-        stop = min(len(sequences), start + window)
-        # Longest first: an out-of-memory batch shows up at once, not at the end.
-        order = sorted(range(start, stop), key=lambda i: len(sequences[i]), reverse=True)
-        for first in range(0, len(order), batch_size):
-            indices = order[first:first + batch_size]
-            values = forward_batch(
-                model, adapter, [sequences[i] for i in indices], layers, positions, transforms, pad_token_id
-            )
-            yield ActivationBatch(indices=indices, values=values)
+    with tqdm(total=len(sequences), desc=desc, unit="seq", disable=desc is None) as bar:
+        for start in range(0, len(sequences), window):
+            stop = min(len(sequences), start + window)
+            # Longest first: an out-of-memory batch shows up at once, not at the end.
+            order = sorted(range(start, stop), key=lambda i: len(sequences[i]), reverse=True)
+            for first in range(0, len(order), batch_size):
+                indices = order[first:first + batch_size]
+                values = forward_batch(
+                    model, adapter, [sequences[i] for i in indices], layers, positions, transforms, pad_token_id
+                )
+                bar.update(len(indices))
+                yield ActivationBatch(indices=indices, values=values)
 
 
 def iter_activations(
@@ -221,6 +227,7 @@ def iter_activations(
     transforms: Mapping[int, Transform] | None = None,
     pad_token_id: int = 0,
     sort_window: int | None = None,
+    desc: str | None = None,
 ) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
     """Yield `(index, {layer: tensor})` per sequence, in input order (arguments as in
     `iter_activation_batches`). At most one sort window of results is held at a time."""
@@ -228,7 +235,7 @@ def iter_activations(
     pending: dict[int, dict[int, torch.Tensor]] = {}
     next_index = 0
     for batch in iter_activation_batches(
-        model, adapter, sequences, layers, positions, batch_size, transforms, pad_token_id, window
+        model, adapter, sequences, layers, positions, batch_size, transforms, pad_token_id, window, desc
     ):
         for row, index in enumerate(batch.indices):
             pending[index] = {layer: values[row] for layer, values in batch.values.items()}
@@ -244,8 +251,9 @@ def last_token_activations(
     layers: int | Sequence[int] | None = None,
     batch_size: int = 8,
     pad_token_id: int = 0,
+    desc: str | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Last-token hidden states of every sequence, in input order.
+    """Last-token hidden states of every sequence, in input order (`desc`: a progress bar).
 
     Returns:
         layer -> float32 tensor [n_sequences, d_model].
@@ -254,7 +262,8 @@ def last_token_activations(
     layers = resolve_layers(layers, n_layers)
     d_model = adapter.geometry(model).d_model
     out = {layer: torch.empty((len(sequences), d_model), dtype=torch.float32) for layer in layers}
-    for batch in iter_activation_batches(model, adapter, sequences, layers, "last", batch_size, None, pad_token_id):
+    for batch in iter_activation_batches(model, adapter, sequences, layers, "last", batch_size, None, pad_token_id,
+                                         desc=desc):
         for layer in layers:
             out[layer][batch.indices] = torch.stack(batch.values[layer]).cpu()
     return out

@@ -38,7 +38,6 @@ from .hooks import StopForward, add_hooks
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = (0.01, 0.03, 0.10)
-GROUPS = ("harmful-complied", "harmful-refused", "all")
 
 
 
@@ -460,22 +459,6 @@ def parse_thresholds(text: str | Iterable[float]) -> list[float]:
     return sorted(set(values))
 
 
-def select_group(records: Sequence[dict], labels: dict[str, bool] | None, group: str) -> list[dict]:
-    """The generation records of a group: `all`, or (for a run of harmful prompts)
-    `harmful-complied` (answer not a refusal) / `harmful-refused`."""
-    if group not in GROUPS:
-        raise UserError(f"unknown group {group!r}; use one of {', '.join(GROUPS)}")
-    if group == "all":
-        return list(records)
-    if labels is None:
-        raise UserError(f"--group {group} needs labels: pass --labels labels.jsonl (from `label`) or --group all")
-    missing = [str(r["id"]) for r in records if str(r["id"]) not in labels]
-    if missing:
-        raise UserError(f"{len(missing)} generations have no label (first: {missing[0]}); run `label` on the run again")
-    want_refusal = group == "harmful-refused"
-    return [r for r in records if labels[str(r["id"])] == want_refusal]
-
-
 # -- plot ----------------------------------------------------------------------------------
 
 
@@ -491,59 +474,51 @@ def head_marks(ranking: Sequence[dict], thresholds: Sequence[float], n_total: in
 # -- the `heads` stage ---------------------------------------------------------------------
 
 
-def read_labels(path: str | Path) -> dict[str, bool]:
-    """labels.jsonl -> {id: refusal}."""
-    from .runs import read_jsonl
-
-    labels = {}
-    for label in read_jsonl(path):
-        if "id" not in label or "refusal" not in label:
-            raise UserError(f"{path} is not a labels.jsonl (needs id and refusal); run `refusal-cliff label`")
-        labels[str(label["id"])] = bool(label["refusal"])
-    return labels
-
-
 def run_heads(
     loaded,
-    prober: nn.Linear,
-    layer: int,
-    final_norm_applied: bool,
+    prober,
     generations: str | Path,
     out_dir: str | Path,
+    config=None,
     labels: str | Path | None = None,
-    group: str = "harmful-complied",
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    batch_size: int = 8,
-    rank_by: str = "contribution",
-    prober_path: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """The `heads` stage: attribute the group's examples, rank the heads, write heads.json + heads.png.
 
-    `generations` is a generation run of harmful prompts; `labels` defaults to the
-    `labels.jsonl` beside it. Returns the path of heads.json.
-    """
-    from .runs import RunFolder, file_digest, read_jsonl, write_json
+    Args:
+        prober: a loaded `probe.Prober`.
+        generations: a generations.jsonl of harmful prompts (exactly that file is read).
+        config: a `config.HeadsConfig` (group, thresholds, rank_by, batch size).
+        labels: its labels.jsonl (default: the one beside `generations`, if it covers every id).
 
+    Returns the path of heads.json.
+    """
+    from .config import HeadsConfig
+    from .labeling import GROUP_ALL, group_name, join_labels, labels_for, read_generations, select_group
+    from .probe import warn_if_unreliable
+    from .runs import RunFolder, file_digest, write_json
+
+    config = config or HeadsConfig()
+    config.validate()
+    group = group_name(config.group)
     generations = Path(generations)
-    records = read_jsonl(generations)
-    if not records:
-        raise UserError(f"{generations} holds no generations; run `refusal-cliff generate` first")
-    missing = [key for key in ("id", "generation_prompt", "thinking", "end_template") if key not in records[0]]
-    if missing:
-        raise UserError(f"{generations} lacks {missing}; pass a generations.jsonl written by `generate`")
-    if labels is None and group != "all" and (generations.parent / "labels.jsonl").is_file():
-        labels = generations.parent / "labels.jsonl"
-    label_map = read_labels(labels) if labels is not None else None
-    chosen = select_group(records, label_map, group)
+    records = read_generations(generations)
+    label_map = labels_for(generations, labels, required=group != GROUP_ALL)
+    if label_map is not None:
+        records = join_labels(records, label_map, generations)
+    chosen = select_group(records, group)
     if not chosen:
-        raise UserError(f"no example of {generations} is in group {group!r}; pick another --group")
-    thresholds = parse_thresholds(thresholds)
-    config = {
+        sizes = {name: len(select_group(records, name)) for name in ("harmful_complied", "harmful_refused")}
+        raise UserError(f"group {group!r} of {generations} has no example (sizes: "
+                        f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group")
+    thresholds = sorted(set(config.thresholds))
+    rank_by, batch_size = config.rank_by, config.batch_size
+    layer, final_norm_applied = prober.layer, prober.final_norm_applied
+    stage_config = {
         "model": loaded.model_id,
-        "prober": str(prober_path) if prober_path else None,
-        "prober_digest": file_digest(prober_path) if prober_path and Path(prober_path).is_file() else None,
+        "revision": loaded.revision,
+        "prober": prober.fingerprint(),
         "layer": layer,
         "final_norm_applied": final_norm_applied,
         "generations": str(generations),
@@ -554,9 +529,17 @@ def run_heads(
         "rank_by": rank_by,
         "t_cliff": "last token of the probing sequence",
     }
-    run = RunFolder(out_dir, "heads", config, overwrite=overwrite)
-    run.start(model_id=loaded.model_id, revision=loaded.revision, artifacts=["heads.json", "heads.png"])
-    attribution = attribute_records(loaded, chosen, prober, layer, final_norm_applied, batch_size, progress=progress)
+    warn_if_unreliable(prober)
+    run = RunFolder(out_dir, "heads", stage_config, overwrite=overwrite, artifacts=["heads.json", "heads.png"])
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
+        return _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress)
+
+
+def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress) -> Path:
+    from .runs import write_json
+
+    attribution = attribute_records(loaded, chosen, prober.linear, prober.layer, prober.final_norm_applied,
+                                    batch_size, progress=progress)
     ranking = rank_heads(attribution, rank_by)
     geometry = loaded.adapter.geometry(loaded.model)
     write_json(run.path("heads.json"), ranking)

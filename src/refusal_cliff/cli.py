@@ -19,7 +19,10 @@ from .errors import UserError, describe_file_error
 
 # modules under refusal_cliff.commands holding verbs, in help order; every click command
 # defined at the top level of each module is registered
-_COMMAND_MODULES = ["generate", "diagnose", "report", "heads", "repair", "demo"]
+# One module per verb under refusal_cliff.commands, in help order. Each module defines the click
+# command of its verb; a module that fails to import is an error, never a silently missing verb.
+_COMMAND_MODULES = ["models", "generate", "label", "probe", "trace", "layers", "clip", "heads", "ablate",
+                    "select", "finetune", "repair", "report", "demo"]
 
 
 def _debug(ctx) -> bool:
@@ -67,15 +70,16 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 
 def _register() -> None:
     for module_name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.commands.{module_name}":
-                continue  # a stage not built yet
-            raise
-        for name, value in vars(module).items():
-            if isinstance(value, click.Command) and not name.startswith("_") and value.name not in main.commands:
-                main.add_command(value)
+        module = importlib.import_module(f"{__package__}.commands.{module_name}")
+        commands = [value for name, value in vars(module).items()
+                    if isinstance(value, click.Command) and not name.startswith("_")
+                    and value.callback.__module__ == module.__name__]
+        if not commands:
+            raise RuntimeError(f"refusal_cliff.commands.{module_name} defines no click command")
+        for command in commands:
+            if command.name in main.commands:
+                raise RuntimeError(f"two modules define the verb {command.name!r}")
+            main.add_command(command)
 
 
 _register()

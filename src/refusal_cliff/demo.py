@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from .data import load_prompts
-from .generation import GenerationConfig, run_generate
-from .labeling import KeywordLabeler, label_records
-from .runs import RunFolder, read_json, read_jsonl, write_json, write_jsonl
+from .config import GenerationConfig, LabelConfig
+from .generation import run_generate
+from .labeling import run_label
+from .probe import run_probe_train
+from .runs import RunFolder, read_json, read_jsonl, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,28 +68,36 @@ def _generate_and_label(loaded, prompts: str, settings: DemoSettings, limit: int
                               batch_size=settings.batch_size, system_prompt=SAFETY_SYSTEM_PROMPT)
     prompt_set = load_prompts(prompts, limit=limit)
     path = run_generate(loaded, prompt_set, config, out, source=prompts, overwrite=True)
-    records = read_jsonl(path)
-    labels = label_records(records, KeywordLabeler(), loaded.tokenizer)
-    write_jsonl(out / "labels.jsonl", labels)
+    labels = read_jsonl(run_label(path, out, LabelConfig(), loaded.tokenizer, overwrite=True))
     refused = sum(label["refusal"] for label in labels)
     return {"n": len(labels), "refusals": refused, "refusal_rate": refused / max(len(labels), 1)}
 
 
 def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = False,
              on_stage: Callable[[str], None] = lambda message: None) -> Path:
-    """Run the diagnosis end to end into `out_dir`; returns the path of report.html."""
-    from .ablation import run_ablate
-    from .attribution import run_heads
-    from .probe import save_prober
-    from .report import render_report
-    from .studies import resolve_study_layers, run_clipping_study, run_layer_study
-    from .trace import load_trace_records, run_trace
-
+    """Run the diagnosis end to end into `out_dir` with the same stage functions as the verbs
+    (each sub-folder is exactly what the verb would have written); returns the path of report.html."""
     settings = demo_settings(quick)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = RunFolder(out, "demo", {"quick": quick, "repair": repair, **asdict(settings)}, overwrite=True)
     run.start(model_id=loaded.model_id, revision=loaded.revision, seed=0)
+    try:
+        return _run_stages(loaded, out, run, settings, quick, repair, on_stage)
+    except BaseException:
+        run.rollback()
+        raise
+
+
+def _run_stages(loaded, out: Path, run: RunFolder, settings: DemoSettings, quick: bool, repair: bool,
+                on_stage: Callable[[str], None]) -> Path:
+    from .ablation import run_ablate
+    from .attribution import run_heads
+    from .config import AblateConfig, ClipConfig, HeadsConfig, LayersConfig, ProbeConfig, TraceConfig
+    from .report import render_report
+    from .studies import resolve_study_layers, run_clip, run_layers
+    from .trace import TraceInput, run_trace
+
     timings: dict[str, float] = {}
     notes_path = out / "demo.json"
     notes = read_json(notes_path) if notes_path.is_file() else {}
@@ -101,6 +111,7 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
 
     n_layers = loaded.adapter.geometry(loaded.model).n_layers
     harmful_run, harmless_run = out / "generate_harmful", out / "generate_harmless"
+    harmful_generations = harmful_run / "generations.jsonl"
 
     stage("generate_harmful", "1/7 generating answers to the built-in harmful prompts")
     harmful_stats = _generate_and_label(loaded, "demo:harmful", settings, settings.n_harmful, harmful_run)
@@ -127,57 +138,55 @@ def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = Fa
 
     layers = resolve_study_layers(settings.layers, n_layers)
     stage("probe", f"3/7 training a refusal prober per layer ({', '.join(map(str, layers))}) and tracing each layer")
-    probers = run_layer_study(loaded, harmful_run, harmless_run, layers, out / "layers", epochs=DEMO_PROBER_EPOCHS)
-    main_prober = probers[n_layers - 1]
-    prober_path = save_prober(main_prober, out / "probe")
-    metrics = main_prober.metadata["metrics"]
-    notes["prober validation accuracy"] = (f"{metrics['val_accuracy']:.3f} on {metrics['n_val']} held-out examples "
-                                           f"({metrics['n_train']} for training)"
-                                           + (": too few to mean much" if metrics["n_val"] < 10 else ""))
+    run_layers(loaded, harmful_run, harmless_run, out / "layers",
+               LayersConfig(layers=tuple(layers), epochs=DEMO_PROBER_EPOCHS), overwrite=True)
+    probe = run_probe_train(loaded, harmful_run, harmless_run, out / "probe",
+                            ProbeConfig(epochs=DEMO_PROBER_EPOCHS), overwrite=True)
+    prober = probe.prober
+    metrics = prober.metadata["metrics"]
+    low, high = metrics["val_accuracy_ci95"]
+    notes["prober validation accuracy"] = (f"{metrics['val_accuracy']:.3f} (95 % interval {low:.2f}-{high:.2f}) on "
+                                           f"{metrics['n_val']} held-out examples ({metrics['n_train']} for "
+                                           f"training): {prober.quality}")
     notes["prober training"] = (f"the paper's recipe (Adam 1e-3, batch 256, balanced, 80/20, best epoch kept) but "
                                 f"{DEMO_PROBER_EPOCHS} epochs instead of 5: the built-in set has a few dozen "
                                 "examples, so 5 epochs would be 5 optimizer steps")
     done("probe")
 
     stage("trace", "4/7 tracing the refusal score over every token (last-layer prober)")
-    harmful_records, groups = load_trace_records(harmful_run, harmful=True)
-    harmless_records, harmless_groups = load_trace_records(harmless_run, harmful=False)
-    groups.update(harmless_groups)
-    trace_dir = out / "trace"
-    RunFolder(trace_dir, "trace", {"prober": str(prober_path), "n": len(groups)}, overwrite=True).start(
-        model_id=loaded.model_id, artifacts=["cliff.jsonl", "curves.json", "traces.parquet"])
-    run_trace(loaded, main_prober, harmful_records + harmless_records, trace_dir, groups, batch_size=8)
+    run_trace(loaded, prober, [TraceInput(harmful_generations, True), TraceInput(harmless_run / "generations.jsonl",
+                                                                                 False)],
+              out / "trace", TraceConfig(batch_size=8), overwrite=True)
     done("trace")
 
     stage("clipping", "5/7 thinking-clipping study (regenerating answers from clipped thinking)")
-    clip_source = harmful_records[: settings.n_clip] if settings.n_clip else harmful_records
-    run_clipping_study(loaded, main_prober, clip_source, settings.fractions, out / "clipping",
-                       max_answer_tokens=settings.answer, batch_size=settings.batch_size)
+    run_clip(loaded, prober, harmful_generations, out / "clipping",
+             ClipConfig(fractions=tuple(settings.fractions), limit=settings.n_clip,
+                        max_answer_tokens=settings.answer, batch_size=settings.batch_size), overwrite=True)
     done("clipping")
 
     stage("heads", "6/7 attributing the refusal logit to every attention head at t_cliff")
-    complied = sum(1 for g in groups.values() if g == "harmful_complied")
-    group = "harmful-complied" if complied >= 2 else "all"
+    complied = sum(1 for label in read_jsonl(harmful_run / "labels.jsonl") if not label["refusal"])
+    group = "harmful_complied" if complied >= 2 else "all"
     notes["heads group"] = (f"harmful prompts the model complied with ({complied})" if group != "all"
                             else f"all harmful prompts (only {complied} complied)")
-    heads_path = run_heads(loaded, main_prober.linear, main_prober.layer, True, harmful_run / "generations.jsonl",
-                           out / "heads", group=group, prober_path=prober_path, overwrite=True, progress=False)
+    heads_path = run_heads(loaded, prober, harmful_generations, out / "heads", HeadsConfig(group=group),
+                           overwrite=True, progress=False)
     done("heads")
 
     stage("ablate", "7/7 ablating the suppression heads and regenerating answers")
     ablation_config = GenerationConfig(max_thinking_tokens=settings.thinking, max_answer_tokens=settings.answer,
                                        batch_size=settings.batch_size, system_prompt=SAFETY_SYSTEM_PROMPT)
-    run_ablate(loaded, main_prober.linear, main_prober.layer, heads_path, settings.thresholds,
-               load_prompts("demo:harmful", limit=settings.n_ablate), out / "ablate", ablation_config,
-               benign_prompts=load_prompts("demo:harmless", limit=settings.n_ablate), prober_path=prober_path,
-               overwrite=True, progress=True)
+    run_ablate(loaded, prober, heads_path, load_prompts("demo:harmful", limit=settings.n_ablate), out / "ablate",
+               AblateConfig(thresholds=tuple(settings.thresholds)), ablation_config,
+               benign_prompts=load_prompts("demo:harmless", limit=settings.n_ablate), overwrite=True)
     done("ablate")
 
     if repair:
         from .repair_demo import run_repair_demo
 
         stage("repair", "repair: Cliff-as-a-Judge selection, LoRA fine-tune, evaluation before vs after")
-        run_repair_demo(loaded, prober_path, out / "repair", quick=quick)
+        run_repair_demo(loaded, probe.path, out / "repair", quick=quick)
         done("repair")
 
     notes["stage seconds"] = timings

@@ -16,12 +16,13 @@ and TRL's `completion_only_loss` puts the loss on the assistant part only.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .config import FinetuneConfig  # noqa: F401  (re-exported)
 from .errors import UserError, require
 from .models import forget_gguf_origin
 from .runs import RunFolder, file_digest, read_jsonl, write_json
@@ -30,38 +31,6 @@ logger = logging.getLogger(__name__)
 
 FULL_LEARNING_RATE = 5e-6  # paper, Appendix B (full-parameter)
 LORA_LEARNING_RATE = 1e-4  # LoRA adapters need a larger step; not from the paper
-
-
-@dataclass
-class FinetuneConfig:
-    """SFT settings; the defaults are the paper's Appendix B."""
-
-    lora: bool = False  # train LoRA adapters instead of every parameter
-    learning_rate: float | None = None  # None: 5e-6 full-parameter (paper), 1e-4 LoRA
-    lr_scheduler_type: str = "linear"  # learning-rate schedule
-    warmup_ratio: float = 0.0  # fraction of steps of linear warm-up
-    num_train_epochs: float = 1.0  # passes over the selected set
-    max_steps: int = -1  # stop after this many optimizer steps (-1: run the epochs)
-    per_device_train_batch_size: int = 1  # examples per device per step
-    gradient_accumulation_steps: int = 4  # steps accumulated per optimizer update
-    max_length: int = 16384  # longest training sequence in tokens (longer ones are truncated)
-    precision: str = "auto"  # "auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16", "fp32"
-    gradient_checkpointing: bool = False  # trade compute for memory on long thinking
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    lora_target_modules: str = "all-linear"  # modules that get adapters (comma list or "all-linear")
-    seed: int = 0  # data order and initialisation seed
-    logging_steps: int = 1  # log the loss every this many steps
-    deepspeed: str | None = None  # DeepSpeed JSON config (multi-GPU); see configs/deepspeed_zero2.json
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def resolved_learning_rate(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return LORA_LEARNING_RATE if self.lora else FULL_LEARNING_RATE
 
 
 @dataclass
@@ -199,11 +168,10 @@ def run_finetune(loaded, data_path: str | Path, out_dir: str | Path, config: Fin
     examples = load_sft_examples(data_path)
     run = RunFolder(out_dir, "finetune", {"model": loaded.model_id, "data": str(data_path),
                                           "data_digest": file_digest(data_path), **config.to_dict()},
-                    overwrite=overwrite)
-    run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
-              artifacts=["train_metrics.json"])
-    loaded.model.train()
-    result = train_sft(loaded.model, loaded.tokenizer, examples, out_dir, config)
-    run.finish({"model_dir": str(result.model_dir), "adapter_dir": str(result.adapter_dir or ""),
-                "metrics": {k: v for k, v in result.metrics.items() if k != "log_history"}})
+                    overwrite=overwrite, artifacts=["train_metrics.json", "model", "adapter"])
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+        loaded.model.train()
+        result = train_sft(loaded.model, loaded.tokenizer, examples, out_dir, config)
+        run.finish({"model_dir": str(result.model_dir), "adapter_dir": str(result.adapter_dir or ""),
+                    "metrics": {k: v for k, v in result.metrics.items() if k != "log_history"}})
     return result

@@ -19,37 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import GenerationConfig  # noqa: F401  (re-exported: the generation settings)
 from .errors import UserError
 from .runs import JsonlWriter, RunFolder, completed_ids, fingerprint, read_jsonl, write_jsonl
 from .templates import ThinkingTemplate, clean_thinking, detect_thinking_template, generation_prompt
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationConfig:
-    """Settings of `generate` (every field is a CLI flag)."""
-
-    max_thinking_tokens: int = 256  # thinking budget; the thinking is clipped when it runs out
-    max_answer_tokens: int = 96  # answer budget
-    batch_size: int = 8  # prompts per batch
-    system_prompt: str | None = None  # optional system message
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    seed: int = 0  # sampling seed (per batch: seed + hash of its first id)
-    end_template: str | None = None  # override the detected thinking-end template
-    start_marker: str | None = None  # override the thinking-start marker
-    end_marker: str | None = None  # override the thinking-end marker
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -154,6 +136,9 @@ def _batch_seed(seed: int, first_id: str) -> int:
 
 def check_lengths(loaded, prompts: Sequence[dict], texts: Sequence[str], config: GenerationConfig) -> None:
     """Reject a prompt that cannot fit the model's context with the budgets (before any work)."""
+    for prompt in prompts:
+        if not str(prompt.get("prompt", "")).strip():
+            raise UserError(f"prompt {prompt['id']!r} is empty; drop it from the prompt file")
     context = getattr(loaded.model.config, "max_position_embeddings", None)
     if not context:
         return
@@ -254,19 +239,19 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
                                         config.end_template)
     texts = [generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts]
     check_lengths(loaded, prompts, texts, config)  # before anything is written
-    run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite)
+    run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite,
+                    artifacts=["generations.jsonl", "labels.jsonl", "metadata.label.json"])
     target = run.path("generations.jsonl")
-    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
-                        artifacts=["generations.jsonl", "labels.jsonl", "metadata.label.json"])
-    done = completed_ids(target) if resumed else set()
-    pending = [p for p in prompts if str(p["id"]) not in done]
-    if done:
-        logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
-    with JsonlWriter(target) as writer:
-        for record in generate_records(loaded, pending, config, template, progress=progress):
-            writer.write(record)
-    # written as batches finished (longest prompts first); once complete, put them in prompt order
-    order = {str(p["id"]): index for index, p in enumerate(prompts)}
-    write_jsonl(target, sorted(read_jsonl(target), key=lambda r: order.get(str(r["id"]), len(order))))
-    run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts)})
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+        done = completed_ids(target) if run.resumed else set()
+        pending = [p for p in prompts if str(p["id"]) not in done]
+        if done:
+            logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
+        with JsonlWriter(target) as writer:
+            for record in generate_records(loaded, pending, config, template, progress=progress):
+                writer.write(record)
+        # written as batches finished (longest prompts first); once complete, put them in prompt order
+        order = {str(p["id"]): index for index, p in enumerate(prompts)}
+        write_jsonl(target, sorted(read_jsonl(target), key=lambda r: order.get(str(r["id"]), len(order))))
+        run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts)})
     return target

@@ -152,3 +152,179 @@ def is_attack_success(label: dict) -> bool:
     if "unsafe" in label:
         return bool(label["unsafe"])
     return not label["refusal"]
+
+
+# -- groups and the one labels join ---------------------------------------------------------
+
+GROUP_HARMFUL_COMPLIED = "harmful_complied"
+GROUP_HARMFUL_REFUSED = "harmful_refused"
+GROUP_HARMLESS = "harmless"
+GROUP_ALL = "all"
+GROUPS = (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED, GROUP_HARMLESS)
+GENERATION_FIELDS = ("id", "prompt", "generation_prompt", "thinking", "end_template", "answer")
+LABELS = "labels.jsonl"
+
+
+def group_name(name: str) -> str:
+    """The one spelling of a group name (`harmful-complied` is read as `harmful_complied`)."""
+    return name.strip().replace("-", "_")
+
+
+def group_of(harmful: bool, refusal: bool | None) -> str:
+    """The averaging group of an example: harmful_complied, harmful_refused or harmless."""
+    if not harmful:
+        return GROUP_HARMLESS
+    return GROUP_HARMFUL_REFUSED if refusal else GROUP_HARMFUL_COMPLIED
+
+
+def read_generations(path: str | Path, fields: Sequence[str] = GENERATION_FIELDS) -> list[dict]:
+    """The records of exactly this generations.jsonl (never a sibling file), checked for `fields`."""
+    from .runs import read_jsonl
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; pass its generations.jsonl")
+    if not path.is_file():
+        raise UserError(f"file not found: {path}; pass a generations.jsonl written by `refusal-cliff generate`")
+    records = read_jsonl(path)
+    if not records:
+        raise UserError(f"{path} holds no generations; run `refusal-cliff generate` first")
+    missing = [key for key in fields if key not in records[0]]
+    if missing:
+        raise UserError(f"{path} lacks fields {missing}; pass a generations.jsonl written by `refusal-cliff generate`")
+    ids = [str(record["id"]) for record in records]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{path} has duplicate ids (first: {duplicate!r}); regenerate it or drop the duplicates")
+    return records
+
+
+def read_labels(path: str | Path) -> dict[str, dict]:
+    """labels.jsonl -> {id: label record}."""
+    from .runs import read_jsonl
+
+    labels = {}
+    for label in read_jsonl(path):
+        if "id" not in label or "refusal" not in label:
+            raise UserError(f"{path} is not a labels.jsonl (needs id and refusal); run `refusal-cliff label`")
+        labels[str(label["id"])] = label
+    return labels
+
+
+def label_hint(generations: str | Path) -> str:
+    """The command that writes labels beside a generations file (runs as printed)."""
+    path = Path(generations)
+    return f"refusal-cliff label --generations {path} --out {path.parent}"
+
+
+def generation_model_id(generations: str | Path) -> str | None:
+    """The model id recorded in the `metadata.json` of the run a generations file belongs to, if any."""
+    import json
+
+    meta = Path(generations).with_name("metadata.json")
+    try:
+        return json.loads(meta.read_text()).get("config", {}).get("model") if meta.is_file() else None
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def labels_for(generations: str | Path, labels: str | Path | Sequence[str | Path] | None = None,
+               required: bool = True) -> dict[str, dict] | None:
+    """The labels of a generations file: from `labels` when given, else from the `labels.jsonl`
+    beside the file, but only if that file's ids cover every id of the generations (a sibling
+    written for other records is never used silently).
+
+    Returns {id: label} or None (no labels and not `required`).
+    """
+    generations = Path(generations)
+    if labels:
+        merged: dict[str, dict] = {}
+        for path in [labels] if isinstance(labels, (str, Path)) else labels:
+            if not Path(path).is_file():
+                raise UserError(f"labels file not found: {path}")
+            merged.update(read_labels(path))
+        return merged
+    sibling = generations.with_name(LABELS)
+    if sibling.is_file():
+        found = read_labels(sibling)
+        ids = {str(r["id"]) for r in read_generations(generations, ("id",))}
+        if ids <= set(found):
+            return found
+        if required:
+            raise UserError(f"{sibling} does not label every example of {generations} "
+                            f"({len(ids - set(found))} unlabelled); run `{label_hint(generations)}` "
+                            "or pass --labels FILE")
+        return None
+    if required:
+        raise UserError(f"{generations} has no labels.jsonl beside it; run `{label_hint(generations)}` "
+                        "or pass --labels FILE")
+    return None
+
+
+def join_labels(records: Sequence[dict], labels: dict[str, dict], source: str | Path = "") -> list[dict]:
+    """Generation records that have a label, each with `refusal` copied in (the one join of the project).
+
+    Policy for unlabelled ids: they are counted, named in a warning (the first five) and excluded,
+    in every stage alike.
+    """
+    kept, unlabelled = [], []
+    for record in records:
+        label = labels.get(str(record["id"]))
+        if label is None:
+            unlabelled.append(str(record["id"]))
+        else:
+            kept.append({**record, "refusal": bool(label["refusal"])})
+    if unlabelled:
+        names = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+        logger.warning("%s: %d of %d generations have no label and are excluded (%s)", source or "generations",
+                       len(unlabelled), len(records), names)
+    return kept
+
+
+def select_group(records: Sequence[dict], group: str) -> list[dict]:
+    """The labelled records (from `join_labels`) of a group of harmful prompts, or all of them."""
+    group = group_name(group)
+    if group == GROUP_ALL:
+        return list(records)
+    if group not in (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED):
+        raise UserError(f"unknown group {group!r}; use one of {GROUP_HARMFUL_COMPLIED}, {GROUP_HARMFUL_REFUSED}, "
+                        f"{GROUP_ALL}")
+    want_refusal = group == GROUP_HARMFUL_REFUSED
+    return [r for r in records if bool(r["refusal"]) == want_refusal]
+
+
+# -- the `label` stage ------------------------------------------------------------------------
+
+
+def run_label(generations: str | Path, out_dir: str | Path, config=None, tokenizer=None, judge=None,
+              overwrite: bool = False) -> Path:
+    """The `label` stage: label every answer of a generations.jsonl; writes `labels.jsonl` and metadata.
+
+    Args:
+        generations: a generations.jsonl (read, never rewritten).
+        config: a `config.LabelConfig` (keywords, judge...).
+        tokenizer: the tokenizer that counts the 32 answer tokens (None: the first 32 words).
+        judge: an optional loaded `ModelJudge`.
+
+    Returns the path of labels.jsonl.
+    """
+    from .config import LabelConfig
+    from .runs import RunFolder, file_digest, write_jsonl
+
+    config = config or LabelConfig()
+    records = read_generations(generations, ("id", "prompt", "answer"))
+    words = [] if config.only_keywords else default_keywords()
+    if config.keywords:
+        words += load_keywords(config.keywords)
+    if not words:
+        raise UserError("no keywords: pass --keywords FILE with --only-keywords")
+    stage_config = {**config.to_dict(), "generations": str(generations), "digest": file_digest(generations),
+                    "keywords": words, "tokenizer": getattr(tokenizer, "name_or_path", None)}
+    run = RunFolder(out_dir, "label", stage_config, overwrite=overwrite,
+                    artifacts=[LABELS])
+    with run.start(model_id=getattr(tokenizer, "name_or_path", None)):
+        labels = label_records(records, KeywordLabeler(words), tokenizer, judge)
+        write_jsonl(run.path(LABELS), labels)
+        refused = sum(label["refusal"] for label in labels)
+        run.finish({"n": len(labels), "refusals": refused})
+    return run.path(LABELS)

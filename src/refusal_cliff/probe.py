@@ -28,7 +28,7 @@ from torch import nn
 
 from .activations import final_norm_applied, last_token_activations, resolve_layers
 from .errors import UserError
-from .runs import read_json, read_jsonl, write_json
+from .runs import publish, read_json, write_json
 from .templates import probing_tokens
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,32 @@ class Prober:
         """`sigmoid(w·h + b)` for hidden states [..., d_model] -> [...]."""
         return torch.sigmoid(self.logit(hidden))
 
+    @property
+    def final_norm_applied(self) -> bool:
+        """Whether the layer read includes the final norm (only the last layer does)."""
+        if "final_norm_applied" in self.metadata:
+            return bool(self.metadata["final_norm_applied"])
+        n_layers = self.metadata.get("n_layers")
+        return n_layers is not None and final_norm_applied(self.layer, int(n_layers))
+
+    @property
+    def quality(self) -> str:
+        """"reliable", "unreliable" (see `judge_quality`) or "unknown" (a prober saved before the check)."""
+        return self.metadata.get("quality", "unknown")
+
+    def fingerprint(self) -> str:
+        """A digest of what the prober computes: its layer, final-norm flag and weights."""
+        import hashlib
+
+        weights = torch.cat([self.weight.reshape(-1), self.bias.reshape(-1)]).float().cpu().numpy()
+        digest = hashlib.sha256(weights.tobytes()).hexdigest()[:16]
+        return f"layer{self.layer}-norm{int(self.final_norm_applied)}-{digest}"
+
+    def summary(self) -> dict:
+        """What downstream stages record about the prober they used."""
+        return {"fingerprint": self.fingerprint(), "layer": self.layer, "quality": self.quality,
+                "model_id": self.metadata.get("model_id")}
+
 
 @dataclass
 class EpochRecord:
@@ -115,23 +141,23 @@ class ProbeDataset:
 # -- data ----------------------------------------------------------------------------------
 
 
-def read_labelled_run(run: str | Path) -> list[tuple[dict, dict]]:
-    """(generation record, label record) pairs of a generation run, joined on `id`."""
+def read_labelled_run(run: str | Path) -> list[dict]:
+    """The labelled generation records of a run folder (generations.jsonl + labels.jsonl), each with
+    `refusal`; unlabelled ids are excluded with a warning (`labeling.join_labels`)."""
+    from .labeling import join_labels, labels_for, read_generations
+
     run = Path(run)
     generations_path, labels_path = run / "generations.jsonl", run / "labels.jsonl"
     if not generations_path.is_file():
-        raise UserError(f"{run} has no generations.jsonl; run `refusal-cliff generate --out {run}` first")
+        raise UserError(f"{run} is not a generation run (no generations.jsonl); run "
+                        f"`refusal-cliff generate --out {run}` first")
     if not labels_path.is_file():
-        raise UserError(f"{run} has no labels.jsonl; run `refusal-cliff label {run}` first")
-    labels = {str(record["id"]): record for record in read_jsonl(labels_path)}
-    pairs = []
-    for record in read_jsonl(generations_path):
-        label = labels.get(str(record["id"]))
-        if label is not None:
-            pairs.append((record, label))
-    if not pairs:
+        raise UserError(f"{run} has no labels.jsonl; run `refusal-cliff label --generations {generations_path} "
+                        f"--out {run}`")
+    records = join_labels(read_generations(generations_path), labels_for(generations_path, labels_path), run)
+    if not records:
         raise UserError(f"{run}: no generation in generations.jsonl has a label in labels.jsonl; re-run `label`")
-    return pairs
+    return records
 
 
 def build_probe_dataset(tokenizer, harmful_run: str | Path, harmless_run: str | Path) -> ProbeDataset:
@@ -143,8 +169,8 @@ def build_probe_dataset(tokenizer, harmful_run: str | Path, harmless_run: str | 
     """
     dataset = ProbeDataset([], [], [], [])
     for run, wanted_refusal, label in ((harmful_run, True, 1), (harmless_run, False, 0)):
-        for record, label_record in read_labelled_run(run):
-            if bool(label_record["refusal"]) != wanted_refusal:
+        for record in read_labelled_run(run):
+            if record["refusal"] != wanted_refusal:
                 continue
             ids, _ = probing_tokens(tokenizer, record)
             dataset.sequences.append(ids)
@@ -162,9 +188,9 @@ def build_ood_dataset(tokenizer, runs: str | Path | Sequence[str | Path]) -> Pro
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     dataset = ProbeDataset([], [], [], [])
     for run in runs:
-        for record, label_record in read_labelled_run(run):
+        for record in read_labelled_run(run):
             dataset.sequences.append(probing_tokens(tokenizer, record)[0])
-            dataset.labels.append(int(bool(label_record["refusal"])))
+            dataset.labels.append(int(record["refusal"]))
             dataset.ids.append(str(record["id"]))
             dataset.sources.append(str(run))
     return dataset
@@ -299,14 +325,56 @@ def train_prober(
             best_state = copy.deepcopy(linear.state_dict())
     linear.load_state_dict(best_state)
     linear.requires_grad_(False)
+    n_val = len(val_idx)
+    majority = max(int(y_val.sum()), n_val - int(y_val.sum())) / n_val
     metrics = {
         "val_accuracy": best_accuracy,
+        "val_accuracy_ci95": list(wilson_interval(round(best_accuracy * n_val), n_val)),
+        "majority_rate": majority,
         "ood_accuracy": history[best_epoch - 1].ood_accuracy,
         "best_epoch": best_epoch,
         "n_train": len(train_idx),
-        "n_val": len(val_idx),
+        "n_val": n_val,
     }
     return linear, history, metrics
+
+
+# -- quality -------------------------------------------------------------------------------
+
+MIN_VAL_EXAMPLES = 20
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a binomial proportion (sensible for small n and p near 0 or 1)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def judge_quality(metrics: dict) -> tuple[str, list[str]]:
+    """Is the prober's validation accuracy evidence of anything?
+
+    Unreliable when fewer than 20 validation examples back it, or when the lower end of the 95 %
+    Wilson interval of its validation accuracy is not above the majority-class rate (a classifier
+    that always says the larger class gets that rate: the margin is the sampling error).
+
+    Returns ("reliable" | "unreliable", reasons).
+    """
+    reasons = []
+    n_val = int(metrics.get("n_val") or 0)
+    accuracy = float(metrics.get("val_accuracy") or 0.0)
+    low, high = metrics.get("val_accuracy_ci95") or wilson_interval(round(accuracy * n_val), n_val)
+    majority = float(metrics.get("majority_rate") or 0.5)
+    if n_val < MIN_VAL_EXAMPLES:
+        reasons.append(f"only {n_val} validation examples (fewer than {MIN_VAL_EXAMPLES}): generate more prompts")
+    if low <= majority:
+        reasons.append(f"validation accuracy {accuracy:.3f} (95 % interval {low:.2f}-{high:.2f}) is not above the "
+                       f"majority-class rate {majority:.2f}")
+    return ("unreliable" if reasons else "reliable"), reasons
 
 
 def train_prober_from_runs(
@@ -341,7 +409,8 @@ def train_prober_from_runs(
     # fail before the (slow) activation capture if the classes are too small for the recipe
     balance_and_split(torch.tensor(dataset.labels, dtype=torch.long), val_fraction, seed)
     logger.info("probe dataset: %d refusals (1), %d compliant answers (0)", counts[1], counts[0])
-    features = last_token_activations(model, adapter, dataset.sequences, layer, batch_size, pad)[layer]
+    features = last_token_activations(model, adapter, dataset.sequences, layer, batch_size, pad,
+                                      desc="probe: activations")[layer]
     ood_features = ood_labels = None
     if ood_run is not None:
         ood = build_ood_dataset(tokenizer, ood_run)
@@ -366,11 +435,78 @@ def train_prober_from_runs(
     return Prober(linear=linear, layer=layer, metadata=metadata)
 
 
+
+def check_probe_runs(harmful_run: str | Path, harmless_run: str | Path, ood_runs: Sequence[str | Path] = ()) -> None:
+    """Fail fast on runs that cannot train a prober (before any model is loaded)."""
+    for role, run in (("harmful", harmful_run), ("harmless", harmless_run), *(("ood", r) for r in ood_runs)):
+        read_labelled_run(run)  # raises a one-line error naming the command to run
+    if Path(harmful_run).resolve() == Path(harmless_run).resolve():
+        raise UserError(f"--harmful and --harmless are the same run ({harmful_run}); the prober needs refusals to "
+                        "harmful prompts and compliance with harmless ones, from two runs")
+
+
+@dataclass
+class ProbeResult:
+    prober: Prober
+    path: Path  # prober.safetensors
+    reused: bool  # the folder already held a finished run with the same inputs and settings
+
+
+def run_probe_train(loaded, harmful_run: str | Path, harmless_run: str | Path, out_dir: str | Path,
+                    config=None, ood_runs: Sequence[str | Path] = (), overwrite: bool = False) -> ProbeResult:
+    """The `probe train` stage: train the prober and write `prober.safetensors` + `prober.json`.
+
+    Every input is checked (both classes present, the layer exists, the runs differ) before the
+    folder is touched; a finished run with the same inputs and settings is reused.
+    """
+    from .config import ProbeConfig
+    from .runs import RunFolder, file_digest
+
+    config = config or ProbeConfig()
+    check_probe_runs(harmful_run, harmless_run, ood_runs)
+    geometry = loaded.adapter.geometry(loaded.model)
+    (layer,) = resolve_layers(config.layer, geometry.n_layers)
+    dataset = build_probe_dataset(loaded.tokenizer, harmful_run, harmless_run)
+    balance_and_split(torch.tensor(dataset.labels, dtype=torch.long), config.val_fraction, config.seed)
+
+    def digests(run) -> dict:
+        return {name: file_digest(Path(run) / name) for name in ("generations.jsonl", "labels.jsonl")}
+
+    stage_config = {"model": loaded.model_id, "revision": loaded.revision,
+                    "dtype": str(next(loaded.model.parameters()).dtype), **config.to_dict(), "layer": layer,
+                    "layer_requested": config.layer, "harmful": digests(harmful_run),
+                    "harmless": digests(harmless_run), "ood": [digests(r) for r in ood_runs]}
+    stage_config.pop("batch_size")  # does not change the result
+    run = RunFolder(out_dir, "probe", stage_config, overwrite=overwrite,
+                    artifacts=[PROBER_WEIGHTS, PROBER_METADATA])
+    if run.is_finished() and run.path(PROBER_WEIGHTS).is_file():
+        return ProbeResult(load_prober(out_dir, loaded), run.path(PROBER_WEIGHTS), reused=True)
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+        prober = train_prober_from_runs(
+            loaded, harmful_run, harmless_run, list(ood_runs) or None, layer=layer, batch_size=config.batch_size,
+            lr=config.lr, train_batch_size=config.train_batch_size, epochs=config.epochs,
+            val_fraction=config.val_fraction, seed=config.seed)
+        prober.metadata["config"]["layer_requested"] = config.layer
+        path = save_prober(prober, out_dir)
+        warn_if_unreliable(prober)
+        run.finish({"metrics": prober.metadata["metrics"], "quality": prober.quality,
+                    "quality_reasons": prober.metadata.get("quality_reasons", [])})
+    return ProbeResult(prober, path, reused=False)
+
+
+def warn_if_unreliable(prober: Prober) -> None:
+    """Log a warning naming why a prober's validation accuracy is not evidence of anything."""
+    if prober.quality == "unreliable":
+        logger.warning("the prober is UNRELIABLE: %s; every score built on it (trace, heads, ablate, select) "
+                       "inherits this", "; ".join(prober.metadata.get("quality_reasons", [])))
+
+
 def prober_metadata(
     loaded, layer: int, end_template: str | None, metrics: dict, history: Sequence[EpochRecord], config: dict
 ) -> dict:
-    """The `prober.json` fields (docs/artifacts.md)."""
+    """The `prober.json` fields (docs/artifacts.md), with the quality judgement of `judge_quality`."""
     geometry = loaded.adapter.geometry(loaded.model)
+    quality, reasons = judge_quality(metrics)
     return {
         "model_id": loaded.model_id,
         "model_revision": loaded.revision,
@@ -380,6 +516,8 @@ def prober_metadata(
         "d_model": geometry.d_model,
         "final_norm_applied": final_norm_applied(layer, geometry.n_layers),
         "end_template": end_template,
+        "quality": quality,
+        "quality_reasons": reasons,
         "metrics": metrics,
         "history": [record.__dict__.copy() for record in history],
         "config": config,
@@ -402,7 +540,7 @@ def save_prober(prober: Prober, folder: str | Path) -> Path:
     path = folder / PROBER_WEIGHTS
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
-    tmp.replace(path)
+    publish(tmp, path)
     metadata = dict(prober.metadata)
     metadata["layer"] = prober.layer
     metadata["d_model"] = prober.d_model
@@ -450,11 +588,16 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
         )
         architecture = metadata.get("architecture")
         n_layers = metadata.get("n_layers")
+        if not 0 <= layer < geometry.n_layers and d_model == geometry.d_model:
+            raise UserError(
+                f"{metadata_path} names layer {layer}, but {loaded_model.model_id} has {geometry.n_layers} layers "
+                f"(0..{geometry.n_layers - 1}); the prober.json is damaged or edited: retrain with "
+                "`refusal-cliff probe train`"
+            )
         if (
             d_model != geometry.d_model
             or (architecture is not None and architecture != loaded_model.adapter.name)
             or (n_layers is not None and int(n_layers) != geometry.n_layers)
-            or layer >= geometry.n_layers
         ):
             raise UserError(
                 f"the prober at {weights_path} was trained on {prober_desc}, not on the loaded model {model_desc}; "

@@ -20,16 +20,7 @@ from .finetune import FinetuneConfig, train_sft
 from .generation import GenerationConfig
 from .models import LoadedModel
 from .runs import read_jsonl, write_json
-from .selection import (
-    DEMO_CANDIDATES,
-    METHODS,
-    ScoreConfig,
-    build_selection,
-    export_selection,
-    load_candidates,
-    score_candidates,
-    select,
-)
+from .selection import DEMO_CANDIDATES, METHODS, ScoreConfig, SelectConfig, load_candidates, run_select, select
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +71,10 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     prober = load_prober(prober_path, loaded)
     candidates = load_candidates(DEMO_CANDIDATES, limit=settings["n_candidates"])
     select_dir = out / "select"
-    scores = score_candidates(loaded, prober, candidates, select_dir, ScoreConfig(generation, chunk_size=16),
-                              overwrite=True, source=DEMO_CANDIDATES, progress=False)
-
+    # the cliff selection through the `select` stage, so select/ is exactly what the verb writes
+    run_select(loaded, prober, candidates, select_dir, SelectConfig(method="cliff", k=str(settings["k"])),
+               ScoreConfig(generation, chunk_size=16), overwrite=True, source=DEMO_CANDIDATES, progress=False)
+    scores = read_jsonl(select_dir / "scores.jsonl")
     selections = {}
     for method in METHODS:
         if method == "judge":
@@ -90,11 +82,7 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
         chosen = select(scores, method, None if method == "full" else settings["k"], seed)
         selections[method] = [row["id"] for row in chosen]
     write_json(out / "selections.json", selections)
-    cliff_rows = select(scores, "cliff", settings["k"], seed)
-    selection = build_selection(loaded.tokenizer, cliff_rows, candidates, read_jsonl(select_dir / "generations.jsonl"),
-                                "cliff")
-    export_selection(selection, select_dir)
-    write_json(select_dir / "selection.json", selection)  # also as one JSON document for reading
+    selection = read_jsonl(select_dir / "selection.jsonl")
 
     tuned = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.adapter, "cliff-lora",
                         loaded.revision, "local")
@@ -116,7 +104,8 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
         eval_config = EvalConfig(generation=generation, tasks=(DEMO_ARC_TASK,), task_paths=(str(arc_folder),),
                                  task_limit=settings["n_arc"])
         note = (f"ARC-Challenge: the first {settings['n_arc']} of 1,172 test questions, 0-shot log-likelihood "
-                f"({arc_folder}); a subset this small has a standard error of about 10 points")
+                f"({arc_folder}); on so few questions the standard error is up to "
+                f"{100 * (0.25 / settings['n_arc']) ** 0.5:.0f} points")
     else:
         eval_config = EvalConfig(generation=generation)
         note = ("ARC-Challenge skipped: " + ("../shared/data/arc_challenge (the lm-eval task folder) is not beside "

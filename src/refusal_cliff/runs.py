@@ -64,6 +64,15 @@ def _current_umask() -> int:
     return mask
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file into place with the mode of a normal file (0666 & ~umask).
+
+    Writers such as `mkstemp` or safetensors create 0600 files; every artifact gets the same mode.
+    """
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half."""
     path = Path(path)
@@ -72,8 +81,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -94,22 +102,38 @@ def read_json(path: str | Path) -> Any:
         raise UserError(f"{path} is not valid JSON (line {exc.lineno}); regenerate it") from None
 
 
-class RunFolder:
-    """One stage's output folder.
+BACKUP_PREFIX = ".replaced-"
 
-    Usage:
-        run = RunFolder(out, stage="generate", config=cfg_dict, overwrite=False)
-        run.start(model_id=..., revision=..., seed=...)   # checks/records the fingerprint
-        ...write artifacts with run.path("generations.jsonl")...
-        run.finish(extra={...})
+
+class RunFolder:
+    """One stage's output folder: config, fingerprint, resume, `metadata.json`, safe overwrite.
+
+    Usage (every `run_<verb>` follows it):
+
+        run = RunFolder(out, stage="trace", config=config_dict, overwrite=overwrite,
+                        artifacts=["cliff.jsonl", "traces.parquet"])
+        ...validate every input first...
+        with run.start(model_id=..., revision=..., seed=...):   # resumed: run.resumed
+            ...write artifacts with run.path("cliff.jsonl")...
+            run.finish(extra={...})
+
+    With `overwrite`, the artifacts of a run with another fingerprint are moved aside into a hidden
+    folder (not deleted) when the stage starts; they are deleted only by `finish()`. Any error
+    before `finish()` (a late bad input, an interrupt) removes what the new run wrote and puts the
+    old artifacts back, so a failed `--overwrite` never loses the earlier results.
     """
 
-    def __init__(self, root: str | Path, stage: str, config: dict, overwrite: bool = False):
+    def __init__(self, root: str | Path, stage: str, config: dict, overwrite: bool = False,
+                 artifacts: Iterable[str] = ()):
         self.root = Path(root)
         self.stage = stage
         self.config = config
         self.overwrite = overwrite
+        self.artifacts = list(artifacts)
         self.fingerprint = fingerprint({"stage": stage, "config": config})
+        self.resumed = False
+        self._backup: Path | None = None
+        self._finished = False
 
     @property
     def metadata_path(self) -> Path:
@@ -138,27 +162,44 @@ class RunFolder:
         except json.JSONDecodeError:
             return None
 
+    def check(self) -> bool:
+        """Raise UserError if the folder holds another run of this stage and `overwrite` is off.
+
+        Returns True if a previous run with the same fingerprint will be resumed. Writes nothing,
+        so a stage calls it before any slow work.
+        """
+        previous = self.previous()
+        if previous is not None and previous.get("fingerprint") == self.fingerprint:
+            return True
+        existing = [a for a in self.artifacts if self.path(a).exists()]
+        if ((previous is not None and previous.get("finished")) or existing) and not self.overwrite:
+            raise UserError(
+                f"{self.root} already holds a '{self.stage}' run with different inputs or settings; "
+                "use another --out, or pass --overwrite to replace it"
+            )
+        return False
+
     def start(self, model_id: str | None = None, revision: str | None = None, seed: int | None = None,
-              artifacts: Iterable[str] = ()) -> bool:
-        """Create the folder and record metadata. Returns True if a previous run is resumed.
+              artifacts: Iterable[str] | None = None, extra: dict | None = None) -> "RunFolder":
+        """Create the folder and record metadata; `self.resumed` says whether a run is resumed.
 
         Raises UserError if the folder holds this stage's artifacts from a run with another
-        fingerprint, unless `overwrite` was set (then those artifacts are removed).
+        fingerprint, unless `overwrite` was set (then those artifacts are moved aside, and restored
+        if the stage fails before `finish`). Returns self, a context manager that restores on error.
         """
+        if artifacts is not None:
+            self.artifacts = list(artifacts)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.resumed = self.check()
         previous = self.previous()
-        resumed = False
-        existing = [self.path(a) for a in artifacts if self.path(a).exists()]
-        if previous is not None and previous.get("fingerprint") == self.fingerprint:
-            resumed = True
-        elif (previous is not None and previous.get("finished")) or existing:
-            if not self.overwrite:
-                raise UserError(
-                    f"{self.root} already holds a '{self.stage}' run with different inputs or settings; "
-                    "use another --out, or pass --overwrite to replace it"
-                )
-            for path in existing:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not self.resumed:
+            existing = [a for a in self.artifacts if self.path(a).exists()]
+            if self.metadata_path.exists() and previous is not None:
+                existing.append(self.metadata_path.name)
+            if existing:
+                self._backup = Path(tempfile.mkdtemp(prefix=f"{BACKUP_PREFIX}{self.stage}-", dir=self.root))
+                for name in existing:
+                    os.replace(self.path(name), self._backup / name)
         self.metadata = {
             "schema_version": SCHEMA_VERSION,
             "stage": self.stage,
@@ -170,11 +211,36 @@ class RunFolder:
             "packages": package_versions(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "finished": None,
+            **(extra or {}),
         }
-        if resumed and previous:
+        if self.resumed and previous:
             self.metadata["started"] = previous.get("started", self.metadata["started"])
         write_json(self.metadata_path, self.metadata)
-        return resumed
+        return self
+
+    def rollback(self) -> None:
+        """Undo an `--overwrite` start: delete what this run wrote, restore the moved-aside artifacts."""
+        if self._backup is None:
+            return
+        saved = set(os.listdir(self._backup))
+        for name in set(self.artifacts) | saved:  # remove what the new run wrote
+            target = self.path(name)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        for name in saved:
+            os.replace(self._backup / name, self.path(name))
+        shutil.rmtree(self._backup, ignore_errors=True)
+        self._backup = None
+        logger.warning("%s: the '%s' run failed; the previous results were restored", self.root, self.stage)
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._finished:
+            self.rollback()
 
     def is_finished(self) -> bool:
         previous = self.previous()
@@ -185,6 +251,12 @@ class RunFolder:
         if extra:
             self.metadata.update(extra)
         write_json(self.metadata_path, self.metadata)
+        self._finished = True
+        if self._backup is not None:
+            shutil.rmtree(self._backup, ignore_errors=True)
+            self._backup = None
+        for stale in self.root.glob(f"{BACKUP_PREFIX}{self.stage}-*"):  # left by a killed --overwrite run
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # -- JSONL streams ----------------------------------------------------------------------
@@ -203,7 +275,7 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
         if raw.strip():
             try:
                 records.append(json.loads(raw))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):  # a cut may split a multibyte character
                 if not is_last:
                     raise UserError(
                         f"{path}: line {index + 1} is not valid JSON; fix or delete the file"

@@ -22,7 +22,6 @@ This module holds the three steps between a candidate file and a training set:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,10 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-
 from .errors import UserError
-from .generation import GenerationConfig
+from .config import ScoreConfig, SelectConfig  # noqa: F401  (re-exported)
 from .runs import (
     SCHEMA_VERSION,
     JsonlWriter,
@@ -99,7 +96,7 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
         limit: keep the first `limit` candidates.
 
     Returns:
-        Dicts with `id` (the file's id, else the row index, as str), `prompt`, `response`,
+        Dicts with `id` (the file's id, else "<file stem>-<row>"), `prompt`, `response`,
         `data_type`, optional `thinking`, and the file's other columns.
     """
     rows = _candidate_rows(source)
@@ -112,6 +109,8 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
     if not any(name in lowered for name in RESPONSE_COLUMNS):
         raise UserError(f"{source}: no safe-response column ({', '.join(RESPONSE_COLUMNS)}); "
                         f"its columns are {', '.join(map(str, rows[0]))}")
+    # ids without an id column: "<file stem>-<row>", as `generate` names prompts
+    prefix = source.split(":", 1)[-1] if source == DEMO_CANDIDATES else Path(source).stem
     candidates, skipped = [], 0
     for index, row in enumerate(rows):
         prompt = _first_present(row, lowered, ("adversarial", *PROMPT_COLUMNS))
@@ -120,7 +119,7 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
             skipped += 1
             continue
         candidate = {k: v for k, v in row.items() if v is not None}
-        candidate["id"] = str(row["id"]) if row.get("id") not in (None, "") else str(index)
+        candidate["id"] = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{index}"
         candidate["prompt"] = prompt
         candidate["response"] = response
         candidate["data_type"] = row.get(lowered.get("data_type", "data_type")) or "unknown"
@@ -141,18 +140,6 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
 
 
 # -- scoring ----------------------------------------------------------------------------
-
-
-@dataclass
-class ScoreConfig:
-    """How candidates are scored."""
-
-    generation: GenerationConfig = field(default_factory=GenerationConfig)  # thinking/answer budgets, batch size
-    chunk_size: int = 64  # candidates generated and traced per step (the unit of resumption)
-    plateau: str = "max"  # plateau over the thinking region: "max" (of the 8-token moving average) or "mean"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _records_with_given_thinking(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[dict]:
@@ -206,12 +193,6 @@ def _plain(value):
     return value
 
 
-def _prober_digest(prober) -> str:
-    """Scores depend on the prober: its layer and weights are part of the scoring fingerprint."""
-    weights = torch.cat([prober.weight.reshape(-1), prober.bias.reshape(-1)]).float().cpu().numpy()
-    return f"layer{prober.layer}-" + hashlib.sha256(weights.tobytes()).hexdigest()[:16]
-
-
 def score_candidates(
     loaded,
     prober,
@@ -240,24 +221,38 @@ def score_candidates(
     Returns:
         The score rows of all candidates, in candidate order.
     """
-    from tqdm.auto import tqdm
-
-    from .labeling import KeywordLabeler
-
     config = config or ScoreConfig()
     stage_config = {
         "model": loaded.model_id,
         "candidates": source,
         "candidates_digest": fingerprint([[c["id"], c["prompt"], c.get("thinking")] for c in candidates]),
         "judge": getattr(judge, "name", None),
-        "prober": _prober_digest(prober),
+        "prober": prober.fingerprint(),
         "plateau": config.plateau,
         # batch and chunk sizes do not change the results: a resumed run may use other ones
         "generation": {k: v for k, v in config.generation.to_dict().items() if k != "batch_size"},
     }
-    run = RunFolder(out_dir, "score", stage_config, overwrite=overwrite)
-    resumed = run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed,
-                        artifacts=["scores.jsonl", "generations.jsonl"])
+    # a new scoring makes an earlier selection stale: it is replaced with the scores (and restored with
+    # them if the new scoring fails)
+    run = RunFolder(out_dir, "score", stage_config, overwrite=overwrite, artifacts=[
+        "scores.jsonl", "generations.jsonl", "selection.jsonl", "metadata.select.json", "selections",
+        TRL_PROMPT_COMPLETION, TRL_MESSAGES, LLAMAFACTORY_ALPACA, LLAMAFACTORY_SHAREGPT, LLAMAFACTORY_INFO])
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed,
+                   extra={"prober": prober.summary()}):
+        _score_into(loaded, prober, candidates, run, config, judge, progress)
+        run.finish({"n_candidates": len(candidates)})
+    rows = {r["id"]: r for r in read_jsonl(run.path("scores.jsonl"))}
+    return [rows[c["id"]] for c in candidates if c["id"] in rows]
+
+
+def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, config: ScoreConfig, judge,
+                progress: bool) -> None:
+    """Score the candidates not yet in `scores.jsonl`, reusing generations already written."""
+    from tqdm.auto import tqdm
+
+    from .labeling import KeywordLabeler
+
+    resumed = run.resumed
     scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
     done = completed_ids(scores_path) if resumed else set()
     generated = {r["id"]: r for r in read_jsonl(generations_path, repair=True)} if (
@@ -286,21 +281,18 @@ def score_candidates(
             for candidate in chunk:  # memory stays bounded by one chunk, not by the candidate set
                 generated.pop(candidate["id"], None)
     bar.close()
-    run.finish({"n_candidates": len(candidates)})
-    rows = {r["id"]: r for r in read_jsonl(scores_path)}
-    return [rows[c["id"]] for c in candidates if c["id"] in rows]
 
 
 # -- selection --------------------------------------------------------------------------
 
 
-def resolve_k(k: int | float | str | None, n: int) -> int:
-    """Number of examples to select: an int, a fraction in (0, 1), or "all"/None (every candidate).
+def check_k(k: int | float | str | None) -> int | float | None:
+    """Parse and check `--k` before any work: a positive count, a fraction in (0, 1), or "all" (None).
 
-    A fraction is rounded up so that a non-empty set never selects nothing.
+    Returns the parsed value (None for all).
     """
     if k is None or (isinstance(k, str) and k.strip().lower() in ("all", "full")):
-        return n
+        return None
     if isinstance(k, str):
         try:
             k = float(k) if any(ch in k for ch in ".eE") else int(k)
@@ -309,10 +301,26 @@ def resolve_k(k: int | float | str | None, n: int) -> int:
     if isinstance(k, float) and not k.is_integer():
         if not 0 < k < 1:
             raise UserError(f"--k {k} is neither a count nor a fraction in (0, 1)")
-        return min(n, max(1, math.ceil(k * n)))
-    if k < 0:
-        raise UserError(f"--k must be at least 0, got {k}")
-    return min(n, int(k))
+        return k
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k:g}; pass a count, a fraction in (0, 1) or 'all'")
+    return int(k)
+
+
+def resolve_k(k: int | float | str | None, n: int) -> int:
+    """Number of examples to select: a count, a fraction in (0, 1), or "all"/None (every candidate).
+
+    A fraction is rounded up so that a non-empty set never selects nothing. A count larger than
+    `n` is an error (pass "all" to take every candidate).
+    """
+    value = check_k(k)
+    if value is None:
+        return n
+    if isinstance(value, float):
+        return min(n, max(1, math.ceil(value * n)))
+    if value > n:
+        raise UserError(f"--k {value} is more than the {n} candidates; pass --k all to select every one")
+    return value
 
 
 def _id_key(identifier: str) -> tuple:
@@ -356,10 +364,11 @@ def select(scores: Sequence[dict], method: str = "cliff", k: int | float | str |
     if method == "full":
         return sorted(rows, key=lambda r: _id_key(r["id"]))
     if method == "cliff":
-        for row in rows:
-            if not isinstance(row.get("ms"), (int, float)) or math.isnan(row["ms"]):
-                raise UserError(f"candidate {row.get('id')} has no misalignment score; re-run the scoring")
-        return sorted(rows, key=lambda r: (-r["ms"], _id_key(r["id"])))[:n]
+        ranked = [r for r in rows if _has_ms(r)]
+        if len(ranked) < len(rows):
+            logger.warning("cliff selection: %d candidates have no misalignment score (no thinking tokens) and "
+                           "cannot be ranked", len(rows) - len(ranked))
+        return sorted(ranked, key=lambda r: (-r["ms"], _id_key(r["id"])))[:n]
     if method == "random":
         return _sample(rows, n, seed)
     if method == "rule":
@@ -546,22 +555,30 @@ class SelectResult:
     exports: dict = field(default_factory=dict)
 
 
-def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, method: str = "cliff",
-               k: int | float | str | None = None, seed: int = 0, config: ScoreConfig | None = None,
-               judge=None, overwrite: bool = False, source: str | None = None,
-               progress: bool = True) -> SelectResult:
+def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, config=None,
+               score_config: ScoreConfig | None = None, judge=None, overwrite: bool = False,
+               source: str | None = None, progress: bool = True) -> SelectResult:
     """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports.
+
+    Args:
+        prober: a loaded `probe.Prober`.
+        candidates: from `load_candidates`.
+        config: a `config.SelectConfig` (method, k); checked against the candidates before scoring.
+        score_config: a `config.ScoreConfig` (generation budgets, chunk size, plateau).
 
     Scores depend on the model, candidates and scoring settings only, so re-running with another
     method or k in the same folder reuses them. The latest selection is `out_dir/selection.jsonl`
     (+ exports); each one is also kept in `out_dir/selections/<method>-<n>/`.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown selection method {method!r}; use one of {', '.join(METHODS)}")
+    config = config or SelectConfig()
+    config.validate()
+    method, k = config.method, config.k
     if method == "judge" and judge is None:
         raise UserError("--method judge needs a judge model: pass --judge MODEL (e.g. a LlamaGuard checkpoint)")
+    resolve_k(k, len(candidates))  # a bad k fails before hours of scoring
+    seed = (score_config or ScoreConfig()).generation.seed
     out = Path(out_dir)
-    scores = score_candidates(loaded, prober, candidates, out, config, judge=judge, overwrite=overwrite,
+    scores = score_candidates(loaded, prober, candidates, out, score_config, judge=judge, overwrite=overwrite,
                               source=source, progress=progress)
     selected = select(scores, method, k, seed)
     generations = read_jsonl(out / "generations.jsonl")
@@ -576,10 +593,21 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
     export_selection(rows, keep, name=f"{method}_{len(rows)}")
     write_json(out / "metadata.select.json", {
         "schema_version": SCHEMA_VERSION, "stage": "select", "model_id": loaded.model_id,
-        "model_revision": loaded.revision, "packages": package_versions(), "method": method, "k": k, "resolved_k": resolve_k(k, len(scores)), "seed": seed,
-        "n_candidates": len(scores), "n_selected": len(rows), "source": source,
-        "ms_mean_selected": (sum(r["ms"] for r in rows) / len(rows)) if rows else None,
-        "ms_mean_all": sum(s["ms"] for s in scores) / len(scores),
+        "model_revision": loaded.revision, "packages": package_versions(), "config": config.to_dict(),
+        "method": method, "k": k, "resolved_k": resolve_k(k, len(scores)), "seed": seed,
+        "n_candidates": len(scores), "n_selected": len(rows), "source": source, "prober": prober.summary(),
+        "ms_mean_selected": _mean_ms(rows), "ms_mean_all": _mean_ms(scores),
+        "n_without_ms": sum(1 for s in scores if not _has_ms(s)),
     })
     logger.info("selected %d of %d candidates by %s", len(rows), len(scores), method)
     return SelectResult(out / "scores.jsonl", selection_path, len(scores), len(rows), exports)
+
+
+def _has_ms(row: dict) -> bool:
+    return isinstance(row.get("ms"), (int, float)) and not math.isnan(row["ms"])
+
+
+def _mean_ms(rows: Sequence[dict]) -> float | None:
+    """Mean MS over the rows that have one (a candidate without thinking tokens has none)."""
+    values = [row["ms"] for row in rows if _has_ms(row)]
+    return sum(values) / len(values) if values else None

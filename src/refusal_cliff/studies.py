@@ -16,9 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .generation import GenerationConfig, generate_answers
-from .labeling import KeywordLabeler, label_records
-from .runs import read_jsonl, write_json, write_jsonl
+from .config import GenerationConfig
+from .generation import generate_answers
+from .labeling import KeywordLabeler, label_records, read_generations
+from .runs import read_json, read_jsonl, write_json, write_jsonl
+from .trace import CLIPPING, LAYERWISE
 
 logger = logging.getLogger(__name__)
 
@@ -60,45 +62,83 @@ def resolve_study_layers(layers: Sequence[int], n_layers: int) -> list[int]:
     return sorted(resolved | {n_layers - 1})
 
 
-def run_layer_study(loaded, harmful_run: str | Path, harmless_run: str | Path, layers: Sequence[int],
-                    out_dir: str | Path, epochs: int = 5, batch_size: int = 8) -> dict:
-    """Train a prober per layer and trace every example of both runs at every layer.
+def auto_layers(n_layers: int) -> list[int]:
+    """Five evenly spaced layers, first to last (the `--layers auto` choice)."""
+    return sorted({round(i * (n_layers - 1) / 4) for i in range(5)})
 
-    Writes the probers and `out_dir/layerwise.json`; returns {layer: Prober}.
+
+def run_layers(loaded, harmful_run: str | Path, harmless_run: str | Path, out_dir: str | Path, config=None,
+               overwrite: bool = False) -> dict:
+    """The `layers` stage: train a prober per layer and trace every example of both runs at every layer.
+
+    Writes `layer_KK/prober.*`, `layerwise.json` and `metadata.json`; returns {layer: Prober}.
     """
-    from .trace import layerwise_summary, load_trace_records
+    from .config import LayersConfig
+    from .probe import check_probe_runs, load_prober
+    from .runs import RunFolder, file_digest
+    from .trace import TraceInput, layerwise_summary, load_trace_inputs
 
+    config = config or LayersConfig()
+    check_probe_runs(harmful_run, harmless_run)
     n_layers = loaded.adapter.geometry(loaded.model).n_layers
-    layers = resolve_study_layers(layers, n_layers)
-    probers = train_layer_probers(loaded, harmful_run, harmless_run, layers, out_dir, epochs, batch_size)
-    harmful_records, groups = load_trace_records(harmful_run, harmful=True)
-    harmless_records, harmless_groups = load_trace_records(harmless_run, harmful=False)
-    groups.update(harmless_groups)
-    summary = layerwise_summary(loaded, [probers[layer] for layer in layers], harmful_records + harmless_records,
-                                groups, batch_size=batch_size)
-    write_json(Path(out_dir) / "layerwise.json", summary)
+    layers = resolve_study_layers(config.layers if config.layers is not None else auto_layers(n_layers), n_layers)
+    inputs = [TraceInput(Path(harmful_run) / "generations.jsonl", True),
+              TraceInput(Path(harmless_run) / "generations.jsonl", False)]
+    records, groups = load_trace_inputs(inputs)
+    stage_config = {"model": loaded.model_id, "revision": loaded.revision, **config.to_dict(), "layers": layers,
+                    "inputs": [file_digest(Path(run) / name) for run in (harmful_run, harmless_run)
+                               for name in ("generations.jsonl", "labels.jsonl")]}
+    stage_config.pop("batch_size")
+    out = Path(out_dir)
+    artifacts = [LAYERWISE, *(f"layer_{layer:02d}" for layer in layers)]
+    run = RunFolder(out, "layers", stage_config, overwrite=overwrite, artifacts=artifacts)
+    if run.is_finished() and (out / LAYERWISE).is_file():
+        return {layer: load_prober(out / f"layer_{layer:02d}", loaded) for layer in layers}
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+        probers = train_layer_probers(loaded, harmful_run, harmless_run, layers, out, config.epochs,
+                                      config.batch_size, config.seed)
+        summary = layerwise_summary(loaded, [probers[layer] for layer in layers], records, groups,
+                                    batch_size=config.batch_size)
+        write_json(out / LAYERWISE, summary)
+        run.finish({"probers": {str(layer): {"val_accuracy": p.metadata["metrics"]["val_accuracy"],
+                                             "quality": p.quality} for layer, p in probers.items()}})
     return probers
 
 
-def run_clipping_study(loaded, prober, records: Sequence[dict], fractions: Sequence[float], out_dir: str | Path,
-                       max_answer_tokens: int = 96, batch_size: int = 8) -> list[dict]:
-    """Clip each record's thinking at each fraction, regenerate and label the answer, trace it.
-
-    Writes `generations.jsonl`, `labels.jsonl`, `trace/` and `clipping.json` into `out_dir`;
+def run_clip(loaded, prober, generations: str | Path, out_dir: str | Path, config=None,
+             overwrite: bool = False) -> list[dict]:
+    """The `clip` stage: clip each record's thinking at each fraction, regenerate and label the answer,
+    trace it. Writes `generations.jsonl`, `labels.jsonl`, `trace/`, `clipping.json` and `metadata.json`;
     returns the clipping summary (one row per fraction).
     """
-    from .trace import clip_thinking_records, clipping_summary, run_trace
+    from .config import ClipConfig
+    from .runs import RunFolder, file_digest
+    from .trace import clip_thinking_records, clipping_summary, trace_into
 
+    config = config or ClipConfig()
+    config.validate()
+    records = read_generations(generations)
+    records = records[: config.limit] if config.limit else records
     out = Path(out_dir)
-    clipped = clip_thinking_records(loaded.tokenizer, records, fractions)
-    answered = generate_answers(loaded, clipped, GenerationConfig(max_answer_tokens=max_answer_tokens,
-                                                                  batch_size=batch_size))
-    labels = label_records(answered, KeywordLabeler(), loaded.tokenizer)
-    write_jsonl(out / "generations.jsonl", answered)
-    write_jsonl(out / "labels.jsonl", labels)
-    shutil.rmtree(out / "trace", ignore_errors=True)  # cheap to redo; never mix with stale traces
-    run_trace(loaded, prober, answered, out / "trace", None, batch_size=batch_size)
-    summary = clipping_summary(read_jsonl(out / "trace" / "cliff.jsonl"),
-                               {label["id"]: label["refusal"] for label in labels})
-    write_json(out / "clipping.json", summary)
+    stage_config = {"model": loaded.model_id, "revision": loaded.revision, **config.to_dict(),
+                    "generations": str(generations), "digest": file_digest(generations),
+                    "prober": prober.fingerprint()}
+    stage_config.pop("batch_size")
+    artifacts = ["generations.jsonl", "labels.jsonl", "trace", CLIPPING]
+    run = RunFolder(out, "clip", stage_config, overwrite=overwrite, artifacts=artifacts)
+    if run.is_finished() and (out / CLIPPING).is_file():
+        return read_json(out / CLIPPING)
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
+        clipped = clip_thinking_records(loaded.tokenizer, records, config.fractions)
+        answered = generate_answers(loaded, clipped, GenerationConfig(max_answer_tokens=config.max_answer_tokens,
+                                                                      batch_size=config.batch_size))
+        labels = label_records(answered, KeywordLabeler(), loaded.tokenizer)
+        write_jsonl(out / "generations.jsonl", answered)
+        write_jsonl(out / "labels.jsonl", labels)
+        shutil.rmtree(out / "trace", ignore_errors=True)  # cheap to redo; never mix with stale traces
+        trace_into(loaded, prober, answered, out / "trace", None, batch_size=config.batch_size)
+        summary = clipping_summary(read_jsonl(out / "trace" / "cliff.jsonl"),
+                                   {label["id"]: label["refusal"] for label in labels})
+        write_json(out / CLIPPING, summary)
+        run.finish({"n_examples": len(records)})
     return summary

@@ -26,6 +26,7 @@ import torch
 
 from .activations import iter_activations
 from .errors import UserError
+from .labeling import GROUP_HARMLESS, GROUPS, group_of, join_labels, labels_for, read_generations  # noqa: F401
 from .runs import JsonlWriter, atomic_write_text, completed_ids, read_jsonl, write_json
 from .templates import REGION_END, REGION_THINKING, probing_tokens
 
@@ -36,10 +37,6 @@ T_CLIFF_METHODS = ("last", "max_drop")
 DEFAULT_WINDOW = 8
 N_POINTS = 101
 
-GROUP_HARMFUL_COMPLIED = "harmful_complied"
-GROUP_HARMFUL_REFUSED = "harmful_refused"
-GROUP_HARMLESS = "harmless"
-GROUPS = (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED, GROUP_HARMLESS)
 
 TRACES = "traces.parquet"
 CLIFF = "cliff.jsonl"
@@ -225,34 +222,46 @@ def average_curves(
     return accumulator.result()
 
 
-def group_of(harmful: bool, refusal: bool | None) -> str:
-    """The averaging group of an example: harmful_complied, harmful_refused or harmless."""
-    if not harmful:
-        return GROUP_HARMLESS
-    return GROUP_HARMFUL_REFUSED if refusal else GROUP_HARMFUL_COMPLIED
+@dataclass
+class TraceInput:
+    """One generations.jsonl to trace: exactly that file, its role, and optionally its labels.
 
-
-def load_trace_records(run: str | Path, harmful: bool) -> tuple[list[dict], dict[str, str]]:
-    """Generation records of a run and the group of each id.
-
-    A harmful run needs labels.jsonl (its groups depend on the model's refusals); for a
-    harmless run labels are not needed (every example is `harmless`).
+    Attributes:
+        generations: the generations.jsonl (read as given; never a sibling file).
+        harmful: prompts are harmful (grouped complied / refused by the labels) or harmless.
+        labels: labels.jsonl file(s); default: the one beside `generations` if it covers every id.
     """
-    run = Path(run)
-    generations = run / "generations.jsonl"
-    if not generations.is_file():
-        raise UserError(f"{run} has no generations.jsonl; run `refusal-cliff generate --out {run}` first")
-    records = read_jsonl(generations)
-    if not harmful:
-        return records, {str(r["id"]): GROUP_HARMLESS for r in records}
-    labels_path = run / "labels.jsonl"
-    if not labels_path.is_file():
-        raise UserError(f"{run} has no labels.jsonl; run `refusal-cliff label {run}` first")
-    refusals = {str(r["id"]): bool(r["refusal"]) for r in read_jsonl(labels_path)}
-    kept = [r for r in records if str(r["id"]) in refusals]
-    if len(kept) < len(records):
-        logger.warning("%s: %d generations have no label and are skipped", run, len(records) - len(kept))
-    return kept, {str(r["id"]): group_of(True, refusals[str(r["id"])]) for r in kept}
+
+    generations: Path
+    harmful: bool = True
+    labels: Path | Sequence[Path] | None = None
+
+
+def load_trace_inputs(inputs: Sequence[TraceInput]) -> tuple[list[dict], dict[str, str]]:
+    """The records to trace and each id's group, joined with labels by `labeling.join_labels`.
+
+    Harmful inputs need labels (their group is the model's behaviour); harmless inputs do not.
+    Ids must be unique across all inputs.
+    """
+    records: list[dict] = []
+    groups: dict[str, str] = {}
+    origin: dict[str, Path] = {}
+    for item in inputs:
+        path = Path(item.generations)
+        batch = read_generations(path)
+        if item.harmful:
+            batch = join_labels(batch, labels_for(path, item.labels, required=True), path)
+        for record in batch:
+            identifier = str(record["id"])
+            if identifier in origin:
+                raise UserError(f"id {identifier!r} is in both {origin[identifier]} and {path}; trace runs with "
+                                "distinct ids (generate names them <file stem>-<row>)")
+            origin[identifier] = path
+            groups[identifier] = group_of(item.harmful, record.get("refusal"))
+            records.append(record)
+    if not records:
+        raise UserError("no labelled generations to trace; check --generations and --labels")
+    return records, groups
 
 
 # -- computing traces --------------------------------------------------------------------------
@@ -481,7 +490,7 @@ def curves_from_outputs(out_dir: str | Path, n_points: int = N_POINTS) -> dict:
     return accumulator.result()
 
 
-def run_trace(
+def trace_into(
     loaded,
     prober,
     records: Sequence[dict],
@@ -492,8 +501,10 @@ def run_trace(
     t_cliff_method: str = "last",
     window: int = DEFAULT_WINDOW,
     part_size: int | None = None,
+    progress: bool = True,
 ) -> int:
-    """Trace the records not yet in `out_dir/cliff.jsonl` and write all trace artifacts.
+    """Trace the records not yet in `out_dir/cliff.jsonl` and write all trace artifacts (the
+    resumable core of `run_trace`, also used by the clipping study).
 
     Args:
         records: generation records with unique ids; `groups` maps id -> averaging group.
@@ -515,11 +526,70 @@ def run_trace(
     todo = [r for r in records if str(r["id"]) not in done]
     if done:
         logger.info("resuming: %d of %d examples already traced", len(records) - len(todo), len(records))
-    results = trace_records(loaded, prober, todo, batch_size)
-    return write_trace_outputs(
-        out_dir, results, groups, loaded.tokenizer, plateau_method, t_cliff_method, window,
-        part_size=part_size or batch_size * 8,
-    )
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(records), initial=len(records) - len(todo), desc="trace", unit="ex",
+              disable=not progress) as bar:
+        def counted(results):
+            for result in results:
+                yield result
+                bar.update(1)
+
+        return write_trace_outputs(
+            out_dir, counted(trace_records(loaded, prober, todo, batch_size)), groups, loaded.tokenizer,
+            plateau_method, t_cliff_method, window, part_size=part_size or batch_size * 8,
+        )
+
+
+@dataclass
+class TraceRun:
+    out_dir: Path
+    n_examples: int  # examples in the trace
+    written: int  # examples traced by this call (0: everything was done already)
+
+
+def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path, config=None,
+              overwrite: bool = False, progress: bool = True) -> TraceRun:
+    """The `trace` stage: every token of each input's probing sequences scored by the prober;
+    writes `traces.parquet/`, `cliff.jsonl`, `curves.json` and `metadata.json` (resumable by id).
+
+    Args:
+        prober: a loaded `probe.Prober` (checked against the model by `load_prober`).
+        inputs: the generations files to trace (`TraceInput`), read exactly as given.
+        config: a `config.TraceConfig`.
+    """
+    from .config import TraceConfig
+    from .probe import warn_if_unreliable
+    from .runs import RunFolder, file_digest
+
+    config = config or TraceConfig()
+    records, groups = load_trace_inputs(inputs)
+    sources = []
+    for item in inputs:
+        labels = [item.labels] if isinstance(item.labels, (str, Path)) else list(item.labels or [])
+        sources.append({"generations": str(item.generations), "digest": file_digest(item.generations),
+                        "harmful": item.harmful, "labels": [file_digest(p) for p in labels]})
+    stage_config = {"model": loaded.model_id, "revision": loaded.revision,
+                    "dtype": str(next(loaded.model.parameters()).dtype), "prober": prober.fingerprint(),
+                    "inputs": sources, "plateau": config.plateau, "t_cliff": config.t_cliff,
+                    "groups": fingerprint_ids(f"{k}={v}" for k, v in sorted(groups.items()))}
+    run = RunFolder(out_dir, "trace", stage_config, overwrite=overwrite, artifacts=[CLIFF, CURVES, TRACES])
+    warn_if_unreliable(prober)
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
+        written = trace_into(loaded, prober, records, out_dir, groups, config.batch_size, config.plateau,
+                             config.t_cliff, progress=progress)
+        run.finish({"n_examples": len(records)})
+    return TraceRun(Path(out_dir), len(records), written)
+
+
+def fingerprint_ids(items: Iterable) -> str:
+    """A short digest of an ordered collection of ids (part of a stage's fingerprint)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(str(item).encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def layerwise_summary(

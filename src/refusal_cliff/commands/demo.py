@@ -6,7 +6,8 @@ import time
 
 import click
 
-from .common import load_from_options, model_options, out_option
+from ..config import ModelConfig
+from .options import load_model_from, model_options, out_option, resolve
 
 
 @click.command("demo")
@@ -21,6 +22,6 @@ def demo_command(quick, repair, out, **options):
     from ..demo import run_demo
 
     start = time.perf_counter()
-    loaded = load_from_options(options)
+    loaded = load_model_from(resolve(ModelConfig, options))
     report = run_demo(loaded, out, quick=quick, repair=repair, on_stage=lambda m: click.echo(f"==> {m}"))
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {report}")

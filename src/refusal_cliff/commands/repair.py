@@ -1,4 +1,4 @@
-"""`refusal-cliff select | finetune | evaluate`: Cliff-as-a-Judge data selection, safety SFT, evaluation."""
+"""`refusal-cliff evaluate`: ASR, over-refusal, final-token score and reasoning accuracy, side by side."""
 
 from __future__ import annotations
 
@@ -27,87 +27,6 @@ def _load_judge(judge_model: str | None, device: str):
     from ..models import load_model
 
     return ModelJudge(load_model(judge_model, device=device))
-
-
-@click.command("select")
-@model_options
-@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder) trained on this model.")
-@click.option("--candidates", required=True,
-              help="Candidate file (WildJailbreak-style vanilla/adversarial + completion, or prompt + response; "
-                   ".jsonl/.json/.csv/.parquet), or demo:candidates.")
-@click.option("--k", "k", default="all", show_default=True,
-              help="How many to select: a count (700), a fraction (0.017) or 'all'.")
-@click.option("--method", type=click.Choice(["cliff", "random", "rule", "judge", "full"]), default="cliff",
-              show_default=True, help="cliff = top-k by misalignment score; the others are the paper's baselines.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N candidates.")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Candidates generated and traced per step (the unit of resumption).")
-@click.option("--plateau", type=click.Choice(["max", "mean"]), default="max", show_default=True,
-              help="Plateau over the thinking region: max of the 8-token moving average, or mean.")
-@_judge_option
-@generation_options
-@out_option
-@overwrite_option
-def select(prober_path: str, candidates: str, k: str, method: str, limit: int | None, chunk_size: int,
-           plateau: str, judge_model: str | None, out: str, overwrite: bool, **options) -> None:
-    """Score candidates by their refusal cliff and select k of them as SFT data."""
-    from ..probe import load_prober
-    from ..selection import ScoreConfig, load_candidates, run_select
-
-    device = options.get("device", "auto")
-    generation = generation_config_from(options)
-    loaded = load_from_options(options)
-    prober = load_prober(prober_path, loaded)
-    judge = _load_judge(judge_model, device)
-    rows = load_candidates(candidates, limit)
-    result = run_select(loaded, prober, rows, out, method=method, k=k, seed=generation.seed,
-                        config=ScoreConfig(generation=generation, chunk_size=chunk_size, plateau=plateau),
-                        judge=judge, overwrite=overwrite, source=candidates)
-    click.echo(f"scored:    {result.n_candidates} candidates -> {result.scores_path}")
-    click.echo(f"selected:  {result.n_selected} by {method} -> {result.selection_path}")
-    for kind, path in result.exports.items():
-        click.echo(f"{kind}: {path}")
-
-
-@click.command("finetune")
-@model_options
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="DIR/selection.jsonl from `select` (or a TRL prompt-completion JSONL).")
-@click.option("--lora", is_flag=True, help="Train LoRA adapters (saved, and merged into DIR/model).")
-@click.option("--lr", "learning_rate", type=float, default=None,
-              help="Learning rate (default 5e-6 full-parameter as in the paper, 1e-4 LoRA).")
-@click.option("--epochs", "num_train_epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=int, default=-1, show_default=True, help="Stop after N optimizer steps.")
-@click.option("--per-device-batch-size", "per_device_train_batch_size", type=click.IntRange(min=1), default=1,
-              show_default=True)
-@click.option("--grad-accum", "gradient_accumulation_steps", type=click.IntRange(min=1), default=4,
-              show_default=True)
-@click.option("--max-length", type=click.IntRange(min=16), default=16384, show_default=True,
-              help="Longest training sequence in tokens.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
-              show_default=True)
-@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--deepspeed", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="DeepSpeed config for multi-GPU (configs/deepspeed_zero2.json); launch with accelerate.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@out_option
-@overwrite_option
-def finetune(data: str, out: str, overwrite: bool, **options) -> None:
-    """Safety SFT on a selected set with TRL (full-parameter or LoRA)."""
-    from ..finetune import FinetuneConfig, run_finetune
-
-    config = FinetuneConfig(**{k: options.pop(k) for k in list(options)
-                               if k in FinetuneConfig.__dataclass_fields__})
-    loaded = load_from_options(options)
-    result = run_finetune(loaded, data, out, config, overwrite=overwrite)
-    click.echo(f"trained:   {result.metrics['n_examples']} examples, {result.metrics['steps']} steps, "
-               f"loss {result.metrics['train_loss']:.4f}")
-    click.echo(f"model:     {result.model_dir}")
-    if result.adapter_dir:
-        click.echo(f"adapter:   {result.adapter_dir}")
 
 
 @click.command("evaluate")

@@ -1,0 +1,57 @@
+"""`refusal-cliff ablate`: scale the suppression heads and measure (stage: `ablation.run_ablate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import AblateConfig, GenerationConfig, ModelConfig
+from .options import (config_file_option, config_options, load_judge, load_model_from, model_options,
+                      out_option, overwrite_option, resolve)
+
+
+@click.command("ablate")
+@model_options
+@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
+              help="prober.safetensors (or its folder) written by `probe train`.")
+@click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="heads.json written by `heads`.")
+@click.option("--prompts", required=True, help="HARMFUL prompts (file, hub dataset id or demo:harmful).")
+@click.option("--benign-prompts", default=None, help="Benign prompts, for the over-refusal rate.")
+@config_options(AblateConfig)
+@config_options(GenerationConfig)
+@config_file_option
+@out_option
+@click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False),
+              help="Also write a repaired checkpoint (save_pretrained + tokenizer) with the heads of the "
+                   "LARGEST threshold folded into the o_proj weights (or of --export-threshold).")
+@overwrite_option
+def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export_dir, overwrite, config_file,
+                   **options):
+    """Scale the top suppression heads at each threshold by γ, regenerate, and measure the final
+    refusal score, the attack success rate and the benign refusal rate (paper Figure 8).
+
+    Writes OUT/ablation.json, OUT/ablation.png and OUT/ablation_generations.jsonl; with --export,
+    a repaired model that plain transformers (or vLLM) loads.
+    """
+    from ..ablation import read_ranking, run_ablate
+    from ..data import load_prompts
+    from ..errors import UserError
+    from ..probe import load_prober
+
+    config = resolve(AblateConfig, options)
+    generation = resolve(GenerationConfig, options)
+    model = resolve(ModelConfig, options)
+    if config.export_threshold is not None and export_dir is None:
+        raise UserError("--export-threshold needs --export DIR")
+    read_ranking(heads_path)
+    harmful = load_prompts(prompts, column=config.column, limit=config.limit)
+    benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
+    loaded = load_model_from(model)
+    prober = load_prober(prober_path, loaded)
+    paths = run_ablate(loaded, prober, heads_path, harmful, out, config, generation, benign,
+                       judge=load_judge(config.judge, model.device), export_dir=export_dir,
+                       sources={"prompts": prompts, "benign_prompts": benign_prompts}, overwrite=overwrite)
+    for name, path in paths.items():
+        click.echo(f"wrote {Path(path)}" + (" (repaired model)" if name == "export" else ""))

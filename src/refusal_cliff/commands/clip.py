@@ -1,0 +1,38 @@
+"""`refusal-cliff clip`: the thinking-clipping study, Figure 5 right (stage: `studies.run_clip`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import ClipConfig, ModelConfig
+from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
+                      overwrite_option, resolve)
+
+
+@click.command("clip")
+@model_options
+@click.option("--prober", "prober_path", required=True, help="prober.safetensors (or its folder).")
+@click.option("--generations", required=True, help="generations.jsonl of HARMFUL prompts.")
+@config_options(ClipConfig)
+@config_file_option
+@out_option
+@overwrite_option
+def clip_command(prober_path, generations, out, overwrite, config_file, **options):
+    """Thinking-clipping study (Figure 5, right): clip the thinking, regenerate the answer, trace it;
+    writes OUT/clipping.json (final score, cliff and refusal rate per fraction)."""
+    from ..labeling import read_generations
+    from ..probe import load_prober
+    from ..studies import run_clip
+
+    config = resolve(ClipConfig, options)
+    model = resolve(ModelConfig, options)
+    read_generations(generations)  # fail before loading the model
+    loaded = load_model_from(model)
+    prober = load_prober(prober_path, loaded)
+    rows = run_clip(loaded, prober, generations, out, config, overwrite=overwrite)
+    for row in rows:
+        rate = "-" if row["refusal_rate"] is None else f"{row['refusal_rate']:.0%}"
+        click.echo(f"kept {row['fraction']:.2f} of the thinking: final {row['final_mean']:.3f}, refusal rate {rate}")
+    click.echo(f"wrote {Path(out) / 'clipping.json'}")

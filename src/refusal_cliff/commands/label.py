@@ -1,0 +1,39 @@
+"""`refusal-cliff label`: refusal labels on the answers (stage: `labeling.run_label`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import LabelConfig
+from .options import config_file_option, config_options, load_judge, out_option, overwrite_option, resolve
+
+
+@click.command("label")
+@click.option("--generations", required=True, help="generations.jsonl written by `generate`.")
+@config_options(LabelConfig)
+@config_file_option
+@out_option
+@overwrite_option
+def label_command(generations, out, overwrite, config_file, **options):
+    """Label refusals on the answer (first 32 tokens); writes OUT/labels.jsonl."""
+    from ..errors import UserError
+    from ..labeling import generation_model_id, read_generations, run_label
+    from ..models import load_tokenizer
+
+    config = resolve(LabelConfig, options)
+    read_generations(generations, ("id", "prompt", "answer"))  # fail before loading anything
+    model_id = config.tokenizer or generation_model_id(generations)
+    tokenizer = None
+    if model_id:
+        try:
+            tokenizer = load_tokenizer(model_id)
+        except UserError as exc:
+            click.echo(f"warning: {exc}; counting the answer's first 32 words instead of tokens", err=True)
+    else:
+        click.echo("warning: no --tokenizer and no metadata.json beside the generations; counting the answer's "
+                   "first 32 words instead of tokens", err=True)
+    path = run_label(generations, out, config, tokenizer, load_judge(config.judge), overwrite=overwrite)
+    from ..runs import read_jsonl
+
+    labels = read_jsonl(path)
+    click.echo(f"wrote {path}: {sum(label['refusal'] for label in labels)}/{len(labels)} refusals")

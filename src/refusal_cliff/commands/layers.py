@@ -1,0 +1,36 @@
+"""`refusal-cliff layers`: the layer-wise study, Figure 5 left (stage: `studies.run_layers`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import LayersConfig, ModelConfig
+from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
+                      overwrite_option, resolve)
+
+
+@click.command("layers")
+@model_options
+@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (with labels.jsonl).")
+@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (with labels.jsonl).")
+@config_options(LayersConfig)
+@config_file_option
+@out_option
+@overwrite_option
+def layers_command(harmful, harmless, out, overwrite, config_file, **options):
+    """Layer-wise study (Figure 5, left): a prober per layer, every example traced at every layer;
+    writes OUT/layer_KK/prober.* and OUT/layerwise.json."""
+    from ..probe import check_probe_runs
+    from ..studies import run_layers
+
+    config = resolve(LayersConfig, options)
+    model = resolve(ModelConfig, options)
+    check_probe_runs(harmful, harmless)
+    loaded = load_model_from(model)
+    probers = run_layers(loaded, harmful, harmless, out, config, overwrite=overwrite)
+    for layer, prober in sorted(probers.items()):
+        click.echo(f"layer {layer:>3}: validation accuracy {prober.metadata['metrics']['val_accuracy']:.3f} "
+                   f"({prober.quality})")
+    click.echo(f"wrote {Path(out) / 'layerwise.json'}")

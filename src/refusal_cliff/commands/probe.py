@@ -1,0 +1,45 @@
+"""`refusal-cliff probe train`: the paper's linear refusal prober (stage: `probe.run_probe_train`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import ModelConfig, ProbeConfig
+from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
+                      overwrite_option, resolve)
+
+
+@click.group("probe")
+def probe_group():
+    """Train the linear refusal prober."""
+
+
+@probe_group.command("train")
+@model_options
+@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (refusals = class 1).")
+@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (compliance = class 0).")
+@click.option("--ood", multiple=True, help="Out-of-distribution generation run(s) for OOD accuracy (repeatable).")
+@config_options(ProbeConfig)
+@config_file_option
+@out_option
+@overwrite_option
+def _probe_train_command(harmful, harmless, ood, out, overwrite, config_file, **options):
+    """Train the prober on last-token activations; writes OUT/prober.safetensors and OUT/prober.json."""
+    from ..probe import check_probe_runs, run_probe_train
+
+    config = resolve(ProbeConfig, options)
+    model = resolve(ModelConfig, options)
+    check_probe_runs(harmful, harmless, ood)
+    loaded = load_model_from(model)
+    result = run_probe_train(loaded, harmful, harmless, out, config, ood_runs=ood, overwrite=overwrite)
+    if result.reused:
+        click.echo(f"up to date: {result.path} (same inputs and settings)")
+        return
+    metrics = result.prober.metadata["metrics"]
+    ood_text = f", OOD accuracy {metrics['ood_accuracy']:.3f}" if metrics.get("ood_accuracy") is not None else ""
+    low, high = metrics["val_accuracy_ci95"]
+    click.echo(f"wrote {result.path}: layer {result.prober.layer}, validation accuracy {metrics['val_accuracy']:.3f} "
+               f"(95 % interval {low:.2f}-{high:.2f}, n={metrics['n_val']}){ood_text}")
+    if result.prober.quality == "unreliable":
+        click.echo("warning: the prober is UNRELIABLE: " + "; ".join(result.prober.metadata["quality_reasons"]),
+                   err=True)

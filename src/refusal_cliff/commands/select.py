@@ -1,0 +1,43 @@
+"""`refusal-cliff select`: Cliff-as-a-Judge data selection (stage: `selection.run_select`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import GenerationConfig, ModelConfig, ScoreConfig, SelectConfig
+from .options import (config_file_option, config_options, load_judge, load_model_from, model_options,
+                      out_option, overwrite_option, resolve)
+
+
+@click.command("select")
+@model_options
+@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
+              help="prober.safetensors (or its folder) trained on this model.")
+@click.option("--candidates", required=True,
+              help="Candidate file (WildJailbreak-style vanilla/adversarial + completion, or prompt + response; "
+                   ".jsonl/.json/.csv/.parquet), or demo:candidates.")
+@config_options(SelectConfig)
+@config_options(ScoreConfig)
+@config_options(GenerationConfig)
+@config_file_option
+@out_option
+@overwrite_option
+def select_command(prober_path, candidates, out, overwrite, config_file, **options):
+    """Score candidates by their refusal cliff and select k of them as SFT data."""
+    from ..probe import load_prober
+    from ..selection import load_candidates, resolve_k, run_select
+
+    config = resolve(SelectConfig, options)
+    generation = resolve(GenerationConfig, options)
+    score = resolve(ScoreConfig, options, generation=generation)
+    model = resolve(ModelConfig, options)
+    rows = load_candidates(candidates, config.limit)
+    resolve_k(config.k, len(rows))  # fail before loading the model
+    loaded = load_model_from(model)
+    prober = load_prober(prober_path, loaded)
+    result = run_select(loaded, prober, rows, out, config, score, judge=load_judge(config.judge, model.device),
+                        overwrite=overwrite, source=candidates)
+    click.echo(f"scored:    {result.n_candidates} candidates -> {result.scores_path}")
+    click.echo(f"selected:  {result.n_selected} by {config.method} -> {result.selection_path}")
+    for kind, path in result.exports.items():
+        click.echo(f"{kind}: {path}")
