@@ -43,6 +43,9 @@ class ArchitectureAdapter:
     final_norm_attr: str = "norm"
     embed_attr: str = "embed_tokens"
     mlp_attr: str = "mlp"
+    # the MLP's output projection (`down_proj` in every family here; `fc2` elsewhere): an MLP's
+    # scaling folds into it (`components.fold_component_scaling`)
+    mlp_down_attr: str = "down_proj"
     # Families that normalise a sub-layer's output before adding it to the residual stream
     # (Gemma 2/3) name those norms here; the exact logit decomposition freezes their scale.
     post_attention_norm_attr: str | None = None

@@ -199,7 +199,10 @@ def attribute_batch(
         layer: 0-based decoder layer the prober reads.
         final_norm_applied: the prober reads `final_norm(h)` (true iff `layer` is the last one).
         positions: [batch] index of t_cliff in each row (default -1: the last token, which with
-            left padding is the end of every probing sequence).
+            left padding is the end of every probing sequence); or [batch, n_positions] to
+            decompose several tokens of each row from the same pass (`components` uses it for the
+            end template): the result then has batch * n_positions rows, row b * n_positions + p
+            for row b's position p, each with the norms' scales frozen at its own token.
     """
     adapter = _adapter(model)
     geometry = adapter.geometry(model)
@@ -211,8 +214,11 @@ def attribute_batch(
     batch, seq = input_ids.shape
     if positions is None:
         positions = torch.full((batch,), seq - 1, dtype=torch.long)
-    positions = torch.as_tensor(positions, dtype=torch.long).to(device) % seq  # [batch]
+    positions = torch.as_tensor(positions, dtype=torch.long).to(device) % seq  # [batch] or [batch, n_positions]
     rows = torch.arange(batch, device=device)
+    if positions.dim() == 2:
+        rows = rows[:, None].expand_as(positions)
+    n_rows = positions.numel()  # one row of the result per (example, position)
 
     # families that normalise a sub-layer's output before the residual add (Gemma 2/3)
     post_norms = (adapter.post_attention_norm_attr, adapter.post_mlp_norm_attr)
@@ -221,7 +227,7 @@ def attribute_batch(
     captured: dict[tuple[str, int], torch.Tensor] = {}  # (kind, layer) -> [batch, width]
 
     def take(x: torch.Tensor) -> torch.Tensor:
-        return x[rows, positions].detach().float()
+        return x[rows, positions].detach().float().reshape(n_rows, x.shape[-1])
 
     def pre_hook(kind: str, index: int):
         def hook(module, args):
@@ -260,13 +266,13 @@ def attribute_batch(
         normed = final_norm(hidden.to(next(final_norm.parameters()).dtype)).float()
         logit = normed @ weight + bias
     else:
-        read = weight.expand(batch, d_model)  # [batch, d_model]
+        read = weight.expand(n_rows, d_model)  # [n_rows, d_model]
         logit = hidden @ weight + bias
 
-    contribution = torch.zeros(batch, n_layers, n_heads, device=device)
-    exact = torch.zeros(batch, n_layers, n_heads, device=device)
-    o_proj_bias = torch.zeros(batch, n_layers, device=device)
-    mlp = torch.zeros(batch, n_layers, device=device)
+    contribution = torch.zeros(n_rows, n_layers, n_heads, device=device)
+    exact = torch.zeros(n_rows, n_layers, n_heads, device=device)
+    o_proj_bias = torch.zeros(n_rows, n_layers, device=device)
+    mlp = torch.zeros(n_rows, n_layers, device=device)
     for index in range(n_layers):
         o_proj = adapter.o_proj(model, index)
         z = captured[("z", index)]  # [batch, n_heads * head_dim]
