@@ -368,3 +368,123 @@ def plot_ms_histogram(ms_all: Sequence[float], ms_selected: Sequence[float], met
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(frameon=False, fontsize="small")
     return figure
+
+
+# -- components (issue 12) -------------------------------------------------------------------
+
+COMPONENT_COLORS = {"attention": "tab:blue", "attention bias": "tab:cyan", "MLP": "tab:orange",
+                    "embeddings": "tab:gray"}
+
+
+def _components_by_layer(ax, summary: Mapping[str, Any]) -> None:
+    """Stacked bars: per layer, the change across the end template carried by its heads, its
+    o_proj bias and its MLP (the embeddings as a bar of their own left of layer 0)."""
+    rows = summary["by_layer"]
+    layers = np.asarray([row["layer"] for row in rows])
+    parts = {"attention": np.asarray([row["attention_change"] for row in rows], float),
+             "attention bias": np.asarray([row["attention_bias_change"] for row in rows], float),
+             "MLP": np.asarray([row["mlp_change"] for row in rows], float)}
+    positive, negative = np.zeros(len(rows)), np.zeros(len(rows))
+    for name, values in parts.items():
+        if not np.any(values):
+            continue
+        base = np.where(values >= 0, positive, negative)
+        ax.bar(layers, values, bottom=base, color=COMPONENT_COLORS[name], label=name)
+        positive += np.clip(values, 0, None)
+        negative += np.clip(values, None, 0)
+    embedding = summary["by_class"]["embeddings"]["change_mean"]
+    ax.bar([-1.5], [embedding], color=COMPONENT_COLORS["embeddings"], label="embeddings")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set(xlabel="layer (embeddings at left)", ylabel="change of the logit term across the end template",
+           title=f"Drop by layer and class (total {summary['logit']['change_mean']:+.2f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(frameon=False, fontsize="small")
+
+
+def _top_components(ax, components: Sequence[Mapping[str, Any]], top: int) -> None:
+    """Horizontal bars of the `top` components with the largest |change|, mean ± std."""
+    chosen = sorted(components, key=lambda c: -abs(c["change_mean"]))[:top]
+    chosen = sorted(chosen, key=lambda c: c["change_mean"])
+    y = np.arange(len(chosen))
+    ax.barh(y, [c["change_mean"] for c in chosen], xerr=[c["change_std"] for c in chosen],
+            color=[COMPONENT_COLORS[c["component_class"]] for c in chosen], error_kw={"lw": 0.6, "alpha": 0.5})
+    ax.set_yticks(y, [plain_label(c["name"]) for c in chosen], fontsize="small")
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set(xlabel="change across the end template (mean ± std)", title=f"Top {len(chosen)} components")
+
+
+def _components_per_token(figure: Figure, ax, summary: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]]) -> None:
+    """Heat map: each chosen component's step at each end-template token (term there minus the
+    term at the token before)."""
+    matrix = np.asarray([c["per_token_mean"] for c in chosen], float)  # [top, n_end]
+    labels = [plain_label(t) for t in summary.get("position_labels", [])[1:]] or \
+        [str(i) for i in range(matrix.shape[1])]
+    limit = max(float(np.nanmax(np.abs(matrix))) if matrix.size else 1.0, 1e-12)
+    ax.grid(False)
+    image = ax.imshow(matrix, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
+                      aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(chosen)), [plain_label(c["name"]) for c in chosen], fontsize="small")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize="small")
+    ax.set(xlabel="end-template token", title="Where each pushes (step per token)")
+    figure.colorbar(image, ax=ax, label="step of the term (blue: towards compliance)")
+
+
+def plot_components(summary: Mapping[str, Any], top: int = 20, title: str | None = None) -> Figure:
+    """What makes the cliff (issue 12), from a components.json: three panels.
+
+    1. Stacked bars per layer: the change of the prober logit across the thinking-end template
+       carried by attention (heads), o_proj biases and the MLP; the embeddings left of layer 0.
+    2. The `top` components by |change| (mean ± std over the group).
+    3. A heat map of the top `top // 2` components' steps at each end-template token.
+    """
+    figure, axes = _figure(17, max(4.5, 0.22 * top + 1.5), ncols=3)
+    _components_by_layer(axes[0], summary)
+    _top_components(axes[1], summary["components"], top)
+    strongest = sorted(summary["components"], key=lambda c: -abs(c["change_mean"]))[:max(1, top // 2)]
+    _components_per_token(figure, axes[2], summary, strongest)
+    if title:
+        figure.suptitle(_title(figure, title))
+    return figure
+
+
+# -- cliff guard ---------------------------------------------------------------------------
+
+
+def plot_guard(rows: Sequence[Mapping[str, Any]], ablation: Sequence[Mapping[str, Any]] | None = None,
+               models: Sequence[Mapping[str, Any]] | None = None) -> Figure:
+    """The cliff guard's trade-off: ASR against benign refusal rate as tau varies, next to the global
+    head ablation (ablation.json) and fine-tuned models (evaluation.json), where given.
+
+    Args:
+        rows: guard.json records [{tau (None: unguarded), asr, benign_refusal_rate, action}].
+        ablation: ablation.json records [{threshold, asr, benign_refusal_rate}].
+        models: evaluation.json models [{model, asr, over_refusal}].
+    """
+    figure, (ax,) = _figure(6.5, 4.2)
+    points = [r for r in rows if r.get("asr") is not None and r.get("benign_refusal_rate") is not None]
+    if points:
+        action = next((r.get("action") for r in points if r.get("action")), None)
+        xs, ys = [r["benign_refusal_rate"] for r in points], [r["asr"] for r in points]
+        ax.plot(xs, ys, marker="o", label=plain_label(f"cliff guard ({action})" if action else "cliff guard"))
+        for row, x, y in zip(points, xs, ys):
+            text = "unguarded" if row.get("tau") is None else f"τ={row['tau']:g}"
+            ax.annotate(plain_label(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    global_points = [r for r in (ablation or []) if r.get("asr") is not None
+                     and r.get("benign_refusal_rate") is not None]
+    if global_points:
+        global_points = sorted(global_points, key=lambda r: r["threshold"])
+        xs = [r["benign_refusal_rate"] for r in global_points]
+        ys = [r["asr"] for r in global_points]
+        ax.plot(xs, ys, marker="s", ls="--", label="global head ablation")
+        for row, x, y in zip(global_points, xs, ys):
+            ax.annotate(f"{100 * row['threshold']:g}%", (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize="x-small")
+    for model in models or []:
+        if model.get("asr") is not None and model.get("over_refusal") is not None:
+            ax.plot([model["over_refusal"]], [model["asr"]], marker="^", ls="none",
+                    label=plain_label(model.get("model") or "fine-tuned"))
+    ax.set(xlabel="benign refusal rate (lower: fewer over-refusals)", ylabel="ASR (lower: safer)",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="Cliff guard: ASR vs benign refusal")
+    _legend(ax, fontsize="small")
+    return figure

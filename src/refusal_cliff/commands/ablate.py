@@ -15,8 +15,8 @@ from .options import (config_file_option, config_options, load_judge, load_model
 @model_options
 @click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
               help="prober.safetensors (or its folder) written by `probe train`.")
-@click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="heads.json written by `heads`.")
+@click.option("--heads", "heads_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="heads.json written by `heads` (not needed with --components).")
 @click.option("--prompts", required=True, help="HARMFUL prompts (file, hub dataset id or demo:harmful).")
 @click.option("--benign-prompts", default=None, help="Benign prompts, for the over-refusal rate.")
 @config_options(AblateConfig)
@@ -45,6 +45,11 @@ def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export
     model = resolve(ModelConfig, options)
     if config.export_threshold is not None and export_dir is None:
         raise UserError("--export-threshold needs --export DIR")
+    if config.components:  # ablation by component (issue 12): components.run_ablate_components
+        return _ablate_components(config, generation, model, prober_path, heads_path, prompts, benign_prompts,
+                                  out, export_dir, overwrite)
+    if heads_path is None:
+        raise UserError("ablate needs --heads heads.json (or --components mlp:LAYER,... to scale components)")
     read_ranking(heads_path)
     harmful = load_prompts(prompts, column=config.column, limit=config.limit)
     benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
@@ -55,3 +60,41 @@ def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export
                        sources={"prompts": prompts, "benign_prompts": benign_prompts}, overwrite=overwrite)
     for name, path in paths.items():
         click.echo(f"wrote {Path(path)}" + (" (repaired model)" if name == "export" else ""))
+
+
+def _ablate_components(config, generation, model, prober_path, heads_path, prompts, benign_prompts, out, export_dir,
+                       overwrite):
+    from ..components import run_ablate_components
+    from ..data import load_prompts
+    from ..errors import UserError
+    from ..probe import load_prober
+
+    if heads_path is not None:
+        raise UserError("give --heads (scale suppression heads) or --components (scale components), not both")
+    _check_components_before_loading(config.components, model.model)
+    harmful = load_prompts(prompts, column=config.column, limit=config.limit)
+    benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
+    loaded = load_model_from(model)
+    prober = load_prober(prober_path, loaded)
+    paths = run_ablate_components(loaded, prober, {",".join(config.components): config.components}, harmful, out,
+                                  config, generation, benign, judge=load_judge(config.judge, model.device),
+                                  export_dir=export_dir, overwrite=overwrite,
+                                  sources={"prompts": prompts, "benign_prompts": benign_prompts})
+    for name, path in paths.items():
+        click.echo(f"wrote {Path(path)}" + (" (model with the components folded in)" if name == "export" else ""))
+
+
+def _check_components_before_loading(specs, model: str) -> None:
+    """Layer and head ranges from the config of a local folder or the embedded model, before any weight
+    is loaded (hub ids and GGUF files are checked once loaded)."""
+    from transformers import AutoConfig
+
+    from ..architectures import get_adapter
+    from ..components import check_ranges
+    from ..models import DEFAULT_MODEL, embedded_checkpoint
+
+    folder = embedded_checkpoint() if model in (None, DEFAULT_MODEL) else Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    model_config = AutoConfig.from_pretrained(str(folder))
+    check_ranges(specs, get_adapter(model_config).geometry(model_config))
