@@ -53,6 +53,26 @@ def parse_names(text: str | Any) -> tuple[str, ...]:
     return tuple(str(part).strip() for part in parts if str(part).strip())
 
 
+COMPONENT_SPEC_HELP = "mlp:LAYER or head:LAYER.HEAD"
+
+
+def parse_components(text: str | Any) -> tuple[str, ...]:
+    """'mlp:5, head:3.1' -> ('mlp:5', 'head:3.1'): components to scale (syntax only; layers are
+    checked against the model by `components.resolve_components`)."""
+    import re
+
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    specs = []
+    for part in (str(p).strip().lower() for p in parts):
+        if not part:
+            continue
+        match = re.fullmatch(r"(mlp):(-?\d+)|(head):(-?\d+)\.(\d+)", part)
+        if match is None:
+            raise UserError(f"unknown component {part!r}: use {COMPONENT_SPEC_HELP} (e.g. mlp:5,head:3.1)")
+        specs.append(part)
+    return tuple(dict.fromkeys(specs))
+
+
 def _unescape(text: str | None) -> str | None:
     """Turn typed escapes ('\\n') into characters, leaving non-ASCII text intact."""
     if not text:
@@ -205,6 +225,17 @@ class HeadsConfig(Config):
 
 
 @dataclass
+class ComponentsConfig(Config):
+    """Every component's term of the exact decomposition, at t_cliff and across the end template (issue 12)."""
+
+    group: str = option("harmful_complied", "Examples to average over: harmful prompts the model complied with "
+                                            "/ refused, or all.",
+                        choices=("harmful_complied", "harmful_refused", "all"))
+    top: int = option(20, "Components shown in components.png's ranking (the heat map shows half as many).", min=1)
+    batch_size: int = option(8, "Sequences per forward pass.", min=1)
+
+
+@dataclass
 class AblateConfig(Config):
     """Head ablation by scaling (paper §4.2, Figure 8)."""
 
@@ -218,6 +249,10 @@ class AblateConfig(Config):
     limit: int | None = option(None, "Use the first N prompts of each set.", type=int, min=1)
     column: str | None = option(None, "Prompt column (detected when omitted).", type=str)
     judge: str | None = option(None, "LlamaGuard-style judge model for ASR (default: keyword labels).", type=str)
+    components: tuple[str, ...] = option((), "Scale these components instead of the heads of --heads: "
+                                             f"comma-separated {COMPONENT_SPEC_HELP} (e.g. the top MLPs of "
+                                             "components.json); --export folds them (MLPs into down_proj).",
+                                         parse=parse_components, show="")
 
     def validate(self) -> None:
         _check_thresholds(self.thresholds)
