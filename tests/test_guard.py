@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from refusal_cliff.ablation import scale_heads
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.config import GenerationConfig, GuardConfig
@@ -158,10 +158,9 @@ def test_no_hook_left_after_an_error(smol_tokenizer):
     loaded = tiny_loaded(smol_tokenizer)
     guard = CliffGuard(loaded, random_prober(1), heads=HEADS, action="ablate")
     for context in (guard.monitoring(), guard.steering(1.0), guard.intervention()):
-        with pytest.raises(RuntimeError):
-            with context:
-                assert not no_hooks(loaded.model)
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError), context:
+            assert not no_hooks(loaded.model)
+            raise RuntimeError("boom")
         assert no_hooks(loaded.model)
 
 

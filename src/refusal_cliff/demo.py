@@ -73,6 +73,25 @@ def _generate_and_label(loaded, prompts: str, settings: DemoSettings, limit: int
     return {"n": len(labels), "refusals": refused, "refusal_rate": refused / max(len(labels), 1)}
 
 
+DEMO_GUARD_TAUS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def guard_layer(layerwise: dict, n_layers: int) -> int | None:
+    """The layer-wise study's non-last layer with the largest mean MS over harmful examples (SmolLM2
+    has no cliff at its last layer, but its middle layers do drop); None if no layer has an MS."""
+    best, best_ms = None, None
+    for name, entry in layerwise.items():
+        layer = int(name)
+        if layer == n_layers - 1:
+            continue
+        values = [group["ms_mean"] for key, group in entry.items() if key.startswith("harmful")
+                  and isinstance(group, dict) and group.get("ms_mean") is not None]
+        ms = sum(values) / len(values) if values else entry.get("ms_mean")
+        if ms is not None and (best_ms is None or ms > best_ms):
+            best, best_ms = layer, ms
+    return best
+
+
 def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = False,
              on_stage: Callable[[str], None] = lambda message: None) -> Path:
     """Run the diagnosis end to end into `out_dir` with the same stage functions as the verbs
@@ -181,6 +200,27 @@ def _run_stages(loaded, out: Path, run: RunFolder, settings: DemoSettings, quick
                AblateConfig(thresholds=tuple(settings.thresholds)), ablation_config,
                benign_prompts=load_prompts("demo:harmless", limit=settings.n_ablate), overwrite=True)
     done("ablate")
+
+    layer = guard_layer(read_json(out / "layers" / "layerwise.json"), n_layers)
+    if layer is not None:
+        from .config import GuardConfig
+        from .guard import run_guard
+        from .probe import load_prober
+
+        stage("guard", f"guard: cliff guard with the layer-{layer} prober, ablating the same heads on flagged "
+                       "examples only")
+        notes["guard prober"] = (f"the guard reads the layer-{layer} prober of the layer-wise study (layers/"
+                                 f"layer_{layer:02d}): SmolLM2 has no refusal cliff at its last layer, so the last-"
+                                 f"layer prober would flag nothing; layer {layer} has the largest mean MS of the "
+                                 "middle layers on the harmful examples. Flagged examples get the heads of the largest "
+                                 f"ablation threshold ({max(settings.thresholds):g}) scaled by 0, as the global "
+                                 "ablation does for every prompt.")
+        run_guard(loaded, load_prober(out / "layers" / f"layer_{layer:02d}", loaded),
+                  load_prompts("demo:harmful", limit=settings.n_ablate), out / "guard",
+                  GuardConfig(action="ablate", taus=DEMO_GUARD_TAUS, threshold=max(settings.thresholds)),
+                  ablation_config, load_prompts("demo:harmless", limit=settings.n_ablate), heads_path=heads_path,
+                  overwrite=True, progress=False)
+        done("guard")
 
     if repair:
         from .repair_demo import run_repair_demo

@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ class _MonitoredBackend:
     """An `HFBackend` whose answer-phase calls (those without stop strings) are monitored: the
     prefill's scores of each text are kept, padding removed, until `take` collects them."""
 
-    def __init__(self, guard: "CliffGuard", inner):
+    def __init__(self, guard: CliffGuard, inner):
         self.guard = guard
         self.inner = inner
         self._scores: dict[str, list[np.ndarray]] = {}
@@ -216,13 +216,13 @@ class CliffGuard:
 
         def hook(module, args, output) -> None:
             if captured:
-                return None  # decoding steps: the answer is not monitored
+                return  # decoding steps: the answer is not monitored
             hidden = output[0] if isinstance(output, tuple) else output  # [batch, pos, d_model]
             weight = self._weight.to(hidden.device)
             bias = self._bias.to(hidden.device)
             scores = torch.sigmoid(hidden.to(torch.float32) @ weight.T + bias)[..., 0]  # [batch, pos]
             captured.append(scores.cpu())
-            return None  # read only: the forward pass is unchanged
+            return  # read only: the forward pass is unchanged
 
         with add_hooks(forward_hooks=[(self.module, hook)]):
             yield captured
@@ -502,7 +502,10 @@ def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Pa
             record["guarded"].update(refusal=label["refusal"], attack_success=is_attack_success(label))
         rows = guard_summary(records, guard, taus)
         write_json(run.path(GUARD), rows)
-        from .plotting import plot_guard, save_figure  # lazy: matplotlib is slow to import
+        from .plotting import (  # lazy: matplotlib is slow to import
+            plot_guard,
+            save_figure,
+        )
 
         save_figure(plot_guard(rows), run.path(GUARD_FIGURE))
         run.finish({"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts),

@@ -317,6 +317,34 @@ def load_ablation(path: Path) -> list[AblationRow]:
     return rows
 
 
+class GuardRow(TypedDict):
+    tau: float | None  # None: the unguarded model
+    rule: str | None
+    action: str | None
+    asr: float | None
+    benign_refusal_rate: float | None
+    flag_rate_harmful: float | None
+    flag_rate_benign: float | None
+    n: int | None
+    n_harmful: int | None
+    n_benign: int | None
+
+
+def load_guard(path: Path) -> list[GuardRow]:
+    """guard.json → the unguarded row (tau null) first, then rows sorted by `tau`."""
+    rows = []
+    for where, entry in _records(path, jsonl=False):
+        row = dict(entry)
+        for key in ("tau", "asr", "benign_refusal_rate", "flag_rate_harmful", "flag_rate_benign"):
+            row[key] = _num(entry.get(key), f"{where}.{key}", optional=True)
+        for key in ("n", "n_harmful", "n_benign"):
+            row[key] = _int(entry.get(key), f"{where}.{key}", optional=True)
+        for key in ("rule", "action"):
+            row[key] = None if entry.get(key) is None else str(entry.get(key))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["tau"] is not None, r["tau"] or 0.0))
+
+
 class EvaluatedModel(TypedDict):
     model: str
     method: str | None
@@ -468,6 +496,7 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
     Artifact("heads.json", load_heads, "refusal-cliff heads"),
     Artifact("ablation.json", load_ablation, "refusal-cliff ablate"),
     Artifact("evaluation.json", load_evaluation, "refusal-cliff evaluate"),
+    Artifact("guard.json", load_guard, "refusal-cliff guard"),
     Artifact("scores.jsonl", load_scores, "refusal-cliff select", depth=2),
     Artifact("selection.jsonl", load_selection, "refusal-cliff select", depth=2),
     Artifact("metadata.select.json", load_select_metadata, "refusal-cliff select", depth=2),

@@ -465,6 +465,39 @@ def render_evaluation(ctx: Context) -> Rendered:
     return join(*parts), {"models": models, "asr_vs_k": asr_vs_k}
 
 
+def render_guard(ctx: Context) -> Rendered:
+    rows = ctx.get("guard.json")
+    _require(rows, f"{ctx.rel(ctx.path('guard.json'))} is empty")
+    ablation = ctx.get("ablation.json")
+    evaluation = ctx.get("evaluation.json")
+    models = evaluation["models"] if evaluation else []
+    figure = ctx.figure(plotting.plot_guard(rows, ablation, models), "cliff guard trade-off",
+                        "ASR against benign refusal rate as the guard's tau varies (the unguarded model is one "
+                        "end), next to the global head ablation and fine-tuned models where the run has them.")
+    metadata_path = ctx.path("guard.json").parent / "metadata.json"
+    metadata = read_json(metadata_path) if metadata_path.is_file() else {}
+    prober = metadata.get("prober") or {}
+    settings = metadata.get("config") or {}
+    facts = [f"action: {settings.get('action', rows[0].get('action'))}", f"rule: {settings.get('rule', rows[0].get('rule'))}"]
+    if prober.get("layer") is not None:
+        facts.append(f"prober layer: {prober['layer']}")
+    if settings.get("action") == "ablate" and settings.get("heads"):
+        facts.append(f"heads scaled on flagged examples: {len(settings['heads'])} (γ={settings.get('gamma')})")
+    notes = ctx.get("demo.json") or {}
+    intro = [paragraph("; ".join(str(f) for f in facts))]
+    if notes.get("guard prober"):
+        intro.append(paragraph(str(notes["guard prober"])[:NOTE_CHARS]))
+    keys = ("tau", "asr", "benign_refusal_rate", "flag_rate_harmful", "flag_rate_benign", "n_harmful", "n_benign")
+    headers = ["tau", "ASR", "benign refusal rate", "flagged (harmful)", "flagged (benign)", "n harmful", "n benign"]
+    body = table(headers, [["unguarded" if r["tau"] is None else r["tau"], pct(r["asr"]), pct(r["benign_refusal_rate"]),
+                            pct(r["flag_rate_harmful"]), pct(r["flag_rate_benign"]), r["n_harmful"], r["n_benign"]]
+                           for r in rows])
+    sources = ["guard.json"] + [name for name in ("ablation.json", "evaluation.json") if ctx.path(name) is not None]
+    summary = {"rows": [{k: r[k] for k in keys} for r in rows], "action": settings.get("action"),
+               "prober_layer": prober.get("layer")}
+    return join(*intro, figure, body, ctx.sources_of(*sources)), summary
+
+
 # -- the registry: one entry per section, in report order -----------------------------------
 
 SECTIONS: tuple[Section, ...] = (
@@ -483,6 +516,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("heads", "Attention-head contributions (Figure 6)", ("heads.json",), render_heads, "fig_heads.png"),
     Section("ablation", "Ablating refusal-suppression heads (Figure 8)", ("ablation.json",), render_ablation,
             "fig_ablation.png"),
+    Section("guard", "Cliff guard: act only where the cliff happens", ("guard.json",), render_guard,
+            "fig_guard.png"),
     Section("selection", "Cliff-as-a-Judge selection", ("scores.jsonl", "selection.jsonl", "metadata.select.json"),
             render_selection, "fig_selection.png"),
     Section("evaluation", "Safety fine-tuning evaluation (Table 2, Figure 7)", ("evaluation.json",),
