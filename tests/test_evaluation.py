@@ -16,7 +16,7 @@ from refusal_cliff.evaluation import (
     ModelSpec,
     asr_vs_k,
     attack_success_rate,
-    evaluate_models,
+    run_evaluate,
     format_table,
     load_sweep,
     parse_model_spec,
@@ -96,7 +96,7 @@ def test_evaluation_of_tiny_models_produces_the_table(smol_tokenizer, tmp_path):
         loaded_calls.append(source)
         return models[source]
 
-    evaluation = evaluate_models(specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
+    evaluation = run_evaluate(specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
     rows = evaluation["models"]
     assert [r["model"] for r in rows] == ["before", "after"]
     for row in rows:
@@ -109,24 +109,24 @@ def test_evaluation_of_tiny_models_produces_the_table(smol_tokenizer, tmp_path):
     assert table.count("\n") == 4 and "| before |" in table and "| after | 3 |" in table
     assert (tmp_path / "eval" / "asr_vs_k.png").is_file()
     # a second call with the same settings reuses the saved results
-    evaluate_models(specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
+    run_evaluate(specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
     assert loaded_calls == ["a", "b"]
     # other models into the same folder: refused, nothing replaced, unless asked
     before = (tmp_path / "eval" / "evaluation.json").read_bytes()
     with pytest.raises(UserError, match="--overwrite"):
-        evaluate_models(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
+        run_evaluate(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
     assert (tmp_path / "eval" / "evaluation.json").read_bytes() == before
-    evaluate_models(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load,
+    run_evaluate(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load,
                     overwrite=True)
 
 
 def test_evaluation_needs_models_and_harmful_prompts(tmp_path):
     with pytest.raises(UserError, match="--model"):
-        evaluate_models([], {"h": []}, {}, tmp_path)
+        run_evaluate([], {"h": []}, {}, tmp_path)
     with pytest.raises(UserError, match="--harmful"):
-        evaluate_models([ModelSpec("a", "a")], {}, {}, tmp_path)
+        run_evaluate([ModelSpec("a", "a")], {}, {}, tmp_path)
     with pytest.raises(UserError, match="unique"):
-        evaluate_models([ModelSpec("a", "x"), ModelSpec("a", "y")], {"h": [{}]}, {}, tmp_path)
+        run_evaluate([ModelSpec("a", "x"), ModelSpec("a", "y")], {"h": [{}]}, {}, tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
@@ -222,7 +222,7 @@ def test_evaluate_rejects_bad_task_input_before_loading_a_model(tmp_path):
         assert flag in line
     assert not (out / "evaluation.json").exists()
     with pytest.raises(UserError, match="--task-limit"):
-        evaluate_models([ModelSpec("a", "a")], {}, {}, tmp_path / "lib",
+        run_evaluate([ModelSpec("a", "a")], {}, {}, tmp_path / "lib",
                         EvalConfig(tasks=("tiny_local",), task_paths=(str(missing),), task_limit=0))
 
 

@@ -21,8 +21,8 @@ from .errors import UserError, describe_file_error
 # defined at the top level of each module is registered
 # One module per verb under refusal_cliff.commands, in help order. Each module defines the click
 # command of its verb; a module that fails to import is an error, never a silently missing verb.
-_COMMAND_MODULES = ["models", "generate", "label", "probe", "trace", "layers", "clip", "heads", "components", "ablate",
-                    "select", "finetune", "repair", "report", "demo"]
+_COMMAND_MODULES = ["models", "generate", "label", "probe", "trace", "layers", "clip", "heads", "components", "ablate", "guard",
+                    "select", "finetune", "evaluate", "report", "demo"]
 
 
 def _debug(ctx) -> bool:

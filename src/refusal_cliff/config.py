@@ -36,6 +36,15 @@ def parse_floats(text: str | Any) -> tuple[float, ...]:
         raise UserError(f"expected comma-separated numbers such as 0.01,0.03,0.1, got {text!r}") from None
 
 
+def parse_ints(text: str | Any) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2); a list or tuple passes through as ints."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        return tuple(int(part) for part in parts if str(part).strip())
+    except ValueError:
+        raise UserError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 def parse_layers(text: str | Any) -> tuple[int, ...] | None:
     """'auto' -> None (five evenly spaced layers); '5,11,-1' -> (5, 11, -1)."""
     if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
@@ -162,6 +171,16 @@ class ProbeConfig(Config):
 
 
 @dataclass
+class DirectionConfig(Config):
+    """Difference-in-means refusal directions (as in refusal_direction), from the prober's activations."""
+
+    layers: tuple[int, ...] | None = option(None, "Comma-separated 0-based layers (negative: from the end); the "
+                                                  "prober's layer (the last layer without --prober) is always "
+                                                  "added.", parse=parse_layers, show="")
+    batch_size: int = option(8, "Sequences per forward pass when capturing activations.", min=1)
+
+
+@dataclass
 class TraceConfig(Config):
     """Per-token traces and cliff metrics."""
 
@@ -170,6 +189,8 @@ class TraceConfig(Config):
     t_cliff: str = option("last", "t_cliff: last token of the end template, or its largest one-step drop.",
                           choices=("last", "max_drop"))
     batch_size: int = option(8, "Sequences per forward pass.", min=1)
+    direction_layer: int | None = option(None, "With --direction: the layer whose difference-in-means direction "
+                                               "scores each token (default: the prober's layer).", type=int)
 
 
 @dataclass
@@ -219,9 +240,13 @@ class HeadsConfig(Config):
     rank_by: str = option("contribution", "Rank by the paper's score w·Δh + b, or by the exact decomposition term.",
                           choices=("contribution", "exact"))
     batch_size: int = option(8, "Sequences per forward pass.", min=1)
+    patterns: int | None = option(None, "Also save the attention weights of the top K suppression heads at t_cliff "
+                                        "(patterns.json: top source tokens and mass per region).", type=int)
 
     def validate(self) -> None:
         _check_thresholds(self.thresholds)
+        if self.patterns is not None and self.patterns < 1:
+            raise UserError(f"--patterns must be a number of heads of at least 1, got {self.patterns}")
 
 
 @dataclass
@@ -249,6 +274,12 @@ class AblateConfig(Config):
     limit: int | None = option(None, "Use the first N prompts of each set.", type=int, min=1)
     column: str | None = option(None, "Prompt column (detected when omitted).", type=str)
     judge: str | None = option(None, "LlamaGuard-style judge model for ASR (default: keyword labels).", type=str)
+    control: str = option("none", "random: also ablate, per threshold and seed, as many heads drawn at random "
+                                  "from the heads outside the ranked top ones.", choices=("none", "random"))
+    control_seeds: tuple[int, ...] = option((0, 1, 2), "Seeds of the random control (one draw per threshold and "
+                                                       "seed).", parse=parse_ints)
+    boost_others: float | None = option(None, "Boosting control: also measure each threshold with its heads "
+                                              "scaled by γ and every OTHER head scaled by FACTOR.", type=float)
     components: tuple[str, ...] = option((), "Scale these components instead of the heads of --heads: "
                                              f"comma-separated {COMPONENT_SPEC_HELP} (e.g. the top MLPs of "
                                              "components.json); --export folds them (MLPs into down_proj).",
@@ -262,6 +293,50 @@ class AblateConfig(Config):
                             f"--thresholds ({','.join(f'{t:g}' for t in self.thresholds)})")
         if self.renormalize and self.gamma == 1.0:
             pass  # scaling by 1 changes nothing; allowed
+        if not self.control_seeds:
+            raise UserError("--control-seeds is empty: give the random control's seeds, e.g. 0,1,2")
+        if self.control == "random":
+            if len(set(self.control_seeds)) != len(self.control_seeds):
+                raise UserError(f"--control-seeds repeats a seed: {','.join(map(str, self.control_seeds))}")
+            if any(t > 0.5 for t in self.thresholds):
+                raise UserError("--control random draws as many heads from OUTSIDE the ranked ones, so every "
+                                f"threshold must be at most 0.5, got {','.join(f'{t:g}' for t in self.thresholds)}")
+        if self.boost_others is not None and (self.boost_others < 0 or self.boost_others != self.boost_others):
+            raise UserError(f"--boost-others must be a factor of at least 0, got {self.boost_others}")
+
+
+@dataclass
+class GuardConfig(Config):
+    """The cliff guard: flag examples whose refusal score falls off the cliff, act on their answers only."""
+
+    action: str = option("ablate", "What a flagged example's answer gets: ablate (regenerated with the suppression "
+                                   "heads scaled by --gamma), steer (regenerated with --alpha times the prober "
+                                   "direction added at the prober's layer), refuse (a fixed refusal, marked as "
+                                   "the guard's).", choices=("ablate", "steer", "refuse"))
+    rule: str = option("ms", "ms: flag when MS = plateau - final > tau; final: flag when plateau > --tau-plateau "
+                             "and final < tau.", choices=("ms", "final"))
+    taus: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.3), "Comma-separated thresholds in [0, 1] swept by one "
+                                     "run (the thinking is generated once and reused for all).", parse=parse_floats)
+    tau_plateau: float = option(0.5, "Plateau threshold of --rule final.", min=0.0, max=1.0)
+    threshold: float = option(0.03, "Fraction of all heads scaled by --action ablate (the top of heads.json).",
+                              min=0.0, max=1.0)
+    gamma: float = option(0.0, "Scale of those heads under --action ablate: 0 removes them.")
+    alpha: float = option(4.0, "Steering strength under --action steer (residual-stream units along w/|w|).")
+    refusal_text: str = option("I'm sorry, but I can't help with that.", "The fixed refusal of --action refuse.")
+    limit: int | None = option(None, "Use the first N prompts of each set.", type=int, min=1)
+    column: str | None = option(None, "Prompt column (detected when omitted).", type=str)
+
+    def validate(self) -> None:
+        import math
+
+        if not self.taus or any(math.isnan(t) or not 0.0 <= t <= 1.0 for t in self.taus):
+            raise UserError(f"--taus must be thresholds in [0, 1], got {list(self.taus)}")
+        if not 0.0 <= self.tau_plateau <= 1.0:
+            raise UserError(f"--tau-plateau must lie in [0, 1], got {self.tau_plateau}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise UserError(f"--threshold must be a fraction of all heads in (0, 1], got {self.threshold}")
+        if not (math.isfinite(self.gamma) and math.isfinite(self.alpha)):
+            raise UserError("--gamma and --alpha must be finite numbers")
 
 
 @dataclass
@@ -339,15 +414,25 @@ class EvalConfig(Config):
 
     generation: GenerationConfig = option(help="Budgets, batch size, system prompt.", factory=GenerationConfig,
                                           cli=False)
-    tasks: tuple[str, ...] = option((), "lm-eval tasks, comma-separated (e.g. mmlu_pro, arc_challenge); needs "
-                                        "the `eval` extra.", parse=parse_names, show="")
-    task_limit: int | None = option(None, "Examples per lm-eval task.", type=int, min=1)
-    task_max_gen_tokens: int = option(2048, "Generation budget of generative lm-eval tasks (thinking + answer).",
-                                      min=1)
+    tasks: tuple[str, ...] = option((), "lm-eval tasks or groups, comma-separated: arc_challenge_local,"
+                                        "mmlu_pro_local (with --task-path) or hub tasks (arc_challenge,mmlu_pro; "
+                                        "need the dataset hub). Needs the `eval` extra.", parse=parse_names, show="")
+    task_paths: tuple[str, ...] = option((), "Folder of lm-eval task YAMLs (e.g. ../shared/data/arc_challenge); "
+                                             "repeat for several. Relative data_files are read relative to each "
+                                             "YAML's own folder.", flag="task-path", multiple=True)
+    task_limit: int | None = option(None, "First N examples of each lm-eval task (default: --limit, else all).",
+                                    type=int, min=1)
+    task_max_gen_tokens: int = option(2048, "Answer budget of generative lm-eval tasks (MMLU-Pro); the thinking "
+                                            "before it has --max-thinking-tokens.", min=1)
 
     def to_dict(self) -> dict:
-        return {"generation": self.generation.to_dict(), "tasks": list(self.tasks), "task_limit": self.task_limit,
+        return {"generation": self.generation.to_dict(), "tasks": list(self.tasks),
+                "task_paths": [str(p) for p in self.task_paths], "task_limit": self.task_limit,
                 "task_max_gen_tokens": self.task_max_gen_tokens}
+
+    def validate(self) -> None:
+        if self.task_paths and not self.tasks:
+            raise UserError("--task-path needs --tasks NAME[,NAME...]: the tasks to run from those folders")
 
 
 def config_fields(cls) -> list:
@@ -366,6 +451,8 @@ def build_config(cls, values: dict) -> Any:
         meta = known[name].metadata
         if "parse" in meta and value is not None and not isinstance(value, tuple):
             value = meta["parse"](value)
+        if meta.get("multiple") and isinstance(value, (list, str)):  # from a config file
+            value = (value,) if isinstance(value, str) else tuple(value)
         if "convert" in meta:
             value = meta["convert"](value)
         converted[name] = value

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import EvalConfig  # noqa: F401  (re-exported)
 from .errors import UserError
 from .generation import GenerationBackend, GenerationConfig
 from .reasoning import PreparedTasks, prepare_tasks, strip_thinking  # noqa: F401 - strip_thinking re-exported
@@ -30,23 +31,6 @@ from .runs import JsonlWriter, fingerprint, read_json, write_json
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("mmlu_pro", "arc_challenge")
-
-
-@dataclass
-class EvalConfig:
-    """Settings shared by every evaluated model."""
-
-    generation: GenerationConfig = field(default_factory=GenerationConfig)  # budgets, batch size, system prompt
-    tasks: tuple[str, ...] = ()  # lm-eval tasks or groups (arc_challenge_local, mmlu_pro_local); `eval` extra
-    task_paths: tuple[str, ...] = ()  # folders of lm-eval task YAMLs; relative data paths resolved per YAML
-    task_limit: int | None = None  # first N examples of each lm-eval task (None: all)
-    task_max_gen_tokens: int = 2048  # answer budget of generative lm-eval tasks (the thinking has its own)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["tasks"] = list(self.tasks)
-        data["task_paths"] = [str(p) for p in self.task_paths]
-        return data
 
 
 @dataclass
@@ -265,7 +249,7 @@ def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
 
 
-def evaluate_models(
+def run_evaluate(
     specs: Sequence[ModelSpec],
     harmful: dict[str, Sequence[dict]],
     benign: dict[str, Sequence[dict]],
@@ -278,8 +262,8 @@ def evaluate_models(
     overwrite: bool = False,
     prepared: PreparedTasks | None = None,
 ) -> dict:
-    """Evaluate several models with the same prompts and settings; write `evaluation.json`,
-    `evaluation.md` (the table) and, for labelled checkpoints, `asr_vs_k.png`.
+    """The `evaluate` stage: several models with the same prompts and settings; writes `evaluation.json`,
+    `evaluation.md` (the table), `metadata.json` and, for labelled checkpoints, `asr_vs_k.png`.
 
     A model whose result is already in `out_dir/models/NAME/result.json` with the same settings is
     not re-evaluated (an interrupted comparison resumes).
@@ -324,13 +308,20 @@ def _evaluate_models(specs, harmful, benign, out: Path, config: EvalConfig, prob
         "harmful": {k: [[p["id"], p["prompt"]] for p in v] for k, v in harmful.items()},
         "benign": {k: [[p["id"], p["prompt"]] for p in v] for k, v in benign.items()},
     })
-    existing = out / "evaluation.json"
-    if existing.is_file() and not overwrite:
-        previous = read_json(existing)
-        same_models = [m.get("model") for m in previous.get("models", [])] == names
-        if previous.get("settings") != settings or not same_models:
-            raise UserError(f"{existing} holds an evaluation with other models or settings; use another "
-                            "--out, or pass --overwrite to replace it")
+    from .runs import RunFolder
+
+    run = RunFolder(out, "evaluate", {"settings": settings, "models": names,
+                                      "sources": [s.source for s in specs]},
+                    overwrite=overwrite, artifacts=["evaluation.json", "evaluation.md", "asr_vs_k.png", "models"])
+    with run.start(seed=config.generation.seed, extra={"prober": str(prober_path) if prober_path else None}):
+        evaluation = _evaluate_each(specs, harmful, benign, out, config, prober_path, judge, load, reuse, prepared,
+                                    settings)
+        run.finish({"n_models": len(specs)})
+    return evaluation
+
+
+def _evaluate_each(specs, harmful, benign, out: Path, config: EvalConfig, prober_path, judge, load, reuse: bool,
+                   prepared, settings: str) -> dict:
     results = []
     for spec in specs:
         model_dir = out / "models" / _safe_name(spec.name)

@@ -15,7 +15,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .evaluation import EvalConfig, ModelSpec, evaluate_models, format_table
+from .evaluation import EvalConfig, ModelSpec, run_evaluate, format_table
 from .finetune import FinetuneConfig, train_sft
 from .generation import GenerationConfig
 from .models import LoadedModel
@@ -112,7 +112,7 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
                                              "the repository" if arc_folder is None else
                                              "lm-eval is not installed (pip install 'refusal-cliff[eval]')"))
         logger.warning("repair demo: %s", note)
-    evaluation = evaluate_models(specs, harmful, benign, out, eval_config, prober_path,
+    evaluation = run_evaluate(specs, harmful, benign, out, eval_config, prober_path,
                                  load=lambda name: models[name], reuse=False, overwrite=True)
     evaluation["reasoning_note"] = note
     evaluation["selections"] = selections

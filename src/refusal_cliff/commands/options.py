@@ -53,6 +53,8 @@ def _option_for(field) -> typing.Callable:
         text = field.metadata.get("show", ",".join(f"{v:g}" if isinstance(v, float) else str(v)
                                                    for v in (default or ())))
         return click.option(f"--{name}", field.name, default=text or None, show_default=bool(text), help=help_text)
+    if field.metadata.get("multiple"):
+        return click.option(f"--{name}", field.name, multiple=True, help=help_text)
     base = _base_type(field)
     if base is bool:
         decl = f"--{name}" if "/" not in name else "--" + name.replace("/", "/--")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..config import ModelConfig, ProbeConfig
+from ..config import DirectionConfig, ModelConfig, ProbeConfig
 from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
                       overwrite_option, resolve)
 
 
 @click.group("probe")
 def probe_group():
-    """Train the linear refusal prober."""
+    """Train the linear refusal prober; compute difference-in-means directions beside it."""
 
 
 @probe_group.command("train")
@@ -43,3 +43,34 @@ def _probe_train_command(harmful, harmless, ood, out, overwrite, config_file, **
     if result.prober.quality == "unreliable":
         click.echo("warning: the prober is UNRELIABLE: " + "; ".join(result.prober.metadata["quality_reasons"]),
                    err=True)
+
+
+@probe_group.command("direction")
+@model_options
+@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (refusals = class 1).")
+@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (compliance = class 0).")
+@click.option("--prober", "prober_path", default=None, type=click.Path(exists=True),
+              help="prober.safetensors (or its folder): report each direction's cosine to its weight, and add its "
+                   "layer.")
+@config_options(DirectionConfig)
+@config_file_option
+@out_option
+@overwrite_option
+def _probe_direction_command(harmful, harmless, prober_path, out, overwrite, config_file, **options):
+    """Difference-in-means refusal directions per layer, from the prober's own activations (last token;
+    refusals to harmful prompts minus compliance with harmless ones). Writes OUT/directions.safetensors
+    and OUT/directions.json (cosine to the prober, standardisation for `trace --direction`)."""
+    from ..probe import check_direction_classes, load_prober, run_probe_direction
+
+    config = resolve(DirectionConfig, options)
+    model = resolve(ModelConfig, options)
+    check_direction_classes(harmful, harmless)  # fail before loading the model
+    loaded = load_model_from(model)
+    prober = load_prober(prober_path, loaded) if prober_path else None
+    path = run_probe_direction(loaded, harmful, harmless, out, config, prober=prober, overwrite=overwrite)
+    from ..runs import read_json
+
+    for layer, entry in read_json(path)["layers"].items():
+        cosine = "" if entry["cosine_to_prober"] is None else f", cosine to the prober {entry['cosine_to_prober']:+.3f}"
+        click.echo(f"layer {layer}: |d| {entry['norm']:.3g}, classes separated {entry['accuracy']:.0%}{cosine}")
+    click.echo(f"wrote {path} and {path.with_name('directions.safetensors')}")

@@ -21,13 +21,19 @@ from .options import (config_file_option, config_options, load_model_from, model
                    "file, used only if it labels every id of that file).")
 @click.option("--harmless-generations", multiple=True, type=click.Path(dir_okay=False),
               help="generations.jsonl of HARMLESS prompts (repeatable): the 'harmless' group.")
+@click.option("--direction", "direction_path", default=None, type=click.Path(),
+              help="directions.safetensors (or its folder) written by `probe direction` on this model: also score "
+                   "every token with its standardised projection (traces' direction_score, "
+                   "OUT/direction_curves.json).")
 @config_options(TraceConfig)
 @config_file_option
 @out_option
 @overwrite_option
-def trace_command(prober_path, generations, labels, harmless_generations, out, overwrite, config_file, **options):
+def trace_command(prober_path, generations, labels, harmless_generations, direction_path, out, overwrite, config_file,
+                  **options):
     """Score every token of each probing sequence; writes OUT/traces.parquet, OUT/cliff.jsonl, OUT/curves.json."""
-    from ..probe import load_prober
+    from ..errors import UserError
+    from ..probe import load_direction, load_prober
     from ..trace import TraceInput, load_trace_inputs, run_trace
 
     config = resolve(TraceConfig, options)
@@ -35,8 +41,17 @@ def trace_command(prober_path, generations, labels, harmless_generations, out, o
     inputs = [TraceInput(Path(g), True, [Path(p) for p in labels] or None) for g in generations]
     inputs += [TraceInput(Path(g), False) for g in harmless_generations]
     load_trace_inputs(inputs)  # fail before loading the model
+    if direction_path is not None:
+        layer = config.direction_layer if (config.direction_layer or 0) >= 0 else None
+        load_direction(direction_path, None, layer)  # readable (and has the layer, when one is named)
+    elif config.direction_layer is not None:
+        raise UserError("--direction-layer needs --direction FILE")
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    result = run_trace(loaded, prober, inputs, out, config, overwrite=overwrite)
+    direction = None
+    if direction_path is not None:
+        layer = prober.layer if config.direction_layer is None else config.direction_layer
+        direction = load_direction(direction_path, loaded, layer)
+    result = run_trace(loaded, prober, inputs, out, config, overwrite=overwrite, direction=direction)
     click.echo(f"traced {result.written} new examples ({result.n_examples} in all): {Path(out) / 'cliff.jsonl'}, "
                f"{Path(out) / 'traces.parquet'}, {Path(out) / 'curves.json'}")
