@@ -56,11 +56,12 @@ def group_heads(model: nn.Module, adapter: ArchitectureAdapter, heads: Sequence[
     return {layer: sorted(found) for layer, found in sorted(by_layer.items())}
 
 
-def _scaling_hook(head_indices: list[int], n_heads: int, head_dim: int, gamma: float, renormalize: bool):
+def _scaling_hook(head_indices: list[int], n_heads: int, head_dim: int, gamma: float, renormalize: bool,
+                  others: float = 1.0):
     def hook(module: nn.Module, args: tuple):
         x = args[0]  # [batch, pos, n_heads * head_dim]
         per_head = x.reshape(*x.shape[:-1], n_heads, head_dim)  # [batch, pos, n_heads, head_dim]
-        factor = torch.ones(n_heads, 1, dtype=x.dtype, device=x.device)
+        factor = torch.full((n_heads, 1), others, dtype=x.dtype, device=x.device)
         factor[head_indices] = gamma
         scaled = (per_head * factor).reshape(x.shape)
         if renormalize:
@@ -78,6 +79,7 @@ def scale_heads(
     heads: Sequence[Sequence[int]],
     gamma: float = 0.0,
     renormalize: bool = False,
+    boost_others: float | None = None,
 ) -> Iterator[None]:
     """Scale the chosen heads' slices of the `o_proj` input by γ inside the block.
 
@@ -91,13 +93,18 @@ def scale_heads(
         heads: (layer, head) pairs.
         gamma: 0 removes the heads, 1 changes nothing, >1 amplifies them.
         renormalize: rescale each token's full `o_proj` input back to its original L2 norm.
+        boost_others: the authors' boosting control: also scale every OTHER head of every layer by
+            this factor (None or 1: the other heads are left alone).
     """
     model, adapter = _model_and_adapter(loaded_or_model)
     geometry = adapter.geometry(model)
     by_layer = group_heads(model, adapter, heads)
+    others = 1.0 if boost_others is None else float(boost_others)
+    if others != 1.0:  # every layer is touched: its other heads are boosted
+        by_layer = {layer: by_layer.get(layer, []) for layer in range(geometry.n_layers)}
     hooks = [
         (adapter.o_proj(model, layer),
-         _scaling_hook(indices, geometry.n_heads, geometry.head_dim, float(gamma), renormalize))
+         _scaling_hook(indices, geometry.n_heads, geometry.head_dim, float(gamma), renormalize, others))
         for layer, indices in by_layer.items()
     ]
     with add_hooks(forward_pre_hooks=hooks):
@@ -156,6 +163,60 @@ def export_ablated_model(
 
 
 # -- the ablation study (paper Figure 8) --------------------------------------------------------
+
+CONTROLS = ("none", "ranked", "random", "boost")  # the `control` of an ablation.json record, in plot order
+
+
+def random_heads(ranking: Sequence[dict], fraction: float, n_layers: int, n_heads: int, seed: int) -> list[Head]:
+    """The random control of a threshold: as many heads as `heads_at_threshold` selects, drawn
+    uniformly without replacement from the heads OUTSIDE that ranked selection.
+
+    Deterministic per (seed, number of heads): the same seed draws the same heads for the same
+    count, whatever the other thresholds. Returns (layer, head) pairs sorted.
+    """
+    import numpy as np
+
+    n_total = n_layers * n_heads
+    ranked = set(heads_at_threshold(ranking, fraction, n_total))
+    pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in ranked]
+    count = len(ranked)
+    if count > len(pool):
+        raise UserError(f"threshold {fraction:g} ablates {count} of {n_total} heads: fewer than that many are left "
+                        "for the random control; use thresholds of at most 0.5")
+    generator = np.random.default_rng([int(seed), count])
+    chosen = generator.choice(len(pool), size=count, replace=False)
+    return sorted(pool[int(i)] for i in chosen)
+
+
+def condition_key(record: dict) -> tuple[float, str, int | None]:
+    """(threshold, control, seed): what identifies one measured condition of ablation.json.
+
+    Records written before the controls existed have no `control`: the threshold-0 record without
+    heads is the unablated baseline ("none"), every other one a ranked condition.
+    """
+    control = record.get("control")
+    if control is None:
+        control = "none" if not record.get("heads") and float(record["threshold"]) == 0.0 else "ranked"
+    seed = record.get("seed")
+    return float(record["threshold"]), str(control), None if seed is None else int(seed)
+
+
+def planned_conditions(thresholds: Sequence[float], baseline: bool = True, control: str = "none",
+                       control_seeds: Sequence[int] = (), boost_others: float | None = None) -> list[tuple]:
+    """The `condition_key`s a sweep measures, in the order `run_ablation` measures them."""
+    keys: list[tuple] = [(0.0, "none", None)] if baseline else []
+    for threshold in sorted(float(t) for t in thresholds):
+        keys.append((threshold, "ranked", None))
+        if control == "random":
+            keys += [(threshold, "random", int(seed)) for seed in control_seeds]
+        if boost_others is not None:
+            keys.append((threshold, "boost", None))
+    return keys
+
+
+def _sort_key(record: dict) -> tuple:
+    threshold, control, seed = condition_key(record)
+    return threshold, CONTROLS.index(control) if control in CONTROLS else len(CONTROLS), -1 if seed is None else seed
 
 
 def _final_scores(loaded, records: Sequence[dict], prober: nn.Linear, layer: int, batch_size: int) -> torch.Tensor:
@@ -242,6 +303,10 @@ def run_ablation(
     progress: bool = False,
     on_record=None,
     bar=None,
+    control: str = "none",
+    control_seeds: Sequence[int] = (),
+    boost_others: float | None = None,
+    skip: Sequence[tuple] = (),
 ) -> list[dict]:
     """For each threshold, ablate its suppression heads and measure the paper's Figure 8 metrics.
 
@@ -256,22 +321,47 @@ def run_ablation(
         judge: an optional `labeling.ModelJudge` that replaces the keyword ASR.
         baseline: also measure the unablated model (threshold 0, no heads) first.
         on_record: called with each finished record (to write results as they come).
+        control: "random" also measures, per threshold and seed of `control_seeds`, as many heads
+            drawn at random from outside the ranked ones (`random_heads`).
+        boost_others: also measure each threshold with its heads scaled by γ and every other head
+            scaled by this factor (the authors' boosting control).
+        skip: `condition_key`s already measured (a resumed run); they are not measured again.
 
     Returns:
-        One record per threshold: `threshold`, `heads` ([[layer, head], ...]), `gamma`,
-        `renormalize`, `final_score_mean`, `asr`, `benign_refusal_rate`, `n_harmful`, `n_benign`.
+        One record per condition: `threshold`, `heads` ([[layer, head], ...]), `gamma`,
+        `renormalize`, `control` ("none" for the baseline, "ranked", "random" or "boost"), `seed`
+        (the random control's seed, else null), `boost_others` (the boost factor, else null),
+        `final_score_mean`, `asr`, `benign_refusal_rate`, `n_harmful`, `n_benign`.
     """
     if not harmful_prompts:
         raise UserError("no harmful prompts to ablate on; check --prompts")
     geometry = loaded.adapter.geometry(loaded.model)
     n_total = geometry.n_layers * geometry.n_heads
-    conditions: list[tuple[float, list[Head]]] = [(0.0, [])] if baseline else []
-    conditions += [(float(t), heads_at_threshold(ranking, t, n_total)) for t in sorted(thresholds)]
+    # (threshold, control, seed, heads, factor applied to the other heads)
+    conditions: list[tuple[float, str, int | None, list[Head], float | None]] = []
+    if baseline:
+        conditions.append((0.0, "none", None, [], None))
+    for threshold in sorted(float(t) for t in thresholds):
+        conditions.append((threshold, "ranked", None, heads_at_threshold(ranking, threshold, n_total), None))
+        if control == "random":
+            conditions += [(threshold, "random", int(seed),
+                            random_heads(ranking, threshold, geometry.n_layers, geometry.n_heads, seed), None)
+                           for seed in control_seeds]
+        if boost_others is not None:
+            conditions.append((threshold, "boost", None, heads_at_threshold(ranking, threshold, n_total),
+                               float(boost_others)))
+    done = set(skip)
     results = []
-    for threshold, heads in conditions:
-        logger.info("threshold %g: scaling %d heads by %g", threshold, len(heads), gamma)
-        with scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize):
+    for threshold, kind, seed, heads, others in conditions:
+        if (threshold, kind, seed) in done:
+            continue
+        logger.info("threshold %g (%s%s): scaling %d heads by %g%s", threshold, kind,
+                    "" if seed is None else f" seed {seed}", len(heads), gamma,
+                    "" if others is None else f", the others by {others:g}")
+        with scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize, boost_others=others):
             name = "unablated" if not heads else f"{threshold:g} ({len(heads)} heads)"
+            if kind != "ranked" and heads:
+                name += f" {kind}" + ("" if seed is None else f" seed {seed}")
             outcome = evaluate_condition(loaded, prober, layer, harmful_prompts, benign_prompts,
                                          generation_config, labeler, judge, progress, bar, name)
         record = {
@@ -279,6 +369,9 @@ def run_ablation(
             "heads": [[layer_index, head] for layer_index, head in heads],
             "gamma": float(gamma),
             "renormalize": bool(renormalize),
+            "control": kind,
+            "seed": seed,
+            "boost_others": others,
             **outcome["metrics"],
         }
         results.append(record)
@@ -343,6 +436,8 @@ def run_ablate(
     config.validate()
     thresholds = sorted(set(config.thresholds))
     gamma, renormalize, baseline = float(config.gamma), bool(config.renormalize), bool(config.baseline)
+    control, control_seeds = config.control, tuple(int(seed) for seed in config.control_seeds)
+    boost_others = None if config.boost_others is None else float(config.boost_others)
     if not harmful_prompts:
         raise UserError("no harmful prompts to ablate on; check --prompts")
     ranking = read_ranking(heads_path)
@@ -376,6 +471,10 @@ def run_ablate(
         "generation": generation_config.results_dict(),
         **(sources or {}),
     }
+    if control != "none":  # only when used, so that runs made before the controls existed still resume
+        stage_config.update(control=control, control_seeds=list(control_seeds))
+    if boost_others is not None:
+        stage_config["boost_others"] = boost_others
     warn_if_unreliable(prober)
     run = RunFolder(out_dir, "ablate", stage_config, overwrite=overwrite,
                     artifacts=["ablation.json", "ablation.png", "ablation_generations.jsonl"])
@@ -383,15 +482,15 @@ def run_ablate(
                    extra={"prober": prober.summary()}):
         results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
         results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
-        done = {record["threshold"] for record in results}
+        done = {condition_key(record) for record in results}
         if done:
-            logger.info("resuming: thresholds %s already measured", sorted(done))
-        if generations_path.exists():  # drop the generations of a threshold that was not finished
-            kept = [r for r in read_jsonl(generations_path) if r.get("threshold") in done]
+            logger.info("resuming: %d conditions already measured", len(done))
+        if generations_path.exists():  # drop the generations of a condition that was not finished
+            kept = [r for r in read_jsonl(generations_path)
+                    if "threshold" in r and condition_key(r) in done]
             write_jsonl(generations_path, kept)
-        pending = [t for t in thresholds if t not in done]
-        with_baseline = baseline and 0.0 not in done
-        n_conditions = len(pending) + int(with_baseline)
+        planned = planned_conditions(thresholds, baseline, control, control_seeds, boost_others)
+        n_conditions = sum(1 for key in planned if key not in done)
         total = n_conditions * (len(harmful_prompts) + len(benign_prompts))
         with JsonlWriter(generations_path) as writer, tqdm(total=total, desc="ablate", unit="ex",
                                                            disable=not progress) as bar:
@@ -399,15 +498,17 @@ def run_ablate(
                 # generations first: ablation.json is what marks a threshold as done
                 for kind in ("harmful", "benign"):
                     for example in outcome[kind]:
-                        writer.write({"threshold": record["threshold"], "set": kind, **example})
+                        writer.write({"threshold": record["threshold"], "control": record["control"],
+                                      "seed": record["seed"], "set": kind, **example})
                 results.append(record)
-                write_json(results_path, sorted(results, key=lambda r: r["threshold"]))
+                write_json(results_path, sorted(results, key=_sort_key))
 
             if n_conditions:
-                run_ablation(loaded, prober.linear, prober.layer, ranking, pending, harmful_prompts,
+                run_ablation(loaded, prober.linear, prober.layer, ranking, thresholds, harmful_prompts,
                              generation_config, benign_prompts, gamma, renormalize, judge=judge,
-                             baseline=with_baseline, progress=False, on_record=keep, bar=bar)
-        results = sorted(results, key=lambda r: r["threshold"])
+                             baseline=baseline, progress=False, on_record=keep, bar=bar, control=control,
+                             control_seeds=control_seeds, boost_others=boost_others, skip=sorted(done, key=str))
+        results = sorted(results, key=_sort_key)
         write_json(results_path, results)
         from .plotting import plot_ablation, save_figure  # lazy: matplotlib is slow to import
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -402,6 +403,154 @@ def prober_logits(
     return hidden.float() @ weight + bias
 
 
+# -- attention patterns of the suppression heads ------------------------------------------
+
+PATTERN_TOP = 20  # source positions kept per head and example in patterns.json
+PATTERN_REGIONS = ("prompt", "thinking", "end_template")
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run the block with the eager attention implementation (the only one that returns the
+    weights), whatever the model was loaded with; the implementation is restored afterwards."""
+    config = getattr(model, "config", None)
+    original = getattr(config, "_attn_implementation", None)
+    switch = original not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(original)
+
+
+@torch.no_grad()
+def attention_patterns_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    heads: Sequence[Sequence[int]],
+    positions: torch.Tensor | None = None,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """The attention weights of chosen heads from the query at t_cliff, from one forward pass.
+
+    The layers run eagerly for this pass (`eager_attention`), so the weights are exactly what
+    `output_attentions=True` returns for a model loaded with `attn_implementation="eager"`; the
+    forward stops after the deepest chosen layer.
+
+    Args:
+        input_ids, attention_mask: [batch, seq], LEFT padded.
+        heads: (layer, head) pairs.
+        positions: [batch] query index of t_cliff in each row (default: the last token).
+
+    Returns:
+        {(layer, head): [batch, seq] float32 weights over the source positions (0 on padding)}.
+    """
+    adapter = _adapter(model)
+    geometry = adapter.geometry(model)
+    wanted: dict[int, list[int]] = {}
+    for layer, head in heads:
+        if not 0 <= int(layer) < geometry.n_layers or not 0 <= int(head) < geometry.n_heads:
+            raise UserError(f"head ({layer}, {head}) does not exist in a model of {geometry.n_layers} layers of "
+                            f"{geometry.n_heads} heads")
+        wanted.setdefault(int(layer), []).append(int(head))
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    batch, seq = input_ids.shape
+    if positions is None:
+        positions = torch.full((batch,), seq - 1, dtype=torch.long)
+    positions = torch.as_tensor(positions, dtype=torch.long).to(device) % seq
+    rows = torch.arange(batch, device=device)
+    deepest = max(wanted)
+    captured: dict[tuple[int, int], torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError(f"{adapter.name} layer {layer} returned no attention weights in eager mode")
+            for head in wanted[layer]:
+                captured[(layer, head)] = weights[rows, head, positions].detach().float().cpu()  # [batch, seq]
+            if layer == deepest:
+                raise StopForward
+        return hook
+
+    hooks = [(adapter.attention(model, layer), hook_for(layer)) for layer in wanted]
+    with eager_attention(model), add_hooks(forward_hooks=hooks):
+        _run_base(model, input_ids, attention_mask)
+    return {(int(layer), int(head)): captured[(int(layer), int(head))] for layer, head in heads}
+
+
+def summarize_pattern(weights: Sequence[float], tokens: Sequence[str], regions: Sequence[str],
+                      top: int = PATTERN_TOP) -> dict:
+    """`{mass: {prompt, thinking, end_template}, top: [{position, token, region, weight}, ...]}` of one
+    head's weights over one probing sequence (the `top` largest, largest first)."""
+    weights = [float(w) for w in weights]
+    mass = {region: 0.0 for region in PATTERN_REGIONS}
+    for weight, region in zip(weights, regions):
+        mass[region] = mass.get(region, 0.0) + weight
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))[:top]
+    return {"mass": mass, "top": [{"position": i, "token": tokens[i], "region": regions[i], "weight": weights[i]}
+                                  for i in order]}
+
+
+def attention_patterns(
+    loaded,
+    records: Sequence[dict],
+    heads: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    top: int = PATTERN_TOP,
+    heatmap_index: int = 0,
+) -> dict:
+    """The `patterns.json` structure for generation records: per example and head, the `top` source
+    positions of the head's attention from t_cliff (the last token of the probing sequence) and its
+    mass per region; plus the full weights over one example's tokens (`heatmap_index`).
+
+    Returns:
+        {"heads": [[layer, head], ...], "top": int, "examples": [{"id", "n_tokens", "heads": [{"layer",
+        "head", "mass", "top"}]}], "mass_mean": [{"layer", "head", "prompt", "thinking", "end_template"}],
+        "heatmap": {"id", "tokens", "regions", "weights": [[...] per head]}}
+    """
+    from .templates import probing_tokens
+
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    tokenised = [probing_tokens(loaded.tokenizer, record) for record in records]
+    order = sorted(range(len(records)), key=lambda i: len(tokenised[i][0]))
+    per_example: dict[int, dict[tuple[int, int], list[float]]] = {}
+    pad = loaded.tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, attention_mask, _ = pad_left([tokenised[i][0] for i in chunk], pad)
+        weights = attention_patterns_batch(loaded.model, input_ids, attention_mask, heads)
+        width = input_ids.shape[1]
+        for row, index in enumerate(chunk):
+            length = len(tokenised[index][0])
+            per_example[index] = {head: weights[head][row, width - length:].tolist() for head in heads}
+    examples = []
+    sums = {head: {region: 0.0 for region in PATTERN_REGIONS} for head in heads}
+    heatmap = None
+    for index, record in enumerate(records):
+        ids, regions = tokenised[index]
+        tokens = loaded.tokenizer.batch_decode([[t] for t in ids])
+        entry = {"id": str(record["id"]), "n_tokens": len(ids), "heads": []}
+        for head in heads:
+            summary = summarize_pattern(per_example[index][head], tokens, regions, top)
+            for region, value in summary["mass"].items():
+                sums[head][region] = sums[head].get(region, 0.0) + value
+            entry["heads"].append({"layer": head[0], "head": head[1], **summary})
+        examples.append(entry)
+        if index == heatmap_index:
+            heatmap = {"id": str(record["id"]), "tokens": tokens, "regions": list(regions),
+                       "weights": [per_example[index][head] for head in heads]}
+    n = max(len(records), 1)
+    mass_mean = [{"layer": head[0], "head": head[1], **{region: value / n for region, value in sums[head].items()}}
+                 for head in heads]
+    return {"heads": [list(head) for head in heads], "top": top, "t_cliff": "last token of the probing sequence",
+            "mass_mean": mass_mean, "examples": examples, "heatmap": heatmap}
+
+
 # -- aggregation and ranking ---------------------------------------------------------------
 
 
@@ -521,6 +670,13 @@ def run_heads(
     thresholds = sorted(set(config.thresholds))
     rank_by, batch_size = config.rank_by, config.batch_size
     layer, final_norm_applied = prober.layer, prober.final_norm_applied
+    patterns = config.patterns
+    if patterns is not None:
+        geometry = loaded.adapter.geometry(loaded.model)
+        n_total = geometry.n_layers * geometry.n_heads
+        if not 1 <= patterns <= n_total:
+            raise UserError(f"--patterns {patterns}: the model has {n_total} heads ({geometry.n_layers} layers of "
+                            f"{geometry.n_heads}); give a number from 1 to {n_total}")
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
@@ -535,13 +691,19 @@ def run_heads(
         "rank_by": rank_by,
         "t_cliff": "last token of the probing sequence",
     }
+    artifacts = ["heads.json", "heads.png"]
+    if patterns is not None:  # only when asked, so that earlier runs keep their fingerprint
+        stage_config["patterns"] = patterns
+        artifacts.append("patterns.json")
     warn_if_unreliable(prober)
-    run = RunFolder(out_dir, "heads", stage_config, overwrite=overwrite, artifacts=["heads.json", "heads.png"])
+    run = RunFolder(out_dir, "heads", stage_config, overwrite=overwrite, artifacts=artifacts)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
-        return _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress)
+        return _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress,
+                            patterns)
 
 
-def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress) -> Path:
+def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress,
+                 patterns: int | None = None) -> Path:
     from .runs import write_json
 
     attribution = attribute_records(loaded, chosen, prober.linear, prober.layer, prober.final_norm_applied,
@@ -558,12 +720,23 @@ def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_
         title=f"{loaded.model_id}: head contributions at t_cliff ({group}, n={len(chosen)})"), run.path("heads.png"))
     n_total = geometry.n_layers * geometry.n_heads
     residual = (attribution.exact_total() - attribution.logit).abs().max()
+    extra: dict = {}
+    if patterns is not None:
+        top_heads = [(item["layer"], item["head"]) for item in sorted(ranking, key=lambda h: h["rank"])[:patterns]]
+        pattern_data = attention_patterns(loaded, chosen, top_heads, batch_size)
+        ranks = {(item["layer"], item["head"]): item for item in ranking}
+        for entry in pattern_data["mass_mean"]:
+            item = ranks[(entry["layer"], entry["head"])]
+            entry.update(rank=item["rank"], contribution=item["contribution"])
+        write_json(run.path("patterns.json"), pattern_data)
+        extra["patterns"] = {"k": patterns, "mass_mean": pattern_data["mass_mean"]}
     run.finish({
         "n_examples": len(chosen),
         "prober_bias": attribution.prober_bias,
         "suppression_heads": {str(t): heads_at_threshold(ranking, t, n_total) for t in thresholds},
         "exact_decomposition_max_error": float(residual),
         "mean_logit": float(attribution.logit.mean()),
+        **extra,
     })
     logger.info("attributed %d examples; exact decomposition max error %.2e", len(chosen), float(residual))
     return run.path("heads.json")

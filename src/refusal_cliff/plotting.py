@@ -296,28 +296,147 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], title: str | None = None) -
 
     Args:
         rows: ablation.json records [{threshold (fraction of all heads), final_score_mean, asr,
-            benign_refusal_rate, gamma, renormalize}]; one line per (gamma, renormalize) setting.
+            benign_refusal_rate, gamma, renormalize, control, seed, boost_others}]; one line per
+            (gamma, renormalize) setting of the ranked heads (`control` "ranked", or absent, and the
+            unablated baseline "none"). The random control (`control` "random") is drawn as a gray
+            band (min to max over seeds) around its dashed mean, starting from the baseline; the
+            boosting control (`control` "boost") as a dotted line per factor.
         title: optional figure title.
     """
     figure, axes = _figure(11, 3.4, ncols=3)
     settings: dict[tuple, list] = {}
+    random_rows: list = []
+    boost_rows: dict[Any, list] = {}
+    baseline = [r for r in rows if r.get("control") == "none" or (r.get("control") is None and not r.get("heads")
+                                                                   and r.get("threshold") == 0)]
     for row in rows:
-        settings.setdefault((row.get("gamma"), bool(row.get("renormalize"))), []).append(row)
+        control = row.get("control")
+        if control == "random":
+            random_rows.append(row)
+        elif control == "boost":
+            boost_rows.setdefault(row.get("boost_others"), []).append(row)
+        else:
+            settings.setdefault((row.get("gamma"), bool(row.get("renormalize"))), []).append(row)
     panels = (("final_score_mean", "Final refusal score (higher: safer)"),
               ("asr", "ASR (lower: safer)"), ("benign_refusal_rate", "Benign refusal rate"))
+    n_seeds = len({r.get("seed") for r in random_rows})
     for ax, (key, panel_title) in zip(axes, panels):
         for (gamma, renormalize), group in settings.items():
             points = sorted((100 * r["threshold"], r[key]) for r in group if r.get(key) is not None)
             if not points:
                 continue
-            label = "γ=" + ("?" if gamma is None else f"{gamma:g}")
+            label = "top heads, γ=" + ("?" if gamma is None else f"{gamma:g}")
             label += ", renormalised" if renormalize else ""
             ax.plot(*zip(*points), marker="o", label=label)
+        if random_rows:
+            by_threshold: dict[float, list[float]] = {}
+            for row in baseline + random_rows:
+                if row.get(key) is not None:
+                    by_threshold.setdefault(100 * row["threshold"], []).append(row[key])
+            if by_threshold:
+                xs = sorted(by_threshold)
+                values = [np.asarray(by_threshold[x], float) for x in xs]
+                ax.fill_between(xs, [v.min() for v in values], [v.max() for v in values], color="gray", alpha=0.25,
+                                lw=0)
+                ax.plot(xs, [v.mean() for v in values], color="gray", ls="--", marker=".",
+                        label=f"random heads, mean and range ({n_seeds} seeds)")
+        for factor, group in boost_rows.items():
+            points = sorted((100 * r["threshold"], r[key]) for r in baseline + group if r.get(key) is not None)
+            if points:
+                ax.plot(*zip(*points), ls=":", marker="^", label=f"top heads + others ×{factor:g}")
         ax.set(xlabel="ablated heads (% of all heads)", title=panel_title, ylim=(-0.02, 1.02))
-        if len(settings) > 1:
+        if len(settings) > 1 or random_rows or boost_rows:
             _legend(ax, fontsize="small")
     if title:
         figure.suptitle(_title(figure, title))
+    return figure
+
+
+def _region_starts(regions: Sequence[str]) -> list[tuple[int, str]]:
+    """(position, region) where each run of one region starts."""
+    return [(i, region) for i, region in enumerate(regions) if i == 0 or regions[i - 1] != region]
+
+
+REGION_COLORS = {"prompt": "tab:blue", "thinking": "tab:green", "end_template": END_TEMPLATE_COLOR}
+
+
+def plot_head_patterns(mass: Sequence[Mapping[str, Any]], heatmap: Mapping[str, Any] | None = None) -> Figure:
+    """Where the top suppression heads look from t_cliff.
+
+    Args:
+        mass: patterns.json `mass_mean` rows {layer, head, prompt, thinking, end_template}: each
+            head's attention mass per region of the probing sequence, averaged over examples (left,
+            stacked bars; the strongest suppression head at the top).
+        heatmap: patterns.json `heatmap` {id, tokens, regions, weights: [[...] per head]}: one
+            example's weights over its tokens (right; region starts marked under the axis).
+    """
+    figure, axes = _figure(12 if heatmap else 5.5, max(2.6, 1.2 + 0.35 * len(mass)), ncols=2 if heatmap else 1)
+    ax = axes[0]
+    names = [f"L{row['layer']}.H{row['head']}" for row in mass]
+    left = np.zeros(len(mass))
+    for region in ("prompt", "thinking", "end_template"):
+        values = np.array([float(row.get(region) or 0.0) for row in mass])
+        ax.barh(range(len(mass)), values, left=left, color=REGION_COLORS[region], label=region.replace("_", " "))
+        left += values
+    ax.set_yticks(range(len(mass)), [plain_label(n) for n in names])
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="attention mass from t_cliff (mean over examples)", title="Attention mass per region")
+    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    if heatmap:
+        hax = axes[1]
+        hax.grid(False)
+        weights = np.asarray(heatmap["weights"], float)  # [heads, tokens]
+        image = hax.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
+        hax.set_yticks(range(len(names)), [plain_label(n) for n in names])
+        starts = _region_starts(list(heatmap["regions"]))
+        for position, region in starts[1:]:
+            hax.axvline(position - 0.5, color="white", lw=0.8)
+        hax.set_xticks([p for p, _ in starts], [plain_label(r.replace("_", " ")) for _, r in starts], fontsize="small")
+        hax.set(xlabel="source token", title=_title(figure, f"Weights from t_cliff, example {heatmap['id']}", 0.5))
+        figure.colorbar(image, ax=hax, label="attention weight")
+    return figure
+
+
+def plot_direction(prober_curves: Mapping[str, Mapping[str, Any]] | None,
+                   direction_curves: Mapping[str, Mapping[str, Any]] | None,
+                   cosines: Mapping[str, float | None], prober_layer: int | None = None) -> Figure:
+    """The difference-in-means direction beside the prober.
+
+    Args:
+        prober_curves, direction_curves: curves.json and direction_curves.json of one trace run
+            (left: per group, the prober's mean score, solid, on the left axis; the direction's
+            standardised projection, dashed, on the right axis). None: the left panel is left out.
+        cosines: {layer: cosine between the layer's direction and the prober's weight} (right).
+        prober_layer: the prober's layer, marked.
+    """
+    both = bool(prober_curves and direction_curves)
+    figure, axes = _figure(12 if both else 5.5, 3.8, ncols=2 if both else 1)
+    if both:
+        ax = axes[0]
+        twin = ax.twinx()
+        starts = [c.get("end_template_start") for c in prober_curves.values() if c.get("end_template_start") is not None]
+        _shade_end_template(ax, min(starts) if starts else None)
+        colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+        for index, group in enumerate(g for g in prober_curves if g in direction_curves):
+            color = colors[index % len(colors)]
+            ax.plot(prober_curves[group]["x"], prober_curves[group]["mean"], color=color, lw=2,
+                    label=plain_label(f"{group}: prober"))
+            twin.plot(direction_curves[group]["x"], direction_curves[group]["mean"], color=color, lw=1.5, ls="--",
+                      label=plain_label(f"{group}: difference in means"))
+        ax.set(xlabel="normalised position", ylabel="prober refusal score (solid)", xlim=(0, 100), ylim=(-0.02, 1.02),
+               title="Prober vs difference-in-means direction")
+        twin.set_ylabel("standardised projection (dashed)")
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], frameon=False, fontsize="x-small", loc="best")
+    ax = axes[-1]
+    layers = sorted(cosines, key=lambda name: int(name))
+    values = [np.nan if cosines[name] is None else float(cosines[name]) for name in layers]
+    colors = ["tab:red" if prober_layer is not None and int(name) == prober_layer else "tab:gray" for name in layers]
+    ax.bar(range(len(layers)), values, color=colors)
+    ax.set_xticks(range(len(layers)), layers)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="layer (red: the prober's)", ylabel="cosine(direction, prober weight)", ylim=(-1.02, 1.02),
+           title="Cosine to the prober's weight")
     return figure
 
 

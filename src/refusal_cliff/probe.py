@@ -613,3 +613,195 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
                        "fine for a fine-tuned or ablated copy, meaningless for an unrelated model",
                        metadata.get("model_id"), loaded_model.model_id)
     return Prober(linear=linear, layer=layer, metadata=metadata)
+
+
+# -- difference-in-means directions (refusal_direction) ------------------------------------
+
+DIRECTIONS_WEIGHTS = "directions.safetensors"
+DIRECTIONS_METADATA = "directions.json"
+
+
+def difference_in_means(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[d_model] float64: mean of class 1 (refusals to harmful prompts) minus mean of class 0
+    (compliance with harmless prompts), over features [n, d_model]."""
+    features, labels = features.double(), labels.long().flatten()
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"features must be [n, d] and labels [n]; got {tuple(features.shape)}, {tuple(labels.shape)}")
+    return features[labels == 1].mean(0) - features[labels == 0].mean(0)
+
+
+@dataclass
+class Direction:
+    """A difference-in-means direction at one layer and its standardisation.
+
+    `score(h) = (h · d/|d| - projection_mean) / projection_std`, the mean and std taken over the
+    training activations (both classes), so 0 is the average example and +1 one std towards refusal.
+    """
+
+    layer: int
+    vector: torch.Tensor  # [d_model] float32, the raw difference of means
+    projection_mean: float
+    projection_std: float
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm()
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Standardised projections of hidden states [..., d_model] -> [...] (float32)."""
+        unit = self.unit.to(hidden.device, torch.float32)
+        return (hidden.float() @ unit - self.projection_mean) / self.projection_std
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(self.vector.float().cpu().numpy().tobytes()).hexdigest()[:16]
+        return f"layer{self.layer}-{digest}"
+
+
+def count_probe_classes(harmful_run: str | Path, harmless_run: str | Path) -> dict[int, int]:
+    """{1: refusals to harmful prompts, 0: compliant answers to harmless prompts} from the labels alone
+    (no tokenizer or model needed): the classes `build_probe_dataset` selects."""
+    return {1: sum(1 for r in read_labelled_run(harmful_run) if r["refusal"]),
+            0: sum(1 for r in read_labelled_run(harmless_run) if not r["refusal"])}
+
+
+def check_direction_classes(harmful_run: str | Path, harmless_run: str | Path) -> dict[int, int]:
+    """Fail (UserError) unless both classes have an example; returns the counts."""
+    check_probe_runs(harmful_run, harmless_run)
+    counts = count_probe_classes(harmful_run, harmless_run)
+    if not counts[1] or not counts[0]:
+        missing = (f"no refusal to a harmful prompt in {harmful_run}" if not counts[1]
+                   else f"no compliant answer to a harmless prompt in {harmless_run}")
+        raise UserError(f"a difference of means needs both classes, but there is {missing} ({counts[1]} refusals, "
+                        f"{counts[0]} compliant answers); generate more prompts")
+    return counts
+
+
+def run_probe_direction(loaded, harmful_run: str | Path, harmless_run: str | Path, out_dir: str | Path,
+                        config=None, prober: Prober | None = None, overwrite: bool = False,
+                        progress: bool = True) -> Path:
+    """The `probe direction` stage: difference-in-means refusal directions per layer from the
+    prober's own data (`build_probe_dataset`: refusals to harmful prompts vs compliance with
+    harmless ones, last token of the probing sequence, final norm applied at the last layer).
+
+    Every example of each class is used (the means need no balancing). Writes
+    `directions.safetensors` (`layer.<L>`: [d_model] float32) and `directions.json` (per layer:
+    norm, cosine to the prober's weight, the projection mean/std that standardise `trace
+    --direction`, and how well the projection alone separates the classes).
+
+    Returns the path of directions.json.
+    """
+    from safetensors.torch import save_file
+
+    from .config import DirectionConfig
+    from .runs import RunFolder, file_digest
+
+    config = config or DirectionConfig()
+    config.validate()
+    counts = check_direction_classes(harmful_run, harmless_run)
+    geometry = loaded.adapter.geometry(loaded.model)
+    requested = list(config.layers or []) + [prober.layer if prober is not None else -1]
+    layers = resolve_layers(requested, geometry.n_layers)
+
+    def digests(run) -> dict:
+        return {name: file_digest(Path(run) / name) for name in ("generations.jsonl", "labels.jsonl")}
+
+    stage_config = {"model": loaded.model_id, "revision": loaded.revision,
+                    "dtype": str(next(loaded.model.parameters()).dtype), "layers": layers,
+                    "harmful": digests(harmful_run), "harmless": digests(harmless_run),
+                    "prober": prober.fingerprint() if prober is not None else None}
+    run = RunFolder(out_dir, "direction", stage_config, overwrite=overwrite,
+                    artifacts=[DIRECTIONS_WEIGHTS, DIRECTIONS_METADATA])
+    extra = {"prober": prober.summary()} if prober is not None else None
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
+        dataset = build_probe_dataset(loaded.tokenizer, harmful_run, harmless_run)
+        labels = torch.tensor(dataset.labels, dtype=torch.long)
+        features = last_token_activations(loaded.model, loaded.adapter, dataset.sequences, layers, config.batch_size,
+                                          loaded.tokenizer.pad_token_id or 0,
+                                          desc="direction: activations" if progress else None)
+        tensors, per_layer = {}, {}
+        prober_weight = prober.weight.double().reshape(-1) if prober is not None else None
+        for layer in layers:
+            direction = difference_in_means(features[layer], labels)  # [d_model] float64
+            norm = float(direction.norm())
+            if not math.isfinite(norm) or norm == 0.0:
+                raise UserError(f"layer {layer}: the two classes have the same mean activation; no direction")
+            projection = features[layer].double() @ (direction / norm)  # [n]
+            mean, std = float(projection.mean()), float(projection.std(correction=0))
+            midpoint = float((projection[labels == 1].mean() + projection[labels == 0].mean()) / 2)
+            accuracy = float(((projection > midpoint).long() == labels).double().mean())
+            cosine = None
+            if prober_weight is not None:
+                cosine = float(direction @ prober_weight / (norm * prober_weight.norm()))
+            tensors[f"layer.{layer}"] = direction.float().contiguous()
+            per_layer[str(layer)] = {
+                "norm": norm, "cosine_to_prober": cosine, "projection_mean": mean,
+                "projection_std": std if std > 0 else 1.0,
+                "refused_mean": float((projection[labels == 1].mean() - mean) / (std or 1.0)),
+                "complied_mean": float((projection[labels == 0].mean() - mean) / (std or 1.0)),
+                "accuracy": accuracy,
+            }
+        path = run.path(DIRECTIONS_WEIGHTS)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp))
+        publish(tmp, path)
+        metadata = {
+            "model_id": loaded.model_id, "model_revision": loaded.revision, "architecture": loaded.adapter.name,
+            "n_layers": geometry.n_layers, "d_model": geometry.d_model, "layers": per_layer,
+            "n_refused": counts[1], "n_complied": counts[0],
+            "prober": prober.fingerprint() if prober is not None else None,
+            "prober_layer": prober.layer if prober is not None else None,
+            "harmful_run": str(harmful_run), "harmless_run": str(harmless_run),
+        }
+        write_json(run.path(DIRECTIONS_METADATA), metadata)
+        run.finish({"layers": per_layer, "n_refused": counts[1], "n_complied": counts[0]})
+    return run.path(DIRECTIONS_METADATA)
+
+
+def load_direction(path: str | Path, loaded_model=None, layer: int | None = None) -> Direction:
+    """The direction at `layer` (default: the deepest saved) of `directions.safetensors` (or its folder).
+
+    With `loaded_model`, the directions must come from that model (same id, architecture, d_model and
+    layers): a direction is a difference of that model's own activations.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights_path = path / DIRECTIONS_WEIGHTS if path.is_dir() else path
+    metadata_path = weights_path.with_name(DIRECTIONS_METADATA)
+    if not weights_path.is_file() or weights_path.suffix != ".safetensors" or not metadata_path.is_file():
+        raise UserError(f"no directions at {path} (directions.safetensors + directions.json); write them with "
+                        "`refusal-cliff probe direction`")
+    metadata = read_json(metadata_path)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("layers"), dict):
+        raise UserError(f"{metadata_path} is not a directions.json written by `refusal-cliff probe direction`")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+    available = sorted(int(name) for name in metadata["layers"])
+    if loaded_model is not None:
+        geometry = loaded_model.adapter.geometry(loaded_model.model)
+        theirs = (metadata.get("model_id"), metadata.get("architecture"), metadata.get("d_model"),
+                  metadata.get("n_layers"))
+        ours = (loaded_model.model_id, loaded_model.adapter.name, geometry.d_model, geometry.n_layers)
+        if theirs != ours:
+            raise UserError(f"the directions at {weights_path} come from {theirs[0]} ({theirs[1]}, d_model {theirs[2]}, "
+                            f"{theirs[3]} layers), not from the loaded {ours[0]} ({ours[1]}, d_model {ours[2]}, "
+                            f"{ours[3]} layers); run `refusal-cliff probe direction` on this model")
+        if layer is not None:
+            (layer,) = resolve_layers(layer, geometry.n_layers)
+    if layer is None:
+        layer = available[-1]
+    if layer not in available or f"layer.{layer}" not in tensors:
+        raise UserError(f"{weights_path} has no direction for layer {layer} (it has layers "
+                        f"{', '.join(map(str, available))}); run `probe direction --layers {layer}`")
+    entry = metadata["layers"][str(layer)]
+    vector = tensors[f"layer.{layer}"].float().reshape(-1)
+    if loaded_model is not None and vector.numel() != metadata.get("d_model"):
+        raise UserError(f"{weights_path}: layer {layer}'s direction has {vector.numel()} values, not d_model")
+    return Direction(layer=layer, vector=vector, projection_mean=float(entry["projection_mean"]),
+                     projection_std=float(entry["projection_std"]), metadata=metadata)

@@ -42,6 +42,7 @@ TRACES = "traces.parquet"
 CLIFF = "cliff.jsonl"
 CURVES = "curves.json"
 LAYERWISE = "layerwise.json"
+DIRECTION_CURVES = "direction_curves.json"
 CLIPPING = "clipping.json"
 
 
@@ -282,6 +283,7 @@ class TraceResult:
     token_ids: list[int]
     regions: list[str]
     scores_by_layer: dict[int, np.ndarray]
+    direction_scores: np.ndarray | None = None  # standardised difference-in-means projections [n_tokens]
 
     @property
     def scores(self) -> np.ndarray:
@@ -296,6 +298,18 @@ def _prober_transform(weights: torch.Tensor, biases: torch.Tensor) -> Callable[[
         return torch.sigmoid(hidden @ weight.T + bias)  # [batch, pos, n_probers]
 
     return transform
+
+
+def _with_direction(transform: Callable | None, direction) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer's transform with the direction's standardised projection appended as its last column."""
+
+    def combined(hidden: torch.Tensor) -> torch.Tensor:  # [batch, pos, d_model] float32
+        projection = direction.score(hidden).unsqueeze(-1)  # [batch, pos, 1]
+        if transform is None:
+            return projection
+        return torch.cat([transform(hidden), projection], dim=-1)  # [batch, pos, n_probers + 1]
+
+    return combined
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -316,9 +330,13 @@ def trace_records_layerwise(
     records: Iterable[dict],
     batch_size: int = 8,
     sort_window: int | None = None,
+    direction=None,
 ) -> Iterator[TraceResult]:
     """Trace every position of each record's probing sequence with one prober per layer, in one
     pass per batch stopped at the deepest prober's layer. Yields results in input order.
+
+    With `direction` (a `probe.Direction`), its standardised projection is computed in the same
+    pass (inside the hook of its layer) and returned as `direction_scores`.
 
     Args:
         loaded: a `models.LoadedModel`.
@@ -339,7 +357,13 @@ def trace_records_layerwise(
     transforms = {
         p.layer: _prober_transform(p.weight.float().reshape(1, -1), p.bias.float().reshape(1)) for p in probers
     }
+    if direction is not None:
+        if direction.vector.numel() != d_model:
+            raise UserError(f"a direction of {direction.vector.numel()} values cannot read this model (d_model {d_model})")
+        transforms[direction.layer] = _with_direction(transforms.get(direction.layer), direction)
+        layers = sorted(set(layers) | {direction.layer})
     window = sort_window or batch_size * 32
+    transforms_of_probers = {p.layer for p in probers}
     pad = loaded.tokenizer.pad_token_id or 0
     for chunk in chunked(records, window):
         tokenised = [probing_tokens(loaded.tokenizer, record) for record in chunk]
@@ -348,15 +372,19 @@ def trace_records_layerwise(
             loaded.model, loaded.adapter, sequences, layers, "all", batch_size, transforms, pad, window
         ):
             ids, regions = tokenised[index]
-            scores = {layer: value[:, 0].cpu().numpy().astype(np.float32) for layer, value in values.items()}
-            yield TraceResult(str(chunk[index]["id"]), list(ids), list(regions), scores)
+            direction_scores = None
+            if direction is not None:
+                direction_scores = values[direction.layer][:, -1].cpu().numpy().astype(np.float32)
+            scores = {layer: value[:, 0].cpu().numpy().astype(np.float32) for layer, value in values.items()
+                      if layer in transforms_of_probers}
+            yield TraceResult(str(chunk[index]["id"]), list(ids), list(regions), scores, direction_scores)
 
 
 def trace_records(
-    loaded, prober, records: Iterable[dict], batch_size: int = 8, sort_window: int | None = None
+    loaded, prober, records: Iterable[dict], batch_size: int = 8, sort_window: int | None = None, direction=None
 ) -> Iterator[TraceResult]:
-    """Trace each record with one prober (see `trace_records_layerwise`)."""
-    yield from trace_records_layerwise(loaded, [prober], records, batch_size, sort_window)
+    """Trace each record with one prober (see `trace_records_layerwise`), and a direction if given."""
+    yield from trace_records_layerwise(loaded, [prober], records, batch_size, sort_window, direction)
 
 
 # -- artifacts ---------------------------------------------------------------------------------
@@ -404,6 +432,9 @@ def _write_part(parts_dir: Path, results: Sequence[TraceResult], tokenizer) -> P
     import pyarrow.parquet as pq
 
     ids, positions, token_ids, tokens, regions, scores = [], [], [], [], [], []
+    direction_scores = [r.direction_scores for r in results if r.direction_scores is not None]
+    if direction_scores and len(direction_scores) != len(results):
+        raise ValueError("either every trace of a part has direction scores or none has")
     for result in results:
         n = len(result.token_ids)
         ids.extend([result.id] * n)
@@ -420,6 +451,8 @@ def _write_part(parts_dir: Path, results: Sequence[TraceResult], tokenizer) -> P
             "token": pa.array(tokens, pa.string()),
             "region": pa.array(regions, pa.string()),
             "score": pa.array(np.concatenate(scores).astype(np.float32), pa.float32()),
+            **({"direction_score": pa.array(np.concatenate(direction_scores).astype(np.float32), pa.float32())}
+               if direction_scores else {}),
         }
     )
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -440,10 +473,12 @@ def write_trace_outputs(
     t_cliff_method: str = "last",
     window: int = DEFAULT_WINDOW,
     part_size: int = 64,
+    direction_curves: bool = False,
 ) -> int:
     """Append traces to `traces.parquet/` (one part per `part_size` examples) and metrics to
     `cliff.jsonl`, then rewrite `curves.json` over everything in the folder. Returns the number
-    of examples written. Call `prepare_trace_outputs` first and skip the ids it returns."""
+    of examples written. Call `prepare_trace_outputs` first and skip the ids it returns.
+    `direction_curves`: also rewrite `direction_curves.json` from the `direction_score` column."""
     out_dir = Path(out_dir)
     parts_dir = _parts_dir(out_dir)
     written = 0
@@ -460,19 +495,24 @@ def write_trace_outputs(
             written += len(chunk)
             logger.info("traced %d examples", written)
     write_json(out_dir / CURVES, curves_from_outputs(out_dir))
+    if direction_curves:
+        write_json(out_dir / DIRECTION_CURVES, curves_from_outputs(out_dir, column="direction_score"))
     return written
 
 
-def iter_saved_traces(out_dir: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]:
-    """`(id, scores, regions)` of every trace in `out_dir/traces.parquet/`, one part in memory at a time."""
+def iter_saved_traces(out_dir: str | Path, column: str = "score") -> Iterator[tuple[str, np.ndarray, list[str]]]:
+    """`(id, scores, regions)` of every trace in `out_dir/traces.parquet/`, one part in memory at a time
+    (`column`: "score", or "direction_score" for a trace made with `--direction`)."""
     import pyarrow.parquet as pq
 
     parts_dir = _parts_dir(Path(out_dir))
     for part in sorted(parts_dir.glob("part-*.parquet")):
-        table = pq.read_table(part, columns=["id", "position", "region", "score"])
+        if column not in pq.read_schema(part).names:
+            raise UserError(f"{part} has no {column!r} column; trace again into a new --out")
+        table = pq.read_table(part, columns=["id", "position", "region", column])
         ids = table.column("id").to_pylist()
         regions = table.column("region").to_pylist()
-        scores = table.column("score").to_numpy()
+        scores = table.column(column).to_numpy()
         start = 0
         for stop in range(1, len(ids) + 1):
             if stop == len(ids) or ids[stop] != ids[start]:
@@ -480,12 +520,13 @@ def iter_saved_traces(out_dir: str | Path) -> Iterator[tuple[str, np.ndarray, li
                 start = stop
 
 
-def curves_from_outputs(out_dir: str | Path, n_points: int = N_POINTS) -> dict:
-    """The `curves.json` structure over all traces in `out_dir`, grouped by `cliff.jsonl`'s `group`."""
+def curves_from_outputs(out_dir: str | Path, n_points: int = N_POINTS, column: str = "score") -> dict:
+    """The `curves.json` structure over all traces in `out_dir`, grouped by `cliff.jsonl`'s `group`
+    (of the `direction_score` column for `direction_curves.json`)."""
     out_dir = Path(out_dir)
     groups = {str(r["id"]): r.get("group") for r in read_jsonl(out_dir / CLIFF)} if (out_dir / CLIFF).is_file() else {}
     accumulator = CurveAccumulator(n_points)
-    for trace_id, scores, regions in iter_saved_traces(out_dir):
+    for trace_id, scores, regions in iter_saved_traces(out_dir, column):
         accumulator.add(groups.get(trace_id) or "all", scores, regions)
     return accumulator.result()
 
@@ -502,6 +543,7 @@ def trace_into(
     window: int = DEFAULT_WINDOW,
     part_size: int | None = None,
     progress: bool = True,
+    direction=None,
 ) -> int:
     """Trace the records not yet in `out_dir/cliff.jsonl` and write all trace artifacts (the
     resumable core of `run_trace`, also used by the clipping study).
@@ -510,6 +552,8 @@ def trace_into(
         records: generation records with unique ids; `groups` maps id -> averaging group.
         part_size: examples per `traces.parquet/part-*.parquet` file, the unit of resumption
             (default 8 batches).
+        direction: a `probe.Direction` scored in the same pass (`direction_score` column,
+            `direction_curves.json`).
 
     Returns the number of examples traced in this call (0 when everything was done already).
     """
@@ -536,8 +580,9 @@ def trace_into(
                 bar.update(1)
 
         return write_trace_outputs(
-            out_dir, counted(trace_records(loaded, prober, todo, batch_size)), groups, loaded.tokenizer,
-            plateau_method, t_cliff_method, window, part_size=part_size or batch_size * 8,
+            out_dir, counted(trace_records(loaded, prober, todo, batch_size, direction=direction)), groups,
+            loaded.tokenizer, plateau_method, t_cliff_method, window, part_size=part_size or batch_size * 8,
+            direction_curves=direction is not None,
         )
 
 
@@ -549,7 +594,7 @@ class TraceRun:
 
 
 def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path, config=None,
-              overwrite: bool = False, progress: bool = True) -> TraceRun:
+              overwrite: bool = False, progress: bool = True, direction=None) -> TraceRun:
     """The `trace` stage: every token of each input's probing sequences scored by the prober;
     writes `traces.parquet/`, `cliff.jsonl`, `curves.json` and `metadata.json` (resumable by id).
 
@@ -557,6 +602,8 @@ def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path,
         prober: a loaded `probe.Prober` (checked against the model by `load_prober`).
         inputs: the generations files to trace (`TraceInput`), read exactly as given.
         config: a `config.TraceConfig`.
+        direction: a `probe.Direction` (`probe.load_direction`) of this model: its standardised
+            projection is scored in the same pass (traces' `direction_score`, `direction_curves.json`).
     """
     from .config import TraceConfig
     from .probe import warn_if_unreliable
@@ -573,11 +620,19 @@ def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path,
                     "dtype": str(next(loaded.model.parameters()).dtype), "prober": prober.fingerprint(),
                     "inputs": sources, "plateau": config.plateau, "t_cliff": config.t_cliff,
                     "groups": fingerprint_ids(f"{k}={v}" for k, v in sorted(groups.items()))}
-    run = RunFolder(out_dir, "trace", stage_config, overwrite=overwrite, artifacts=[CLIFF, CURVES, TRACES])
+    artifacts = [CLIFF, CURVES, TRACES]
+    extra = {"prober": prober.summary()}
+    if direction is not None:  # only when used, so that earlier runs keep their fingerprint
+        stage_config["direction"] = direction.fingerprint()
+        artifacts.append(DIRECTION_CURVES)
+        extra["direction"] = {"fingerprint": direction.fingerprint(), "layer": direction.layer,
+                              "cosine_to_prober": direction.metadata.get("layers", {}).get(
+                                  str(direction.layer), {}).get("cosine_to_prober")}
+    run = RunFolder(out_dir, "trace", stage_config, overwrite=overwrite, artifacts=artifacts)
     warn_if_unreliable(prober)
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
         written = trace_into(loaded, prober, records, out_dir, groups, config.batch_size, config.plateau,
-                             config.t_cliff, progress=progress)
+                             config.t_cliff, progress=progress, direction=direction)
         run.finish({"n_examples": len(records)})
     return TraceRun(Path(out_dir), len(records), written)
 
