@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_trace.py
 	$(BIN)/python bench/bench_attribution.py
 	$(BIN)/python bench/bench_select.py
+	$(BIN)/python bench/bench_guard.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

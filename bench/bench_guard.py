@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from refusal_cliff.data import load_prompts  # noqa: E402
-from refusal_cliff.generation import GenerationConfig, generate_records  # noqa: E402
-from refusal_cliff.guard import CliffGuard  # noqa: E402
-from refusal_cliff.models import load_model  # noqa: E402
-from refusal_cliff.probe import Prober  # noqa: E402
+from refusal_cliff.data import load_prompts
+from refusal_cliff.generation import GenerationConfig, generate_records
+from refusal_cliff.guard import CliffGuard
+from refusal_cliff.models import load_model
+from refusal_cliff.probe import Prober
 
 
 def tokens(records) -> int:
@@ -63,9 +63,9 @@ def main() -> None:
                                   batch_size=batch_size)
         guarded, plain = [], []
         for _ in range(args.repeats):
-            seconds, produced = timed(lambda: guard.generate(prompts, config))
+            seconds, produced = timed(lambda config=config: guard.generate(prompts, config))
             guarded.append(produced / seconds)
-            seconds, produced = timed(lambda: list(generate_records(loaded, prompts, config, progress=False)))
+            seconds, produced = timed(lambda config=config: list(generate_records(loaded, prompts, config, progress=False)))
             plain.append(produced / seconds)
         row = {"batch_size": batch_size, "guarded_tok_s": statistics.median(guarded),
                "plain_tok_s": statistics.median(plain)}
