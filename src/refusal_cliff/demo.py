@@ -92,6 +92,48 @@ def guard_layer(layerwise: dict, n_layers: int) -> int | None:
     return best
 
 
+DEMO_TOP_COMPONENTS = 3  # MLPs (and as many heads) ablated in the components stage
+
+
+def _components_stage(loaded, out: Path, settings: DemoSettings, layer: int, group: str) -> dict:
+    """Issue 12 on the embedded model: decompose the drop at `layer` (the guard's: the layer-wise
+    study's non-last layer with the largest mean MS), then ablate its top MLPs vs as many of its top
+    heads (γ=0) on the ablation prompts. Returns the notes for demo.json."""
+    from .components import run_ablate_components, run_components, top_components
+    from .config import AblateConfig, ComponentsConfig
+    from .probe import load_prober
+
+    prober = load_prober(out / "layers" / f"layer_{layer:02d}", loaded)
+    summary = read_json(run_components(loaded, prober, out / "generate_harmful" / "generations.jsonl",
+                                       out / "components", ComponentsConfig(group=group), overwrite=True,
+                                       progress=False))
+    count = DEMO_TOP_COMPONENTS
+    mlps, heads = top_components(summary, "mlp", count), top_components(summary, "head", count)
+    config = GenerationConfig(max_thinking_tokens=settings.thinking, max_answer_tokens=settings.answer,
+                              batch_size=settings.batch_size, system_prompt=SAFETY_SYSTEM_PROMPT)
+    paths = run_ablate_components(loaded, prober, {f"top {count} MLPs": mlps, f"top {count} heads": heads},
+                                  load_prompts("demo:harmful", limit=settings.n_ablate), out / "components_ablate",
+                                  AblateConfig(), config, overwrite=True, progress=False)
+    rows = read_json(paths["component_ablation.json"])
+    classes = summary["by_class"]
+    carrier = min(classes, key=lambda name: classes[name]["change_mean"])
+    asr = {row["condition"]: row["asr"] for row in rows}
+    shares = ", ".join(f"{name} {values['change_mean']:+.3f}" for name, values in classes.items())
+    first_answers = {}  # the keyword ASR counts any non-refusal, degenerate text included: show what it was
+    for record in read_jsonl(paths["component_ablation_generations.jsonl"]):
+        first_answers.setdefault(record["condition"], record.get("answer", "")[:60])
+    return {
+        "components layer": f"layer {layer} prober (layers/layer_{layer:02d}), group {group}",
+        "components drop by class": (f"prober logit change across the end template "
+                                     f"{summary['logit']['change_mean']:+.3f} = {shares}; most negative: {carrier}"),
+        "components ablation": (f"ASR on {rows[0]['n_harmful']} harmful prompts with γ=0: unablated "
+                                f"{asr['unablated']:.0%}; top {count} MLPs ({', '.join(mlps)}) "
+                                f"{asr[f'top {count} MLPs']:.0%}; top {count} heads ({', '.join(heads)}) "
+                                f"{asr[f'top {count} heads']:.0%}"),
+        "components ablation first answers": first_answers,
+    }
+
+
 def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = False,
              on_stage: Callable[[str], None] = lambda message: None) -> Path:
     """Run the diagnosis end to end into `out_dir` with the same stage functions as the verbs
@@ -221,6 +263,12 @@ def _run_stages(loaded, out: Path, run: RunFolder, settings: DemoSettings, quick
                   ablation_config, load_prompts("demo:harmless", limit=settings.n_ablate), heads_path=heads_path,
                   overwrite=True, progress=False)
         done("guard")
+
+    if layer is not None:
+        stage("components", f"components: which heads, MLPs and embeddings carry the drop at layer {layer}, and "
+                            f"ablating its top {DEMO_TOP_COMPONENTS} MLPs vs as many heads")
+        notes.update(_components_stage(loaded, out, settings, layer, group))
+        done("components")
 
     if repair:
         from .repair_demo import run_repair_demo

@@ -345,6 +345,70 @@ def load_guard(path: Path) -> list[GuardRow]:
     return sorted(rows, key=lambda r: (r["tau"] is not None, r["tau"] or 0.0))
 
 
+class ComponentRow(TypedDict):
+    name: str
+    kind: str
+    component_class: str
+    layer: int | None
+    head: int | None
+    t_cliff_mean: float
+    t_cliff_std: float | None
+    change_mean: float
+    change_std: float | None
+    per_token_mean: list[float]
+    rank: int
+
+
+def load_components(path: Path) -> dict:
+    """components.json (written by `components`) → the summary, its `components` checked and sorted
+    by their mean change across the end template (most negative first)."""
+    data = _expect(read_json(path), dict, str(path))
+    for key in ("by_class", "by_layer", "components", "logit"):
+        if key not in data:
+            raise UserError(f"{path}: missing '{key}'; regenerate it with `refusal-cliff components`")
+    rows = []
+    for index, entry in enumerate(_expect(data["components"], list, f"{path}: 'components'")):
+        where = f"{path}: components[{index}]"
+        row = dict(_expect(entry, dict, where))
+        for key in ("t_cliff_mean", "change_mean"):
+            row[key] = _num(entry.get(key), f"{where}.{key}")
+        for key in ("t_cliff_std", "change_std"):
+            row[key] = _num(entry.get(key), f"{where}.{key}", optional=True)
+        row["per_token_mean"] = _numbers(entry.get("per_token_mean"), f"{where}.per_token_mean")
+        row["name"], row["kind"] = str(entry.get("name")), str(entry.get("kind"))
+        rows.append(row)
+    data["components"] = sorted(rows, key=lambda r: r["change_mean"])
+    for key in ("change_mean", "last_thinking_mean", "t_cliff_mean"):
+        data["logit"][key] = _num(data["logit"].get(key), f"{path}: logit.{key}")
+    return data
+
+
+class ComponentAblationRow(TypedDict):
+    condition: str
+    components: list[str]
+    gamma: float | None
+    final_score_mean: float | None
+    asr: float | None
+    benign_refusal_rate: float | None
+    n_harmful: int | None
+    n_benign: int | None
+
+
+def load_component_ablation(path: Path) -> list[ComponentAblationRow]:
+    """component_ablation.json (written by `ablate --components`) → rows in the order measured."""
+    rows = []
+    for where, entry in _records(path, jsonl=False):
+        row = dict(entry)
+        row["condition"] = str(entry.get("condition"))
+        row["components"] = [str(c) for c in entry.get("components") or []]
+        for key in ("gamma", "final_score_mean", "asr", "benign_refusal_rate"):
+            row[key] = _num(entry.get(key), f"{where}.{key}", optional=True)
+        for key in ("n_harmful", "n_benign"):
+            row[key] = _int(entry.get(key), f"{where}.{key}", optional=True)
+        rows.append(row)
+    return rows
+
+
 class EvaluatedModel(TypedDict):
     model: str
     method: str | None
@@ -495,6 +559,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
     Artifact("clipping.json", load_clipping, "refusal-cliff clip"),
     Artifact("heads.json", load_heads, "refusal-cliff heads"),
     Artifact("ablation.json", load_ablation, "refusal-cliff ablate"),
+    Artifact("components.json", load_components, "refusal-cliff components"),
+    Artifact("component_ablation.json", load_component_ablation, "refusal-cliff ablate --components"),
     Artifact("evaluation.json", load_evaluation, "refusal-cliff evaluate"),
     Artifact("guard.json", load_guard, "refusal-cliff guard"),
     Artifact("scores.jsonl", load_scores, "refusal-cliff select", depth=2),

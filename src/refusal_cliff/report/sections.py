@@ -500,6 +500,47 @@ def render_guard(ctx: Context) -> Rendered:
 
 # -- the registry: one entry per section, in report order -----------------------------------
 
+def render_components(ctx: Context) -> Rendered:
+    data = ctx.get("components.json")
+    _require(data["components"], f"{ctx.rel(ctx.path('components.json'))} lists no component")
+    logit, classes = data["logit"], data["by_class"]
+    figure = ctx.figure(plotting.plot_components(data), "what makes the cliff",
+                        "Left: the change of the prober logit across the thinking-end template (last end-template "
+                        "token minus last thinking token), split exactly into attention heads, o_proj biases and "
+                        "MLPs per layer, and the embeddings. Middle: the 20 components with the largest change "
+                        "(mean ± std over the group). Right: where the 10 largest push, as the step of their term "
+                        "at each end-template token.")
+    intro = paragraph(
+        f"Prober at layer {data.get('layer')} ({'final norm applied' if data.get('final_norm_applied') else 'no final norm'}), "
+        f"group {data.get('group')}, n={data.get('n_examples')}: the logit goes from {fmt(logit['last_thinking_mean'])} at "
+        f"the last thinking token to {fmt(logit['t_cliff_mean'])} at t_cliff (change {fmt(logit['change_mean'])}). "
+        f"Each example's terms sum to its logit within {fmt(data.get('exact_max_error'))} and to its change within "
+        f"{fmt(data.get('change_max_error'))}.")
+    class_rows = [[name, values["change_mean"], values["t_cliff_mean"],
+                   pct(values["change_mean"] / logit["change_mean"]) if abs(logit["change_mean"]) > 1e-12 else "—"]
+                  for name, values in classes.items()]
+    by_class = table(["component class", "change across the end template", "term at t_cliff", "share of the change"],
+                     class_rows)
+    top = data["components"][:10]
+    top_table = table(["rank", "component", "class", "change (mean)", "std", "term at t_cliff"],
+                      [[c.get("rank"), c["name"], c.get("component_class"), c["change_mean"], c["change_std"],
+                        c["t_cliff_mean"]] for c in top])
+    parts = [intro, figure, heading("Change by component class"), by_class,
+             heading("Components that carry the drop (most negative change first)"), top_table]
+    summary = {"layer": data.get("layer"), "n_examples": data.get("n_examples"), "logit": logit,
+               "by_class": classes, "top": [{k: c.get(k) for k in ("name", "change_mean", "t_cliff_mean")} for c in top]}
+    ablation = ctx.get("component_ablation.json")
+    if ablation:
+        parts += [heading("Ablating components (γ scales their output; ASR as measured)"),
+                  table(["condition", "components", "γ", "mean final score", "ASR", "benign refusal rate", "n harmful"],
+                        [[r["condition"], ", ".join(r["components"]) or "—", r["gamma"], r["final_score_mean"],
+                          pct(r["asr"]), pct(r["benign_refusal_rate"]), r["n_harmful"]] for r in ablation])]
+        summary["ablation"] = [{k: r[k] for k in ("condition", "components", "asr", "final_score_mean")}
+                               for r in ablation]
+    parts.append(ctx.sources_of("components.json", *(("component_ablation.json",) if ablation else ())))
+    return join(*parts), summary
+
+
 SECTIONS: tuple[Section, ...] = (
     Section("notes", "Run notes", ("demo.json",), render_notes),
     Section("prober", "Refusal prober (Figure 3)", ("prober.json",), render_prober, "fig_prober.png"),
@@ -516,6 +557,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("heads", "Attention-head contributions (Figure 6)", ("heads.json",), render_heads, "fig_heads.png"),
     Section("ablation", "Ablating refusal-suppression heads (Figure 8)", ("ablation.json",), render_ablation,
             "fig_ablation.png"),
+    Section("components", "What makes the cliff: heads, MLPs and embeddings across the end template",
+            ("components.json",), render_components, "fig_components.png"),
     Section("guard", "Cliff guard: act only where the cliff happens", ("guard.json",), render_guard,
             "fig_guard.png"),
     Section("selection", "Cliff-as-a-Judge selection", ("scores.jsonl", "selection.jsonl", "metadata.select.json"),
