@@ -68,10 +68,14 @@ def config_options(*classes, exclude: tuple[str, ...] = ()):
     """A decorator adding one click option per CLI field of each config class."""
 
     def decorator(func):
-        for cls in reversed(classes):
-            for field in reversed(config_fields(cls)):
-                if field.name not in exclude:
-                    func = _option_for(field)(func)
+        seen, chosen = set(exclude), []
+        for cls in classes:  # a field two configs share (batch_size) is one flag filling both
+            for field in config_fields(cls):
+                if field.name not in seen:
+                    seen.add(field.name)
+                    chosen.append(field)
+        for field in reversed(chosen):
+            func = _option_for(field)(func)
         return func
 
     return decorator
@@ -126,14 +130,15 @@ def _file_values(ctx: click.Context) -> dict:
 
 
 def resolve(cls, kwargs: dict, **overrides) -> Any:
-    """Pop `cls`'s flags out of a command's kwargs; build the config (flag > --config file > default)."""
+    """Build `cls` from a command's kwargs (flag > --config file > default); kwargs are left as they are, so a
+    flag shared by two configs fills both."""
     ctx = click.get_current_context()
     from_file = _file_values(ctx)
     values: dict[str, Any] = {}
     for field in config_fields(cls):
         if field.name not in kwargs:
             continue
-        value = kwargs.pop(field.name)
+        value = kwargs[field.name]
         source = ctx.get_parameter_source(field.name)
         explicit = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
         if not explicit and field.name in from_file:
