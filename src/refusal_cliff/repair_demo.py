@@ -47,7 +47,7 @@ def demo_settings(quick: bool) -> dict:
 
 
 def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str | Path, quick: bool = True,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, settings: dict | None = None) -> dict:
     """Score the built-in candidates, select k by every method, LoRA-fine-tune on the cliff selection,
     and evaluate the model before and after on the built-in harmful / harmless prompts.
 
@@ -64,7 +64,7 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     from .data import load_prompts
     from .probe import load_prober
 
-    settings = demo_settings(quick)
+    settings = {**demo_settings(quick), **(settings or {})}  # overrides: tests run it on tiny models
     out = Path(out_dir)
     generation = GenerationConfig(max_thinking_tokens=settings["thinking"], max_answer_tokens=settings["answer"],
                                   batch_size=8, seed=seed)

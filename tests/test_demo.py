@@ -1,0 +1,82 @@
+"""The demo and the repair demo end to end on a tiny random model: every stage runs through the same
+`run_<verb>` functions as the CLI, and every sub-folder is a verb's run folder with its metadata."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _fake_refusals(monkeypatch):
+    """A random tiny model never refuses: label two thirds of the harmful answers as refusals."""
+    from refusal_cliff import labeling
+
+    real = labeling.label_records
+
+    def label_records(records, labeler, tokenizer=None, judge=None):
+        labels = real(records, labeler, tokenizer, judge)
+        for index, label in enumerate(labels):
+            label["refusal"] = str(label["id"]).startswith("harmful") and index % 3 != 0
+        return labels
+
+    monkeypatch.setattr(labeling, "label_records", label_records)
+
+
+@pytest.fixture
+def tiny_loaded(tiny_model_dir):
+    from refusal_cliff.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
+    from refusal_cliff.demo import DemoSettings, run_demo
+
+    _fake_refusals(monkeypatch)
+    settings = DemoSettings(n_harmful=12, n_harmless=12, thinking=6, answer=3, batch_size=12, layers=(0,),
+                            fractions=(0.0, 1.0), n_clip=3, thresholds=(0.25,), n_ablate=2, control_seeds=(0,),
+                            patterns=2)
+    stages = []
+    report = run_demo(tiny_loaded, tmp_path / "demo", on_stage=stages.append, settings=settings)
+    assert report.is_file() and len(stages) >= 8
+    demo = tmp_path / "demo"
+    for folder, stage in [("generate_harmful", "generate"), ("probe", "probe"), ("trace", "trace"),
+                          ("layers", "layers"), ("clipping", "clip"), ("heads", "heads"), ("ablate", "ablate")]:
+        metadata = json.loads((demo / folder / "metadata.json").read_text())
+        assert metadata["stage"] == stage and metadata["finished"], folder
+    assert json.loads((demo / "generate_harmful" / "metadata.label.json").read_text())["finished"]
+    prober = json.loads((demo / "probe" / "prober.json").read_text())
+    assert prober["quality"] == "unreliable"  # a dozen examples per class: the report must say so
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["prober_quality"]
+    assert "unreliable" in report.read_text().lower()
+
+
+def test_repair_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from refusal_cliff.config import ProbeConfig
+    from refusal_cliff.demo import SAFETY_SYSTEM_PROMPT  # noqa: F401  (the demo's module imports cleanly)
+    from refusal_cliff.probe import save_prober, train_prober
+    from refusal_cliff.repair_demo import run_repair_demo
+
+    import torch
+
+    from refusal_cliff.probe import Prober, prober_metadata
+
+    d_model = tiny_loaded.adapter.geometry(tiny_loaded.model).d_model
+    features = torch.randn(40, d_model)
+    labels = (features[:, 0] > 0).long()
+    linear, history, metrics = train_prober(features, labels, epochs=2)
+    metadata = prober_metadata(tiny_loaded, 1, "\n</think>\n\n", metrics, history, ProbeConfig().to_dict())
+    path = save_prober(Prober(linear, 1, metadata), tmp_path / "probe")
+    evaluation = run_repair_demo(tiny_loaded, path, tmp_path / "repair", quick=True,
+                                 settings={"n_candidates": 6, "k": 3, "n_eval": 2, "thinking": 4, "answer": 3,
+                                           "epochs": 1.0, "n_arc": 2})
+    repair = tmp_path / "repair"
+    assert [m["model"] for m in evaluation["models"]] == ["before", "after (cliff, LoRA)"]
+    assert len([line for line in (repair / "select" / "selection.jsonl").read_text().splitlines() if line]) == 3
+    assert json.loads((repair / "select" / "metadata.select.json").read_text())["n_selected"] == 3
+    assert json.loads((repair / "metadata.json").read_text())["stage"] == "evaluate"
