@@ -234,7 +234,8 @@ class HeadsConfig(Config):
 
     group: str = option("harmful_complied", "Examples to average over: harmful prompts the model complied with "
                                             "/ refused, or all.",
-                        choices=("harmful_complied", "harmful_refused", "all"))
+                        choices=("harmful_complied", "harmful_refused", "all",
+                                 "harmful-complied", "harmful-refused"))  # the old spelling is still read
     thresholds: tuple[float, ...] = option((0.01, 0.03, 0.1), THRESHOLDS_HELP + " Marked in heads.png.",
                                            parse=parse_floats)
     rank_by: str = option("contribution", "Rank by the paper's score w·Δh + b, or by the exact decomposition term.",
@@ -255,7 +256,8 @@ class ComponentsConfig(Config):
 
     group: str = option("harmful_complied", "Examples to average over: harmful prompts the model complied with "
                                             "/ refused, or all.",
-                        choices=("harmful_complied", "harmful_refused", "all"))
+                        choices=("harmful_complied", "harmful_refused", "all",
+                                 "harmful-complied", "harmful-refused"))  # the old spelling is still read
     top: int = option(20, "Components shown in components.png's ranking (the heat map shows half as many).", min=1)
     batch_size: int = option(8, "Sequences per forward pass.", min=1)
 
