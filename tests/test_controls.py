@@ -10,13 +10,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_model
-from refusal_cliff.ablation import condition_key, planned_conditions, random_heads, run_ablation, scale_heads
+from test_probe import make_runs, record, write_run
+
+from refusal_cliff.ablation import (
+    condition_key,
+    planned_conditions,
+    random_heads,
+    run_ablation,
+    scale_heads,
+)
 from refusal_cliff.activations import pad_left
 from refusal_cliff.architectures import get_adapter
-from refusal_cliff.attribution import attention_patterns, attention_patterns_batch, heads_at_threshold, \
-    summarize_pattern
+from refusal_cliff.attribution import (
+    attention_patterns,
+    attention_patterns_batch,
+    heads_at_threshold,
+    summarize_pattern,
+)
 from refusal_cliff.cli import main
 from refusal_cliff.config import AblateConfig, DirectionConfig, HeadsConfig
 from refusal_cliff.errors import UserError
@@ -24,7 +35,6 @@ from refusal_cliff.models import LoadedModel
 from refusal_cliff.probe import Prober, load_direction, run_probe_direction, save_prober
 from refusal_cliff.templates import probing_tokens
 from refusal_cliff.trace import trace_into
-from test_probe import make_runs, write_run, record
 
 VOCAB = 1024
 
@@ -323,6 +333,19 @@ def test_the_verbs_with_controls_patterns_and_directions(model_runs):
     assert (root / "trace" / "direction_curves.json").is_file()
     metadata = json.loads((root / "trace" / "metadata.json").read_text())
     assert metadata["direction"]["layer"] == 1
+
+    # the report draws the random band, the patterns and the direction sections from these folders
+    from refusal_cliff.report import render_report
+
+    html = render_report(root).read_text()
+    summary = json.loads((root / "summary.json").read_text())
+    assert {"ablation", "patterns", "direction"} <= set(summary)
+    assert [row["control"] for row in summary["ablation"]] == ["none", "ranked", "random", "random", "boost"]
+    assert [h["layer"] for h in summary["patterns"]["heads"]] == [h["layer"] for h in heads[:3]]
+    assert summary["direction"]["prober_layer"] == 1 and set(summary["direction"]["layers"]) == {"0", "1"}
+    assert "Ranked heads vs random heads" in html
+    for name in ("fig_ablation.png", "fig_patterns.png", "fig_direction.png"):
+        assert (root / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_input_is_one_line_and_damages_nothing(model_runs, smol_tokenizer):

@@ -51,13 +51,15 @@ class DemoSettings:
     n_clip: int | None  # harmful examples in the clipping study
     thresholds: tuple[float, ...]  # suppression-head thresholds of the ablation
     n_ablate: int  # prompts per set in the ablation study
+    control_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the random-heads control of the ablation
+    patterns: int = 4  # top suppression heads whose attention patterns are saved
 
 
 def demo_settings(quick: bool) -> DemoSettings:
     if quick:
         return DemoSettings(n_harmful=12, n_harmless=12, thinking=32, answer=20, batch_size=12,
                             layers=(9, 19, -1), fractions=(0.0, 0.5, 1.0), n_clip=6, thresholds=(0.03, 0.1),
-                            n_ablate=6)
+                            n_ablate=6, control_seeds=(0, 1))
     return DemoSettings(n_harmful=None, n_harmless=None, thinking=64, answer=32, batch_size=12,
                         layers=(5, 11, 17, 23, -1), fractions=(0.0, 0.25, 0.5, 0.75, 1.0), n_clip=12,
                         thresholds=(0.01, 0.03, 0.1), n_ablate=12)
@@ -134,11 +136,27 @@ def _components_stage(loaded, out: Path, settings: DemoSettings, layer: int, gro
     }
 
 
+def _random_control_note(records: list[dict]) -> str:
+    """Ranked heads vs the random-heads control, per threshold, for demo.json."""
+    parts = []
+    for threshold in sorted({r["threshold"] for r in records if r.get("control") == "random"}):
+        ranked = next(r for r in records if r["threshold"] == threshold and r.get("control") == "ranked")
+        drawn = [r for r in records if r["threshold"] == threshold and r.get("control") == "random"]
+        finals = [r["final_score_mean"] for r in drawn]
+        asrs = [r["asr"] for r in drawn]
+        parts.append(f"{threshold:g} ({len(ranked['heads'])} heads): final score ranked {ranked['final_score_mean']:.3f} "
+                     f"vs random {min(finals):.3f}-{max(finals):.3f}; ASR ranked {ranked['asr']:.0%} vs random "
+                     f"{min(asrs):.0%}-{max(asrs):.0%} ({len(drawn)} seeds)")
+    return "; ".join(parts)
+
+
 def run_demo(loaded, out_dir: str | Path, quick: bool = False, repair: bool = False,
-             on_stage: Callable[[str], None] = lambda message: None) -> Path:
+             on_stage: Callable[[str], None] = lambda message: None, settings: DemoSettings | None = None) -> Path:
     """Run the diagnosis end to end into `out_dir` with the same stage functions as the verbs
-    (each sub-folder is exactly what the verb would have written); returns the path of report.html."""
-    settings = demo_settings(quick)
+    (each sub-folder is exactly what the verb would have written); returns the path of report.html.
+
+    `settings` overrides the sizes of `demo_settings(quick)` (tests run the demo on tiny models)."""
+    settings = settings or demo_settings(quick)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = RunFolder(out, "demo", {"quick": quick, "repair": repair, **asdict(settings)}, overwrite=True)
@@ -214,10 +232,26 @@ def _run_stages(loaded, out: Path, run: RunFolder, settings: DemoSettings, quick
                                 "examples, so 5 epochs would be 5 optimizer steps")
     done("probe")
 
-    stage("trace", "4/7 tracing the refusal score over every token (last-layer prober)")
+    stage("direction", "difference-in-means refusal direction per layer, beside the prober")
+    from .config import DirectionConfig
+    from .probe import load_direction, run_probe_direction
+
+    directions = read_json(run_probe_direction(loaded, harmful_run, harmless_run, out / "direction",
+                                               DirectionConfig(layers=tuple(layers)), prober=prober, overwrite=True,
+                                               progress=False))
+    notes["difference-in-means direction"] = (
+        f"{directions['n_refused']} refusals vs {directions['n_complied']} compliances; cosine to the prober's "
+        "weight per layer: " + ", ".join(f"{name} {entry['cosine_to_prober']:+.2f}"
+                                         for name, entry in directions["layers"].items())
+        + f"; at the prober's layer {prober.layer} the projection alone separates "
+        f"{directions['layers'][str(prober.layer)]['accuracy']:.0%} of the examples")
+    done("direction")
+
+    stage("trace", "4/7 tracing the refusal score over every token (last-layer prober and the DIM direction)")
     run_trace(loaded, prober, [TraceInput(harmful_generations, True), TraceInput(harmless_run / "generations.jsonl",
                                                                                  False)],
-              out / "trace", TraceConfig(batch_size=8), overwrite=True)
+              out / "trace", TraceConfig(batch_size=8), overwrite=True,
+              direction=load_direction(out / "direction", loaded, prober.layer))
     done("trace")
 
     stage("clipping", "5/7 thinking-clipping study (regenerating answers from clipped thinking)")
@@ -231,16 +265,22 @@ def _run_stages(loaded, out: Path, run: RunFolder, settings: DemoSettings, quick
     group = "harmful_complied" if complied >= 2 else "all"
     notes["heads group"] = (f"harmful prompts the model complied with ({complied})" if group != "all"
                             else f"all harmful prompts (only {complied} complied)")
-    heads_path = run_heads(loaded, prober, harmful_generations, out / "heads", HeadsConfig(group=group),
-                           overwrite=True, progress=False)
+    heads_path = run_heads(loaded, prober, harmful_generations, out / "heads",
+                           HeadsConfig(group=group, patterns=settings.patterns), overwrite=True, progress=False)
+    patterns = read_json(out / "heads" / "patterns.json")["mass_mean"]
+    notes["suppression heads' attention at t_cliff"] = "; ".join(
+        f"L{h['layer']}.H{h['head']}: prompt {h['prompt']:.0%}, thinking {h['thinking']:.0%}, end template "
+        f"{h['end_template']:.0%}" for h in patterns)
     done("heads")
 
     stage("ablate", "7/7 ablating the suppression heads and regenerating answers")
     ablation_config = GenerationConfig(max_thinking_tokens=settings.thinking, max_answer_tokens=settings.answer,
                                        batch_size=settings.batch_size, system_prompt=SAFETY_SYSTEM_PROMPT)
     run_ablate(loaded, prober, heads_path, load_prompts("demo:harmful", limit=settings.n_ablate), out / "ablate",
-               AblateConfig(thresholds=tuple(settings.thresholds)), ablation_config,
+               AblateConfig(thresholds=tuple(settings.thresholds), control="random",
+                            control_seeds=tuple(settings.control_seeds)), ablation_config,
                benign_prompts=load_prompts("demo:harmless", limit=settings.n_ablate), overwrite=True)
+    notes["ablation vs random heads"] = _random_control_note(read_json(out / "ablate" / "ablation.json"))
     done("ablate")
 
     layer = guard_layer(read_json(out / "layers" / "layerwise.json"), n_layers)

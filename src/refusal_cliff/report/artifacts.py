@@ -296,6 +296,9 @@ class AblationRow(TypedDict):
     n_heads: int | None
     gamma: float | None
     renormalize: bool
+    control: str  # "none" (the unablated baseline), "ranked", "random" or "boost"
+    seed: int | None  # the random control's seed
+    boost_others: float | None  # the boosting control's factor
     final_score_mean: float | None
     asr: float | None
     benign_refusal_rate: float | None
@@ -314,7 +317,107 @@ def load_ablation(path: Path) -> list[AblationRow]:
         row["renormalize"] = bool(row.get("renormalize", False))
         for key in ("n_harmful", "n_benign"):
             row[key] = None if row[key] is None else int(row[key])
+        control = row.get("control")  # absent in runs made before the controls existed
+        if control is None:
+            control = "none" if not heads and row["threshold"] == 0 else "ranked"
+        if control not in ABLATION_CONTROLS:
+            raise UserError(f"{path}: 'control' must be one of {ABLATION_CONTROLS}, got {control!r:.40}")
+        row["control"] = control
+        row["seed"] = _int(row.get("seed"), f"{path}: seed", optional=True)
+        row["boost_others"] = _num(row.get("boost_others"), f"{path}: boost_others", optional=True)
     return rows
+
+
+ABLATION_CONTROLS = ("none", "ranked", "random", "boost")
+
+
+class PatternHead(TypedDict):
+    layer: int
+    head: int
+    rank: int | None
+    contribution: float | None
+    prompt: float
+    thinking: float
+    end_template: float
+
+
+class Patterns(TypedDict):
+    """patterns.json (written by `heads --patterns K`)."""
+
+    heads: list[list[int]]
+    top: int
+    mass_mean: list[PatternHead]  # per head, its attention mass per region, mean over examples
+    examples: list[dict]  # per example: id, n_tokens, heads [{layer, head, mass, top: [...]}]
+    heatmap: dict | None  # one example: id, tokens, regions, weights [[...] per head]
+
+
+def load_patterns(path: Path) -> Patterns:
+    """patterns.json → `Patterns`, the per-region masses and the heat map checked."""
+    data = _expect(read_json(path), dict, str(path))
+    mass = []
+    for index, entry in enumerate(_expect(data.get("mass_mean") or [], list, f"{path}: 'mass_mean'")):
+        where = f"{path}: mass_mean[{index}]"
+        _expect(entry, dict, where)
+        mass.append(PatternHead(layer=_int(entry.get("layer"), f"{where}.layer"),
+                                head=_int(entry.get("head"), f"{where}.head"),
+                                rank=_int(entry.get("rank"), f"{where}.rank", optional=True),
+                                contribution=_num(entry.get("contribution"), f"{where}.contribution", optional=True),
+                                **{region: _num(entry.get(region), f"{where}.{region}")
+                                   for region in ("prompt", "thinking", "end_template")}))
+    heatmap = data.get("heatmap")
+    if heatmap is not None:
+        _expect(heatmap, dict, f"{path}: 'heatmap'")
+        tokens = _expect(heatmap.get("tokens"), list, f"{path}: heatmap.tokens")
+        regions = _expect(heatmap.get("regions"), list, f"{path}: heatmap.regions")
+        weights = [_numbers(row, f"{path}: heatmap.weights[{i}]")
+                   for i, row in enumerate(_expect(heatmap.get("weights"), list, f"{path}: heatmap.weights"))]
+        if len(tokens) != len(regions) or any(len(row) != len(tokens) for row in weights) or len(weights) != len(mass):
+            raise UserError(f"{path}: the heat map's tokens, regions and weights do not match; regenerate it")
+        heatmap = {"id": str(heatmap.get("id")), "tokens": [str(t) for t in tokens], "regions": [str(r) for r in regions],
+                   "weights": weights}
+    return Patterns(heads=[list(map(int, h)) for h in _expect(data.get("heads") or [], list, f"{path}: 'heads'")],
+                    top=_int(data.get("top"), f"{path}: 'top'", optional=True) or 0, mass_mean=mass,
+                    examples=_expect(data.get("examples") or [], list, f"{path}: 'examples'"), heatmap=heatmap)
+
+
+class DirectionLayer(TypedDict):
+    norm: float
+    cosine_to_prober: float | None
+    projection_mean: float
+    projection_std: float
+    refused_mean: float | None
+    complied_mean: float | None
+    accuracy: float | None
+
+
+class Directions(TypedDict):
+    """directions.json (written by `probe direction`)."""
+
+    model_id: str | None
+    prober_layer: int | None
+    n_refused: int | None
+    n_complied: int | None
+    layers: dict[str, DirectionLayer]  # by depth
+
+
+def load_directions(path: Path) -> Directions:
+    """directions.json → `Directions`, layers by depth."""
+    data = _expect(read_json(path), dict, str(path))
+    layers = {}
+    for layer, entry in _expect(data.get("layers"), dict, f"{path}: 'layers'").items():
+        where = f"{path}: layers[{layer!r}]"
+        _expect(entry, dict, where)
+        layers[str(layer)] = DirectionLayer(
+            norm=_num(entry.get("norm"), f"{where}.norm"),
+            projection_mean=_num(entry.get("projection_mean"), f"{where}.projection_mean"),
+            projection_std=_num(entry.get("projection_std"), f"{where}.projection_std"),
+            **{key: _num(entry.get(key), f"{where}.{key}", optional=True)
+               for key in ("cosine_to_prober", "refused_mean", "complied_mean", "accuracy")})
+    return Directions(model_id=data.get("model_id"),
+                      prober_layer=_int(data.get("prober_layer"), f"{path}: prober_layer", optional=True),
+                      n_refused=_int(data.get("n_refused"), f"{path}: n_refused", optional=True),
+                      n_complied=_int(data.get("n_complied"), f"{path}: n_complied", optional=True),
+                      layers={name: layers[name] for name in sorted(layers, key=_layer_sort_key)})
 
 
 class GuardRow(TypedDict):
@@ -559,6 +662,9 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
     Artifact("clipping.json", load_clipping, "refusal-cliff clip"),
     Artifact("heads.json", load_heads, "refusal-cliff heads"),
     Artifact("ablation.json", load_ablation, "refusal-cliff ablate"),
+    Artifact("patterns.json", load_patterns, "refusal-cliff heads --patterns K"),
+    Artifact("directions.json", load_directions, "refusal-cliff probe direction"),
+    Artifact("direction_curves.json", load_curves, "refusal-cliff trace --direction"),
     Artifact("components.json", load_components, "refusal-cliff components"),
     Artifact("component_ablation.json", load_component_ablation, "refusal-cliff ablate --components"),
     Artifact("evaluation.json", load_evaluation, "refusal-cliff evaluate"),

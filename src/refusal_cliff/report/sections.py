@@ -401,17 +401,93 @@ def render_heads(ctx: Context) -> Rendered:
 def render_ablation(ctx: Context) -> Rendered:
     rows = ctx.get("ablation.json")
     _require(rows, f"{ctx.rel(ctx.path('ablation.json'))} is empty")
-    figure = ctx.figure(plotting.plot_ablation(rows), "ablation results",
-                        "Refusal score at the last token, ASR and benign refusal rate as more "
-                        "refusal-suppression heads are ablated.")
-    keys = ("threshold", "n_heads", "gamma", "renormalize", "final_score_mean", "asr", "benign_refusal_rate",
-            "n_harmful", "n_benign")
-    headers = ["threshold", "heads", "γ", "renormalised", "mean final score", "ASR", "benign refusal rate",
-               "n harmful", "n benign"]
-    body = table(headers, [[pct(r["threshold"]), r["n_heads"], r["gamma"], r["renormalize"], r["final_score_mean"],
-                            pct(r["asr"]), pct(r["benign_refusal_rate"]), r["n_harmful"], r["n_benign"]]
-                           for r in rows])
-    return join(figure, body, ctx.sources_of("ablation.json")), [{k: r[k] for k in keys} for r in rows]
+    controls = {r["control"] for r in rows}
+    caption = ("Refusal score at the last token, ASR and benign refusal rate as more refusal-suppression heads "
+               "are ablated.")
+    if "random" in controls:
+        caption += (" Gray: the same number of heads drawn at random from outside the ranked ones (dashed: mean "
+                    "over seeds, band: min to max).")
+    if "boost" in controls:
+        caption += " Dotted: the ranked heads ablated while every other head is scaled by the boost factor."
+    figure = ctx.figure(plotting.plot_ablation(rows), "ablation results", caption)
+    keys = ("threshold", "control", "seed", "boost_others", "n_heads", "gamma", "renormalize", "final_score_mean",
+            "asr", "benign_refusal_rate", "n_harmful", "n_benign")
+    headers = ["threshold", "heads ablated", "seed", "others ×", "heads", "γ", "renormalised", "mean final score",
+               "ASR", "benign refusal rate", "n harmful", "n benign"]
+    body = table(headers, [[pct(r["threshold"]), r["control"], r["seed"], r["boost_others"], r["n_heads"], r["gamma"],
+                            r["renormalize"], r["final_score_mean"], pct(r["asr"]), pct(r["benign_refusal_rate"]),
+                            r["n_harmful"], r["n_benign"]] for r in rows])
+    parts = [figure]
+    if "random" in controls:
+        comparison = []
+        for threshold in sorted({r["threshold"] for r in rows if r["control"] == "random"}):
+            ranked = [r for r in rows if r["threshold"] == threshold and r["control"] == "ranked"]
+            drawn = [r for r in rows if r["threshold"] == threshold and r["control"] == "random"]
+            for key, name in (("final_score_mean", "mean final score"), ("asr", "ASR")):
+                values = [r[key] for r in drawn if r[key] is not None]
+                comparison.append([pct(threshold), name, ranked[0][key] if ranked else None, _mean(values),
+                                   min(values) if values else None, max(values) if values else None, len(values)])
+        parts += [heading("Ranked heads vs random heads"),
+                  table(["threshold", "metric", "ranked heads", "random: mean", "random: min", "random: max",
+                         "seeds"], comparison)]
+    parts += [body, ctx.sources_of("ablation.json")]
+    return join(*parts), [{k: r[k] for k in keys} for r in rows]
+
+
+def render_patterns(ctx: Context) -> Rendered:
+    data = ctx.get("patterns.json")
+    _require(data["mass_mean"], f"{ctx.rel(ctx.path('patterns.json'))} holds no head")
+    heatmap = data["heatmap"]
+    figure = ctx.figure(plotting.plot_head_patterns(data["mass_mean"], heatmap),
+                        "attention patterns of the top suppression heads",
+                        "Left: where each top suppression head looks from t_cliff (its attention mass on the "
+                        "prompt, the thinking and the end template, mean over the examples). Right: the weights over "
+                        f"every token of example {heatmap['id'] if heatmap else '—'}.")
+    rows = [[f"L{h['layer']}.H{h['head']}", h["rank"], h["contribution"], h["prompt"], h["thinking"],
+             h["end_template"]] for h in data["mass_mean"]]
+    mass = table(["head", "rank", "contribution", "mass on prompt", "mass on thinking", "mass on end template"], rows)
+    top_rows = []
+    if data["examples"]:
+        example = data["examples"][0]
+        for entry in example.get("heads", []):
+            tokens = ", ".join(f"{t['token']!r}@{t['position']} ({t['region']}) {t['weight']:.2f}"
+                               for t in entry.get("top", [])[:5])
+            top_rows.append([f"L{entry['layer']}.H{entry['head']}", text_block(tokens, NOTE_CHARS)])
+    parts = [figure, mass]
+    if top_rows:
+        parts += [heading(f"Most attended tokens, example {data['examples'][0].get('id')} (first 5 of "
+                          f"{data['top']})"), table(["head", "token@position (region) weight"], top_rows)]
+    summary = {"n_examples": len(data["examples"]), "heads": data["mass_mean"],
+               "heatmap_example": heatmap["id"] if heatmap else None}
+    return join(*parts, ctx.sources_of("patterns.json")), summary
+
+
+def render_direction(ctx: Context) -> Rendered:
+    data = ctx.get("directions.json")
+    _require(data["layers"], f"{ctx.rel(ctx.path('directions.json'))} holds no layer")
+    curves = ctx.artifacts.data.get("curves.json")
+    direction_curves = ctx.get("direction_curves.json") if "direction_curves.json" in ctx.artifacts.paths else None
+    if direction_curves is not None and ctx.path("direction_curves.json").parent != ctx.path("curves.json").parent:
+        direction_curves = None  # overlay only the two curves of one trace run
+    cosines = {name: layer["cosine_to_prober"] for name, layer in data["layers"].items()}
+    figure = ctx.figure(plotting.plot_direction(curves, direction_curves, cosines, data["prober_layer"]),
+                        "difference-in-means direction vs prober",
+                        ("Left: per group, the prober's mean refusal score (solid) and the mean standardised "
+                         "projection on the difference-in-means direction (dashed, right axis) over normalised "
+                         "positions. " if direction_curves else "")
+                        + "Right: cosine between each layer's difference-in-means direction and the prober's weight.")
+    rows = [[name, layer["norm"], layer["cosine_to_prober"], layer["accuracy"], layer["refused_mean"],
+             layer["complied_mean"]] for name, layer in data["layers"].items()]
+    body = table(["layer", "|refused mean − complied mean|", "cosine to the prober",
+                  "classes separated by the projection", "refusals (std units)", "compliances (std units)"], rows)
+    intro = paragraph(f"Difference of the mean last-token activations of {data['n_refused']} refusals to harmful "
+                      f"prompts and {data['n_complied']} compliant answers to harmless prompts (the prober's data).")
+    summary: dict = {"prober_layer": data["prober_layer"], "n_refused": data["n_refused"],
+                     "n_complied": data["n_complied"], "layers": data["layers"]}
+    if direction_curves:
+        summary["curves"] = {group: _curve_stats(curve) for group, curve in direction_curves.items()}
+    return join(intro, figure, body, ctx.sources_of("directions.json", *(("direction_curves.json",)
+                                                                          if direction_curves else ()))), summary
 
 
 def _ms_of(rows: Sequence[Mapping[str, Any]]) -> list[float]:
@@ -554,7 +630,11 @@ SECTIONS: tuple[Section, ...] = (
             render_plateau, "fig_plateau.png"),
     Section("clipping", "Thinking clipping (Figure 5, third and fourth columns)", ("clipping.json",),
             render_clipping, "fig_clipping.png"),
+    Section("direction", "Difference-in-means direction beside the prober", ("directions.json",), render_direction,
+            "fig_direction.png"),
     Section("heads", "Attention-head contributions (Figure 6)", ("heads.json",), render_heads, "fig_heads.png"),
+    Section("patterns", "Where the top suppression heads look at t_cliff", ("patterns.json",), render_patterns,
+            "fig_patterns.png"),
     Section("ablation", "Ablating refusal-suppression heads (Figure 8)", ("ablation.json",), render_ablation,
             "fig_ablation.png"),
     Section("components", "What makes the cliff: heads, MLPs and embeddings across the end template",
