@@ -102,6 +102,11 @@ def _make_run(root: Path) -> Path:
     for rank, head in enumerate(heads):
         head["rank"] = rank
     _write_json(root / "heads" / "heads.json", heads)
+    _write_json(root / "components" / "components.json", _components_summary())
+    _write_json(root / "components_ablate" / "component_ablation.json", [
+        {"condition": name, "components": specs, "gamma": 0.0, "final_score_mean": 0.4, "asr": asr,
+         "benign_refusal_rate": None, "n_harmful": 6, "n_benign": 0}
+        for name, specs, asr in (("unablated", [], 0.2), ("top 2 MLPs", ["mlp:2", "mlp:1"], 0.5))])
     _write_json(root / "ablate" / "ablation.json", [
         {"threshold": t, "heads": [[2, 1]] * int(100 * t), "gamma": 0.0, "renormalize": False,
          "final_score_mean": 0.1 + 3 * t, "asr": 0.6 - 5 * t, "benign_refusal_rate": 0.05 + t,
@@ -141,6 +146,22 @@ def _make_selection(folder: Path) -> None:
 def run_dir(tmp_path: Path) -> Path:
     return _make_run(tmp_path / "run")
 
+
+
+def _components_summary() -> dict:
+    """A components.json from random terms (3 layers of 4 heads, 3 examples, 4 positions)."""
+    import torch
+
+    from refusal_cliff.components import ComponentTerms, summarize
+
+    generator = torch.Generator().manual_seed(0)
+    terms = ComponentTerms(head=torch.randn(3, 4, 3, 4, generator=generator),
+                           o_proj_bias=torch.zeros(3, 4, 3), mlp=torch.randn(3, 4, 3, generator=generator),
+                           embedding=torch.randn(3, 4, generator=generator), logit=torch.zeros(3, 4),
+                           prober_bias=0.1, n_end=torch.tensor([3, 3, 3]))
+    terms.logit = terms.total()
+    return {"model": "org/tiny-reasoner", "group": "harmful_complied", "final_norm_applied": False,
+            "position_labels": ["(last thinking token)", "\\n", "</think>", "\\n\\n"], **summarize(terms, 2)}
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> tuple[Path, Path]:
