@@ -126,7 +126,7 @@ class GenerationConfig(Config):
     system_prompt: str | None = option(None, "Optional system message.", type=str)
     temperature: float = option(0.0, "0 = greedy decoding.", min=0.0)
     top_p: float = option(1.0, "Nucleus sampling (with --temperature > 0).", min=0.0, max=1.0)
-    seed: int = option(0, "Sampling seed (per batch: seed + hash of its first id).")
+    seed: int = option(0, "Sampling seed (per example: seed + hash of its id; the answer uses seed + 1).")
     end_template: str | None = option(None, "Override the thinking-end template (default: read from the chat "
                                             "template, else '\\n</think>\\n\\n'); escapes such as \\n are read.",
                                       type=str, convert=_unescape)

@@ -11,8 +11,9 @@ sequence will hold:
 
 Models without a thinking mode (e.g. the embedded SmolLM2) run the same way in
 "reasoning mode": the prompt opens a thinking block and the end template is
-appended after the budget. The backend is an interface (`complete`); a vLLM
-backend can implement it later.
+appended after the budget. The backend is an interface (`complete`): `HFBackend` here,
+`vllm_backend.VLLMBackend` for vLLM. Sampling is seeded per example (`example_seed`), so a
+resumed sampled run equals an uninterrupted one whatever the batches.
 """
 
 from __future__ import annotations
@@ -43,8 +44,66 @@ class Completion:
 
 class GenerationBackend(Protocol):
     def complete(self, texts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[Completion]:
-        """Continue each text; stop at EOS, a stop string, or after max_new_tokens."""
+                 temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | Sequence[int] = 0) -> list[Completion]:
+        """Continue each text; stop at EOS, a stop string, or after max_new_tokens.
+
+        `seed`: one sampling seed per text (`example_seed` of its id), so that a text's sample does
+        not depend on the batch it is in; a single int gives text i the seed `seed + i`.
+        """
+
+
+def example_seed(seed: int, example_id: str) -> int:
+    """The sampling seed of one example: the run's seed plus a hash of the example's id.
+
+    Every backend samples each example from its own generator seeded with this, so a resumed run
+    (other batches, other batch size) samples every example exactly as an uninterrupted one.
+    """
+    return (seed + int(hashlib.sha256(str(example_id).encode()).hexdigest()[:8], 16)) % (2**63)
+
+
+def row_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per text: a sequence is taken as it is (it must have n seeds); an int gives seed + i."""
+    if isinstance(seed, int):
+        return [(seed + index) % (2**63) for index in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} texts")
+    return seeds
+
+
+class PerExampleSampler:
+    """A logits processor that samples each row from its own seeded generator (temperature, top-p).
+
+    `model.generate` samples a whole batch from the global RNG, so a row's sample depends on the
+    other rows of its batch. Run with `do_sample=False`, this processor draws one uniform number
+    per row and step from the row's generator, picks the token by inverse CDF over the vocabulary
+    in id order (float64; float noise of batching moves the boundaries by ~1e-7, not the order),
+    and leaves only that token possible, which greedy decoding then takes.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float = 1.0):
+        if temperature <= 0:
+            raise ValueError("PerExampleSampler samples; use greedy decoding for temperature 0")
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.double() / self.temperature, dim=-1)  # [batch, vocab]
+        if self.top_p < 1.0:  # the smallest set of most likely tokens holding top_p of the mass
+            ordered = probs.sort(dim=-1, descending=True, stable=True).values
+            before = ordered.cumsum(dim=-1) - ordered  # mass of the more likely tokens
+            kept = torch.where(before < self.top_p, ordered, torch.full_like(ordered, 2.0))
+            threshold = kept.min(dim=-1, keepdim=True).values  # [batch, 1]
+            probs = torch.where(probs >= threshold, probs, torch.zeros_like(probs))
+        cumulative = probs.cumsum(dim=-1)  # [batch, vocab]
+        uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        target = uniform.to(cumulative.device).unsqueeze(-1) * cumulative[:, -1:]  # [batch, 1]
+        token = torch.searchsorted(cumulative, target, right=True)  # [batch, 1]
+        token = token.clamp(max=probs.shape[-1] - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(-1, token, 0.0)
 
 
 class StopOnText:
@@ -94,13 +153,14 @@ class HFBackend:
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
-            do_sample=temperature > 0,
         )
+        # greedy decoding; with temperature > 0 each row is sampled from its own seed (PerExampleSampler)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if temperature > 0:
-            torch.manual_seed(seed)
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+            from transformers import LogitsProcessorList
+
+            sampler = PerExampleSampler(row_seeds(seed, len(texts)), temperature, top_p)
+            kwargs.update(logits_processor=LogitsProcessorList([sampler]))
         if stop_strings:
             from transformers import StoppingCriteriaList
 
@@ -128,10 +188,6 @@ class HFBackend:
                     break
             completions.append(Completion(text, len(ids), finish))
         return completions
-
-
-def _batch_seed(seed: int, first_id: str) -> int:
-    return seed + int(hashlib.sha256(first_id.encode()).hexdigest()[:8], 16)
 
 
 def check_lengths(loaded, prompts: Sequence[dict], texts: Sequence[str], config: GenerationConfig) -> None:
@@ -162,8 +218,9 @@ def generate_answers(loaded, records: Sequence[dict], config: GenerationConfig,
     for start in range(0, len(records), config.batch_size):
         chunk = records[start : start + config.batch_size]
         texts = [r["generation_prompt"] + r["thinking"] + r["end_template"] for r in chunk]
+        seeds = [example_seed(config.seed + 1, str(r["id"])) for r in chunk]
         answers = backend.complete(texts, config.max_answer_tokens, (), config.temperature, config.top_p,
-                                   _batch_seed(config.seed + 1, str(chunk[0]["id"])))
+                                   seeds)
         for record, answer in zip(chunk, answers):
             out.append({**record, "answer": answer.text.strip(), "answer_tokens": answer.n_tokens})
     return out
@@ -190,10 +247,10 @@ def generate_records(loaded, prompts: Sequence[dict], config: GenerationConfig,
     try:
         for start in range(0, len(order), config.batch_size):
             indices = order[start : start + config.batch_size]
-            seed = _batch_seed(config.seed, str(prompts[indices[0]]["id"]))
+            seeds = [example_seed(config.seed, str(prompts[i]["id"])) for i in indices]
             batch_texts = [texts[i] for i in indices]
             thoughts = backend.complete(batch_texts, config.max_thinking_tokens, [template.end_marker],
-                                        config.temperature, config.top_p, seed)
+                                        config.temperature, config.top_p, seeds)
             partial = []
             for i, thought in zip(indices, thoughts):
                 thinking_end = {"stop": "marker", "eos": "eos", "length": "budget"}[thought.finish]
