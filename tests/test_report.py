@@ -112,6 +112,10 @@ def _make_run(root: Path) -> Path:
          "final_score_mean": 0.1 + 3 * t, "asr": 0.6 - 5 * t, "benign_refusal_rate": 0.05 + t,
          "n_harmful": 20, "n_benign": 10} for t in (0.0, 0.01, 0.03, 0.1)
     ])
+    _write_json(root / "guard" / "guard.json", [
+        {"tau": tau, "rule": "ms", "action": "ablate", "asr": asr, "benign_refusal_rate": benign,
+         "flag_rate_harmful": flagged, "flag_rate_benign": flagged / 2, "n": 30, "n_harmful": 20, "n_benign": 10}
+        for tau, asr, benign, flagged in ((None, 0.6, 0.05, 0.0), (0.1, 0.3, 0.1, 0.8), (0.3, 0.45, 0.05, 0.4))])
     _write_json(root / "repair" / "evaluation.json", {
         "models": [
             {"model": "org/tiny-reasoner", "asr": 0.38, "over_refusal": 0.02, "final_score_mean": 0.1,
@@ -266,13 +270,14 @@ def test_empty_folder_lists_every_section_as_skipped(tmp_path: Path):
 
 def test_partial_run_skips_only_missing_sections(run_dir: Path):
     for name in ("ablate/ablation.json", "probe/prober.json", "heads/heads.json", "repair/evaluation.json",
-                 "trace/layerwise.json", "trace/clipping.json", "repair/select/scores.jsonl"):
+                 "trace/layerwise.json", "trace/clipping.json", "repair/select/scores.jsonl",
+                 "guard/guard.json"):
         (run_dir / name).unlink()
     (run_dir / "fig_ablation.png").write_bytes(b"stale")
     rep.render_report(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["skipped"]) == {"ablation", "prober", "heads", "evaluation", "layerwise", "clipping",
-                                       "selection"}
+                                       "selection", "guard"}
     assert "scores.jsonl" in summary["skipped"]["selection"]
     assert summary["sections"] == ["notes", "traces", "cliff", "examples", "plateau"]
     assert not (run_dir / "fig_ablation.png").exists()  # a stale figure is not left behind
