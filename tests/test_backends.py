@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -65,7 +69,7 @@ def test_resumed_sampled_generate_equals_uninterrupted_byte_for_byte(tiny_loaded
 
     calls = {"n": 0}
     original = HFBackend.complete
-    fail_at = 2 * math.ceil(6 / batch_size) + 1  # two calls a batch (thinking, answer): stop after >= 6 records
+    fail_at = 2 * math.ceil(6 / batch_size) + 1  # 2 calls a batch (thinking, answer): >= 6 records
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
@@ -85,3 +89,157 @@ def test_resumed_sampled_generate_equals_uninterrupted_byte_for_byte(tiny_loaded
     run_generate(tiny_loaded, PROMPTS, config, tmp_path / "resumed", progress=False)
     assert target.read_bytes() == whole.read_bytes()
     assert [json.loads(line)["id"] for line in whole.read_text().splitlines()] == [p["id"] for p in PROMPTS]
+
+
+# -- the vLLM backend's request mapping (a fake engine; vLLM itself is only on GPU hosts) -----------------
+
+
+class FakeVLLM:
+    """vLLM's `LLM.generate(prompts, sampling_params)`: returns planted outputs, records the requests."""
+
+    def __init__(self, planted):
+        self.planted = planted  # one (text, token_ids, finish_reason, stop_reason) per request
+        self.requests = []
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        self.requests.append((prompts, sampling_params))
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=ids, finish_reason=finish,
+                                                         stop_reason=stop)])
+                for text, ids, finish, stop in self.planted[:len(prompts)]]
+
+
+@pytest.fixture
+def meta_loaded(smol_tokenizer):
+    """A LoadedModel whose weights are on the meta device, as `generate --backend vllm` loads it."""
+    import torch
+
+    with torch.device("meta"):
+        model = make_tiny_model("LlamaForCausalLM")
+    return LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny", None, "local")
+
+
+def test_vllm_requests_carry_budget_stop_string_and_per_example_seeds(meta_loaded):
+    from refusal_cliff.backends import VLLMBackend
+
+    eos = meta_loaded.tokenizer.eos_token_id
+    engine = FakeVLLM([("a thought\n</think>", [5, 6, 7], "stop", "</think>"),
+                       ("short", [8, eos], "stop", None),
+                       ("x" * 9, [9] * 4, "length", None)])
+    backend = VLLMBackend(meta_loaded, engine=engine)
+    texts = ["<|im_start|>user\nhi<|im_end|>\n<think>\n", "b", "c"]
+    seeds = [example_seed(0, i) for i in ("p0", "p1", "p2")]
+    completions = backend.complete(texts, 4, ["</think>"], 0.7, 0.9, seeds)
+    prompts, params = engine.requests[0]
+    # the HF tokenisation of each text, without added special tokens: the same sequence HFBackend continues
+    expected = meta_loaded.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    assert prompts[0]["prompt_token_ids"] == expected
+    assert [p.max_tokens for p in params] == [4, 4, 4]
+    assert all(p.stop == ["</think>"] and p.include_stop_str_in_output for p in params)
+    assert [p.seed for p in params] == seeds
+    assert all(p.temperature == 0.7 and p.top_p == 0.9 and eos in p.stop_token_ids for p in params)
+    assert [c.finish for c in completions] == ["stop", "eos", "length"]
+    assert completions[0].text == "a thought\n</think>"
+    assert [c.n_tokens for c in completions] == [3, 1, 4]  # the EOS id is not counted, as in HFBackend
+    greedy = backend.sampling_params(2, 8, (), 0.0, 0.5, [1, 2])
+    assert all(p.temperature == 0.0 and p.seed is None and p.stop == [] for p in greedy)
+
+
+def test_vllm_finish_reasons_become_thinking_end(meta_loaded):
+    from refusal_cliff.backends import VLLMBackend
+
+    eos = meta_loaded.tokenizer.eos_token_id
+    planted = [("I think\n</think>", [1, 2], "stop", "</think>"), ("I stop", [3, eos], "stop", None),
+               ("and on and on", [4, 5, 6, 7], "length", None)]
+
+    class Engine(FakeVLLM):  # thinking requests get the planted thoughts, answers a fixed reply
+        def generate(self, prompts, sampling_params=None, use_tqdm=True):
+            if sampling_params[0].stop:
+                return super().generate(prompts, sampling_params, use_tqdm)
+            self.requests.append((prompts, sampling_params))
+            answer = SimpleNamespace(text=" Sure.", token_ids=[9, eos], finish_reason="stop",
+                                     stop_reason=None)
+            return [SimpleNamespace(outputs=[answer]) for _ in prompts]
+
+    engine = Engine(planted)
+    config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3, batch_size=8, temperature=0.7)
+    records = {r["id"]: r for r in generate_records(meta_loaded, PROMPTS[:3], config,
+                                                    backend=VLLMBackend(meta_loaded, engine=engine),
+                                                    progress=False)}
+    tokenize = lambda text: tuple(meta_loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    by_tokens = {tokenize(r["generation_prompt"]): key for key, r in records.items()}
+    order = [by_tokens[tuple(prompt["prompt_token_ids"])] for prompt in engine.requests[0][0]]  # as requested
+    ends = [records[i]["thinking_end"] for i in order]
+    assert ends == ["marker", "eos", "budget"]
+    assert [records[i]["thinking_clipped"] for i in order] == [False, False, True]
+    assert records[order[0]]["thinking"] == "I think"
+    assert [p.seed for p in engine.requests[0][1]] == [example_seed(0, i) for i in order]
+    assert [p.seed for p in engine.requests[1][1]] == [example_seed(1, i) for i in order]  # answers: seed + 1
+    assert all(records[i]["answer"] == "Sure." and records[i]["answer_tokens"] == 1 for i in order)
+
+
+def test_vllm_backend_records_itself_in_metadata(meta_loaded, tmp_path, monkeypatch):
+    from refusal_cliff import backends
+    from refusal_cliff.config import BackendConfig
+
+    engine = FakeVLLM([("t\n</think>", [1, 2], "stop", "</think>")] * 4)
+    monkeypatch.setattr(backends.VLLMBackend, "engine", property(lambda self: engine))
+    fake_info = lambda config: {"name": config.backend, "version": "0.0-fake"}
+    monkeypatch.setattr(backends, "backend_info", fake_info)
+    config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3)
+    run_generate(meta_loaded, PROMPTS[:2], config, tmp_path, backend=BackendConfig(backend="vllm"))
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    assert metadata["backend"] == {"name": "vllm", "version": "0.0-fake"}
+    assert metadata["config"]["backend"] == "vllm"
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(_vllm_installed(), reason="vLLM is installed: the missing-extra message cannot be shown")
+def test_backend_vllm_without_vllm_is_one_line_exit_2(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nhello\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "generations.jsonl").write_text("kept\n")
+    result = subprocess.run([sys.executable, "-m", "refusal_cliff.cli", "generate", "--model",
+                             str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+                             "--backend", "vllm"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "pip install 'refusal-cliff[vllm]'" in result.stderr
+    assert (out / "generations.jsonl").read_text() == "kept\n" and not (out / "metadata.json").exists()
+
+
+def test_vllm_settings_without_backend_vllm_are_refused():
+    from refusal_cliff.config import BackendConfig
+    from refusal_cliff.errors import UserError
+
+    with pytest.raises(UserError, match="--backend vllm"):
+        BackendConfig(tensor_parallel_size=2).validate()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _vllm_installed(), reason="vLLM is not installed (pip install 'refusal-cliff[vllm]')")
+def test_vllm_generate_on_a_gpu_matches_the_record_format(tmp_path):
+    from refusal_cliff.backends import load_tokenizer_side
+    from refusal_cliff.config import BackendConfig, ModelConfig
+
+    loaded = load_tokenizer_side(ModelConfig(model="default", dtype="bfloat16"))
+    config = GenerationConfig(max_thinking_tokens=32, max_answer_tokens=16, batch_size=4)
+    target = run_generate(loaded, PROMPTS[:4], config, tmp_path, progress=False,
+                          backend=BackendConfig(backend="vllm", gpu_memory_utilization=0.3))
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS[:4]]
+    assert all(r["thinking_tokens"] <= 32 and r["answer_tokens"] <= 16 for r in records)
+    assert json.loads((tmp_path / "metadata.json").read_text())["backend"]["name"] == "vllm"

@@ -141,6 +141,45 @@ class GenerationConfig(Config):
 
 
 @dataclass
+class BackendConfig(Config):
+    """Which engine generates text (`backends.py`): HF `generate` in this process, or vLLM's offline engine."""
+
+    backend: str = option("hf", "hf: transformers generate; vllm: the vLLM offline engine (needs the `vllm` "
+                                "extra and a GPU), prefix caching on.", choices=("hf", "vllm"))
+    tensor_parallel_size: int = option(1, "vLLM: GPUs one model is split over.", min=1)
+    gpu_memory_utilization: float = option(0.9, "vLLM: fraction of each GPU's memory the engine may take.",
+                                           min=0.05, max=1.0)
+    max_model_len: int | None = option(None, "vLLM: longest sequence in tokens (default: the model's context).",
+                                       type=int, min=16)
+
+    def validate(self) -> None:
+        if self.backend == "hf" and (self.tensor_parallel_size != 1 or self.max_model_len is not None):
+            raise UserError("--tensor-parallel-size and --max-model-len are vLLM settings: add --backend vllm")
+
+
+@dataclass
+class ExecutorConfig(Config):
+    """Where the forward-only stages run their forward passes (`executors.py`)."""
+
+    executor: str = option("local", "local: this process; ray: a Ray Data pipeline over --workers workers, each "
+                                    "loading the model once (needs the `ray` extra).", choices=("local", "ray"))
+    workers: int = option(2, "Ray workers (model replicas).", min=1)
+    ray_address: str | None = option(None, "Ray cluster to join (host:port or ray://host:port; 'auto' = the one "
+                                           "on this machine). Default: start a local cluster.", type=str)
+    gpus_per_worker: float = option(0.0, "GPUs per Ray worker (0: CPU workers, one torch thread each).", min=0.0)
+    shard_size: int | None = option(None, "Examples per shard file (the unit of resumption under Ray; default: "
+                                          "the stage's own chunk).", type=int, min=1)
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker must be 0 (CPU) or more, got {self.gpus_per_worker:g}")
+        if self.executor == "local" and (self.ray_address or self.gpus_per_worker):
+            raise UserError("--ray-address and --gpus-per-worker are Ray settings: add --executor ray")
+
+
+@dataclass
 class LabelConfig(Config):
     """Refusal labelling of answers."""
 

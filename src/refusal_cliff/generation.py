@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
@@ -278,11 +279,15 @@ def prompts_digest(prompts: Sequence[dict]) -> str:
 
 
 def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_dir: str | Path,
-                 overwrite: bool = False, progress: bool = True, source: str | None = None) -> Path:
+                 overwrite: bool = False, progress: bool = True, source: str | None = None,
+                 backend=None) -> Path:
     """The `generate` stage: writes `generations.jsonl` + `metadata.json`, resuming a killed run.
 
-    Returns the path of generations.jsonl.
+    `backend`: a `config.BackendConfig` (default: HF generate in this process); metadata.json records
+    the backend and its version. Returns the path of generations.jsonl.
     """
+    from .backends import backend_info, make_backend
+
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
@@ -292,6 +297,8 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
         "n_prompts": len(prompts),
         **config.to_dict(),
     }
+    if backend is not None and backend.backend != "hf":  # only then, so that earlier runs keep their fingerprint
+        stage_config["backend"] = backend.backend
     template = detect_thinking_template(loaded.tokenizer, config.start_marker, config.end_marker,
                                         config.end_template)
     texts = [generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts]
@@ -299,16 +306,24 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
     run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite,
                     artifacts=["generations.jsonl", "labels.jsonl", "metadata.label.json"])
     target = run.path("generations.jsonl")
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
+                   extra={"backend": backend_info(backend)}):
         done = completed_ids(target) if run.resumed else set()
         pending = [p for p in prompts if str(p["id"]) not in done]
         if done:
             logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
+        started, n_tokens = time.perf_counter(), 0
+        engine = make_backend(loaded, backend) if pending else None
         with JsonlWriter(target) as writer:
-            for record in generate_records(loaded, pending, config, template, progress=progress):
+            for record in generate_records(loaded, pending, config, template, engine, progress=progress):
                 writer.write(record)
+                n_tokens += record["thinking_tokens"] + record["answer_tokens"]
         # written as batches finished (longest prompts first); once complete, put them in prompt order
         order = {str(p["id"]): index for index, p in enumerate(prompts)}
         write_jsonl(target, sorted(read_jsonl(target), key=lambda r: order.get(str(r["id"]), len(order))))
-        run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts)})
+        seconds = time.perf_counter() - started
+        run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts),
+                    "throughput": {"examples": len(pending), "generated_tokens": n_tokens,
+                                   "seconds": round(seconds, 3),
+                                   "tokens_per_second": round(n_tokens / seconds, 2) if n_tokens else None}})
     return target

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import GenerationConfig, ModelConfig
+from ..config import BackendConfig, GenerationConfig, ModelConfig
 from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
                       overwrite_option, resolve)
 
@@ -16,17 +16,22 @@ from .options import (config_file_option, config_options, load_model_from, model
 @click.option("--column", default=None, help="Prompt column (detected among prompt, goal, instruction, ...).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N prompts.")
 @config_options(GenerationConfig)
+@config_options(BackendConfig)
 @config_file_option
 @out_option
 @overwrite_option
 def generate_command(prompts, column, limit, out, overwrite, config_file, **options):
     """Generate thinking and answers; writes OUT/generations.jsonl (resumes if interrupted)."""
+    from ..backends import check_backend, load_tokenizer_side
     from ..data import load_prompts
     from ..generation import run_generate
 
     config = resolve(GenerationConfig, options)
     model = resolve(ModelConfig, options)
+    backend = resolve(BackendConfig, options)
+    check_backend(backend)  # the extra is there, before anything is loaded
     prompt_set = load_prompts(prompts, column=column, limit=limit)
-    loaded = load_model_from(model)
-    path = run_generate(loaded, prompt_set, config, out, overwrite=overwrite, source=prompts)
+    # with vLLM only the tokenizer is loaded here (the weights are vLLM's): the GPU is the engine's
+    loaded = load_tokenizer_side(model) if backend.backend == "vllm" else load_model_from(model)
+    path = run_generate(loaded, prompt_set, config, out, overwrite=overwrite, source=prompts, backend=backend)
     click.echo(f"wrote {path} ({len(prompt_set)} examples)")

@@ -1,0 +1,216 @@
+"""Generation backends behind `--backend hf|vllm`: the choice, its checks, and the vLLM backend.
+
+`generation.HFBackend` runs `model.generate` in this process. `VLLMBackend` implements the same
+`GenerationBackend.complete` with vLLM's offline engine (`vllm.LLM`), which is what makes the paper's
+40k candidates × ~1k thinking tokens a matter of hours: continuous batching, paged KV cache, and
+prefix caching, so the answer phase's second read of prompt + thinking costs no prefill.
+
+Both backends see the same inputs and give the same outputs:
+- every prompt is tokenised here with the HF tokenizer (no special tokens added) and handed to the
+  engine as token ids, so both backends continue exactly the same sequence;
+- each request gets its own seed (`generation.example_seed` of the example id), so sampled text
+  does not depend on how requests were batched;
+- the thinking-end marker is a stop string kept in the output; a finish by stop string, EOS or
+  budget maps to `Completion.finish` "stop" / "eos" / "length" (hence `thinking_end`);
+- `n_tokens` counts the generated ids (the HF tokenizer's vocabulary), without the final EOS.
+
+vLLM is an optional extra, imported only here and only when asked for (`check_backend` fails with
+the extra to install before any model is loaded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import BackendConfig
+from .errors import MissingExtraError, UserError
+from .generation import Completion, HFBackend, row_seeds
+
+logger = logging.getLogger(__name__)
+
+
+def check_backend(config: BackendConfig) -> None:
+    """Fail before any model is loaded when the backend's extra is missing."""
+    if config.backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("vllm", "vllm") from None
+
+
+def backend_info(config: BackendConfig | None) -> dict:
+    """What `metadata.json` records about the backend: its name, version and engine settings."""
+    import importlib.metadata
+
+    config = config or BackendConfig()
+    package = "vllm" if config.backend == "vllm" else "transformers"
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    info: dict[str, Any] = {"name": config.backend, "package": package, "version": version}
+    if config.backend == "vllm":
+        info.update(tensor_parallel_size=config.tensor_parallel_size,
+                    gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
+                    prefix_caching=True)
+    return info
+
+
+def make_backend(loaded, config: BackendConfig | None = None, engine=None):
+    """The `GenerationBackend` a BackendConfig names, for this model (`engine`: a vLLM engine to reuse)."""
+    config = config or BackendConfig()
+    if config.backend == "vllm":
+        return VLLMBackend(loaded, config, engine=engine)
+    return HFBackend(loaded)
+
+
+def engine_model_path(loaded) -> str:
+    """What vLLM loads for this model: the folder or hub id transformers loaded from."""
+    if loaded.source == "embedded":
+        from .models import embedded_checkpoint
+
+        return str(embedded_checkpoint())
+    if loaded.source == "gguf":
+        raise UserError("--backend vllm needs a model folder or a hub id, not a .gguf file: save the model "
+                        "with transformers (save_pretrained) and pass that folder")
+    return str(loaded.model_id)
+
+
+def _eos_ids(loaded) -> list[int]:
+    eos = {loaded.tokenizer.eos_token_id}
+    config_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        eos.add(config_eos)
+    elif config_eos:
+        eos.update(config_eos)
+    return sorted(i for i in eos if i is not None)
+
+
+class VLLMBackend:
+    """`GenerationBackend.complete` on vLLM's offline engine, one `SamplingParams` per request.
+
+    Args:
+        loaded: the `LoadedModel` (its tokenizer tokenises the prompts; its weights are not used, so
+            it may live on the meta device: `load_tokenizer_side`).
+        config: engine settings (tensor parallel size, memory fraction, context length).
+        engine: an object with vLLM's `generate(prompts, sampling_params)`; default: a `vllm.LLM`.
+    """
+
+    def __init__(self, loaded, config: BackendConfig | None = None, engine=None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.config = config or BackendConfig(backend="vllm")
+        self.eos_ids = _eos_ids(loaded)
+        self._engine = engine
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            check_backend(self.config)
+            import vllm
+
+            dtype = str(next(self.loaded.model.parameters()).dtype).replace("torch.", "")
+            kwargs: dict[str, Any] = dict(
+                model=engine_model_path(self.loaded), tokenizer=engine_model_path(self.loaded),
+                revision=self.loaded.revision if self.loaded.source == "hub" else None, dtype=dtype,
+                tensor_parallel_size=self.config.tensor_parallel_size,
+                gpu_memory_utilization=self.config.gpu_memory_utilization, enable_prefix_caching=True, seed=0,
+            )
+            if self.config.max_model_len:
+                kwargs["max_model_len"] = self.config.max_model_len
+            logger.info("starting vLLM %s on %s", vllm.__version__, kwargs["model"])
+            self._engine = vllm.LLM(**kwargs)
+        return self._engine
+
+    def sampling_params(self, n: int, max_new_tokens: int, stop_strings: Sequence[str], temperature: float,
+                        top_p: float, seed: int | Sequence[int]) -> list:
+        """One `vllm.SamplingParams` per request (a plain namespace when vLLM is not installed, for tests)."""
+        try:
+            from vllm import SamplingParams
+        except ImportError:  # the mapping is the same; only the container differs
+            from types import SimpleNamespace as SamplingParams  # type: ignore[assignment]
+        sampled = temperature > 0
+        return [SamplingParams(
+            max_tokens=max_new_tokens, stop=list(stop_strings), include_stop_str_in_output=True,
+            stop_token_ids=list(self.eos_ids), temperature=float(temperature) if sampled else 0.0,
+            top_p=float(top_p) if sampled else 1.0, seed=request_seed if sampled else None,
+            skip_special_tokens=False, spaces_between_special_tokens=False,
+        ) for request_seed in row_seeds(seed, n)]
+
+    def complete(self, texts, max_new_tokens, stop_strings=(), temperature=0.0, top_p=1.0, seed=0):
+        if max_new_tokens <= 0:
+            return [Completion("", 0, "length") for _ in texts]
+        prompts = [{"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]}
+                   for text in texts]
+        params = self.sampling_params(len(prompts), max_new_tokens, stop_strings, temperature, top_p, seed)
+        outputs = self.engine.generate(prompts, params, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return [self._completion(output.outputs[0], stop_strings) for output in outputs]
+
+    def _completion(self, output, stop_strings: Sequence[str]) -> Completion:
+        """vLLM's CompletionOutput -> Completion (finish "stop" / "eos" / "length", as HFBackend)."""
+        ids = list(output.token_ids)
+        text = output.text
+        if output.finish_reason == "length":
+            finish = "length"
+        elif isinstance(output.stop_reason, str) and output.stop_reason in stop_strings:
+            finish = "stop"
+            text = text.split(output.stop_reason, 1)[0] + output.stop_reason
+        else:  # EOS (stop_reason None) or one of the EOS ids given as stop_token_ids
+            finish = "eos"
+            if ids and ids[-1] in self.eos_ids:
+                ids = ids[:-1]
+        for stop in stop_strings:  # a stop string inside text that ran to EOS or the budget
+            if finish != "stop" and stop in text:
+                finish, text = "stop", text.split(stop, 1)[0] + stop
+                break
+        return Completion(text, len(ids), finish)
+
+
+def load_tokenizer_side(model_config):
+    """A `LoadedModel` for a run whose text comes from vLLM: the real tokenizer and config, and the model's
+    modules on the meta device (no weights in memory), so vLLM has the GPU to itself."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architectures import get_adapter
+    from .models import (
+        DEFAULT_MODEL,
+        EMBEDDED_NAME,
+        LoadedModel,
+        embedded_checkpoint,
+        load_tokenizer,
+        resolve_dtype,
+    )
+
+    name = model_config.model or DEFAULT_MODEL
+    if name.endswith(".gguf"):
+        raise UserError("--backend vllm needs a model folder or a hub id, not a .gguf file")
+    embedded = name in (DEFAULT_MODEL, EMBEDDED_NAME)
+    location = str(embedded_checkpoint()) if embedded else name
+    tokenizer = load_tokenizer(name, model_config.revision, model_config.trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{name} has no chat template; use an instruct/reasoning model")
+    try:
+        config = AutoConfig.from_pretrained(location, revision=None if embedded else model_config.revision,
+                                            trust_remote_code=model_config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read the config of {name!r} ({type(exc).__name__})") from None
+    # vLLM runs in bf16 unless told otherwise (the HF default on a GPU); recorded in the stage config
+    auto = model_config.dtype in (None, "auto")
+    dtype = torch.bfloat16 if auto else resolve_dtype(model_config.dtype, "cpu")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=model_config.trust_remote_code)
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    source = "embedded" if embedded else ("local" if Path(name).expanduser().exists() else "hub")
+    model_id = EMBEDDED_NAME if embedded else name
+    return LoadedModel(model, tokenizer, get_adapter(model), model_id, model_config.revision, source)
