@@ -164,7 +164,7 @@ def _records_with_given_thinking(loaded, candidates: Sequence[dict], config: Sco
     return generate_answers(loaded, partial, settings)
 
 
-def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[dict]:
+def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig, backend=None) -> list[dict]:
     from .generation import generate_records
 
     given = [c for c in candidates if "thinking" in c]
@@ -172,7 +172,7 @@ def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig) -> list[d
     records = _records_with_given_thinking(loaded, given, config) if given else []
     if fresh:
         prompts = [{"id": c["id"], "prompt": c["prompt"]} for c in fresh]
-        records += list(generate_records(loaded, prompts, config.generation, progress=False))
+        records += list(generate_records(loaded, prompts, config.generation, backend=backend, progress=False))
     return records
 
 
@@ -203,6 +203,8 @@ def score_candidates(
     overwrite: bool = False,
     source: str | None = None,
     progress: bool = True,
+    backend=None,
+    executor=None,
 ) -> list[dict]:
     """Score candidates by their misalignment score, streamed to `out_dir` and resumable.
 
@@ -217,6 +219,10 @@ def score_candidates(
         prober: a loaded prober (`probe.load_prober`).
         candidates: from `load_candidates`.
         judge: optional `labeling.ModelJudge` for the judge baseline.
+        backend: a `config.BackendConfig`: what generates the thinking and answers (default HF).
+        executor: where the traces are scored (`executors.make_executor`; default this process). Under
+            Ray every pending candidate is generated first (in the same chunks), then all are scored
+            on the workers (`shards/score/`), and scores.jsonl is written in candidate order.
 
     Returns:
         The score rows of all candidates, in candidate order.
@@ -234,20 +240,33 @@ def score_candidates(
     }
     # a new scoring makes an earlier selection stale: it is replaced with the scores (and restored with
     # them if the new scoring fails)
+    if backend is not None and backend.backend != "hf":  # only then, so that earlier runs keep their fingerprint
+        stage_config["backend"] = backend.backend
     run = RunFolder(out_dir, "score", stage_config, overwrite=overwrite, artifacts=[
         "scores.jsonl", "generations.jsonl", "selection.jsonl", "metadata.select.json", "selections",
-        TRL_PROMPT_COMPLETION, TRL_MESSAGES, LLAMAFACTORY_ALPACA, LLAMAFACTORY_SHAREGPT, LLAMAFACTORY_INFO])
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed,
-                   extra={"prober": prober.summary()}):
-        _score_into(loaded, prober, candidates, run, config, judge, progress)
+        TRL_PROMPT_COMPLETION, TRL_MESSAGES, LLAMAFACTORY_ALPACA, LLAMAFACTORY_SHAREGPT, LLAMAFACTORY_INFO,
+        "shards"])
+    from .backends import backend_info, make_backend
+
+    extra = {"prober": prober.summary(), "backend": backend_info(backend)}
+    if executor is not None:
+        extra["executor"] = executor.info()
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed, extra=extra):
+        engine = make_backend(loaded, backend) if backend is not None and backend.backend != "hf" else None
+        _score_into(loaded, prober, candidates, run, config, judge, progress, engine, executor)
         run.finish({"n_candidates": len(candidates)})
     rows = {r["id"]: r for r in read_jsonl(run.path("scores.jsonl"))}
     return [rows[c["id"]] for c in candidates if c["id"] in rows]
 
 
 def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, config: ScoreConfig, judge,
-                progress: bool) -> None:
+                progress: bool, backend=None, executor=None) -> None:
     """Score the candidates not yet in `scores.jsonl`, reusing generations already written."""
+    if executor is not None and not executor.local:
+        from .executors import score_job
+
+        _score_distributed(loaded, prober, candidates, run, config, judge, progress, backend, executor, score_job)
+        return
     from tqdm.auto import tqdm
 
     from .labeling import KeywordLabeler
@@ -265,7 +284,7 @@ def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, conf
     with JsonlWriter(generations_path) as generation_writer, JsonlWriter(scores_path) as score_writer:
         for chunk in chunked(pending, config.chunk_size):
             missing = [c for c in chunk if c["id"] not in generated]
-            for record in _generate(loaded, missing, config) if missing else []:
+            for record in _generate(loaded, missing, config, backend) if missing else []:
                 generation_writer.write(record)
                 generated[record["id"]] = record
             records = [generated[c["id"]] for c in chunk]
@@ -281,6 +300,41 @@ def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, conf
             for candidate in chunk:  # memory stays bounded by one chunk, not by the candidate set
                 generated.pop(candidate["id"], None)
     bar.close()
+
+
+def _score_distributed(loaded, prober, candidates: Sequence[dict], run: RunFolder, config: ScoreConfig, judge,
+                       progress: bool, backend, executor, score_job) -> None:
+    """`_score_into` on a Ray executor: generate what is missing (same chunks, same generations.jsonl), then
+    score every candidate with `trace_scores` on the workers, and write scores.jsonl in candidate order."""
+    from .labeling import KeywordLabeler
+
+    scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
+    done = completed_ids(scores_path) if run.resumed else set()
+    generated = {r["id"]: r for r in read_jsonl(generations_path, repair=True)} if (
+        run.resumed and generations_path.exists()) else {}
+    pending = [c for c in candidates if c["id"] not in done]
+    with JsonlWriter(generations_path) as generation_writer:
+        for chunk in chunked(pending, config.chunk_size):
+            missing = [c for c in chunk if c["id"] not in generated]
+            for record in _generate(loaded, missing, config, backend) if missing else []:
+                generation_writer.write(record)
+                generated[record["id"]] = record
+    records = [generated[c["id"]] for c in candidates if c["id"] in generated]
+    labeler = KeywordLabeler()
+    shard_size = getattr(executor.config, "shard_size", None) or config.chunk_size
+    with JsonlWriter(scores_path) as score_writer:
+        rows = executor.run(loaded, score_job(prober, config), records, run.root, shard_size, skip=done,
+                            progress=progress)
+        for chunk in chunked(rows, config.chunk_size):
+            by_id = {row["id"]: generated[row["id"]] for row in chunk}
+            verdicts = judge.judge([(by_id[r["id"]]["prompt"], by_id[r["id"]].get("answer", "")) for r in chunk]) \
+                if judge else None
+            for index, row in enumerate(chunk):
+                refusal, _ = labeler.label(by_id[row["id"]].get("answer", ""), loaded.tokenizer)
+                row["refusal"] = refusal
+                row["unsafe"] = (verdicts[index] == "unsafe") if verdicts else None
+                score_writer.write(row)
+    executor.remove_shards(run.root, "score")
 
 
 # -- selection --------------------------------------------------------------------------
@@ -557,7 +611,7 @@ class SelectResult:
 
 def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, config=None,
                score_config: ScoreConfig | None = None, judge=None, overwrite: bool = False,
-               source: str | None = None, progress: bool = True) -> SelectResult:
+               source: str | None = None, progress: bool = True, backend=None, executor=None) -> SelectResult:
     """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports.
 
     Args:
@@ -579,7 +633,7 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
     seed = (score_config or ScoreConfig()).generation.seed
     out = Path(out_dir)
     scores = score_candidates(loaded, prober, candidates, out, score_config, judge=judge, overwrite=overwrite,
-                              source=source, progress=progress)
+                              source=source, progress=progress, backend=backend, executor=executor)
     selected = select(scores, method, k, seed)
     generations = read_jsonl(out / "generations.jsonl")
     rows = build_selection(loaded.tokenizer, selected, candidates, generations, method)

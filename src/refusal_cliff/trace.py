@@ -544,9 +544,14 @@ def trace_into(
     part_size: int | None = None,
     progress: bool = True,
     direction=None,
+    executor=None,
 ) -> int:
     """Trace the records not yet in `out_dir/cliff.jsonl` and write all trace artifacts (the
     resumable core of `run_trace`, also used by the clipping study).
+
+    `executor`: an `executors.RayExecutor` computes the traces on Ray workers (shard files in
+    `out_dir/shards/trace/`, the same `trace_records` per shard); the artifacts are written here, the
+    same way and in the same order as with the default (this process).
 
     Args:
         records: generation records with unique ids; `groups` maps id -> averaging group.
@@ -579,11 +584,22 @@ def trace_into(
                 yield result
                 bar.update(1)
 
-        return write_trace_outputs(
-            out_dir, counted(trace_records(loaded, prober, todo, batch_size, direction=direction)), groups,
+        if executor is not None and not executor.local:  # the traces come back from Ray workers' shards
+            from .executors import trace_job
+
+            shard_size = getattr(executor.config, "shard_size", None) or batch_size * 32  # trace_records' window
+            results = executor.run(loaded, trace_job(prober, batch_size, direction), records, out_dir, shard_size,
+                                   skip=done, progress=progress)
+        else:
+            results = trace_records(loaded, prober, todo, batch_size, direction=direction)
+        written = write_trace_outputs(
+            out_dir, counted(results), groups,
             loaded.tokenizer, plateau_method, t_cliff_method, window, part_size=part_size or batch_size * 8,
             direction_curves=direction is not None,
         )
+        if executor is not None and not executor.local:
+            executor.remove_shards(out_dir, "trace")
+        return written
 
 
 @dataclass
@@ -594,7 +610,7 @@ class TraceRun:
 
 
 def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path, config=None,
-              overwrite: bool = False, progress: bool = True, direction=None) -> TraceRun:
+              overwrite: bool = False, progress: bool = True, direction=None, executor=None) -> TraceRun:
     """The `trace` stage: every token of each input's probing sequences scored by the prober;
     writes `traces.parquet/`, `cliff.jsonl`, `curves.json` and `metadata.json` (resumable by id).
 
@@ -604,6 +620,7 @@ def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path,
         config: a `config.TraceConfig`.
         direction: a `probe.Direction` (`probe.load_direction`) of this model: its standardised
             projection is scored in the same pass (traces' `direction_score`, `direction_curves.json`).
+        executor: where the forward passes run (`executors.make_executor`; default this process).
     """
     from .config import TraceConfig
     from .probe import warn_if_unreliable
@@ -628,11 +645,14 @@ def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path,
         extra["direction"] = {"fingerprint": direction.fingerprint(), "layer": direction.layer,
                               "cosine_to_prober": direction.metadata.get("layers", {}).get(
                                   str(direction.layer), {}).get("cosine_to_prober")}
+    if executor is not None:
+        extra["executor"] = executor.info()
+        artifacts.append("shards")
     run = RunFolder(out_dir, "trace", stage_config, overwrite=overwrite, artifacts=artifacts)
     warn_if_unreliable(prober)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
         written = trace_into(loaded, prober, records, out_dir, groups, config.batch_size, config.plateau,
-                             config.t_cliff, progress=progress, direction=direction)
+                             config.t_cliff, progress=progress, direction=direction, executor=executor)
         run.finish({"n_examples": len(records)})
     return TraceRun(Path(out_dir), len(records), written)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import GenerationConfig, ModelConfig, ScoreConfig, SelectConfig
+from ..config import BackendConfig, ExecutorConfig, GenerationConfig, ModelConfig, ScoreConfig, SelectConfig
 from .options import (config_file_option, config_options, load_judge, load_model_from, model_options,
                       out_option, overwrite_option, resolve)
 
@@ -19,11 +19,15 @@ from .options import (config_file_option, config_options, load_judge, load_model
 @config_options(SelectConfig)
 @config_options(ScoreConfig)
 @config_options(GenerationConfig)
+@config_options(BackendConfig)
+@config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
 def select_command(prober_path, candidates, out, overwrite, config_file, **options):
     """Score candidates by their refusal cliff and select k of them as SFT data."""
+    from ..backends import check_backend
+    from ..executors import check_executor, make_executor
     from ..probe import load_prober
     from ..selection import load_candidates, resolve_k, run_select
 
@@ -31,12 +35,21 @@ def select_command(prober_path, candidates, out, overwrite, config_file, **optio
     generation = resolve(GenerationConfig, options)
     score = resolve(ScoreConfig, options, generation=generation)
     model = resolve(ModelConfig, options)
+    backend = resolve(BackendConfig, options)
+    executor_config = resolve(ExecutorConfig, options)
+    check_backend(backend)
+    check_executor(executor_config)  # before any loading
     rows = load_candidates(candidates, config.limit)
     resolve_k(config.k, len(rows))  # fail before loading the model
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    result = run_select(loaded, prober, rows, out, config, score, judge=load_judge(config.judge, model.device),
-                        overwrite=overwrite, source=candidates)
+    executor = make_executor(executor_config, model)
+    try:
+        result = run_select(loaded, prober, rows, out, config, score,
+                            judge=load_judge(config.judge, model.device), overwrite=overwrite,
+                            source=candidates, backend=backend, executor=executor)
+    finally:
+        executor.close()
     click.echo(f"scored:    {result.n_candidates} candidates -> {result.scores_path}")
     click.echo(f"selected:  {result.n_selected} by {config.method} -> {result.selection_path}")
     for kind, path in result.exports.items():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import ModelConfig, TraceConfig
+from ..config import ExecutorConfig, ModelConfig, TraceConfig
 from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
                       overwrite_option, resolve)
 
@@ -26,6 +26,7 @@ from .options import (config_file_option, config_options, load_model_from, model
                    "every token with its standardised projection (traces' direction_score, "
                    "OUT/direction_curves.json).")
 @config_options(TraceConfig)
+@config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
@@ -33,11 +34,14 @@ def trace_command(prober_path, generations, labels, harmless_generations, direct
                   **options):
     """Score every token of each probing sequence; writes OUT/traces.parquet, OUT/cliff.jsonl, OUT/curves.json."""
     from ..errors import UserError
+    from ..executors import check_executor, make_executor
     from ..probe import load_direction, load_prober
     from ..trace import TraceInput, load_trace_inputs, run_trace
 
     config = resolve(TraceConfig, options)
     model = resolve(ModelConfig, options)
+    executor_config = resolve(ExecutorConfig, options)
+    check_executor(executor_config)  # Ray installed, address reachable, GPUs there: before any loading
     inputs = [TraceInput(Path(g), True, [Path(p) for p in labels] or None) for g in generations]
     inputs += [TraceInput(Path(g), False) for g in harmless_generations]
     load_trace_inputs(inputs)  # fail before loading the model
@@ -52,6 +56,11 @@ def trace_command(prober_path, generations, labels, harmless_generations, direct
     if direction_path is not None:
         layer = prober.layer if config.direction_layer is None else config.direction_layer
         direction = load_direction(direction_path, loaded, layer)
-    result = run_trace(loaded, prober, inputs, out, config, overwrite=overwrite, direction=direction)
+    executor = make_executor(executor_config, model)
+    try:
+        result = run_trace(loaded, prober, inputs, out, config, overwrite=overwrite, direction=direction,
+                           executor=executor)
+    finally:
+        executor.close()
     click.echo(f"traced {result.written} new examples ({result.n_examples} in all): {Path(out) / 'cliff.jsonl'}, "
                f"{Path(out) / 'traces.parquet'}, {Path(out) / 'curves.json'}")
