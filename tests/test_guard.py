@@ -40,7 +40,12 @@ def random_prober(layer: int, d_model: int = 64, seed: int = 0, metadata: dict |
 
 
 def no_hooks(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    """No hook of ours on any module (transformers keeps its own output-capturing hooks once a test has asked
+    a shared model for `output_hidden_states`; those are not ours and are ignored)."""
+    def ours(hooks) -> list:
+        return [h for h in hooks.values() if "output_capturing_hook" not in getattr(h, "__qualname__", "")]
+
+    return all(not ours(m._forward_hooks) and not ours(m._forward_pre_hooks) for m in model.modules())
 
 
 def flag_all(loaded, prober, **kwargs) -> CliffGuard:
