@@ -103,6 +103,24 @@ def _make_run(root: Path) -> Path:
         head["rank"] = rank
     _write_json(root / "heads" / "heads.json", heads)
     _write_json(root / "components" / "components.json", _components_summary())
+    _write_json(root / "direction" / "directions.json", {
+        "model_id": "org/tiny-reasoner", "prober_layer": 2, "n_refused": 20, "n_complied": 18,
+        "layers": {str(layer): {"norm": 1.0 + layer, "cosine_to_prober": 0.1 * layer, "projection_mean": 0.0,
+                                "projection_std": 1.0, "refused_mean": 1.2, "complied_mean": -1.1, "accuracy": 0.9}
+                   for layer in (0, 1, 2)}})
+    _write_json(root / "trace" / "direction_curves.json", {"harmful": _curve(cliff_shape, 3),
+                                                            "harmless": _curve(0.1 + 0.05 * x, 2)})
+    tokens = ["How", f" {XSS}", "<think>", " plan", "\n</think>\n\n"]
+    regions = ["prompt", "prompt", "thinking", "thinking", "end_template"]
+    _write_json(root / "heads" / "patterns.json", {
+        "heads": [[2, 1], [1, 3]], "top": 20,
+        "mass_mean": [{"layer": 2, "head": 1, "rank": 0, "contribution": -0.8, "prompt": 0.5, "thinking": 0.2,
+                       "end_template": 0.3},
+                      {"layer": 1, "head": 3, "rank": 1, "contribution": -0.5, "prompt": 0.1, "thinking": 0.1,
+                       "end_template": 0.8}],
+        "examples": [],
+        "heatmap": {"id": "0", "tokens": tokens, "regions": regions,
+                    "weights": [[0.1, 0.2, 0.3, 0.2, 0.2], [0.0, 0.1, 0.1, 0.3, 0.5]]}})
     _write_json(root / "components_ablate" / "component_ablation.json", [
         {"condition": name, "components": specs, "gamma": 0.0, "final_score_mean": 0.4, "asr": asr,
          "benign_refusal_rate": None, "n_harmful": 6, "n_benign": 0}
@@ -279,7 +297,8 @@ def test_partial_run_skips_only_missing_sections(run_dir: Path):
     assert set(summary["skipped"]) == {"ablation", "prober", "heads", "evaluation", "layerwise", "clipping",
                                        "selection", "guard"}
     assert "scores.jsonl" in summary["skipped"]["selection"]
-    assert summary["sections"] == ["notes", "traces", "cliff", "examples", "plateau"]
+    kept = ["notes", "traces", "cliff", "examples", "plateau", "direction", "patterns", "components"]
+    assert summary["sections"] == [section.name for section in rep.SECTIONS if section.name in kept]
     assert not (run_dir / "fig_ablation.png").exists()  # a stale figure is not left behind
 
 
