@@ -83,11 +83,14 @@ def test_a_non_utf8_keyword_file_is_one_line(generations, tmp_path):
 
 
 def test_debug_shows_the_traceback(generations, tmp_path):
-    (tmp_path / "somefile").write_text("x")
-    out = tmp_path / "somefile" / "sub"
+    # (an --out under a file is now refused before any work, as a UserError; a non-UTF-8 keyword file
+    # still reaches the boundary as a UnicodeDecodeError)
+    keywords = tmp_path / "keywords.txt"
+    keywords.write_bytes("désolé\n".encode("latin-1"))
     for args, env in ((["--debug"], None), ([], {"REFUSAL_CLIFF_DEBUG": "1"})):
-        result = _invoke(*args, "label", "--generations", generations, "--out", out, env=env)
-        assert isinstance(result.exception, NotADirectoryError), result.output
+        result = _invoke(*args, "label", "--generations", generations, "--keywords", keywords, "--out",
+                         tmp_path / "out", env=env)
+        assert isinstance(result.exception, UnicodeDecodeError), result.output
         assert result.exit_code != 2
 
 

@@ -133,20 +133,24 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     # ids without an id column: "<file stem>-<row>", unique across the prompt sets of one study
     prefix = source.split(":", 1)[-1] if source in DEMO_SETS else (path.stem if path.exists() else
                                                                   source.replace("/", "_").replace(":", "_"))
-    prompts, skipped = [], 0
+    prompts, empty = [], []
     for index, row in enumerate(rows):
         text = row.get(key)
-        if not isinstance(text, str) or not text.strip():
-            skipped += 1
+        identifier = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{index}"
+        if not isinstance(text, str) or not text.strip():  # an error, never a silent skip (issue 13)
+            if not limit or index < limit:  # rows past --limit are not used
+                empty.append(identifier)
             continue
         record = {k: v for k, v in row.items() if k != key}
-        record["id"] = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{index}"
+        record["id"] = identifier
         record["prompt"] = text
         prompts.append(record)
-    if skipped:
-        logger.warning("%s: skipped %d rows with an empty %r", source, skipped, key)
     if not prompts:
         raise UserError(f"{source}: column {key!r} holds no non-empty prompts")
+    if empty:
+        raise UserError(f"{source}: the prompt with id {empty[0]!r} is empty or only whitespace"
+                        + (f" ({len(empty)} such prompts)" if len(empty) > 1 else "")
+                        + "; remove or fill it")
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise UserError(f"{source}: the 'id' column has duplicates; make ids unique or drop the column")

@@ -44,6 +44,7 @@ _OS_ADVICE = {
     "EEXIST": "remove it or pass another path",
     "ENAMETOOLONG": "use a shorter path",
     "EMFILE": "too many open files; raise the limit (ulimit -n) and re-run",
+    "EFBIG": "the file outgrew the file-size limit (ulimit -f) or the file system's; raise it and re-run to resume",
 }
 _PATH_LOCALS = ("path", "target", "filename", "file", "generations", "out", "root")
 

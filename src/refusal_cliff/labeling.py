@@ -293,6 +293,23 @@ def select_group(records: Sequence[dict], group: str) -> list[dict]:
     return [r for r in records if bool(r["refusal"]) == want_refusal]
 
 
+def check_group(generations: str | Path, labels: str | Path | None, group: str) -> list[dict]:
+    """The group's labelled records of a generations file; a UserError naming the group sizes when it is
+    empty (what `heads` and `components` check before loading a model)."""
+    group = group_name(group)
+    records = read_generations(generations)
+    label_map = labels_for(generations, labels, required=group != GROUP_ALL)
+    if label_map is not None:
+        records = join_labels(records, label_map, generations)
+    chosen = select_group(records, group)
+    if not chosen:
+        sizes = {name: len(select_group(records, name))
+                 for name in (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED)}
+        raise UserError(f"group {group!r} of {generations} has no example (sizes: "
+                        f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group")
+    return chosen
+
+
 # -- the `label` stage ------------------------------------------------------------------------
 
 

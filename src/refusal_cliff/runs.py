@@ -102,6 +102,52 @@ def read_json(path: str | Path) -> Any:
         raise UserError(f"{path} is not valid JSON (line {exc.lineno}); regenerate it") from None
 
 
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"  # pragma: no cover
+
+
+def check_out_dir(out: str | Path, expected_bytes: int = 0) -> None:
+    """Raise UserError unless `out` can be a run folder: a folder (or a path to create) on a writable
+    file system with room for about `expected_bytes` of artifacts. Writes nothing, so every verb calls
+    it before loading a model; a conservative `expected_bytes` (see `estimate_bytes`) is enough."""
+    import errno
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; pass a folder (it is created if missing)")
+    existing = out
+    while not existing.exists():  # the nearest existing ancestor is where the folder will be created
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a directory (ENOTDIR); pass another path")
+    try:
+        flags = os.statvfs(existing).f_flag
+    except OSError:
+        flags = 0
+    if flags & getattr(os, "ST_RDONLY", 1) or not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(flags & getattr(os, "ST_RDONLY", 1))
+        cause = "is on a read-only file system" if read_only else "is not writable"
+        code = errno.errorcode[errno.EROFS if read_only else errno.EACCES]
+        raise UserError(f"--out {out}: {existing} {cause} ({code}); pass an --out on a writable disk")
+    if expected_bytes > 0:
+        free = shutil.disk_usage(existing).free
+        if free < expected_bytes:
+            raise UserError(f"--out {out}: {_human_bytes(free)} free on its disk, but this run needs "
+                            f"about {_human_bytes(expected_bytes)}; free some space or use an --out on another disk")
+
+
+def estimate_bytes(n_examples: int, tokens_per_example: int, bytes_per_token: int) -> int:
+    """The expected size of a run's main artifact: examples × tokens × bytes per token (generations
+    ~ 8 bytes a token, traces ~ 40), for `check_out_dir`."""
+    return max(0, n_examples) * max(0, tokens_per_example) * bytes_per_token
+
+
 BACKUP_PREFIX = ".replaced-"
 
 
@@ -262,6 +308,9 @@ class RunFolder:
 # -- JSONL streams ----------------------------------------------------------------------
 
 
+_WARNED_TORN: set[tuple[str, int]] = set()
+
+
 def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
     """Read a JSONL file. A torn last line (a killed writer) is dropped, and cut off if `repair`."""
     path = Path(path)
@@ -280,7 +329,10 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
                     raise UserError(
                         f"{path}: line {index + 1} is not valid JSON; fix or delete the file"
                     ) from None
-                logger.warning("%s: dropping a torn last line (an interrupted write)", path)
+                stamp = (str(path.resolve()), len(data))
+                if stamp not in _WARNED_TORN:  # once per file, though a verb checks it and then reads it
+                    _WARNED_TORN.add(stamp)
+                    logger.warning("%s: dropping a torn last line (an interrupted write)", path)
                 if repair:
                     with open(path, "r+b") as handle:
                         handle.truncate(offset)

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..config import AblateConfig, GenerationConfig, ModelConfig
-from .options import (config_file_option, config_options, load_judge, load_model_from, model_options,
-                      out_option, overwrite_option, resolve)
+from .options import (check_out, check_prober, config_file_option, config_options, load_judge,
+                      load_model_from, model_options, out_option, overwrite_option, resolve)
 
 
 @click.command("ablate")
@@ -53,6 +53,11 @@ def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export
     read_ranking(heads_path)
     harmful = load_prompts(prompts, column=config.column, limit=config.limit)
     benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
+    check_prober(prober_path)
+    from ..runs import estimate_bytes
+
+    check_out(out, estimate_bytes((len(harmful) + len(benign)) * (len(config.thresholds) + 1),
+                                  generation.max_thinking_tokens + generation.max_answer_tokens, 8))
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     paths = run_ablate(loaded, prober, heads_path, harmful, out, config, generation, benign,
@@ -74,6 +79,8 @@ def _ablate_components(config, generation, model, prober_path, heads_path, promp
     _check_components_before_loading(config.components, model.model)
     harmful = load_prompts(prompts, column=config.column, limit=config.limit)
     benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
+    check_prober(prober_path)
+    check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     paths = run_ablate_components(loaded, prober, {",".join(config.components): config.components}, harmful, out,

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..config import ClipConfig, ModelConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_out, check_prober, config_file_option, config_options, load_model_from,
+                      model_options, out_option, overwrite_option, resolve)
 
 
 @click.command("clip")
@@ -29,6 +29,8 @@ def clip_command(prober_path, generations, out, overwrite, config_file, **option
     config = resolve(ClipConfig, options)
     model = resolve(ModelConfig, options)
     read_generations(generations)  # fail before loading the model
+    check_prober(prober_path)
+    check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     rows = run_clip(loaded, prober, generations, out, config, overwrite=overwrite)

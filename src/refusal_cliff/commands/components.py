@@ -7,6 +7,8 @@ import click
 from ..config import ComponentsConfig, ModelConfig
 from .options import (
     config_file_option,
+    check_out,
+    check_prober,
     config_options,
     load_model_from,
     model_options,
@@ -38,12 +40,14 @@ def components_command(prober_path, generations, labels, out, overwrite, config_
     OUT/components.png (the drop per layer and class, the top components, where each pushes).
     """
     from ..components import run_components
-    from ..labeling import read_generations
+    from ..labeling import check_group
     from ..probe import load_prober
 
     config = resolve(ComponentsConfig, options)
     model = resolve(ModelConfig, options)
-    read_generations(generations)  # fail before loading the model
+    check_group(generations, labels, config.group)  # fail before loading the model (an empty group too)
+    check_prober(prober_path)
+    check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     path = run_components(loaded, prober, generations, out, config, labels=labels, overwrite=overwrite)

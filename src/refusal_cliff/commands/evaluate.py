@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from ..config import EvalConfig, GenerationConfig
-from .options import config_file_option, config_options, load_judge, out_option, overwrite_option, resolve
+from .options import (check_out, check_prober, config_file_option, config_options, load_judge, out_option,
+                      overwrite_option, resolve)
 
 
 @click.command("evaluate")
@@ -59,6 +60,9 @@ def evaluate_command(models, sweep, device, harmful, benign, limit, prober_path,
                         for h in harmful}
         benign_sets = {Path(b).stem if ":" not in b else b.split(":")[-1]: load_prompts(b, limit=limit)
                        for b in benign}
+        if prober_path:
+            check_prober(prober_path)
+        check_out(out)
         evaluation = run_evaluate(specs, harmful_sets, benign_sets, out, config, prober_path,
                                   load_judge(judge_model, device), load=lambda s: load_model(s, device=device),
                                   overwrite=overwrite, prepared=prepared)

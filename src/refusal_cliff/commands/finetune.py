@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import FinetuneConfig, ModelConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_out, config_file_option, config_options, load_model_from, model_options,
+                      out_option, overwrite_option, resolve)
 
 
 @click.command("finetune")
@@ -24,6 +24,7 @@ def finetune_command(data, out, overwrite, config_file, **options):
     config = resolve(FinetuneConfig, options)
     model = resolve(ModelConfig, options)
     load_sft_examples(data)  # fail before loading the model
+    check_out(out)
     loaded = load_model_from(model)
     result = run_finetune(loaded, data, out, config, overwrite=overwrite)
     click.echo(f"trained:   {result.metrics['n_examples']} examples, {result.metrics['steps']} steps, "

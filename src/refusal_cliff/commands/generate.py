@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import BackendConfig, GenerationConfig, ModelConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_out, config_file_option, config_options, load_model_from, model_options,
+                      out_option, overwrite_option, resolve)
 
 
 @click.command("generate")
@@ -31,6 +31,9 @@ def generate_command(prompts, column, limit, out, overwrite, config_file, **opti
     backend = resolve(BackendConfig, options)
     check_backend(backend)  # the extra is there, before anything is loaded
     prompt_set = load_prompts(prompts, column=column, limit=limit)
+    from ..runs import estimate_bytes
+
+    check_out(out, estimate_bytes(len(prompt_set), config.max_thinking_tokens + config.max_answer_tokens, 8))
     # with vLLM only the tokenizer is loaded here (the weights are vLLM's): the GPU is the engine's
     loaded = load_tokenizer_side(model) if backend.backend == "vllm" else load_model_from(model)
     path = run_generate(loaded, prompt_set, config, out, overwrite=overwrite, source=prompts, backend=backend)

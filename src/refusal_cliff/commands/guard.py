@@ -10,6 +10,8 @@ import click
 from ..config import GenerationConfig, GuardConfig, ModelConfig
 from .options import (
     config_file_option,
+    check_out,
+    check_prober,
     config_options,
     load_model_from,
     model_options,
@@ -54,6 +56,8 @@ def guard_command(prober_path, heads_path, prompts, benign_prompts, out, overwri
         read_ranking(heads_path)
     harmful = load_prompts(prompts, column=config.column, limit=config.limit)
     benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
+    check_prober(prober_path)
+    check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     paths = run_guard(loaded, prober, harmful, out, config, generation, benign, heads_path=heads_path,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import HeadsConfig, ModelConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_out, check_prober, config_file_option, config_options, load_model_from,
+                      model_options, out_option, overwrite_option, resolve)
 
 
 @click.command("heads")
@@ -29,12 +29,14 @@ def heads_command(prober_path, generations, labels, out, overwrite, config_file,
     (layers × heads heatmap, red = towards refusal, blue = away from it).
     """
     from ..attribution import run_heads
-    from ..labeling import read_generations
+    from ..labeling import check_group
     from ..probe import load_prober
 
     config = resolve(HeadsConfig, options)
     model = resolve(ModelConfig, options)
-    read_generations(generations)  # fail before loading the model
+    check_group(generations, labels, config.group)  # fail before loading the model (an empty group too)
+    check_prober(prober_path)
+    check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     path = run_heads(loaded, prober, generations, out, config, labels=labels, overwrite=overwrite)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import LabelConfig
-from .options import config_file_option, config_options, load_judge, out_option, overwrite_option, resolve
+from .options import (check_out, config_file_option, config_options, load_judge, out_option, overwrite_option,
+                      resolve)
 
 
 @click.command("label")
@@ -17,11 +18,16 @@ from .options import config_file_option, config_options, load_judge, out_option,
 def label_command(generations, out, overwrite, config_file, **options):
     """Label refusals on the answer (first 32 tokens); writes OUT/labels.jsonl."""
     from ..errors import UserError
-    from ..labeling import generation_model_id, read_generations, run_label
+    from ..labeling import generation_model_id, load_keywords, read_generations, run_label
     from ..models import load_tokenizer
 
     config = resolve(LabelConfig, options)
-    read_generations(generations, ("id", "prompt", "answer"))  # fail before loading anything
+    records = read_generations(generations, ("id", "prompt", "answer"))  # fail before loading anything
+    if config.keywords:
+        load_keywords(config.keywords)
+    from ..runs import estimate_bytes
+
+    check_out(out, estimate_bytes(len(records), 32, 8))  # before any warning about the tokenizer
     model_id = config.tokenizer or generation_model_id(generations)
     tokenizer = None
     if model_id:

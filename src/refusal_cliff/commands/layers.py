@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..config import LayersConfig, ModelConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_layers, check_out, config_file_option, config_options, load_model_from,
+                      model_options, out_option, overwrite_option, resolve)
 
 
 @click.command("layers")
@@ -28,6 +28,8 @@ def layers_command(harmful, harmless, out, overwrite, config_file, **options):
     config = resolve(LayersConfig, options)
     model = resolve(ModelConfig, options)
     check_probe_runs(harmful, harmless)
+    check_layers(config.layers, model)
+    check_out(out)
     loaded = load_model_from(model)
     probers = run_layers(loaded, harmful, harmless, out, config, overwrite=overwrite)
     for layer, prober in sorted(probers.items()):

@@ -117,11 +117,41 @@ config_file_option = click.option(
          "An explicit flag overrides the file.")
 
 
+def _known_settings() -> set[str]:
+    """Every setting any verb reads from a --config file: the fields of every config class."""
+    from .. import config as config_module
+
+    names = set()
+    for value in vars(config_module).values():
+        if isinstance(value, type) and issubclass(value, config_module.Config) and value is not config_module.Config:
+            names.update(f.name for f in config_fields(value))
+    return names
+
+
+def _check_file_keys(ctx: click.Context, source: str, data: dict, verb: str) -> None:
+    """A misspelt setting is an error, not silently ignored: top-level keys must be some verb's setting
+    (one file may serve several verbs), keys of this verb's table must be flags of this verb."""
+    known = _known_settings()
+    own = {p.name for p in ctx.command.params}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if isinstance(value, dict):
+            if key in (ctx.info_name, verb):
+                unknown = sorted(k for k in value if str(k).replace("-", "_") not in own)
+                if unknown:
+                    raise click.UsageError(f"{source}: [{key}] sets {', '.join(unknown)}, which "
+                                           f"`{ctx.command_path}` does not have", ctx=ctx)
+        elif name not in known:
+            raise click.UsageError(f"{source}: unknown setting {key!r} (settings are flag names, e.g. "
+                                   "max_thinking_tokens)", ctx=ctx)
+
+
 def _file_values(ctx: click.Context) -> dict:
     source, data = ctx.meta.get(_CONFIG_KEY, (None, {}))
     if not data:
         return {}
     verb = ctx.command_path.split(" ", 1)[-1].replace(" ", "_") if ctx.command_path else ""
+    _check_file_keys(ctx, source, data, verb)
     flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
     for key in (ctx.info_name, verb):
         if key and isinstance(data.get(key), dict):
@@ -182,3 +212,48 @@ out_option = click.option("--out", "out", required=True, type=click.Path(file_ok
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="Replace a run with different settings already in --out (the old results "
                                      "are kept until the new run finishes).")
+
+
+# -- checks every verb runs before it loads a model (issue 13) ----------------------------------------------
+
+
+def check_out(out, expected_bytes: int = 0) -> None:
+    """--out is (or can become) a folder on a writable disk with room for about `expected_bytes`."""
+    from ..runs import check_out_dir
+
+    check_out_dir(out, expected_bytes)
+
+
+def model_n_layers(config: ModelConfig) -> int | None:
+    """The number of decoder layers of a local folder or the embedded model, from its config.json alone (no
+    weights loaded); None for a hub id or a .gguf file (those are checked once loaded)."""
+    from ..models import DEFAULT_MODEL, embedded_checkpoint
+
+    model = config.model or "default"
+    folder = embedded_checkpoint() if model in ("default", DEFAULT_MODEL) else Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    from ..architectures import get_adapter
+
+    model_config = AutoConfig.from_pretrained(str(folder))
+    return get_adapter(model_config).geometry(model_config).n_layers
+
+
+def check_layers(layers, config: ModelConfig) -> None:
+    """Every requested layer exists (negative ones count from the end), before the model is loaded."""
+    if layers is None:
+        return
+    n_layers = model_n_layers(config)
+    if n_layers is not None:
+        from ..activations import resolve_layers
+
+        resolve_layers(list(layers) if not isinstance(layers, int) else layers, n_layers)
+
+
+def check_prober(path) -> None:
+    """The prober file is a readable prober (it is matched against the model once that is loaded)."""
+    from ..probe import load_prober
+
+    load_prober(path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import DirectionConfig, ModelConfig, ProbeConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_layers, check_out, check_prober, config_file_option, config_options,
+                      load_model_from, model_options, out_option, overwrite_option, resolve)
 
 
 @click.group("probe")
@@ -30,6 +30,8 @@ def _probe_train_command(harmful, harmless, ood, out, overwrite, config_file, **
     config = resolve(ProbeConfig, options)
     model = resolve(ModelConfig, options)
     check_probe_runs(harmful, harmless, ood)
+    check_layers(config.layer, model)  # negative layers count from the end
+    check_out(out)
     loaded = load_model_from(model)
     result = run_probe_train(loaded, harmful, harmless, out, config, ood_runs=ood, overwrite=overwrite)
     if result.reused:
@@ -65,6 +67,10 @@ def _probe_direction_command(harmful, harmless, prober_path, out, overwrite, con
     config = resolve(DirectionConfig, options)
     model = resolve(ModelConfig, options)
     check_direction_classes(harmful, harmless)  # fail before loading the model
+    check_layers(config.layers, model)
+    if prober_path:
+        check_prober(prober_path)
+    check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded) if prober_path else None
     path = run_probe_direction(loaded, harmful, harmless, out, config, prober=prober, overwrite=overwrite)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..config import BackendConfig, ExecutorConfig, GenerationConfig, ModelConfig, ScoreConfig, SelectConfig
-from .options import (config_file_option, config_options, load_judge, load_model_from, model_options,
-                      out_option, overwrite_option, resolve)
+from .options import (check_out, check_prober, config_file_option, config_options, load_judge,
+                      load_model_from, model_options, out_option, overwrite_option, resolve)
 
 
 @click.command("select")
@@ -41,6 +41,11 @@ def select_command(prober_path, candidates, out, overwrite, config_file, **optio
     check_executor(executor_config)  # before any loading
     rows = load_candidates(candidates, config.limit)
     resolve_k(config.k, len(rows))  # fail before loading the model
+    check_prober(prober_path)
+    from ..runs import estimate_bytes
+
+    tokens = generation.max_thinking_tokens + generation.max_answer_tokens
+    check_out(out, estimate_bytes(len(rows), tokens, 8))
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     executor = make_executor(executor_config, model)

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..config import ExecutorConfig, ModelConfig, TraceConfig
-from .options import (config_file_option, config_options, load_model_from, model_options, out_option,
-                      overwrite_option, resolve)
+from .options import (check_out, check_prober, config_file_option, config_options, load_model_from,
+                      model_options, out_option, overwrite_option, resolve)
 
 
 @click.command("trace")
@@ -44,7 +44,13 @@ def trace_command(prober_path, generations, labels, harmless_generations, direct
     check_executor(executor_config)  # Ray installed, address reachable, GPUs there: before any loading
     inputs = [TraceInput(Path(g), True, [Path(p) for p in labels] or None) for g in generations]
     inputs += [TraceInput(Path(g), False) for g in harmless_generations]
-    load_trace_inputs(inputs)  # fail before loading the model
+    records, _ = load_trace_inputs(inputs)  # fail before loading the model
+    check_prober(prober_path)
+    from ..runs import estimate_bytes
+
+    fields = ("generation_prompt", "thinking", "answer")
+    n_chars = sum(len(str(r.get(k) or "")) for r in records for k in fields)
+    check_out(out, estimate_bytes(1, n_chars, 40))  # a token is at least one character
     if direction_path is not None:
         layer = config.direction_layer if (config.direction_layer or 0) >= 0 else None
         load_direction(direction_path, None, layer)  # readable (and has the layer, when one is named)
