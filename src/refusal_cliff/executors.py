@@ -324,6 +324,7 @@ class RayExecutor:
         from tqdm.auto import tqdm
 
         ray = self._ray()
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on the console
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # shards start in record order
