@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_OUT   ?= runs/demo
 DEMO_FLAGS ?=
 
-.PHONY: setup demo demo-quick test bench clean
+.PHONY: setup demo demo-quick test reliability bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The reliability suite alone, with 20 kill -9 trials per verb (make test runs 2), then its table.
+RELIABILITY_OUT ?= runs/reliability
+reliability: $(STAMP)
+	@mkdir -p $(RELIABILITY_OUT); rm -f $(RELIABILITY_OUT)/results.jsonl
+	@RELIABILITY_TRIALS=$${RELIABILITY_TRIALS:-20} RELIABILITY_RESULTS=$(abspath $(RELIABILITY_OUT))/results.jsonl \
+	  $(BIN)/python -m pytest -q -m reliability tests/test_reliability.py; rc=$$?; \
+	$(BIN)/python tests/reliability_report.py $(RELIABILITY_OUT)/results.jsonl; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_generation.py
