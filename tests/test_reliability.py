@@ -44,7 +44,8 @@ def test_bad_input_fails_before_the_work_in_one_line(name, study, tiny_model_dir
     ctx = {"root": study, "model": str(tiny_model_dir), "tmp": tmp_path, "out": tmp_path / "out"}
     with case.setup(ctx) as env:
         args = [str(a).format(**ctx) for a in case.args]
-        out = Path(ctx["out"])
+        # the verb's own --out (a full-disk or read-only case names one inside its mount)
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else Path(ctx["out"])
         out_before = lib.tree_digest(out) if out.exists() else None
         inputs_before = lib.tree_digest(study, tmp_path, skip=(out,))
         code, _, stderr, seconds = lib.run_cli(args, tmp_path.parent / f"{tmp_path.name}.log", env=env)
