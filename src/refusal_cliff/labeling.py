@@ -339,7 +339,8 @@ def run_label(generations: str | Path, out_dir: str | Path, config=None, tokeniz
                     "keywords": words, "tokenizer": getattr(tokenizer, "name_or_path", None)}
     run = RunFolder(out_dir, "label", stage_config, overwrite=overwrite,
                     artifacts=[LABELS])
-    with run.start(model_id=getattr(tokenizer, "name_or_path", None)):
+    # the model that wrote the answers (not the tokenizer's folder, which may be a cache path)
+    with run.start(model_id=generation_model_id(generations) or getattr(tokenizer, "name_or_path", None)):
         labels = label_records(records, KeywordLabeler(words), tokenizer, judge)
         write_jsonl(run.path(LABELS), labels)
         refused = sum(label["refusal"] for label in labels)
