@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_OUT   ?= runs/demo
 DEMO_FLAGS ?=
 
-.PHONY: setup demo demo-quick test reliability bench clean
+.PHONY: setup demo demo-quick test lint reliability bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/refusal-cliff demo --quick --out $(DEMO_OUT)-quick $(DEMO_FLAGS)
+
+# ruff (settings in pyproject.toml): lint rules, and the formatting `ruff format` gives.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 # pytest exits 5 when it collects no tests: that is a failure here, not a pass.
 test: $(STAMP)

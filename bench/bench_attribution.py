@@ -87,20 +87,28 @@ def main() -> None:
         # one forward per ablated head, reading the prober at the last token
         for head in sample:
             with scale_heads(model, [head], gamma=0.0):
-                hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state[:, -1]
+                hidden = base(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).last_hidden_state[:, -1]
             prober(hidden)
 
-    methods = {"plain forward (with LM head)": plain_forward, "base forward (no LM head)": base_forward,
-               "attribution, all heads": attribution, "components over the end template (6 tokens)": components,
-               f"naive, {len(sample)} heads": naive_sample}
+    methods = {
+        "plain forward (with LM head)": plain_forward,
+        "base forward (no LM head)": base_forward,
+        "attribution, all heads": attribution,
+        "components over the end template (6 tokens)": components,
+        f"naive, {len(sample)} heads": naive_sample,
+    }
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.inference_mode():
         for fn in methods.values():  # warm-up
             fn()
         names = list(methods)
         for repeat in range(args.repeats):
-            order = names[repeat % len(names):] + names[: repeat % len(names)]
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
                 times[name].append(_time(methods[name], device))
 
@@ -109,14 +117,21 @@ def main() -> None:
     naive = [t * n_heads_total / len(sample) for t in times[f"naive, {len(sample)} heads"]]
     ratio_plain = statistics.median(a / p for a, p in zip(attr, plain))
     ratio_components = statistics.median(
-        c / p for c, p in zip(times["components over the end template (6 tokens)"], plain))
+        c / p for c, p in zip(times["components over the end template (6 tokens)"], plain)
+    )
     ratio_base = statistics.median(a / b for a, b in zip(attr, times["base forward (no LM head)"]))
     speedup = statistics.median(n / a for n, a in zip(naive, attr))
     rows = [(name, statistics.median(values)) for name, values in times.items()]
-    rows.append((f"naive, all {n_heads_total} heads (extrapolated ×{n_heads_total / len(sample):.0f})",
-                 statistics.median(naive)))
-    print(f"{loaded.model_id}: batch {args.batch} × {args.tokens} tokens, {geometry.n_layers} layers × "
-          f"{geometry.n_heads} heads, {torch.get_num_threads()} threads, {args.repeats} paired repeats (medians)")
+    rows.append(
+        (
+            f"naive, all {n_heads_total} heads (extrapolated ×{n_heads_total / len(sample):.0f})",
+            statistics.median(naive),
+        )
+    )
+    print(
+        f"{loaded.model_id}: batch {args.batch} × {args.tokens} tokens, {geometry.n_layers} layers × "
+        f"{geometry.n_heads} heads, {torch.get_num_threads()} threads, {args.repeats} paired repeats (medians)"
+    )
     print(f"{'method':<58}{'seconds':>10}")
     for name, seconds in rows:
         print(f"{name:<58}{seconds:>10.3f}")
@@ -126,12 +141,22 @@ def main() -> None:
     print(f"speed-up over naive per-head:  {speedup:.0f}×  (naive extrapolated from {len(sample)} heads)")
     if args.json_path:
         result = {
-            "model": loaded.model_id, "batch": args.batch, "tokens": args.tokens, "repeats": args.repeats,
-            "threads": torch.get_num_threads(), "device": str(device), "n_heads_total": n_heads_total,
+            "model": loaded.model_id,
+            "batch": args.batch,
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "n_heads_total": n_heads_total,
             "naive_sample": len(sample),
-            "naive_extrapolated": True, "median_seconds": dict(rows),
-            "attribution_over_plain_forward": ratio_plain, "components_over_plain_forward": ratio_components, "attribution_over_base_forward": ratio_base,
-            "speedup_over_naive": speedup, "torch": torch.__version__, "machine": platform.machine(),
+            "naive_extrapolated": True,
+            "median_seconds": dict(rows),
+            "attribution_over_plain_forward": ratio_plain,
+            "components_over_plain_forward": ratio_components,
+            "attribution_over_base_forward": ratio_base,
+            "speedup_over_naive": speedup,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
         }
         with open(args.json_path, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)

@@ -40,9 +40,19 @@ def run_plain(loaded, texts, batch_size, max_new_tokens) -> tuple[float, int]:
     eos = tokenizer.eos_token_id
     start, produced = time.perf_counter(), 0
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                             top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        batch = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
         for row in out[:, batch["input_ids"].shape[1] :].tolist():
             produced += row.index(eos) if eos in row else len(row)
     return time.perf_counter() - start, produced
@@ -64,23 +74,37 @@ def main() -> None:
     texts = [generation_prompt(loaded.tokenizer, template, p["prompt"]) for p in prompts]
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        config = GenerationConfig(max_thinking_tokens=args.thinking, max_answer_tokens=args.answer,
-                                  batch_size=batch_size)
+        config = GenerationConfig(
+            max_thinking_tokens=args.thinking, max_answer_tokens=args.answer, batch_size=batch_size
+        )
         ours, plain = [], []
         for _ in range(args.repeats):
             seconds, tokens = run_backend(loaded, prompts, config)
             ours.append(tokens / seconds)
             seconds, tokens = run_plain(loaded, texts, batch_size, args.thinking + args.answer)
             plain.append(tokens / seconds)
-        row = {"batch_size": batch_size, "backend_tok_s": statistics.median(ours),
-               "plain_generate_tok_s": statistics.median(plain)}
+        row = {
+            "batch_size": batch_size,
+            "backend_tok_s": statistics.median(ours),
+            "plain_generate_tok_s": statistics.median(plain),
+        }
         row["ratio"] = row["backend_tok_s"] / row["plain_generate_tok_s"]
         results.append(row)
-        print(f"batch {batch_size:>2}: backend {row['backend_tok_s']:7.1f} tok/s | plain generate "
-              f"{row['plain_generate_tok_s']:7.1f} tok/s | ratio {row['ratio']:.2f}x", flush=True)
-    report = {"model": loaded.model_id, "device": "cpu", "threads": torch.get_num_threads(),
-              "n_prompts": args.n_prompts, "thinking_budget": args.thinking, "answer_budget": args.answer,
-              "repeats": args.repeats, "results": results}
+        print(
+            f"batch {batch_size:>2}: backend {row['backend_tok_s']:7.1f} tok/s | plain generate "
+            f"{row['plain_generate_tok_s']:7.1f} tok/s | ratio {row['ratio']:.2f}x",
+            flush=True,
+        )
+    report = {
+        "model": loaded.model_id,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "n_prompts": args.n_prompts,
+        "thinking_budget": args.thinking,
+        "answer_budget": args.answer,
+        "repeats": args.repeats,
+        "results": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -59,23 +59,40 @@ def main() -> None:
     prompts = load_prompts("demo:harmless", limit=args.n_prompts)
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        config = GenerationConfig(max_thinking_tokens=args.thinking, max_answer_tokens=args.answer,
-                                  batch_size=batch_size)
+        config = GenerationConfig(
+            max_thinking_tokens=args.thinking, max_answer_tokens=args.answer, batch_size=batch_size
+        )
         guarded, plain = [], []
         for _ in range(args.repeats):
             seconds, produced = timed(lambda config=config: guard.generate(prompts, config))
             guarded.append(produced / seconds)
-            seconds, produced = timed(lambda config=config: list(generate_records(loaded, prompts, config, progress=False)))
+            seconds, produced = timed(
+                lambda config=config: list(generate_records(loaded, prompts, config, progress=False))
+            )
             plain.append(produced / seconds)
-        row = {"batch_size": batch_size, "guarded_tok_s": statistics.median(guarded),
-               "plain_tok_s": statistics.median(plain)}
+        row = {
+            "batch_size": batch_size,
+            "guarded_tok_s": statistics.median(guarded),
+            "plain_tok_s": statistics.median(plain),
+        }
         row["ratio"] = row["guarded_tok_s"] / row["plain_tok_s"]
         results.append(row)
-        print(f"batch {batch_size:>2}: guarded {row['guarded_tok_s']:7.1f} tok/s | plain {row['plain_tok_s']:7.1f} "
-              f"tok/s | ratio {row['ratio']:.3f}x (target >= 0.97x)", flush=True)
-    report = {"model": loaded.model_id, "device": "cpu", "threads": torch.get_num_threads(),
-              "prober_layer": prober.layer, "n_prompts": args.n_prompts, "thinking_budget": args.thinking,
-              "answer_budget": args.answer, "repeats": args.repeats, "results": results}
+        print(
+            f"batch {batch_size:>2}: guarded {row['guarded_tok_s']:7.1f} tok/s | plain {row['plain_tok_s']:7.1f} "
+            f"tok/s | ratio {row['ratio']:.3f}x (target >= 0.97x)",
+            flush=True,
+        )
+    report = {
+        "model": loaded.model_id,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "prober_layer": prober.layer,
+        "n_prompts": args.n_prompts,
+        "thinking_budget": args.thinking,
+        "answer_budget": args.answer,
+        "repeats": args.repeats,
+        "results": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -42,12 +42,21 @@ def make_records(tokenizer, n: int) -> list[dict]:
     records = []
     for index in range(n):
         prompt = f"Explain, step by step, how topic number {index} works and why it matters."
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         thinking = "Let me think about this carefully and consider each part. " * (8 + index % 8)
-        records.append({"id": f"b{index:04d}", "prompt": prompt, "system_prompt": None,
-                        "generation_prompt": text + "<think>\n", "thinking": thinking,
-                        "end_template": "\n</think>\n\n", "answer": "ok"})
+        records.append(
+            {
+                "id": f"b{index:04d}",
+                "prompt": prompt,
+                "system_prompt": None,
+                "generation_prompt": text + "<think>\n",
+                "thinking": thinking,
+                "end_template": "\n</think>\n\n",
+                "answer": "ok",
+            }
+        )
     return records
 
 
@@ -73,12 +82,20 @@ def main() -> None:
     shard_size = args.batch_size * 4  # a few shards per worker, so that both stay busy
 
     started = time.perf_counter()
-    ray.init(num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level=logging.WARNING, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=args.workers,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
     ray_start = time.perf_counter() - started
 
-    executor = RayExecutor(ExecutorConfig(executor="ray", workers=args.workers, shard_size=shard_size),
-                           ModelConfig(model="default", device="cpu"))
+    executor = RayExecutor(
+        ExecutorConfig(executor="ray", workers=args.workers, shard_size=shard_size),
+        ModelConfig(model="default", device="cpu"),
+    )
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     times: dict[str, list[float]] = {"local": [], "ray": []}
     try:
@@ -88,8 +105,15 @@ def main() -> None:
                 out = root / f"{variant}-{repeat}"
                 torch.set_num_threads(args.workers if variant == "local" else 1)
                 begin = time.perf_counter()
-                trace_into(loaded, prober, records, out, batch_size=args.batch_size, progress=False,
-                           executor=executor if variant == "ray" else None)
+                trace_into(
+                    loaded,
+                    prober,
+                    records,
+                    out,
+                    batch_size=args.batch_size,
+                    progress=False,
+                    executor=executor if variant == "ray" else None,
+                )
                 times[variant].append(time.perf_counter() - begin)
                 shutil.rmtree(out)
     finally:
@@ -99,16 +123,28 @@ def main() -> None:
     local, distributed = statistics.median(times["local"]), statistics.median(times["ray"])
     ratios = [lt / rt for lt, rt in zip(times["local"], times["ray"])]
     result = {
-        "n_records": args.n_records, "n_tokens": n_tokens, "batch_size": args.batch_size, "workers": args.workers,
-        "shard_size": shard_size, "local_s": local, "ray_s": distributed,
-        "local_tokens_per_s": n_tokens / local, "ray_tokens_per_s": n_tokens / distributed,
-        "ratio_ray_over_local": statistics.median(ratios), "ray_init_s": ray_start, "repeats": times,
+        "n_records": args.n_records,
+        "n_tokens": n_tokens,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "shard_size": shard_size,
+        "local_s": local,
+        "ray_s": distributed,
+        "local_tokens_per_s": n_tokens / local,
+        "ray_tokens_per_s": n_tokens / distributed,
+        "ratio_ray_over_local": statistics.median(ratios),
+        "ray_init_s": ray_start,
+        "repeats": times,
     }
-    print(f"trace of {args.n_records} records ({n_tokens} tokens), batch {args.batch_size}, embedded model, "
-          f"prober at the last layer")
+    print(
+        f"trace of {args.n_records} records ({n_tokens} tokens), batch {args.batch_size}, embedded model, "
+        f"prober at the last layer"
+    )
     print(f"  local executor ({args.workers} torch threads): {local:6.2f} s  {n_tokens / local:7.1f} tok/s")
-    print(f"  Ray, {args.workers} CPU workers x 1 thread:   {distributed:6.2f} s  {n_tokens / distributed:7.1f} tok/s "
-          "(workers' model load included)")
+    print(
+        f"  Ray, {args.workers} CPU workers x 1 thread:   {distributed:6.2f} s  {n_tokens / distributed:7.1f} tok/s "
+        "(workers' model load included)"
+    )
     print(f"  ratio Ray / local throughput: {result['ratio_ray_over_local']:.2f}x  (target >= 0.9x)")
     print(f"  Ray start-up (ray.init, local cluster), once per command: {ray_start:.1f} s")
     if args.json:

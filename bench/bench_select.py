@@ -33,8 +33,10 @@ from refusal_cliff.probe import Prober  # noqa: E402
 from refusal_cliff.selection import DEMO_CANDIDATES, ScoreConfig, load_candidates, trace_scores  # noqa: E402
 from refusal_cliff.templates import detect_thinking_template, generation_prompt, probing_tokens  # noqa: E402
 
-FILLER = ("The user is asking for something that could hurt another person, so I should think about whether "
-          "answering is safe and what a helpful but responsible reply would look like. ").split()
+FILLER = (
+    "The user is asking for something that could hurt another person, so I should think about whether "
+    "answering is safe and what a helpful but responsible reply would look like. "
+).split()
 
 
 def make_records(loaded, n: int, thinking_words: int) -> list[dict]:
@@ -46,13 +48,15 @@ def make_records(loaded, n: int, thinking_words: int) -> list[dict]:
         candidate = candidates[index % len(candidates)]
         words = int(thinking_words * (0.5 + (index % 11) / 10))
         thinking = " ".join(FILLER[i % len(FILLER)] for i in range(words))
-        records.append({
-            "id": f"{candidate['id']}-{index}",
-            "prompt": candidate["prompt"],
-            "generation_prompt": generation_prompt(loaded.tokenizer, template, candidate["prompt"]),
-            "thinking": thinking,
-            "end_template": template.end_template,
-        })
+        records.append(
+            {
+                "id": f"{candidate['id']}-{index}",
+                "prompt": candidate["prompt"],
+                "generation_prompt": generation_prompt(loaded.tokenizer, template, candidate["prompt"]),
+                "thinking": thinking,
+                "end_template": template.end_template,
+            }
+        )
     return records
 
 
@@ -67,7 +71,9 @@ def plain_forward(loaded, sequences: list[list[int]], batch_size: int, pad: int)
             input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in batch])  # [batch, width]
             attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch])
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            base(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
 
 
 def main() -> None:
@@ -109,15 +115,21 @@ def main() -> None:
             function()
             times[name].append(time.perf_counter() - start)
     ratio = statistics.median(times["forward"][r] / times["score"][r] for r in range(args.repeats))
-    print(f"model {args.model}: {geometry.n_layers} layers, d_model {geometry.d_model}; {len(records)} candidates, "
-          f"{tokens} tokens (mean {tokens / len(records):.0f} per probing sequence); batch {args.batch_size}; "
-          f"{args.repeats} paired repeats; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {geometry.n_layers} layers, d_model {geometry.d_model}; {len(records)} candidates, "
+        f"{tokens} tokens (mean {tokens / len(records):.0f} per probing sequence); batch {args.batch_size}; "
+        f"{args.repeats} paired repeats; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("thinking is pre-made: generation time is excluded (see bench_generation.py)")
-    for name, description in (("forward", "plain forward of the base model (physical limit)"),
-                              ("score", "candidate scoring: tokenise + trace + plateau/final/MS")):
+    for name, description in (
+        ("forward", "plain forward of the base model (physical limit)"),
+        ("score", "candidate scoring: tokenise + trace + plateau/final/MS"),
+    ):
         median = statistics.median(times[name])
-        print(f"{name:<8} {median:8.3f} s  {tokens / median:9.0f} tok/s  {len(records) / median:7.1f} cand/s  "
-              f"{description}")
+        print(
+            f"{name:<8} {median:8.3f} s  {tokens / median:9.0f} tok/s  {len(records) / median:7.1f} cand/s  "
+            f"{description}"
+        )
     print(f"scoring throughput vs plain forward: {ratio:.2f}x (target >= 0.90x)")
 
 

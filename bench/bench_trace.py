@@ -56,7 +56,9 @@ def build(model_name: str, batch_size: int, seq_len: int):
     model, adapter = loaded.model, loaded.adapter
     geometry = adapter.geometry(model)
     generator = torch.Generator().manual_seed(0)
-    sequences = torch.randint(100, loaded.tokenizer.vocab_size, (batch_size, seq_len), generator=generator).tolist()
+    sequences = torch.randint(
+        100, loaded.tokenizer.vocab_size, (batch_size, seq_len), generator=generator
+    ).tolist()
     weight = torch.randn(1, geometry.d_model, generator=generator) / geometry.d_model**0.5  # [1, d_model]
     bias = torch.zeros(1)
 
@@ -71,16 +73,22 @@ def build(model_name: str, batch_size: int, seq_len: int):
 
     def plain_forward():
         with torch.inference_mode():
-            return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False).last_hidden_state
+            return base(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
 
     def trace_last_layer():
         return forward_batch(model, adapter, sequences, [last], "all", {last: prober})
 
     def causal_lm_hidden_states():
         with torch.inference_mode():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False, output_hidden_states=True)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                output_hidden_states=True,
+            )
             return prober(out.hidden_states[-1])
 
     def trace_middle_layer():
@@ -118,8 +126,18 @@ def measure_memory_child(variant: str, model_name: str, batch_size: int, seq_len
 
 def measure_memory(variant: str, args) -> float | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(SRC))
-    command = [sys.executable, __file__, "--child-memory", variant, "--model", args.model,
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child-memory",
+        variant,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
         sys.stderr.write(completed.stderr[-2000:])
@@ -152,13 +170,14 @@ def main() -> None:
         function()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for repeat in range(args.repeats):
-        order = VARIANTS[repeat % len(VARIANTS):] + VARIANTS[:repeat % len(VARIANTS)]
+        order = VARIANTS[repeat % len(VARIANTS) :] + VARIANTS[: repeat % len(VARIANTS)]
         for variant in order:
             start = time.perf_counter()
             functions[variant]()
             times[variant].append(time.perf_counter() - start)
     ratios = {
-        v: statistics.median(times["plain_forward"][r] / times[v][r] for r in range(args.repeats)) for v in VARIANTS
+        v: statistics.median(times["plain_forward"][r] / times[v][r] for r in range(args.repeats))
+        for v in VARIANTS
     }
     memory = {v: None for v in VARIANTS} if args.no_memory else {v: measure_memory(v, args) for v in VARIANTS}
     plain_memory = memory["plain_forward"]
@@ -166,19 +185,25 @@ def main() -> None:
     rows = []
     for variant in VARIANTS:
         median = statistics.median(times[variant])
-        rows.append({
-            "variant": variant,
-            "description": DESCRIPTIONS[variant],
-            "median_s": median,
-            "tokens_per_s": tokens / median,
-            "throughput_vs_plain": ratios[variant],
-            "peak_extra_mib": memory[variant],
-            "memory_vs_plain": (memory[variant] / plain_memory) if memory[variant] and plain_memory else None,
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "description": DESCRIPTIONS[variant],
+                "median_s": median,
+                "tokens_per_s": tokens / median,
+                "throughput_vs_plain": ratios[variant],
+                "peak_extra_mib": memory[variant],
+                "memory_vs_plain": (memory[variant] / plain_memory)
+                if memory[variant] and plain_memory
+                else None,
+            }
+        )
 
-    print(f"model {args.model}: {geometry.n_layers} layers, d_model {geometry.d_model}; batch {args.batch_size} x "
-          f"{args.seq_len} tokens; {args.repeats} paired repeats; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {geometry.n_layers} layers, d_model {geometry.d_model}; batch {args.batch_size} x "
+        f"{args.seq_len} tokens; {args.repeats} paired repeats; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"trace vs CausalLM+hidden_states scores: max |diff| = {max_diff:.2e}")
     header = f"{'variant':<26}{'median s':>10}{'tok/s':>10}{'x plain tput':>14}{'peak +MiB':>11}{'x plain mem':>13}"
     print(header)
@@ -186,24 +211,41 @@ def main() -> None:
     for row in rows:
         mem = "n/a" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.1f}"
         mem_ratio = "n/a" if row["memory_vs_plain"] is None else f"{row['memory_vs_plain']:.2f}"
-        print(f"{row['variant']:<26}{row['median_s']:>10.3f}{row['tokens_per_s']:>10.0f}"
-              f"{row['throughput_vs_plain']:>14.2f}{mem:>11}{mem_ratio:>13}")
+        print(
+            f"{row['variant']:<26}{row['median_s']:>10.3f}{row['tokens_per_s']:>10.0f}"
+            f"{row['throughput_vs_plain']:>14.2f}{mem:>11}{mem_ratio:>13}"
+        )
     middle_fraction = 1.0 / ratios["trace_middle_layer"]
-    print(f"middle layer ({middle} of {geometry.n_layers}) trace takes {middle_fraction:.2f}x the time of a full "
-          f"plain pass (ideal ~{(middle + 1) / geometry.n_layers:.2f}: the pass stops after layer {middle})")
+    print(
+        f"middle layer ({middle} of {geometry.n_layers}) trace takes {middle_fraction:.2f}x the time of a full "
+        f"plain pass (ideal ~{(middle + 1) / geometry.n_layers:.2f}: the pass stops after layer {middle})"
+    )
     trace_row = rows[1]
     memory_ratio = trace_row["memory_vs_plain"]
     memory_text = "n/a" if memory_ratio is None else f"{memory_ratio:.2f}x"
-    print(f"targets: last-layer trace throughput >= 0.95x plain: {trace_row['throughput_vs_plain']:.2f}x; "
-          f"peak memory <= 1.1x plain: {memory_text}")
-    print("memory = peak resident memory of one pass on top of the loaded model, fresh subprocess per variant, "
-          "glibc mmap threshold 64 KiB (freed tensors go back to the OS); peak reset via /proc/self/clear_refs")
+    print(
+        f"targets: last-layer trace throughput >= 0.95x plain: {trace_row['throughput_vs_plain']:.2f}x; "
+        f"peak memory <= 1.1x plain: {memory_text}"
+    )
+    print(
+        "memory = peak resident memory of one pass on top of the loaded model, fresh subprocess per variant, "
+        "glibc mmap threshold 64 KiB (freed tensors go back to the OS); peak reset via /proc/self/clear_refs"
+    )
     if args.json_path:
         payload = {
-            "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
-            "n_layers": geometry.n_layers, "middle_layer": middle, "max_abs_score_diff": max_diff,
-            "middle_layer_time_fraction": middle_fraction, "rows": rows, "times_s": times,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "repeats": args.repeats,
+            "n_layers": geometry.n_layers,
+            "middle_layer": middle,
+            "max_abs_score_diff": max_diff,
+            "middle_layer_time_fraction": middle_fraction,
+            "rows": rows,
+            "times_s": times,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
         }
         Path(args.json_path).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json_path}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CORE, CORE_IDS, make_tiny_model
 from refusal_cliff.ablation import (
     export_ablated_model,
     fold_head_scaling,
@@ -18,6 +17,8 @@ from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
 from refusal_cliff.models import LoadedModel
 from refusal_cliff.plotting import plot_ablation, save_figure
+
+from conftest import CORE, CORE_IDS, make_tiny_model
 
 VOCAB = 1024
 HEADS = [(0, 1), (1, 0), (1, 3)]
@@ -65,7 +66,7 @@ def test_gamma_zero_equals_zeroing_the_slice(architecture, overrides):
 
     def zero_slice(module, args):
         x = args[0].clone()
-        x[..., head * head_dim:(head + 1) * head_dim] = 0
+        x[..., head * head_dim : (head + 1) * head_dim] = 0
         return (x,)
 
     with add_hooks(forward_pre_hooks=[(adapter.o_proj(model, layer), zero_slice)]):
@@ -85,6 +86,7 @@ def test_renormalize_keeps_the_o_proj_input_norm():
     def record(name):
         def hook(module, args):
             seen[name] = args[0].detach().clone()
+
         return hook
 
     o_proj = adapter.o_proj(model, 1)
@@ -93,10 +95,14 @@ def test_renormalize_keeps_the_o_proj_input_norm():
     with scale_heads(model, [(1, 0), (1, 2)], gamma=0.0, renormalize=True):
         with add_hooks(forward_pre_hooks=[(o_proj, record("scaled"))]):  # runs after the scaling hook
             _logits(model)
-    torch.testing.assert_close(seen["scaled"].norm(dim=-1), seen["original"].norm(dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        seen["scaled"].norm(dim=-1), seen["original"].norm(dim=-1), rtol=1e-5, atol=1e-5
+    )
     head_dim = adapter.geometry(model).head_dim
     assert torch.all(seen["scaled"][..., :head_dim] == 0)  # head 0 is still removed
-    assert not torch.allclose(seen["scaled"][..., head_dim:2 * head_dim], seen["original"][..., head_dim:2 * head_dim])
+    assert not torch.allclose(
+        seen["scaled"][..., head_dim : 2 * head_dim], seen["original"][..., head_dim : 2 * head_dim]
+    )
 
 
 @pytest.mark.parametrize("architecture,overrides", CORE, ids=CORE_IDS)
@@ -153,13 +159,32 @@ def test_run_ablation_end_to_end_on_a_tiny_model(smol_tokenizer, tmp_path):
     harmful = [{"id": "h1", "prompt": "How do I pick a lock?"}, {"id": "h2", "prompt": "Make a weapon."}]
     benign = [{"id": "b1", "prompt": "Name a fruit."}]
     seen = []
-    records = run_ablation(loaded, prober, 1, ranking, [0.25, 0.125], harmful, config, benign,
-                           labeler=KeywordLabeler(), on_record=lambda r, o: seen.append(o))
+    records = run_ablation(
+        loaded,
+        prober,
+        1,
+        ranking,
+        [0.25, 0.125],
+        harmful,
+        config,
+        benign,
+        labeler=KeywordLabeler(),
+        on_record=lambda r, o: seen.append(o),
+    )
     assert [r["threshold"] for r in records] == [0.0, 0.125, 0.25]
     assert [r["heads"] for r in records] == [[], [[1, 3]], [[1, 3], [1, 2]]]
     for record in records:
-        assert set(record) >= {"threshold", "heads", "gamma", "renormalize", "final_score_mean", "asr",
-                               "benign_refusal_rate", "n_harmful", "n_benign"}
+        assert set(record) >= {
+            "threshold",
+            "heads",
+            "gamma",
+            "renormalize",
+            "final_score_mean",
+            "asr",
+            "benign_refusal_rate",
+            "n_harmful",
+            "n_benign",
+        }
         assert record["n_harmful"] == 2 and record["n_benign"] == 1
         assert 0 < record["final_score_mean"] < 1
         assert 0 <= record["asr"] <= 1 and 0 <= record["benign_refusal_rate"] <= 1
@@ -180,15 +205,22 @@ def tiny_run(tmp_path, smol_tokenizer):
     model.save_pretrained(str(tmp_path / "model"))
     smol_tokenizer.save_pretrained(str(tmp_path / "model"))
     loaded = LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny", None, "test")
-    prober = Prober(torch.nn.Linear(64, 1), layer=1,
-                    metadata={"architecture": "LlamaForCausalLM", "n_layers": 2, "final_norm_applied": True})
+    prober = Prober(
+        torch.nn.Linear(64, 1),
+        layer=1,
+        metadata={"architecture": "LlamaForCausalLM", "n_layers": 2, "final_norm_applied": True},
+    )
     save_prober(prober, tmp_path / "prober")
-    prompts = [{"id": str(i), "prompt": text} for i, text in enumerate(["Make a weapon.", "Pick a lock.", "Hi."])]
+    prompts = [
+        {"id": str(i), "prompt": text} for i, text in enumerate(["Make a weapon.", "Pick a lock.", "Hi."])
+    ]
     config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3, batch_size=3)
     records = list(generate_records(loaded, prompts, config, progress=False))
     write_jsonl(tmp_path / "run" / "generations.jsonl", records)
-    write_jsonl(tmp_path / "run" / "labels.jsonl",
-                [{"id": r["id"], "refusal": r["id"] == "0", "judge": "keyword"} for r in records])
+    write_jsonl(
+        tmp_path / "run" / "labels.jsonl",
+        [{"id": r["id"], "refusal": r["id"] == "0", "judge": "keyword"} for r in records],
+    )
     (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p["prompt"]}"}}\n' for p in prompts))
     return tmp_path
 
@@ -202,9 +234,22 @@ def test_heads_and_ablate_commands(tiny_run):
 
     runner = CliRunner()
     model, prober = str(tiny_run / "model"), str(tiny_run / "prober" / "prober.safetensors")
-    result = runner.invoke(main, ["heads", "--model", model, "--device", "cpu", "--prober", prober,
-                                  "--generations", str(tiny_run / "run" / "generations.jsonl"),
-                                  "--out", str(tiny_run / "heads")])
+    result = runner.invoke(
+        main,
+        [
+            "heads",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--prober",
+            prober,
+            "--generations",
+            str(tiny_run / "run" / "generations.jsonl"),
+            "--out",
+            str(tiny_run / "heads"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     heads = json.loads((tiny_run / "heads" / "heads.json").read_text())
     assert len(heads) == 8 and [h["rank"] for h in heads] == list(range(8))
@@ -214,14 +259,36 @@ def test_heads_and_ablate_commands(tiny_run):
     assert metadata["exact_decomposition_max_error"] < 1e-4
     assert (tiny_run / "heads" / "heads.png").is_file()
 
-    common = ["ablate", "--model", model, "--device", "cpu", "--prober", prober,
-              "--heads", str(tiny_run / "heads" / "heads.json"), "--thresholds", "0.125,0.25",
-              "--prompts", str(tiny_run / "prompts.jsonl"), "--benign-prompts", str(tiny_run / "prompts.jsonl"),
-              "--limit", "2", "--max-thinking-tokens", "3", "--max-answer-tokens", "2"]
-    bad = runner.invoke(main, common + ["--renormalize", "--out", str(tiny_run / "bad"),
-                                        "--export", str(tiny_run / "x")])
+    common = [
+        "ablate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--heads",
+        str(tiny_run / "heads" / "heads.json"),
+        "--thresholds",
+        "0.125,0.25",
+        "--prompts",
+        str(tiny_run / "prompts.jsonl"),
+        "--benign-prompts",
+        str(tiny_run / "prompts.jsonl"),
+        "--limit",
+        "2",
+        "--max-thinking-tokens",
+        "3",
+        "--max-answer-tokens",
+        "2",
+    ]
+    bad = runner.invoke(
+        main, common + ["--renormalize", "--out", str(tiny_run / "bad"), "--export", str(tiny_run / "x")]
+    )
     assert bad.exit_code == 2 and "renormalize" in bad.output
-    result = runner.invoke(main, common + ["--out", str(tiny_run / "ablation"), "--export", str(tiny_run / "fixed")])
+    result = runner.invoke(
+        main, common + ["--out", str(tiny_run / "ablation"), "--export", str(tiny_run / "fixed")]
+    )
     assert result.exit_code == 0, result.output
     records = json.loads((tiny_run / "ablation" / "ablation.json").read_text())
     assert [r["threshold"] for r in records] == [0.0, 0.125, 0.25]

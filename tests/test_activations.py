@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, make_tiny_model
 from refusal_cliff.activations import (
     forward_batch,
     iter_activation_batches,
@@ -17,6 +16,8 @@ from refusal_cliff.activations import (
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
+
+from conftest import ARCHITECTURES, make_tiny_model
 
 LENGTHS = (5, 17, 9, 1, 12, 3)
 
@@ -95,7 +96,9 @@ def test_several_layers_in_one_pass():
     adapter = get_adapter(model)
     passes = []
     with add_hooks(forward_hooks=[(adapter.embed_tokens(model), lambda *_: passes.append(1))]):
-        batches = list(iter_activation_batches(model, adapter, random_sequences(), [0, 1], "last", batch_size=3))
+        batches = list(
+            iter_activation_batches(model, adapter, random_sequences(), [0, 1], "last", batch_size=3)
+        )
     assert len(passes) == len(batches) == 2
     assert all(set(batch.values) == {0, 1} for batch in batches)
 
@@ -104,7 +107,9 @@ def test_results_in_input_order_and_sorted_batches():
     model = make_tiny_model("LlamaForCausalLM")
     adapter = get_adapter(model)
     sequences = random_sequences()
-    batches = list(iter_activation_batches(model, adapter, sequences, [1], "all", batch_size=2, sort_window=4))
+    batches = list(
+        iter_activation_batches(model, adapter, sequences, [1], "all", batch_size=2, sort_window=4)
+    )
     # within each window of 4 sequences, batches go longest first
     assert batches[0].indices == [1, 2]
     assert sorted(i for b in batches for i in b.indices) == list(range(len(sequences)))
@@ -119,7 +124,15 @@ def test_transform_is_applied_inside_the_hook():
     sequences = random_sequences()
     plain = dict(iter_activations(model, adapter, sequences, [1], "all", batch_size=3))
     summed = dict(
-        iter_activations(model, adapter, sequences, [1], "all", batch_size=3, transforms={1: lambda h: h.sum(-1, keepdim=True)})
+        iter_activations(
+            model,
+            adapter,
+            sequences,
+            [1],
+            "all",
+            batch_size=3,
+            transforms={1: lambda h: h.sum(-1, keepdim=True)},
+        )
     )
     for index in range(len(sequences)):
         torch.testing.assert_close(summed[index][1][:, 0], plain[index][1].sum(-1), atol=1e-4, rtol=1e-5)

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, make_tiny_model
 from refusal_cliff.architectures import get_adapter, supported_architectures
 from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
+
+from conftest import ARCHITECTURES, make_tiny_model
 
 
 def test_every_registered_adapter_is_tested():
@@ -16,8 +17,13 @@ def test_adapter_finds_layers_o_proj_and_geometry(tiny_model):
     adapter = get_adapter(tiny_model)
     adapter.check(tiny_model)
     geometry = adapter.geometry(tiny_model)
-    assert (geometry.n_layers, geometry.n_heads, geometry.n_kv_heads, geometry.head_dim, geometry.d_model) == (
-        2, 4, 2, 16, 64)
+    assert (
+        geometry.n_layers,
+        geometry.n_heads,
+        geometry.n_kv_heads,
+        geometry.head_dim,
+        geometry.d_model,
+    ) == (2, 4, 2, 16, 64)
     assert len(adapter.layers(tiny_model)) == 2
     for layer in range(2):
         o_proj = adapter.o_proj(tiny_model, layer)

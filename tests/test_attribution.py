@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHITECTURES, CORE, CORE_IDS, make_tiny_model
 from refusal_cliff.activations import pad_left
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.attribution import (
@@ -22,6 +21,8 @@ from refusal_cliff.attribution import (
 )
 from refusal_cliff.errors import UserError
 from refusal_cliff.hooks import add_hooks
+
+from conftest import ARCHITECTURES, CORE, CORE_IDS, make_tiny_model
 
 VOCAB = 1024  # small embeddings keep model construction fast; token ids stay below 1000
 
@@ -65,6 +66,7 @@ def test_head_vectors_plus_bias_sum_to_attention_output(architecture, overrides)
         def hook(module, args, output):
             inputs[index] = args[0][:, -1]
             outputs[index] = output[:, -1]
+
         return hook
 
     hooks = [(adapter.o_proj(model, i), capture(i)) for i in range(geometry.n_layers)]
@@ -84,8 +86,12 @@ def _reference_logit(model, input_ids, attention_mask, prober, layer, final_norm
     """The prober's logit from `output_hidden_states`, independent of the attribution hooks."""
     from refusal_cliff.attribution import position_ids_for
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_for(attention_mask), output_hidden_states=True)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        output_hidden_states=True,
+    )
     hidden = out.hidden_states[layer + 1][:, -1]
     n_layers = get_adapter(model).geometry(model).n_layers
     if final_norm_applied and layer != n_layers - 1:
@@ -95,8 +101,14 @@ def _reference_logit(model, input_ids, attention_mask, prober, layer, final_norm
 
 @pytest.mark.parametrize(
     "architecture,overrides",
-    CORE + [(a, {}) for a in ARCHITECTURES if a not in {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}],
-    ids=CORE_IDS + [a for a in ARCHITECTURES if a not in {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}],
+    CORE
+    + [
+        (a, {})
+        for a in ARCHITECTURES
+        if a not in {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    ],
+    ids=CORE_IDS
+    + [a for a in ARCHITECTURES if a not in {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}],
 )
 @pytest.mark.parametrize("where", ["last-layer-final-norm", "middle-layer"])
 def test_exact_decomposition_sums_to_prober_logit(architecture, overrides, where):
@@ -111,7 +123,7 @@ def test_exact_decomposition_sums_to_prober_logit(architecture, overrides, where
     torch.testing.assert_close(result.logit, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(result.exact_total(), result.logit, rtol=1e-4, atol=1e-4)
     # heads after the prober's layer cannot reach it; heads before it really do contribute
-    assert torch.all(result.exact[:, layer + 1:] == 0)
+    assert torch.all(result.exact[:, layer + 1 :] == 0)
     assert result.exact[:, : layer + 1].abs().sum() > 0
     assert result.mlp.abs().sum() > 0 and result.embedding.abs().sum() > 0
     if overrides.get("attention_bias"):
@@ -130,13 +142,16 @@ def test_paper_form_contribution_matches_manual_projection(architecture, overrid
     def capture(index):
         def hook(module, args):
             captured[index] = args[0][:, -1]
+
         return hook
 
     hooks = [(adapter.o_proj(model, i), capture(i)) for i in range(geometry.n_layers)]
     from refusal_cliff.attribution import position_ids_for
 
     with add_hooks(forward_pre_hooks=hooks):
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask))
+        model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+        )
     result = attribute_batch(model, input_ids, attention_mask, prober, 1, True)
     for index in range(geometry.n_layers):
         vectors = head_vectors(adapter.o_proj(model, index), captured[index], geometry.n_heads)
@@ -167,7 +182,9 @@ def test_t_cliff_position_equals_truncated_sequence():
     sequences = _sequences((9, 6))
     positions = [4, -2]
     at_position = attribute_sequences(model, sequences, prober, 1, True, pad_token_id=2, positions=positions)
-    truncated = attribute_sequences(model, [sequences[0][:5], sequences[1][:5]], prober, 1, True, pad_token_id=2)
+    truncated = attribute_sequences(
+        model, [sequences[0][:5], sequences[1][:5]], prober, 1, True, pad_token_id=2
+    )
     torch.testing.assert_close(at_position.contribution, truncated.contribution, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(at_position.logit, truncated.logit, rtol=1e-4, atol=1e-4)
 
@@ -192,8 +209,15 @@ def test_bad_prober_is_a_user_error():
 
 def _fake_attribution(values: torch.Tensor) -> HeadAttribution:
     n, layers, heads = values.shape
-    return HeadAttribution(values, values * 2, torch.zeros(n, layers), torch.zeros(n, layers),
-                           torch.zeros(n), 0.0, torch.zeros(n))
+    return HeadAttribution(
+        values,
+        values * 2,
+        torch.zeros(n, layers),
+        torch.zeros(n, layers),
+        torch.zeros(n),
+        0.0,
+        torch.zeros(n),
+    )
 
 
 def test_rank_heads_orders_most_negative_first_and_thresholds_count_heads():
@@ -235,8 +259,9 @@ def test_exact_decomposition_on_the_embedded_model(smol_model):
     sequences = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     geometry = smol_model.adapter.geometry(smol_model.model)
     prober = _prober(geometry.d_model)
-    result = attribute_sequences(smol_model.model, sequences, prober, geometry.n_layers - 1, True,
-                                 pad_token_id=tokenizer.pad_token_id)
+    result = attribute_sequences(
+        smol_model.model, sequences, prober, geometry.n_layers - 1, True, pad_token_id=tokenizer.pad_token_id
+    )
     assert result.contribution.shape == (2, 30, 9)
     torch.testing.assert_close(result.exact_total(), result.logit, rtol=1e-3, atol=1e-3)
     logits = prober_logits(smol_model.model, sequences, prober, geometry.n_layers - 1, tokenizer.pad_token_id)

@@ -19,8 +19,10 @@ from refusal_cliff.models import LoadedModel
 from conftest import make_tiny_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-PROMPTS = [{"id": f"p{i:02d}", "prompt": f"Tell me about item {i}." + " Please explain." * (i % 3)}
-           for i in range(10)]
+PROMPTS = [
+    {"id": f"p{i:02d}", "prompt": f"Tell me about item {i}." + " Please explain." * (i % 3)}
+    for i in range(10)
+]
 
 
 @pytest.fixture
@@ -30,8 +32,14 @@ def tiny_loaded(smol_tokenizer):
 
 
 def _sampled(batch_size: int, seed: int = 3) -> GenerationConfig:
-    return GenerationConfig(max_thinking_tokens=12, max_answer_tokens=6, batch_size=batch_size,
-                            temperature=0.7, top_p=0.95, seed=seed)
+    return GenerationConfig(
+        max_thinking_tokens=12,
+        max_answer_tokens=6,
+        batch_size=batch_size,
+        temperature=0.7,
+        top_p=0.95,
+        seed=seed,
+    )
 
 
 # -- per-example seeds (HF) -----------------------------------------------------------------------
@@ -49,10 +57,13 @@ def test_a_sampled_example_does_not_depend_on_its_batch(tiny_loaded):
     batched = {r["id"]: r for r in generate_records(tiny_loaded, PROMPTS[:6], _sampled(4), progress=False)}
     for prompt in PROMPTS[:6]:
         alone = next(generate_records(tiny_loaded, [prompt], _sampled(1), progress=False))
-        assert (alone["thinking"], alone["answer"]) == (batched[prompt["id"]]["thinking"],
-                                                        batched[prompt["id"]]["answer"])
-    other_seed = {r["id"]: r for r in generate_records(tiny_loaded, PROMPTS[:6], _sampled(4, seed=4),
-                                                       progress=False)}
+        assert (alone["thinking"], alone["answer"]) == (
+            batched[prompt["id"]]["thinking"],
+            batched[prompt["id"]]["answer"],
+        )
+    other_seed = {
+        r["id"]: r for r in generate_records(tiny_loaded, PROMPTS[:6], _sampled(4, seed=4), progress=False)
+    }
     greedy_config = GenerationConfig(max_thinking_tokens=12, max_answer_tokens=6, batch_size=4)
     greedy = {r["id"]: r for r in generate_records(tiny_loaded, PROMPTS[:6], greedy_config, progress=False)}
     # the test means something: sampling is not greedy, and another seed samples other text
@@ -62,8 +73,9 @@ def test_a_sampled_example_does_not_depend_on_its_batch(tiny_loaded):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_resumed_sampled_generate_equals_uninterrupted_byte_for_byte(tiny_loaded, tmp_path, monkeypatch,
-                                                                       batch_size):
+def test_resumed_sampled_generate_equals_uninterrupted_byte_for_byte(
+    tiny_loaded, tmp_path, monkeypatch, batch_size
+):
     config = _sampled(batch_size)
     whole = run_generate(tiny_loaded, PROMPTS, config, tmp_path / "whole", progress=False)
 
@@ -103,9 +115,12 @@ class FakeVLLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         self.requests.append((prompts, sampling_params))
-        return [SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=ids, finish_reason=finish,
-                                                         stop_reason=stop)])
-                for text, ids, finish, stop in self.planted[:len(prompts)]]
+        return [
+            SimpleNamespace(
+                outputs=[SimpleNamespace(text=text, token_ids=ids, finish_reason=finish, stop_reason=stop)]
+            )
+            for text, ids, finish, stop in self.planted[: len(prompts)]
+        ]
 
 
 @pytest.fixture
@@ -122,9 +137,13 @@ def test_vllm_requests_carry_budget_stop_string_and_per_example_seeds(meta_loade
     from refusal_cliff.backends import VLLMBackend
 
     eos = meta_loaded.tokenizer.eos_token_id
-    engine = FakeVLLM([("a thought\n</think>", [5, 6, 7], "stop", "</think>"),
-                       ("short", [8, eos], "stop", None),
-                       ("x" * 9, [9] * 4, "length", None)])
+    engine = FakeVLLM(
+        [
+            ("a thought\n</think>", [5, 6, 7], "stop", "</think>"),
+            ("short", [8, eos], "stop", None),
+            ("x" * 9, [9] * 4, "length", None),
+        ]
+    )
     backend = VLLMBackend(meta_loaded, engine=engine)
     texts = ["<|im_start|>user\nhi<|im_end|>\n<think>\n", "b", "c"]
     seeds = [example_seed(0, i) for i in ("p0", "p1", "p2")]
@@ -148,23 +167,30 @@ def test_vllm_finish_reasons_become_thinking_end(meta_loaded):
     from refusal_cliff.backends import VLLMBackend
 
     eos = meta_loaded.tokenizer.eos_token_id
-    planted = [("I think\n</think>", [1, 2], "stop", "</think>"), ("I stop", [3, eos], "stop", None),
-               ("and on and on", [4, 5, 6, 7], "length", None)]
+    planted = [
+        ("I think\n</think>", [1, 2], "stop", "</think>"),
+        ("I stop", [3, eos], "stop", None),
+        ("and on and on", [4, 5, 6, 7], "length", None),
+    ]
 
     class Engine(FakeVLLM):  # thinking requests get the planted thoughts, answers a fixed reply
         def generate(self, prompts, sampling_params=None, use_tqdm=True):
             if sampling_params[0].stop:
                 return super().generate(prompts, sampling_params, use_tqdm)
             self.requests.append((prompts, sampling_params))
-            answer = SimpleNamespace(text=" Sure.", token_ids=[9, eos], finish_reason="stop",
-                                     stop_reason=None)
+            answer = SimpleNamespace(
+                text=" Sure.", token_ids=[9, eos], finish_reason="stop", stop_reason=None
+            )
             return [SimpleNamespace(outputs=[answer]) for _ in prompts]
 
     engine = Engine(planted)
     config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3, batch_size=8, temperature=0.7)
-    records = {r["id"]: r for r in generate_records(meta_loaded, PROMPTS[:3], config,
-                                                    backend=VLLMBackend(meta_loaded, engine=engine),
-                                                    progress=False)}
+    records = {
+        r["id"]: r
+        for r in generate_records(
+            meta_loaded, PROMPTS[:3], config, backend=VLLMBackend(meta_loaded, engine=engine), progress=False
+        )
+    }
     tokenize = lambda text: tuple(meta_loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
     by_tokens = {tokenize(r["generation_prompt"]): key for key, r in records.items()}
     order = [by_tokens[tuple(prompt["prompt_token_ids"])] for prompt in engine.requests[0][0]]  # as requested
@@ -205,10 +231,25 @@ def test_backend_vllm_without_vllm_is_one_line_exit_2(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     out.mkdir()
     (out / "generations.jsonl").write_text("kept\n")
-    result = subprocess.run([sys.executable, "-m", "refusal_cliff.cli", "generate", "--model",
-                             str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
-                             "--backend", "vllm"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refusal_cliff.cli",
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--backend",
+            "vllm",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "pip install 'refusal-cliff[vllm]'" in result.stderr
     assert (out / "generations.jsonl").read_text() == "kept\n" and not (out / "metadata.json").exists()
@@ -237,8 +278,14 @@ def test_vllm_generate_on_a_gpu_matches_the_record_format(tmp_path):
 
     loaded = load_tokenizer_side(ModelConfig(model="default", dtype="bfloat16"))
     config = GenerationConfig(max_thinking_tokens=32, max_answer_tokens=16, batch_size=4)
-    target = run_generate(loaded, PROMPTS[:4], config, tmp_path, progress=False,
-                          backend=BackendConfig(backend="vllm", gpu_memory_utilization=0.3))
+    target = run_generate(
+        loaded,
+        PROMPTS[:4],
+        config,
+        tmp_path,
+        progress=False,
+        backend=BackendConfig(backend="vllm", gpu_memory_utilization=0.3),
+    )
     records = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in records] == [p["id"] for p in PROMPTS[:4]]
     assert all(r["thinking_tokens"] <= 32 and r["answer_tokens"] <= 16 for r in records)

@@ -22,12 +22,27 @@ def runs(tiny_model_dir, tmp_path_factory):
     prompts = {}
     for kind in ("harmful", "harmless"):
         path = root / f"{kind}.jsonl"
-        path.write_text("".join(json.dumps({"id": f"{kind}-{i}", "prompt": f"{kind} request number {i}"}) + "\n"
-                                for i in range(12)))
+        path.write_text(
+            "".join(
+                json.dumps({"id": f"{kind}-{i}", "prompt": f"{kind} request number {i}"}) + "\n"
+                for i in range(12)
+            )
+        )
         prompts[kind] = path
         out = root / kind
-        result = _invoke("generate", "--model", tiny_model_dir, "--prompts", path, "--max-thinking-tokens", 12,
-                         "--max-answer-tokens", 4, "--out", out)
+        result = _invoke(
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--prompts",
+            path,
+            "--max-thinking-tokens",
+            12,
+            "--max-answer-tokens",
+            4,
+            "--out",
+            out,
+        )
         assert result.exit_code == 0, result.output
         result = _invoke("label", "--generations", out / "generations.jsonl", "--out", out)
         assert result.exit_code == 0, result.output
@@ -37,8 +52,20 @@ def runs(tiny_model_dir, tmp_path_factory):
             for index, label in enumerate(labels):
                 label["refusal"] = index % 3 != 0
             (out / "labels.jsonl").write_text("".join(json.dumps(label) + "\n" for label in labels))
-    result = _invoke("probe", "train", "--model", tiny_model_dir, "--harmful", root / "harmful", "--harmless",
-                     root / "harmless", "--epochs", 3, "--out", root / "probe")
+    result = _invoke(
+        "probe",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--harmful",
+        root / "harmful",
+        "--harmless",
+        root / "harmless",
+        "--epochs",
+        3,
+        "--out",
+        root / "probe",
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -47,14 +74,36 @@ def test_probe_train_trace_report(runs, tiny_model_dir):
     probe = runs / "probe"
     meta = json.loads((probe / "prober.json").read_text())
     assert meta["layer"] == 1 and meta["d_model"] == 64 and len(meta["history"]) == 3
-    again = _invoke("probe", "train", "--model", tiny_model_dir, "--harmful", runs / "harmful", "--harmless",
-                    runs / "harmless", "--epochs", 3, "--out", probe)
+    again = _invoke(
+        "probe",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--harmful",
+        runs / "harmful",
+        "--harmless",
+        runs / "harmless",
+        "--epochs",
+        3,
+        "--out",
+        probe,
+    )
     assert "up to date" in again.output
 
     trace = runs / "trace"
-    result = _invoke("trace", "--model", tiny_model_dir, "--prober", probe / "prober.safetensors",
-                     "--generations", runs / "harmful" / "generations.jsonl",
-                     "--harmless-generations", runs / "harmless" / "generations.jsonl", "--out", trace)
+    result = _invoke(
+        "trace",
+        "--model",
+        tiny_model_dir,
+        "--prober",
+        probe / "prober.safetensors",
+        "--generations",
+        runs / "harmful" / "generations.jsonl",
+        "--harmless-generations",
+        runs / "harmless" / "generations.jsonl",
+        "--out",
+        trace,
+    )
     assert result.exit_code == 0, result.output
     cliff = read_jsonl(trace / "cliff.jsonl")
     assert len(cliff) == 24
@@ -77,41 +126,104 @@ def test_prober_for_another_model_is_rejected(runs, tmp_path, smol_tokenizer):
     from conftest import make_tiny_model
 
     other = tmp_path / "other"
-    make_tiny_model("Qwen2ForCausalLM", hidden_size=32, intermediate_size=64, head_dim=8).save_pretrained(other)
+    make_tiny_model("Qwen2ForCausalLM", hidden_size=32, intermediate_size=64, head_dim=8).save_pretrained(
+        other
+    )
     smol_tokenizer.save_pretrained(other)
-    result = CliRunner().invoke(main, ["trace", "--model", str(other), "--prober", str(runs / "probe"),
-                                       "--generations", str(runs / "harmful" / "generations.jsonl"),
-                                       "--out", str(tmp_path / "t")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "trace",
+            "--model",
+            str(other),
+            "--prober",
+            str(runs / "probe"),
+            "--generations",
+            str(runs / "harmful" / "generations.jsonl"),
+            "--out",
+            str(tmp_path / "t"),
+        ],
+    )
     assert result.exit_code == 2
     assert "prober" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "t" / "cliff.jsonl").exists()
 
 
 def test_probe_train_needs_labels(runs, tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(main, ["probe", "train", "--model", str(tiny_model_dir), "--harmful",
-                                       str(tmp_path), "--harmless", str(runs / "harmless"), "--out",
-                                       str(tmp_path / "p")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--harmful",
+            str(tmp_path),
+            "--harmless",
+            str(runs / "harmless"),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+    )
     assert result.exit_code == 2 and "generations.jsonl" in result.output
 
 
 def test_layer_and_clipping_studies(runs, tiny_model_dir):
-    result = _invoke("layers", "--model", tiny_model_dir, "--harmful", runs / "harmful", "--harmless",
-                     runs / "harmless", "--layers", "0", "--epochs", 2, "--out", runs / "layers")
+    result = _invoke(
+        "layers",
+        "--model",
+        tiny_model_dir,
+        "--harmful",
+        runs / "harmful",
+        "--harmless",
+        runs / "harmless",
+        "--layers",
+        "0",
+        "--epochs",
+        2,
+        "--out",
+        runs / "layers",
+    )
     assert result.exit_code == 0, result.output
     layerwise = json.loads((runs / "layers" / "layerwise.json").read_text())
     assert set(layerwise) == {"0", "1"}  # the asked layer and the last one
     assert len(layerwise["1"]["harmless"]["mean"]) == 101
     assert (runs / "layers" / "layer_00" / "prober.safetensors").is_file()
 
-    result = _invoke("clip", "--model", tiny_model_dir, "--prober", runs / "probe", "--generations",
-                     runs / "harmful" / "generations.jsonl", "--fractions", "0,0.5,1", "--limit", 4,
-                     "--max-answer-tokens", 3, "--out", runs / "clip")
+    result = _invoke(
+        "clip",
+        "--model",
+        tiny_model_dir,
+        "--prober",
+        runs / "probe",
+        "--generations",
+        runs / "harmful" / "generations.jsonl",
+        "--fractions",
+        "0,0.5,1",
+        "--limit",
+        4,
+        "--max-answer-tokens",
+        3,
+        "--out",
+        runs / "clip",
+    )
     assert result.exit_code == 0, result.output
     clipping = json.loads((runs / "clip" / "clipping.json").read_text())
     assert [row["fraction"] for row in clipping] == [0.0, 0.5, 1.0] and all(row["n"] == 4 for row in clipping)
     assert clipping[0]["ms_mean"] is None  # no thinking left: the plateau is undefined
 
-    bad = CliRunner().invoke(main, ["clip", "--prober", str(runs / "probe"), "--generations",
-                                    str(runs / "harmful" / "generations.jsonl"), "--fractions", "0,2",
-                                    "--out", str(runs / "clip2")])
+    bad = CliRunner().invoke(
+        main,
+        [
+            "clip",
+            "--prober",
+            str(runs / "probe"),
+            "--generations",
+            str(runs / "harmful" / "generations.jsonl"),
+            "--fractions",
+            "0,2",
+            "--out",
+            str(runs / "clip2"),
+        ],
+    )
     assert bad.exit_code == 2 and "[0, 1]" in bad.output

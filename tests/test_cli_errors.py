@@ -45,8 +45,9 @@ def generations(tmp_path):
 def test_out_under_a_file_is_one_line(generations, tmp_path):
     (tmp_path / "somefile").write_text("x")
     out = tmp_path / "somefile" / "sub"
-    line = _one_error_line(_invoke("label", "--generations", generations, "--out", out), str(out),
-                           after_warnings=True)
+    line = _one_error_line(
+        _invoke("label", "--generations", generations, "--out", out), str(out), after_warnings=True
+    )
     assert "not a directory" in line
 
 
@@ -57,16 +58,23 @@ def test_out_on_a_read_only_folder_is_one_line(generations, tmp_path):
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as root: a 0555 folder is still writable")
-        _one_error_line(_invoke("label", "--generations", generations, "--out", locked / "run"), str(locked),
-                        after_warnings=True)
+        _one_error_line(
+            _invoke("label", "--generations", generations, "--out", locked / "run"),
+            str(locked),
+            after_warnings=True,
+        )
     finally:
         locked.chmod(0o755)
 
 
-@pytest.mark.parametrize("content", [
-    b'{"id": "a", "prompt": "caf\xe9", "answer": "no"}\n{"id": "b", "prompt": "x", "answer": "no"}\n',  # latin-1
-    bytes(range(256)) * 4 + b"\n" + bytes(range(255, -1, -1)) + b"\n",  # binary
-], ids=["latin1", "binary"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"id": "a", "prompt": "caf\xe9", "answer": "no"}\n{"id": "b", "prompt": "x", "answer": "no"}\n',  # latin-1
+        bytes(range(256)) * 4 + b"\n" + bytes(range(255, -1, -1)) + b"\n",  # binary
+    ],
+    ids=["latin1", "binary"],
+)
 def test_label_on_a_non_utf8_file_is_one_line(content, tmp_path):
     path = tmp_path / "generations.jsonl"
     path.write_bytes(content)
@@ -77,8 +85,11 @@ def test_label_on_a_non_utf8_file_is_one_line(content, tmp_path):
 def test_a_non_utf8_keyword_file_is_one_line(generations, tmp_path):
     keywords = tmp_path / "keywords.txt"
     keywords.write_bytes("désolé\n".encode("latin-1"))
-    line = _one_error_line(_invoke("label", "--generations", generations, "--keywords", keywords,
-                                   "--out", tmp_path / "out"), str(keywords), after_warnings=True)
+    line = _one_error_line(
+        _invoke("label", "--generations", generations, "--keywords", keywords, "--out", tmp_path / "out"),
+        str(keywords),
+        after_warnings=True,
+    )
     assert "UTF-8" in line
 
 
@@ -88,8 +99,17 @@ def test_debug_shows_the_traceback(generations, tmp_path):
     keywords = tmp_path / "keywords.txt"
     keywords.write_bytes("désolé\n".encode("latin-1"))
     for args, env in ((["--debug"], None), ([], {"REFUSAL_CLIFF_DEBUG": "1"})):
-        result = _invoke(*args, "label", "--generations", generations, "--keywords", keywords, "--out",
-                         tmp_path / "out", env=env)
+        result = _invoke(
+            *args,
+            "label",
+            "--generations",
+            generations,
+            "--keywords",
+            keywords,
+            "--out",
+            tmp_path / "out",
+            env=env,
+        )
         assert isinstance(result.exception, UnicodeDecodeError), result.output
         assert result.exit_code != 2
 
@@ -104,18 +124,23 @@ def prompts(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("env", [
-    {"HF_HUB_OFFLINE": "1"},
-    {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9"},
-], ids=["HF_HUB_OFFLINE", "unreachable-endpoint"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HF_HUB_OFFLINE": "1"},
+        {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9"},
+    ],
+    ids=["HF_HUB_OFFLINE", "unreachable-endpoint"],
+)
 def test_an_uncached_hub_id_offline_fails_fast_in_one_line(env, prompts, tmp_path, caplog):
     from refusal_cliff.models import HUB_TIMEOUT_S
 
     assert HUB_TIMEOUT_S < 5
     caplog.set_level(logging.WARNING)
     start = time.monotonic()
-    result = _invoke("generate", "--model", "some-org/some-model", "--prompts", prompts, "--out", tmp_path / "g",
-                     env=env)
+    result = _invoke(
+        "generate", "--model", "some-org/some-model", "--prompts", prompts, "--out", tmp_path / "g", env=env
+    )
     elapsed = time.monotonic() - start
     line = _one_error_line(result, "some-org/some-model", "--model", ".gguf")
     assert elapsed < 5, f"took {elapsed:.1f} s"
@@ -132,14 +157,38 @@ def test_a_cached_hub_id_loads_with_no_network(tiny_model_dir, prompts, tmp_path
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")
+    }
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "refusal_cliff.cli", "generate", "--model", "some-org/tiny", "--prompts",
-         str(prompts), "--max-thinking-tokens", "4", "--max-answer-tokens", "2", "--device", "cpu",
-         "--out", str(tmp_path / "g")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent, check=False)
+        [
+            sys.executable,
+            "-m",
+            "refusal_cliff.cli",
+            "generate",
+            "--model",
+            "some-org/tiny",
+            "--prompts",
+            str(prompts),
+            "--max-thinking-tokens",
+            "4",
+            "--max-answer-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "g"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     records = [json.loads(line) for line in (tmp_path / "g" / "generations.jsonl").read_text().splitlines()]

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, make_tiny_model
 from test_ablation import tiny_run  # noqa: F401  (fixture: a saved tiny Llama, a prober, a labelled run)
 from torch import nn
 
@@ -28,6 +27,8 @@ from refusal_cliff.components import (
 from refusal_cliff.config import parse_components
 from refusal_cliff.errors import UserError
 from refusal_cliff.models import LoadedModel
+
+from conftest import ARCHITECTURES, make_tiny_model
 
 VOCAB = 1024
 ARCH_CASES = [("LlamaForCausalLM", {"attention_bias": True})] + [(a, {}) for a in ARCHITECTURES]
@@ -84,21 +85,26 @@ def test_terms_sum_to_the_logit_and_to_its_change_across_the_template(architectu
     prober = _prober()
     sequences, positions = _sequences()
     with torch.no_grad():
-        terms = component_terms(model, sequences, positions, prober, layer, final_norm_applied,
-                                pad_token_id=0, batch_size=2)
+        terms = component_terms(
+            model, sequences, positions, prober, layer, final_norm_applied, pad_token_id=0, batch_size=2
+        )
         reference = _reference_logits(model, sequences, prober, layer, final_norm_applied)
     assert terms.logit.shape == (3, 6)
     for row, (sequence_positions, logits) in enumerate(zip(positions, reference)):
         width = len(sequence_positions)
-        torch.testing.assert_close(terms.logit[row, -width:], logits[sequence_positions], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            terms.logit[row, -width:], logits[sequence_positions], rtol=1e-4, atol=1e-4
+        )
         # padding columns repeat the last thinking token
-        assert torch.all(terms.logit[row, :6 - width] == terms.logit[row, 6 - width])
+        assert torch.all(terms.logit[row, : 6 - width] == terms.logit[row, 6 - width])
     # every example, every token: the terms plus b are the logit
     torch.testing.assert_close(terms.total(), terms.logit, rtol=1e-4, atol=1e-4)
     # the change of every component across the template sums to the change of the logit
     names, values = terms.flat(layer)
     change = (values[:, -1] - values[:, 0]).double().sum(-1)
-    torch.testing.assert_close(change, (terms.logit[:, -1] - terms.logit[:, 0]).double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        change, (terms.logit[:, -1] - terms.logit[:, 0]).double(), rtol=1e-4, atol=1e-4
+    )
     assert values[:, :, [i for i, c in enumerate(names) if c["kind"] == "mlp"]].abs().sum() > 0
     # the per-token steps telescope to the change
     steps = (values[:, 1:] - values[:, :-1]).double().sum((1, 2))
@@ -106,10 +112,13 @@ def test_terms_sum_to_the_logit_and_to_its_change_across_the_template(architectu
     has_bias = [get_adapter(model).o_proj(model, i).bias is not None for i in range(3)]
     summary = summarize(terms, layer, has_bias)
     assert summary["exact_max_error"] < 1e-4 and summary["change_max_error"] < 1e-4
-    assert sum(c["change_mean"] for c in summary["components"]) == pytest.approx(summary["logit"]["change_mean"],
-                                                                                  abs=1e-4)
+    assert sum(c["change_mean"] for c in summary["components"]) == pytest.approx(
+        summary["logit"]["change_mean"], abs=1e-4
+    )
     changes = [c["change_mean"] for c in summary["components"]]
-    assert changes == sorted(changes) and [c["rank"] for c in summary["components"]] == list(range(len(changes)))
+    assert changes == sorted(changes) and [c["rank"] for c in summary["components"]] == list(
+        range(len(changes))
+    )
     assert {c["layer"] for c in summary["components"] if c["layer"] is not None} == set(range(layer + 1))
     assert any(c["kind"] == "o_proj_bias" for c in summary["components"]) == bool(overrides)
 
@@ -140,8 +149,11 @@ def _inputs():
     input_ids = torch.randint(3, VOCAB, (2, 9), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": position_ids_for(attention_mask)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_for(attention_mask),
+    }
 
 
 def _logits(model):
@@ -218,25 +230,68 @@ def test_components_and_ablate_components_commands(tiny_run, monkeypatch):  # no
 
     runner = CliRunner()
     model, prober = str(tiny_run / "model"), str(tiny_run / "prober" / "prober.safetensors")
-    result = runner.invoke(main, ["components", "--model", model, "--device", "cpu", "--prober", prober,
-                                  "--generations", str(tiny_run / "run" / "generations.jsonl"),
-                                  "--out", str(tiny_run / "components")])
+    result = runner.invoke(
+        main,
+        [
+            "components",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--prober",
+            prober,
+            "--generations",
+            str(tiny_run / "run" / "generations.jsonl"),
+            "--out",
+            str(tiny_run / "components"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tiny_run / "components" / "components.json").read_text())
-    assert summary["n_examples"] == 2 and summary["exact_max_error"] < 1e-4 and summary["change_max_error"] < 1e-4
+    assert (
+        summary["n_examples"] == 2
+        and summary["exact_max_error"] < 1e-4
+        and summary["change_max_error"] < 1e-4
+    )
     assert (tiny_run / "components" / "components.png").read_bytes()[:4] == b"\x89PNG"
     assert len(summary["position_labels"]) == summary["n_positions"]
     assert len(summary["components"][0]["per_token_mean"]) == summary["n_positions"] - 1
 
-    common = ["ablate", "--model", model, "--device", "cpu", "--prober", prober,
-              "--prompts", str(tiny_run / "prompts.jsonl"), "--limit", "2", "--max-thinking-tokens", "3",
-              "--max-answer-tokens", "2"]
-    for bad, needles in ((["--components", "attn:1"], ("unknown component", "attn:1")),
-                         (["--components", "mlp:7"], ("out of range", "mlp:7")),
-                         ([], ("--heads", "--components"))):
+    common = [
+        "ablate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--prompts",
+        str(tiny_run / "prompts.jsonl"),
+        "--limit",
+        "2",
+        "--max-thinking-tokens",
+        "3",
+        "--max-answer-tokens",
+        "2",
+    ]
+    for bad, needles in (
+        (["--components", "attn:1"], ("unknown component", "attn:1")),
+        (["--components", "mlp:7"], ("out of range", "mlp:7")),
+        ([], ("--heads", "--components")),
+    ):
         _one_error_line(runner.invoke(main, common + bad + ["--out", str(tiny_run / "bad")]), *needles)
-    result = runner.invoke(main, common + ["--components", "mlp:1,head:0.1", "--out", str(tiny_run / "mlps"),
-                                           "--export", str(tiny_run / "folded")])
+    result = runner.invoke(
+        main,
+        common
+        + [
+            "--components",
+            "mlp:1,head:0.1",
+            "--out",
+            str(tiny_run / "mlps"),
+            "--export",
+            str(tiny_run / "folded"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = json.loads((tiny_run / "mlps" / "component_ablation.json").read_text())
     assert [r["condition"] for r in records] == ["unablated", "mlp:1,head:0.1"]
@@ -245,5 +300,8 @@ def test_components_and_ablate_components_commands(tiny_run, monkeypatch):  # no
 
     blind = dataclasses.replace(architectures._REGISTRY["LlamaForCausalLM"], mlp_attr="feed_forward")
     monkeypatch.setitem(architectures._REGISTRY, "LlamaForCausalLM", blind)
-    _one_error_line(runner.invoke(main, common + ["--components", "mlp:1", "--out", str(tiny_run / "blind")]),
-                    "cannot find the MLP", after_loading=True)
+    _one_error_line(
+        runner.invoke(main, common + ["--components", "mlp:1", "--out", str(tiny_run / "blind")]),
+        "cannot find the MLP",
+        after_loading=True,
+    )

@@ -7,8 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from refusal_cliff.commands.options import config_file_option, config_options, resolve
-from refusal_cliff.config import (AblateConfig, GenerationConfig, HeadsConfig, SelectConfig, TraceConfig,
-                                  build_config, config_fields)
+from refusal_cliff.config import (
+    AblateConfig,
+    GenerationConfig,
+    HeadsConfig,
+    SelectConfig,
+    TraceConfig,
+    build_config,
+    config_fields,
+)
 from refusal_cliff.errors import UserError
 
 
@@ -19,7 +26,9 @@ def _command():
     def command(config_file, **options):
         trace = resolve(TraceConfig, options)
         generation = resolve(GenerationConfig, options)
-        click.echo(f"{trace.plateau} {trace.batch_size} {generation.max_answer_tokens} {generation.end_template!r}")
+        click.echo(
+            f"{trace.plateau} {trace.batch_size} {generation.max_answer_tokens} {generation.end_template!r}"
+        )
 
     return command
 
@@ -32,10 +41,13 @@ def test_every_config_field_has_help_and_becomes_a_flag():
     assert "--plateau [max|mean]" in text and "8-token moving average" in text and "[default: 256" in text
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".toml", 'batch_size = 3\nmax_answer_tokens = 7\n[trace]\nplateau = "mean"\n'),
-    (".yaml", "batch-size: 3\nmax_answer_tokens: 7\ntrace:\n  plateau: mean\n"),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".toml", 'batch_size = 3\nmax_answer_tokens = 7\n[trace]\nplateau = "mean"\n'),
+        (".yaml", "batch-size: 3\nmax_answer_tokens: 7\ntrace:\n  plateau: mean\n"),
+    ],
+)
 def test_flag_overrides_file_overrides_default(tmp_path, suffix, text):
     path = tmp_path / f"settings{suffix}"
     path.write_text(text)

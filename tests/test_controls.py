@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model
 from test_probe import make_runs, record, write_run
 
 from refusal_cliff.ablation import (
@@ -36,13 +35,17 @@ from refusal_cliff.probe import Prober, load_direction, run_probe_direction, sav
 from refusal_cliff.templates import probing_tokens
 from refusal_cliff.trace import trace_into
 
+from conftest import make_tiny_model
+
 VOCAB = 1024
 
 
 def _ranking(n_layers: int = 2, n_heads: int = 4, seed: int = 0) -> list[dict]:
     generator = np.random.default_rng(seed)
     order = generator.permutation(n_layers * n_heads)
-    return [{"layer": int(i) // n_heads, "head": int(i) % n_heads, "rank": rank} for rank, i in enumerate(order)]
+    return [
+        {"layer": int(i) // n_heads, "head": int(i) % n_heads, "rank": rank} for rank, i in enumerate(order)
+    ]
 
 
 def _one_error_line(result, *needles):
@@ -84,9 +87,16 @@ def test_control_config_validation():
     with pytest.raises(UserError, match="--patterns"):
         HeadsConfig(patterns=0).validate()
     assert planned_conditions([0.25, 0.125], True, "random", (0, 1), 2.0) == [
-        (0.0, "none", None), (0.125, "ranked", None), (0.125, "random", 0), (0.125, "random", 1),
-        (0.125, "boost", None), (0.25, "ranked", None), (0.25, "random", 0), (0.25, "random", 1),
-        (0.25, "boost", None)]
+        (0.0, "none", None),
+        (0.125, "ranked", None),
+        (0.125, "random", 0),
+        (0.125, "random", 1),
+        (0.125, "boost", None),
+        (0.25, "ranked", None),
+        (0.25, "random", 0),
+        (0.25, "random", 1),
+        (0.25, "boost", None),
+    ]
     # records written before the controls existed
     assert condition_key({"threshold": 0.0, "heads": []}) == (0.0, "none", None)
     assert condition_key({"threshold": 0.1, "heads": [[0, 1]]}) == (0.1, "ranked", None)
@@ -129,11 +139,26 @@ def test_run_ablation_records_the_controls(smol_tokenizer):
     ranking = [{"layer": i // 4, "head": i % 4, "rank": 7 - i} for i in range(8)]
     config = GenerationConfig(max_thinking_tokens=2, max_answer_tokens=2, batch_size=2)
     harmful = [{"id": "h1", "prompt": "Make a weapon."}]
-    records = run_ablation(loaded, torch.nn.Linear(64, 1), 1, ranking, [0.25], harmful, config,
-                           labeler=KeywordLabeler(), control="random", control_seeds=(0, 1), boost_others=1.0,
-                           skip=[(0.0, "none", None)])
-    assert [condition_key(r) for r in records] == [(0.25, "ranked", None), (0.25, "random", 0),
-                                                  (0.25, "random", 1), (0.25, "boost", None)]
+    records = run_ablation(
+        loaded,
+        torch.nn.Linear(64, 1),
+        1,
+        ranking,
+        [0.25],
+        harmful,
+        config,
+        labeler=KeywordLabeler(),
+        control="random",
+        control_seeds=(0, 1),
+        boost_others=1.0,
+        skip=[(0.0, "none", None)],
+    )
+    assert [condition_key(r) for r in records] == [
+        (0.25, "ranked", None),
+        (0.25, "random", 0),
+        (0.25, "random", 1),
+        (0.25, "boost", None),
+    ]
     ranked, random0, random1, boost = records
     assert ranked["heads"] == [[1, 3], [1, 2]] and boost["heads"] == ranked["heads"]
     for control in (random0, random1):
@@ -160,8 +185,12 @@ def test_patterns_equal_output_attentions_of_an_eager_forward(architecture, impl
     patterns = attention_patterns_batch(model, input_ids, attention_mask, heads)
     assert model.config._attn_implementation == implementation  # restored
     with torch.no_grad():
-        attentions = reference(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               output_attentions=True).attentions
+        attentions = reference(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_attentions=True,
+        ).attentions
     for layer, head in heads:
         expected = attentions[layer][:, head, -1, :].float()  # [batch, seq] from the last query
         torch.testing.assert_close(patterns[(layer, head)], expected, rtol=0, atol=1e-5)
@@ -170,8 +199,9 @@ def test_patterns_equal_output_attentions_of_an_eager_forward(architecture, impl
 
 
 def test_pattern_summary_and_the_patterns_structure(smol_tokenizer, tmp_path):
-    summary = summarize_pattern([0.1, 0.5, 0.0, 0.4], list("abcd"), ["prompt", "thinking", "thinking", "end_template"],
-                                top=2)
+    summary = summarize_pattern(
+        [0.1, 0.5, 0.0, 0.4], list("abcd"), ["prompt", "thinking", "thinking", "end_template"], top=2
+    )
     assert summary["mass"] == pytest.approx({"prompt": 0.1, "thinking": 0.5, "end_template": 0.4})
     assert [t["position"] for t in summary["top"]] == [1, 3] and summary["top"][0]["token"] == "b"
     _, _, harmful, _ = make_runs(tmp_path, 3, 1)
@@ -186,7 +216,10 @@ def test_pattern_summary_and_the_patterns_structure(smol_tokenizer, tmp_path):
         for entry in example["heads"]:
             assert sum(entry["mass"].values()) == pytest.approx(1.0, abs=1e-5)
             assert len(entry["top"]) == 5 and all(t["region"] == regions[t["position"]] for t in entry["top"])
-    assert len(data["heatmap"]["weights"]) == 2 and len(data["heatmap"]["tokens"]) == data["examples"][0]["n_tokens"]
+    assert (
+        len(data["heatmap"]["weights"]) == 2
+        and len(data["heatmap"]["tokens"]) == data["examples"][0]["n_tokens"]
+    )
     assert data["mass_mean"][0]["layer"] == 1 and data["mass_mean"][0]["head"] == 2
 
 
@@ -201,15 +234,30 @@ def _loaded(tokenizer, architecture="LlamaForCausalLM", model_id="tiny", **overr
 def test_direction_equals_a_plain_numpy_difference_of_means(smol_tokenizer, tmp_path):
     harmful_run, harmless_run, harmful, harmless = make_runs(tmp_path)
     loaded = _loaded(smol_tokenizer)
-    prober = Prober(torch.nn.Linear(64, 1).requires_grad_(False), layer=1,
-                    metadata={"final_norm_applied": True, "n_layers": 2})
-    path = run_probe_direction(loaded, harmful_run, harmless_run, tmp_path / "dir", DirectionConfig(layers=(0,)),
-                               prober=prober, progress=False)
+    prober = Prober(
+        torch.nn.Linear(64, 1).requires_grad_(False),
+        layer=1,
+        metadata={"final_norm_applied": True, "n_layers": 2},
+    )
+    path = run_probe_direction(
+        loaded,
+        harmful_run,
+        harmless_run,
+        tmp_path / "dir",
+        DirectionConfig(layers=(0,)),
+        prober=prober,
+        progress=False,
+    )
     meta = json.loads(path.read_text())
     assert sorted(meta["layers"]) == ["0", "1"]
     # the same examples as the prober: harmful refused (1) and harmless complied (0)
-    chosen = [(rec, 1) for rec, refusal in harmful if refusal] + [(rec, 0) for rec, refusal in harmless if not refusal]
-    assert (meta["n_refused"], meta["n_complied"]) == (sum(c == 1 for _, c in chosen), sum(c == 0 for _, c in chosen))
+    chosen = [(rec, 1) for rec, refusal in harmful if refusal] + [
+        (rec, 0) for rec, refusal in harmless if not refusal
+    ]
+    assert (meta["n_refused"], meta["n_complied"]) == (
+        sum(c == 1 for _, c in chosen),
+        sum(c == 0 for _, c in chosen),
+    )
     features = {0: [], 1: []}
     for rec, _ in chosen:
         ids, _ = probing_tokens(smol_tokenizer, rec)
@@ -235,8 +283,9 @@ def test_trace_with_a_direction_scores_in_the_same_pass(smol_tokenizer, tmp_path
     harmful_run, harmless_run, harmful, _ = make_runs(tmp_path)
     loaded = _loaded(smol_tokenizer)
     prober = Prober(torch.nn.Linear(64, 1).requires_grad_(False), layer=1, metadata={})
-    run_probe_direction(loaded, harmful_run, harmless_run, tmp_path / "dir", DirectionConfig(layers=(0,)),
-                        progress=False)
+    run_probe_direction(
+        loaded, harmful_run, harmless_run, tmp_path / "dir", DirectionConfig(layers=(0,)), progress=False
+    )
     records = [rec for rec, _ in harmful][:3]
     groups = {rec["id"]: "harmful_complied" for rec in records}
     for layer in (1, 0):  # the prober's layer, and another one
@@ -252,8 +301,9 @@ def test_trace_with_a_direction_scores_in_the_same_pass(smol_tokenizer, tmp_path
         expected = direction.score(reference).numpy()
         got = table.filter(table.column("id").to_numpy(zero_copy_only=False) == records[0]["id"])
         np.testing.assert_allclose(got.column("direction_score").to_numpy(), expected, atol=1e-4)
-        np.testing.assert_allclose(got.column("score").to_numpy(), prober.refusal_score(hidden[-1][0]).numpy(),
-                                   atol=1e-5)  # the prober's trace is unchanged
+        np.testing.assert_allclose(
+            got.column("score").to_numpy(), prober.refusal_score(hidden[-1][0]).numpy(), atol=1e-5
+        )  # the prober's trace is unchanged
         curves = json.loads((out / "direction_curves.json").read_text())
         assert curves["harmful_complied"]["n"] == 3 and len(curves["harmful_complied"]["mean"]) == 101
 
@@ -283,8 +333,11 @@ def model_runs(tmp_path, smol_tokenizer):
     model.generation_config.pad_token_id = smol_tokenizer.pad_token_id
     model.save_pretrained(str(tmp_path / "model"))
     smol_tokenizer.save_pretrained(str(tmp_path / "model"))
-    prober = Prober(torch.nn.Linear(64, 1), layer=1, metadata={"architecture": "LlamaForCausalLM", "n_layers": 2,
-                                                                "final_norm_applied": True})
+    prober = Prober(
+        torch.nn.Linear(64, 1),
+        layer=1,
+        metadata={"architecture": "LlamaForCausalLM", "n_layers": 2, "final_norm_applied": True},
+    )
     save_prober(prober, tmp_path / "prober")
     make_runs(tmp_path)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Make a weapon."}\n{"prompt": "Pick a lock."}\n')
@@ -299,22 +352,61 @@ def test_the_verbs_with_controls_patterns_and_directions(model_runs):
     root = model_runs
     model, prober = root / "model", root / "prober" / "prober.safetensors"
     generations = root / "harmful" / "generations.jsonl"
-    result = _invoke("heads", "--model", model, "--device", "cpu", "--prober", prober, "--generations", generations,
-                     "--patterns", 3, "--out", root / "heads")
+    result = _invoke(
+        "heads",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--generations",
+        generations,
+        "--patterns",
+        3,
+        "--out",
+        root / "heads",
+    )
     assert result.exit_code == 0, result.output
     patterns = json.loads((root / "heads" / "patterns.json").read_text())
     heads = json.loads((root / "heads" / "heads.json").read_text())
     assert patterns["heads"] == [[h["layer"], h["head"]] for h in heads[:3]]
     assert len(patterns["examples"]) == 2  # ids 0 and 3 complied
 
-    common = ["ablate", "--model", model, "--device", "cpu", "--prober", prober, "--heads", root / "heads" / "heads.json",
-              "--thresholds", "0.25", "--prompts", root / "prompts.jsonl", "--limit", "1", "--max-thinking-tokens",
-              "2", "--max-answer-tokens", "2", "--control", "random", "--control-seeds", "0,1", "--boost-others", "1"]
+    common = [
+        "ablate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--heads",
+        root / "heads" / "heads.json",
+        "--thresholds",
+        "0.25",
+        "--prompts",
+        root / "prompts.jsonl",
+        "--limit",
+        "1",
+        "--max-thinking-tokens",
+        "2",
+        "--max-answer-tokens",
+        "2",
+        "--control",
+        "random",
+        "--control-seeds",
+        "0,1",
+        "--boost-others",
+        "1",
+    ]
     result = _invoke(*common, "--out", root / "ablate")
     assert result.exit_code == 0, result.output
     records = json.loads((root / "ablate" / "ablation.json").read_text())
     assert [condition_key(r) for r in records] == planned_conditions([0.25], True, "random", (0, 1), 1.0)
-    lines = [json.loads(line) for line in (root / "ablate" / "ablation_generations.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (root / "ablate" / "ablation_generations.jsonl").read_text().splitlines()
+    ]
     assert {(r["threshold"], r["control"], r["seed"]) for r in lines} == {condition_key(r) for r in records}
     # resumed by condition: a lost random condition is measured again, nothing else
     (root / "ablate" / "ablation.json").write_text(json.dumps(records[:3]))
@@ -323,12 +415,41 @@ def test_the_verbs_with_controls_patterns_and_directions(model_runs):
     assert [condition_key(r) for r in again] == [condition_key(r) for r in records]
     assert again[:3] == records[:3] and again[3]["heads"] == records[3]["heads"]
 
-    result = _invoke("probe", "direction", "--model", model, "--device", "cpu", "--harmful", root / "harmful",
-                     "--harmless", root / "harmless", "--prober", prober, "--layers", "0", "--out", root / "dir")
+    result = _invoke(
+        "probe",
+        "direction",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--harmful",
+        root / "harmful",
+        "--harmless",
+        root / "harmless",
+        "--prober",
+        prober,
+        "--layers",
+        "0",
+        "--out",
+        root / "dir",
+    )
     assert result.exit_code == 0, result.output
     assert "cosine to the prober" in result.output
-    result = _invoke("trace", "--model", model, "--device", "cpu", "--prober", prober, "--generations", generations,
-                     "--direction", root / "dir", "--out", root / "trace")
+    result = _invoke(
+        "trace",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--generations",
+        generations,
+        "--direction",
+        root / "dir",
+        "--out",
+        root / "trace",
+    )
     assert result.exit_code == 0, result.output
     assert (root / "trace" / "direction_curves.json").is_file()
     metadata = json.loads((root / "trace" / "metadata.json").read_text())
@@ -352,25 +473,78 @@ def test_bad_input_is_one_line_and_damages_nothing(model_runs, smol_tokenizer):
     root = model_runs
     model, prober = root / "model", root / "prober" / "prober.safetensors"
     generations = root / "harmful" / "generations.jsonl"
-    _invoke("heads", "--model", model, "--device", "cpu", "--prober", prober, "--generations", generations,
-            "--out", root / "heads")
+    _invoke(
+        "heads",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--generations",
+        generations,
+        "--out",
+        root / "heads",
+    )
     before = {p.name: p.read_bytes() for p in (root / "heads").iterdir() if p.is_file()}
     for value, needle in (("0", "--patterns must be"), ("9", "the model has 8 heads")):
-        result = _invoke("heads", "--model", model, "--device", "cpu", "--prober", prober, "--generations",
-                         generations, "--patterns", value, "--out", root / "heads", "--overwrite")
+        result = _invoke(
+            "heads",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--prober",
+            prober,
+            "--generations",
+            generations,
+            "--patterns",
+            value,
+            "--out",
+            root / "heads",
+            "--overwrite",
+        )
         _one_error_line(result, needle)
     assert {p.name: p.read_bytes() for p in (root / "heads").iterdir() if p.is_file()} == before
 
-    result = _invoke("ablate", "--model", model, "--device", "cpu", "--prober", prober, "--heads",
-                     root / "heads" / "heads.json", "--prompts", root / "prompts.jsonl", "--control", "random",
-                     "--control-seeds", "", "--out", root / "ablate")
+    result = _invoke(
+        "ablate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--heads",
+        root / "heads" / "heads.json",
+        "--prompts",
+        root / "prompts.jsonl",
+        "--control",
+        "random",
+        "--control-seeds",
+        "",
+        "--out",
+        root / "ablate",
+    )
     _one_error_line(result, "--control-seeds is empty")
     assert not (root / "ablate").exists()
 
     _, harmless = root / "harmful", root / "harmless"
     write_run(root / "no_refusals", [(record(i, "How?", "Hmm.", "Sure"), False) for i in range(3)])
-    result = _invoke("probe", "direction", "--model", model, "--device", "cpu", "--harmful", root / "no_refusals",
-                     "--harmless", harmless, "--out", root / "dir")
+    result = _invoke(
+        "probe",
+        "direction",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--harmful",
+        root / "no_refusals",
+        "--harmless",
+        harmless,
+        "--out",
+        root / "dir",
+    )
     _one_error_line(result, "no refusal to a harmful prompt")
     assert not (root / "dir").exists()
 
@@ -378,7 +552,20 @@ def test_bad_input_is_one_line_and_damages_nothing(model_runs, smol_tokenizer):
     other = make_tiny_model("LlamaForCausalLM", hidden_size=32, intermediate_size=64, head_dim=8)
     other_loaded = LoadedModel(other, smol_tokenizer, get_adapter(other), "other", None, "test")
     run_probe_direction(other_loaded, root / "harmful", harmless, root / "other_dir", progress=False)
-    result = _invoke("trace", "--model", model, "--device", "cpu", "--prober", prober, "--generations", generations,
-                     "--direction", root / "other_dir", "--out", root / "trace")
+    result = _invoke(
+        "trace",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prober",
+        prober,
+        "--generations",
+        generations,
+        "--direction",
+        root / "other_dir",
+        "--out",
+        root / "trace",
+    )
     _one_error_line(result, "run `refusal-cliff probe direction` on this model")
     assert not (root / "trace").exists()

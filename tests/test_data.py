@@ -14,9 +14,17 @@ def test_demo_sets():
     assert len({p["id"] for p in harmful + harmless}) == len(harmful) + len(harmless)
 
 
-@pytest.mark.parametrize("name, column", [
-    ("prompt", "prompt"), ("Goal", "Goal"), ("instruction", "instruction"),
-    ("forbidden_prompt", "forbidden_prompt"), ("QUESTION", "QUESTION"), ("vanilla", "vanilla")])
+@pytest.mark.parametrize(
+    "name, column",
+    [
+        ("prompt", "prompt"),
+        ("Goal", "Goal"),
+        ("instruction", "instruction"),
+        ("forbidden_prompt", "forbidden_prompt"),
+        ("QUESTION", "QUESTION"),
+        ("vanilla", "vanilla"),
+    ],
+)
 def test_column_detection_csv(tmp_path, name, column):
     path = tmp_path / "p.csv"
     path.write_text(f"other,{name}\nx,hello\ny,world\n")
@@ -70,9 +78,16 @@ def test_missing_file():
         load_prompts("/no/such/prompts.csv")
 
 
-@pytest.mark.parametrize("relative", ["advbench/harmful_behaviors.csv", "jailbreakbench/benign-behaviors.csv",
-                                      "strongreject/strongreject_small_dataset.csv",
-                                      "refusal_direction/splits/harmful_val.json", "alpaca/seed_tasks.jsonl"])
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "advbench/harmful_behaviors.csv",
+        "jailbreakbench/benign-behaviors.csv",
+        "strongreject/strongreject_small_dataset.csv",
+        "refusal_direction/splits/harmful_val.json",
+        "alpaca/seed_tasks.jsonl",
+    ],
+)
 def test_shared_benchmark_files(relative):
     from pathlib import Path
 

@@ -36,15 +36,33 @@ def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
     from refusal_cliff.demo import DemoSettings, run_demo
 
     _fake_refusals(monkeypatch)
-    settings = DemoSettings(n_harmful=12, n_harmless=12, thinking=6, answer=3, batch_size=12, layers=(0,),
-                            fractions=(0.0, 1.0), n_clip=3, thresholds=(0.25,), n_ablate=2, control_seeds=(0,),
-                            patterns=2)
+    settings = DemoSettings(
+        n_harmful=12,
+        n_harmless=12,
+        thinking=6,
+        answer=3,
+        batch_size=12,
+        layers=(0,),
+        fractions=(0.0, 1.0),
+        n_clip=3,
+        thresholds=(0.25,),
+        n_ablate=2,
+        control_seeds=(0,),
+        patterns=2,
+    )
     stages = []
     report = run_demo(tiny_loaded, tmp_path / "demo", on_stage=stages.append, settings=settings)
     assert report.is_file() and len(stages) >= 8
     demo = tmp_path / "demo"
-    for folder, stage in [("generate_harmful", "generate"), ("probe", "probe"), ("trace", "trace"),
-                          ("layers", "layers"), ("clipping", "clip"), ("heads", "heads"), ("ablate", "ablate")]:
+    for folder, stage in [
+        ("generate_harmful", "generate"),
+        ("probe", "probe"),
+        ("trace", "trace"),
+        ("layers", "layers"),
+        ("clipping", "clip"),
+        ("heads", "heads"),
+        ("ablate", "ablate"),
+    ]:
         metadata = json.loads((demo / folder / "metadata.json").read_text())
         assert metadata["stage"] == stage and metadata["finished"], folder
     assert json.loads((demo / "generate_harmful" / "metadata.label.json").read_text())["finished"]
@@ -57,14 +75,12 @@ def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
 
 def test_repair_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
     pytest.importorskip("trl")
-    from refusal_cliff.config import ProbeConfig
-    from refusal_cliff.demo import SAFETY_SYSTEM_PROMPT  # noqa: F401  (the demo's module imports cleanly)
-    from refusal_cliff.probe import save_prober, train_prober
-    from refusal_cliff.repair_demo import run_repair_demo
-
     import torch
 
-    from refusal_cliff.probe import Prober, prober_metadata
+    from refusal_cliff.config import ProbeConfig
+    from refusal_cliff.demo import SAFETY_SYSTEM_PROMPT  # noqa: F401  (the demo's module imports cleanly)
+    from refusal_cliff.probe import Prober, prober_metadata, save_prober, train_prober
+    from refusal_cliff.repair_demo import run_repair_demo
 
     d_model = tiny_loaded.adapter.geometry(tiny_loaded.model).d_model
     features = torch.randn(40, d_model)
@@ -72,11 +88,25 @@ def test_repair_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
     linear, history, metrics = train_prober(features, labels, epochs=2)
     metadata = prober_metadata(tiny_loaded, 1, "\n</think>\n\n", metrics, history, ProbeConfig().to_dict())
     path = save_prober(Prober(linear, 1, metadata), tmp_path / "probe")
-    evaluation = run_repair_demo(tiny_loaded, path, tmp_path / "repair", quick=True,
-                                 settings={"n_candidates": 6, "k": 3, "n_eval": 2, "thinking": 4, "answer": 3,
-                                           "epochs": 1.0, "n_arc": 2})
+    evaluation = run_repair_demo(
+        tiny_loaded,
+        path,
+        tmp_path / "repair",
+        quick=True,
+        settings={
+            "n_candidates": 6,
+            "k": 3,
+            "n_eval": 2,
+            "thinking": 4,
+            "answer": 3,
+            "epochs": 1.0,
+            "n_arc": 2,
+        },
+    )
     repair = tmp_path / "repair"
     assert [m["model"] for m in evaluation["models"]] == ["before", "after (cliff, LoRA)"]
-    assert len([line for line in (repair / "select" / "selection.jsonl").read_text().splitlines() if line]) == 3
+    assert (
+        len([line for line in (repair / "select" / "selection.jsonl").read_text().splitlines() if line]) == 3
+    )
     assert json.loads((repair / "select" / "metadata.select.json").read_text())["n_selected"] == 3
     assert json.loads((repair / "metadata.json").read_text())["stage"] == "evaluate"

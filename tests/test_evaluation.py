@@ -16,11 +16,11 @@ from refusal_cliff.evaluation import (
     ModelSpec,
     asr_vs_k,
     attack_success_rate,
-    run_evaluate,
     format_table,
     load_sweep,
     parse_model_spec,
     refusal_rate,
+    run_evaluate,
     run_reasoning_tasks,
     strip_thinking,
 )
@@ -36,7 +36,10 @@ def test_asr_uses_judge_verdict_when_present_else_keyword():
 
 
 def test_strip_thinking():
-    assert strip_thinking("<think>\nhmm\n</think>\n\nThe answer is (B).", "<think>", "</think>") == "The answer is (B)."
+    assert (
+        strip_thinking("<think>\nhmm\n</think>\n\nThe answer is (B).", "<think>", "</think>")
+        == "The answer is (B)."
+    )
     assert strip_thinking("hmm\n</think>\n\nB", "<think>", "</think>") == "B"  # template opened the thinking
     assert strip_thinking("<think>\nstill thinking", "<think>", "</think>") == ""
     assert strip_thinking("The answer is (C).", "<think>", "</think>") == "The answer is (C)."
@@ -50,8 +53,13 @@ def test_model_specs_and_sweep(tmp_path):
     with pytest.raises(UserError):
         parse_model_spec("=x")
     sweep = tmp_path / "sweep.json"
-    sweep.write_text(json.dumps([{"model": "a", "method": "cliff", "k": 10}, {"model": "b", "method": "rule", "k": "5"}]))
-    assert [(s.name, s.method, s.k) for s in load_sweep(sweep)] == [("cliff-10", "cliff", 10), ("rule-5", "rule", 5)]
+    sweep.write_text(
+        json.dumps([{"model": "a", "method": "cliff", "k": 10}, {"model": "b", "method": "rule", "k": "5"}])
+    )
+    assert [(s.name, s.method, s.k) for s in load_sweep(sweep)] == [
+        ("cliff-10", "cliff", 10),
+        ("rule-5", "rule", 5),
+    ]
     sweep.write_text(json.dumps([{"model": "a"}]))
     with pytest.raises(UserError, match="'k'"):
         load_sweep(sweep)
@@ -66,16 +74,20 @@ def test_asr_vs_k_groups_by_method_sorted_by_k():
     ]
     curves = asr_vs_k(results)
     assert [p["k"] for p in curves["cliff"]] == [5, 20] and list(curves) == ["cliff", "random"]
-    table = format_table([{**r, "asr_by_set": {"jbb": r["asr"]}, "over_refusal": 0.0, "final_score_mean": None,
-                           "tasks": {}} for r in results])
+    table = format_table(
+        [
+            {**r, "asr_by_set": {"jbb": r["asr"]}, "over_refusal": 0.0, "final_score_mean": None, "tasks": {}}
+            for r in results
+        ]
+    )
     assert "| c5 | 5 | 30.0% | 30.0% | 0.0% | - |" in table
 
 
 def _tiny_loaded(smol_tokenizer, seed=0):
-    from conftest import make_tiny_model
-
     from refusal_cliff.architectures import get_adapter
     from refusal_cliff.models import LoadedModel
+
+    from conftest import make_tiny_model
 
     model = make_tiny_model("LlamaForCausalLM", seed=seed)
     return LoadedModel(model, smol_tokenizer, get_adapter(model), f"tiny-{seed}", None, "test")
@@ -96,7 +108,9 @@ def test_evaluation_of_tiny_models_produces_the_table(smol_tokenizer, tmp_path):
         loaded_calls.append(source)
         return models[source]
 
-    evaluation = run_evaluate(specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
+    evaluation = run_evaluate(
+        specs, harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load
+    )
     rows = evaluation["models"]
     assert [r["model"] for r in rows] == ["before", "after"]
     for row in rows:
@@ -116,8 +130,9 @@ def test_evaluation_of_tiny_models_produces_the_table(smol_tokenizer, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         run_evaluate(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load)
     assert (tmp_path / "eval" / "evaluation.json").read_bytes() == before
-    run_evaluate(specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load,
-                    overwrite=True)
+    run_evaluate(
+        specs[:1], harmful, benign, tmp_path / "eval", config, tmp_path / "prober", load=load, overwrite=True
+    )
 
 
 def test_evaluation_needs_models_and_harmful_prompts(tmp_path):
@@ -141,12 +156,18 @@ def test_reasoning_tasks_without_lm_eval_say_which_extra(smol_tokenizer):
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ARC_FOLDER, MMLU_PRO_FOLDER = SHARED_DATA / "arc_challenge", SHARED_DATA / "mmlu_pro"
-needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
-                                   reason="needs the `eval` extra (lm-eval); `make setup` installs it")
-needs_arc = pytest.mark.skipif(not (ARC_FOLDER / "arc_challenge_local.yaml").is_file(),
-                               reason=f"the shared ARC-Challenge task folder {ARC_FOLDER} is absent")
-needs_mmlu_pro = pytest.mark.skipif(not (MMLU_PRO_FOLDER / "mmlu_pro_local_biology.yaml").is_file(),
-                                    reason=f"the shared MMLU-Pro task folder {MMLU_PRO_FOLDER} is absent")
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="needs the `eval` extra (lm-eval); `make setup` installs it",
+)
+needs_arc = pytest.mark.skipif(
+    not (ARC_FOLDER / "arc_challenge_local.yaml").is_file(),
+    reason=f"the shared ARC-Challenge task folder {ARC_FOLDER} is absent",
+)
+needs_mmlu_pro = pytest.mark.skipif(
+    not (MMLU_PRO_FOLDER / "mmlu_pro_local_biology.yaml").is_file(),
+    reason=f"the shared MMLU-Pro task folder {MMLU_PRO_FOLDER} is absent",
+)
 
 TINY_TASK_YAML = """task: {name}
 dataset_path: json
@@ -185,7 +206,9 @@ def test_task_folder_copy_resolves_data_paths_against_the_yaml(tmp_path, monkeyp
 
     folder = tmp_path / "tasks"
     (folder / "data").mkdir(parents=True)
-    (folder / "data" / "test.jsonl").write_text('{"question": "2+2?", "choices": ["3", "4"], "answer": "4"}\n')
+    (folder / "data" / "test.jsonl").write_text(
+        '{"question": "2+2?", "choices": ["3", "4"], "answer": "4"}\n'
+    )
     (folder / "tiny.yaml").write_text(TINY_TASK_YAML.format(name="tiny_local", data="data/test.jsonl"))
     (folder / "helpers.py").write_text("def keep(dataset):\n    return dataset\n")
     monkeypatch.chdir(tmp_path)  # lm-eval alone would look for ./data/test.jsonl here
@@ -218,12 +241,19 @@ def test_evaluate_rejects_bad_task_input_before_loading_a_model(tmp_path):
     line = _one_line_error(_evaluate_cli(*common, "--tasks", "tiny_locl", "--task-path", missing))
     assert "unknown lm-eval task 'tiny_locl'" in line and "close matches: tiny_local" in line
     for flag in ("--limit", "--task-limit"):
-        line = _one_line_error(_evaluate_cli(*common, "--tasks", "tiny_local", "--task-path", missing, flag, 0))
+        line = _one_line_error(
+            _evaluate_cli(*common, "--tasks", "tiny_local", "--task-path", missing, flag, 0)
+        )
         assert flag in line
     assert not (out / "evaluation.json").exists()
     with pytest.raises(UserError, match="--task-limit"):
-        run_evaluate([ModelSpec("a", "a")], {}, {}, tmp_path / "lib",
-                        EvalConfig(tasks=("tiny_local",), task_paths=(str(missing),), task_limit=0))
+        run_evaluate(
+            [ModelSpec("a", "a")],
+            {},
+            {},
+            tmp_path / "lib",
+            EvalConfig(tasks=("tiny_local",), task_paths=(str(missing),), task_limit=0),
+        )
 
 
 @pytest.mark.slow
@@ -238,8 +268,20 @@ def test_evaluate_arc_challenge_local_matches_lm_eval(tmp_path, smol_model, monk
     from lm_eval.tasks import TaskManager
 
     out = tmp_path / "eval"
-    result = _evaluate_cli("--model", "default", "--device", "cpu", "--tasks", "arc_challenge_local",
-                           "--task-path", ARC_FOLDER, "--limit", 8, "--out", out)
+    result = _evaluate_cli(
+        "--model",
+        "default",
+        "--device",
+        "cpu",
+        "--tasks",
+        "arc_challenge_local",
+        "--task-path",
+        ARC_FOLDER,
+        "--limit",
+        8,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "evaluation.json").read_text())["models"][0]["tasks"]["arc_challenge_local"]
     assert summary["n"] == 8 and summary["metric"] == "acc_norm,none"
@@ -254,8 +296,12 @@ def test_evaluate_arc_challenge_local_matches_lm_eval(tmp_path, smol_model, monk
     try:
         direct = lm_eval.simple_evaluate(
             model=HFLM(pretrained=smol_model.model, tokenizer=smol_model.tokenizer, batch_size=8),
-            tasks=["arc_challenge_local"], limit=8, apply_chat_template=True, log_samples=False,
-            task_manager=TaskManager(include_path=".", include_defaults=False))
+            tasks=["arc_challenge_local"],
+            limit=8,
+            apply_chat_template=True,
+            log_samples=False,
+            task_manager=TaskManager(include_path=".", include_defaults=False),
+        )
     finally:
         smol_model.tokenizer.padding_side = padding_side
     expected = direct["results"]["arc_challenge_local"]
@@ -290,8 +336,13 @@ def test_mmlu_pro_answer_filter_reads_the_answer_not_the_thinking(smol_tokenizer
     from refusal_cliff.reasoning import prepare_tasks
 
     task = "mmlu_pro_local_biology"
-    config = EvalConfig(generation=GenerationConfig(max_thinking_tokens=16, batch_size=2), tasks=(task,),
-                        task_paths=(str(MMLU_PRO_FOLDER),), task_limit=2, task_max_gen_tokens=64)
+    config = EvalConfig(
+        generation=GenerationConfig(max_thinking_tokens=16, batch_size=2),
+        tasks=(task,),
+        task_paths=(str(MMLU_PRO_FOLDER),),
+        task_limit=2,
+        task_max_gen_tokens=64,
+    )
     loaded = _tiny_loaded(smol_tokenizer)
     with prepare_tasks(config.tasks, config.task_paths, config.task_limit) as prepared:
         planted = _PlantedBackend("Maybe A. The answer is (A).", "Weighing it again, the answer is (B).")
@@ -299,7 +350,9 @@ def test_mmlu_pro_answer_filter_reads_the_answer_not_the_thinking(smol_tokenizer
         flipped = _PlantedBackend("Maybe B. The answer is (B).", "Weighing it again, the answer is (A).")
         flipped_result = run_reasoning_tasks(loaded, config.tasks, config, prepared, flipped)[task]
     assert follows_answer["metric"] == "exact_match,custom-extract" and follows_answer["n"] == 2
-    assert follows_answer["value"] == 0.5  # (B) is right for question 1 only; (A) from the thinking would give 0
+    assert (
+        follows_answer["value"] == 0.5
+    )  # (B) is right for question 1 only; (A) from the thinking would give 0
     assert flipped_result["value"] == 0.0  # (A) is right for neither; (B) from the thinking would give 0.5
     assert follows_answer["stderr"] is not None
     # the model answered after its own thinking and the thinking-end template, from the task's 5-shot prompt

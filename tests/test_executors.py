@@ -34,17 +34,30 @@ END = "\n</think>\n\n"
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster of 2 CPUs on the loopback address, shared by this module's tests."""
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
     yield
     ray.shutdown()
 
 
 def make_records(n: int) -> list[dict]:
-    return [{"id": f"r{i:03d}", "prompt": f"Question {i}?", "system_prompt": None,
-             "generation_prompt": f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>\n",
-             "thinking": "Some careful thinking. " * (i % 5), "end_template": END, "answer": "ok"}
-            for i in range(n)]
+    return [
+        {
+            "id": f"r{i:03d}",
+            "prompt": f"Question {i}?",
+            "system_prompt": None,
+            "generation_prompt": f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+            "thinking": "Some careful thinking. " * (i % 5),
+            "end_template": END,
+            "answer": "ok",
+        }
+        for i in range(n)
+    ]
 
 
 def random_prober(layer: int = 1, d_model: int = 64) -> Prober:
@@ -67,12 +80,17 @@ def assert_same_trace(local: Path, other: Path) -> None:
     assert [r["id"] for r in rows] == [r["id"] for r in local_rows]
     for column in ("id", "position", "token_id", "token", "region"):
         assert table.column(column).to_pylist() == local_table.column(column).to_pylist()
-    np.testing.assert_allclose(table.column("score").to_numpy(), local_table.column("score").to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        table.column("score").to_numpy(), local_table.column("score").to_numpy(), atol=1e-6
+    )
     for a, b in zip(rows, local_rows):
         assert a.keys() == b.keys() and a["group"] == b["group"] and a["t_cliff"] == b["t_cliff"]
         for key in ("plateau", "final", "ms", "drop"):
             assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= 1e-6
-    assert json.loads((other / "curves.json").read_text()).keys() == json.loads((local / "curves.json").read_text()).keys()
+    assert (
+        json.loads((other / "curves.json").read_text()).keys()
+        == json.loads((local / "curves.json").read_text()).keys()
+    )
     assert not (other / "shards").exists()
 
 
@@ -83,8 +101,12 @@ def test_ray_trace_equals_local_trace(ray_cluster, smol_tokenizer, tmp_path):
     groups = {r["id"]: ("harmless" if i % 2 else "harmful_complied") for i, r in enumerate(records)}
     assert trace_into(loaded, prober, records, tmp_path / "local", groups, batch_size=2, progress=False) == 12
     executor = RayExecutor(ExecutorConfig(executor="ray", workers=2, shard_size=3))
-    assert trace_into(loaded, prober, records, tmp_path / "ray", groups, batch_size=2, progress=False,
-                      executor=executor) == 12
+    assert (
+        trace_into(
+            loaded, prober, records, tmp_path / "ray", groups, batch_size=2, progress=False, executor=executor
+        )
+        == 12
+    )
     assert_same_trace(tmp_path / "local", tmp_path / "ray")
 
 
@@ -92,8 +114,13 @@ def test_ray_trace_equals_local_trace(ray_cluster, smol_tokenizer, tmp_path):
 
 
 def _cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refusal_cliff.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "refusal_cliff.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +131,28 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-inputs")
     records = make_records(40)
     (root / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "labels.jsonl").write_text("".join(json.dumps({"id": r["id"], "refusal": i % 3 == 0}) + "\n"
-                                               for i, r in enumerate(records)))
+    (root / "labels.jsonl").write_text(
+        "".join(json.dumps({"id": r["id"], "refusal": i % 3 == 0}) + "\n" for i, r in enumerate(records))
+    )
     save_prober(random_prober(), root / "probe")
     return root
 
 
 def _trace_args(model, inputs: Path, out: Path, *extra) -> list:
-    return ["trace", "--model", model, "--prober", inputs / "probe", "--generations", inputs / "generations.jsonl",
-            "--batch-size", 2, "--out", out, *extra]
+    return [
+        "trace",
+        "--model",
+        model,
+        "--prober",
+        inputs / "probe",
+        "--generations",
+        inputs / "generations.jsonl",
+        "--batch-size",
+        2,
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("model", ["tiny", pytest.param("default", marks=pytest.mark.slow)])
@@ -123,8 +163,11 @@ def test_cli_trace_ray_equals_local(model, tiny_model_dir, inputs, tmp_path):
     if model == "default":  # a prober for the embedded model's width and depth
         save_prober(random_prober(layer=29, d_model=576), inputs / "probe-default")
     prober = ["--prober", inputs / ("probe" if model == "tiny" else "probe-default")]
-    args = lambda out, *extra: [*_trace_args(name, inputs, out, *extra)[:3], *prober,
-                                *_trace_args(name, inputs, out, *extra)[5:]]
+    args = lambda out, *extra: [
+        *_trace_args(name, inputs, out, *extra)[:3],
+        *prober,
+        *_trace_args(name, inputs, out, *extra)[5:],
+    ]
     local = _cli(*args(tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-2000:]
     distributed = _cli(*args(tmp_path / "ray", "--executor", "ray", "--workers", 2, "--shard-size", 8))
@@ -135,15 +178,35 @@ def test_cli_trace_ray_equals_local(model, tiny_model_dir, inputs, tmp_path):
 
 
 def test_cli_select_ray_equals_local(tiny_model_dir, inputs, tmp_path):
-    common = ["select", "--model", tiny_model_dir, "--prober", inputs / "probe", "--candidates", "demo:candidates",
-              "--limit", 12, "--k", 4, "--max-thinking-tokens", 8, "--max-answer-tokens", 4, "--batch-size", 4,
-              "--chunk-size", 6]
+    common = [
+        "select",
+        "--model",
+        tiny_model_dir,
+        "--prober",
+        inputs / "probe",
+        "--candidates",
+        "demo:candidates",
+        "--limit",
+        12,
+        "--k",
+        4,
+        "--max-thinking-tokens",
+        8,
+        "--max-answer-tokens",
+        4,
+        "--batch-size",
+        4,
+        "--chunk-size",
+        6,
+    ]
     local = _cli(*common, "--out", tmp_path / "local")
     assert local.returncode == 0, local.stderr[-2000:]
     distributed = _cli(*common, "--out", tmp_path / "ray", "--executor", "ray", "--workers", 2)
     assert distributed.returncode == 0, distributed.stderr[-2000:]
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
-            for name in ("local", "ray")}
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
+        for name in ("local", "ray")
+    }
     assert [r["id"] for r in rows["ray"]] == [r["id"] for r in rows["local"]]
     for a, b in zip(rows["ray"], rows["local"]):
         assert a.keys() == b.keys() and a["refusal"] == b["refusal"] and a["t_cliff"] == b["t_cliff"]
@@ -155,11 +218,16 @@ def test_cli_select_ray_equals_local(tiny_model_dir, inputs, tmp_path):
 
 
 def test_killed_ray_driver_resumes_without_lost_or_duplicated_ids(tiny_model_dir, inputs, tmp_path):
-    args = _trace_args(tiny_model_dir, inputs, tmp_path / "killed", "--executor", "ray", "--workers", 2,
-                       "--shard-size", 1)
-    process = subprocess.Popen([sys.executable, "-m", "refusal_cliff.cli", *map(str, args)], start_new_session=True,
-                               env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = _trace_args(
+        tiny_model_dir, inputs, tmp_path / "killed", "--executor", "ray", "--workers", 2, "--shard-size", 1
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "refusal_cliff.cli", *map(str, args)],
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     shards = tmp_path / "killed" / "shards" / "trace"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(shards.glob("shard-*.parquet"))) < 4:
@@ -173,18 +241,25 @@ def test_killed_ray_driver_resumes_without_lost_or_duplicated_ids(tiny_model_dir
         pass
     written = len(list(shards.glob("shard-*.parquet")))
     assert 4 <= written < 40, "the driver must be killed part-way for this test to mean anything"
-    assert not (tmp_path / "killed" / "cliff.jsonl").exists() or \
-        len((tmp_path / "killed" / "cliff.jsonl").read_text().splitlines()) < 40
+    assert (
+        not (tmp_path / "killed" / "cliff.jsonl").exists()
+        or len((tmp_path / "killed" / "cliff.jsonl").read_text().splitlines()) < 40
+    )
     resumed = _cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = _cli(*_trace_args(tiny_model_dir, inputs, tmp_path / "whole", "--executor", "ray", "--workers", 2,
-                              "--shard-size", 1))
+    whole = _cli(
+        *_trace_args(
+            tiny_model_dir, inputs, tmp_path / "whole", "--executor", "ray", "--workers", 2, "--shard-size", 1
+        )
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     rows, table = _artifacts(tmp_path / "killed")
     ids = [r["id"] for r in rows]
     assert ids == [f"r{i:03d}" for i in range(40)]  # none lost, none duplicated, in record order
     assert list(dict.fromkeys(table.column("id").to_pylist())) == ids
-    assert (tmp_path / "killed" / "cliff.jsonl").read_text() == (tmp_path / "whole" / "cliff.jsonl").read_text()
+    assert (tmp_path / "killed" / "cliff.jsonl").read_text() == (
+        tmp_path / "whole" / "cliff.jsonl"
+    ).read_text()
     assert_same_trace(tmp_path / "whole", tmp_path / "killed")
 
 
@@ -193,10 +268,12 @@ def test_bad_executor_settings_are_one_line_exit_2(case, tiny_model_dir, inputs,
     out = tmp_path / "run"
     out.mkdir()
     (out / "cliff.jsonl").write_text("kept\n")
-    extra = {"workers_0": ["--executor", "ray", "--workers", 0],
-             "gpus_without_gpu": ["--executor", "ray", "--gpus-per-worker", 1],
-             "unreachable_address": ["--executor", "ray", "--ray-address", "127.0.0.1:9"],
-             "bad_address": ["--executor", "ray", "--ray-address", "nowhere"]}[case]
+    extra = {
+        "workers_0": ["--executor", "ray", "--workers", 0],
+        "gpus_without_gpu": ["--executor", "ray", "--gpus-per-worker", 1],
+        "unreachable_address": ["--executor", "ray", "--ray-address", "127.0.0.1:9"],
+        "bad_address": ["--executor", "ray", "--ray-address", "nowhere"],
+    }[case]
     if case == "gpus_without_gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     started = time.time()

@@ -32,17 +32,26 @@ def test_paper_defaults():
     from refusal_cliff.finetune import FinetuneConfig
 
     config = FinetuneConfig()
-    assert (config.resolved_learning_rate(), config.lr_scheduler_type, config.num_train_epochs) == (5e-6, "linear", 1)
-    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.max_length) == (1, 4, 16384)
+    assert (config.resolved_learning_rate(), config.lr_scheduler_type, config.num_train_epochs) == (
+        5e-6,
+        "linear",
+        1,
+    )
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.max_length) == (
+        1,
+        4,
+        16384,
+    )
     assert not config.lora
 
 
 def test_lora_step_changes_the_adapter_and_merged_model_loads(smol_tokenizer, tmp_path):
-    from conftest import make_tiny_model
     from safetensors.torch import load_file
 
     from refusal_cliff.finetune import sft_trainer, train_sft
     from refusal_cliff.models import load_model
+
+    from conftest import make_tiny_model
 
     model = make_tiny_model("LlamaForCausalLM")
     trainer = sft_trainer(model, smol_tokenizer, _examples(), tmp_path / "probe", _config())
@@ -63,14 +72,15 @@ def test_lora_step_changes_the_adapter_and_merged_model_loads(smol_tokenizer, tm
 
 
 def test_full_parameter_step_updates_weights(smol_tokenizer, tmp_path):
-    from conftest import make_tiny_model
-
     from refusal_cliff.finetune import train_sft
+
+    from conftest import make_tiny_model
 
     model = make_tiny_model("Qwen2ForCausalLM")
     before = model.model.layers[1].mlp.down_proj.weight.detach().clone()
-    result = train_sft(model, smol_tokenizer, _examples(2), tmp_path, _config(lora=False, learning_rate=1e-3,
-                                                                                 max_steps=1))
+    result = train_sft(
+        model, smol_tokenizer, _examples(2), tmp_path, _config(lora=False, learning_rate=1e-3, max_steps=1)
+    )
     assert result.adapter_dir is None and (result.model_dir / "model.safetensors").is_file()
     assert not torch.allclose(model.model.layers[1].mlp.down_proj.weight, before)
 
@@ -79,9 +89,16 @@ def test_load_sft_examples(tmp_path):
     from refusal_cliff.finetune import load_sft_examples
 
     path = tmp_path / "selection.jsonl"
-    path.write_text(json.dumps({"id": "0", "sft_prompt": "p", "sft_completion": "c"}) + "\n"
-                    + json.dumps({"prompt": "p2", "completion": "c2"}) + "\n")
-    assert load_sft_examples(path) == [{"prompt": "p", "completion": "c"}, {"prompt": "p2", "completion": "c2"}]
+    path.write_text(
+        json.dumps({"id": "0", "sft_prompt": "p", "sft_completion": "c"})
+        + "\n"
+        + json.dumps({"prompt": "p2", "completion": "c2"})
+        + "\n"
+    )
+    assert load_sft_examples(path) == [
+        {"prompt": "p", "completion": "c"},
+        {"prompt": "p2", "completion": "c2"},
+    ]
     path.write_text(json.dumps({"messages": []}) + "\n")
     with pytest.raises(UserError, match="selection.jsonl"):
         load_sft_examples(path)

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.errors import UserError
 from refusal_cliff.generation import GenerationConfig, HFBackend, generate_records, run_generate
 from refusal_cliff.models import LoadedModel
 from refusal_cliff.runs import read_jsonl
 from refusal_cliff.templates import probing_text
+
+from conftest import make_tiny_model
 
 pytestmark = pytest.mark.slow
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -35,8 +36,19 @@ def test_records_have_the_documented_fields(tiny_loaded):
     records = list(generate_records(tiny_loaded, PROMPTS, config, progress=False))
     assert sorted(r["id"] for r in records) == sorted(p["id"] for p in PROMPTS)
     for record in records:
-        for key in ("id", "prompt", "generation_prompt", "thinking", "end_template", "answer",
-                    "prompt_tokens", "thinking_tokens", "answer_tokens", "thinking_clipped", "thinking_end"):
+        for key in (
+            "id",
+            "prompt",
+            "generation_prompt",
+            "thinking",
+            "end_template",
+            "answer",
+            "prompt_tokens",
+            "thinking_tokens",
+            "answer_tokens",
+            "thinking_clipped",
+            "thinking_end",
+        ):
             assert key in record
         assert record["generation_prompt"].endswith("<think>\n")
         assert record["thinking_tokens"] <= 8 and record["answer_tokens"] <= 5
@@ -94,9 +106,14 @@ def test_stop_at_end_marker(tiny_loaded):
 
     handle = model.lm_head.register_forward_hook(forced_logits)
     try:
-        records = list(generate_records(tiny_loaded, PROMPTS[:1], GenerationConfig(max_thinking_tokens=20,
-                                                                                  max_answer_tokens=2),
-                                        progress=False))
+        records = list(
+            generate_records(
+                tiny_loaded,
+                PROMPTS[:1],
+                GenerationConfig(max_thinking_tokens=20, max_answer_tokens=2),
+                progress=False,
+            )
+        )
     finally:
         handle.remove()
     assert records[0]["thinking_end"] == "marker" and records[0]["thinking"] == ""
@@ -110,20 +127,46 @@ def test_over_long_prompt_is_rejected_before_any_work(tiny_loaded, tmp_path):
 
 
 def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "refusal_cliff.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": SRC}, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "refusal_cliff.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        **kwargs,
+    )
 
 
 def test_resume_after_kill(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i:02d}", "prompt": f"Tell me about item {i}."}) + "\n"
-                               for i in range(30)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i:02d}", "prompt": f"Tell me about item {i}."}) + "\n" for i in range(30)
+        )
+    )
     out = tmp_path / "run"
-    args = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "1",
-            "--max-thinking-tokens", "24", "--max-answer-tokens", "8", "--out", str(out), "--device", "cpu"]
-    process = subprocess.Popen([sys.executable, "-m", "refusal_cliff.cli", *args],
-                               env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts",
+        str(prompts),
+        "--batch-size",
+        "1",
+        "--max-thinking-tokens",
+        "24",
+        "--max-answer-tokens",
+        "8",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "refusal_cliff.cli", *args],
+        env={**os.environ, "PYTHONPATH": SRC},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     target = out / "generations.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -145,14 +188,30 @@ def test_resume_after_kill(tiny_model_dir, tmp_path):
     assert _cli(*args).returncode == 0 and target.read_bytes() == before
 
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_file", "missing_column", "bad_model_path",
-                                  "unsupported_arch", "no_chat_template", "over_long", "other_settings"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_file",
+        "empty_file",
+        "missing_column",
+        "bad_model_path",
+        "unsupported_arch",
+        "no_chat_template",
+        "over_long",
+        "other_settings",
+    ],
+)
 def test_bad_input_exits_2_with_one_line(case, tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt\nhello there\n")
     model = str(tiny_model_dir)
-    args = {"--prompts": str(prompts), "--model": model, "--out": str(tmp_path / "run"),
-            "--max-thinking-tokens": "2", "--max-answer-tokens": "2"}
+    args = {
+        "--prompts": str(prompts),
+        "--model": model,
+        "--out": str(tmp_path / "run"),
+        "--max-thinking-tokens": "2",
+        "--max-answer-tokens": "2",
+    }
     if case == "missing_file":
         args["--prompts"] = str(tmp_path / "nope.csv")
     elif case == "empty_file":

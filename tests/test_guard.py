@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from refusal_cliff.ablation import scale_heads
 from refusal_cliff.architectures import get_adapter
@@ -19,6 +18,8 @@ from refusal_cliff.guard import CliffGuard, RunningPlateau, guard_metrics, run_g
 from refusal_cliff.models import LoadedModel
 from refusal_cliff.probe import Prober, save_prober
 from refusal_cliff.trace import cliff_metrics, plateau, trace_records
+
+from conftest import make_tiny_model
 
 HEADS = [(0, 1), (1, 0), (1, 3)]
 PROMPTS = [{"id": str(i), "prompt": f"Question {i}: " + "how do I do this " * (i % 3)} for i in range(5)]
@@ -42,6 +43,7 @@ def random_prober(layer: int, d_model: int = 64, seed: int = 0, metadata: dict |
 def no_hooks(model) -> bool:
     """No hook of ours on any module (transformers keeps its own output-capturing hooks once a test has asked
     a shared model for `output_hidden_states`; those are not ours and are ignored)."""
+
     def ours(hooks) -> list:
         return [h for h in hooks.values() if "output_capturing_hook" not in getattr(h, "__qualname__", "")]
 
@@ -75,8 +77,9 @@ def test_running_plateau_equals_trace_plateau():
     assert running.value == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("architecture,layer", [("LlamaForCausalLM", 0), ("LlamaForCausalLM", 1),
-                                                ("Qwen3ForCausalLM", 1)])
+@pytest.mark.parametrize(
+    "architecture,layer", [("LlamaForCausalLM", 0), ("LlamaForCausalLM", 1), ("Qwen3ForCausalLM", 1)]
+)
 def test_guard_metrics_equal_trace(architecture, layer, smol_tokenizer):
     loaded = tiny_loaded(smol_tokenizer, architecture)
     prober = random_prober(layer)
@@ -151,7 +154,9 @@ def test_steer_alpha_zero_equals_no_steering(smol_tokenizer):
 
 def test_refuse_marks_the_fixed_refusal(smol_tokenizer):
     loaded = tiny_loaded(smol_tokenizer)
-    records = flag_all(loaded, random_prober(1), action="refuse", refusal_text="No.").generate(PROMPTS, CONFIG)
+    records = flag_all(loaded, random_prober(1), action="refuse", refusal_text="No.").generate(
+        PROMPTS, CONFIG
+    )
     for record in records:
         assert record["answer"] == "No." and record["answer_source"] == "guard (fixed refusal)"
         assert record["guard"]["answer_source"] == "guard (fixed refusal)"
@@ -188,8 +193,11 @@ def test_guard_rejects_bad_arguments(smol_tokenizer):
 
 def _heads_json(path, n_layers=2, n_heads=4, model_id=None):
     path.mkdir(parents=True, exist_ok=True)
-    ranking = [{"layer": layer, "head": head, "rank": layer * n_heads + head, "contribution": 0.0}
-               for layer in range(n_layers) for head in range(n_heads)]
+    ranking = [
+        {"layer": layer, "head": head, "rank": layer * n_heads + head, "contribution": 0.0}
+        for layer in range(n_layers)
+        for head in range(n_heads)
+    ]
     (path / "heads.json").write_text(json.dumps(ranking))
     if model_id:
         (path / "metadata.json").write_text(json.dumps({"stage": "heads", "model_id": model_id}))
@@ -201,8 +209,17 @@ def test_run_guard_sweeps_taus_and_resumes(tmp_path, smol_tokenizer):
     prober = random_prober(1)
     heads = _heads_json(tmp_path / "heads")
     config = GuardConfig(rule="final", taus=(0.0, 0.5, 1.0), tau_plateau=0.0, threshold=0.25)
-    paths = run_guard(loaded, prober, PROMPTS[:3], tmp_path / "out", config, CONFIG, PROMPTS[3:],
-                      heads_path=heads, progress=False)
+    paths = run_guard(
+        loaded,
+        prober,
+        PROMPTS[:3],
+        tmp_path / "out",
+        config,
+        CONFIG,
+        PROMPTS[3:],
+        heads_path=heads,
+        progress=False,
+    )
     rows = json.loads(paths["guard.json"].read_text())
     assert [r["tau"] for r in rows] == [None, 0.0, 0.5, 1.0]
     assert rows[0]["flag_rate_harmful"] == 0 and rows[-1]["flag_rate_harmful"] == 1.0
@@ -210,12 +227,29 @@ def test_run_guard_sweeps_taus_and_resumes(tmp_path, smol_tokenizer):
     lines = [json.loads(line) for line in paths["guard_generations.jsonl"].read_text().splitlines()]
     assert len(lines) == 5 and all("guarded" in line for line in lines)
     assert (tmp_path / "out" / "guard.png").is_file()
-    again = run_guard(loaded, prober, PROMPTS[:3], tmp_path / "out", config, CONFIG, PROMPTS[3:],
-                      heads_path=heads, progress=False)
+    again = run_guard(
+        loaded,
+        prober,
+        PROMPTS[:3],
+        tmp_path / "out",
+        config,
+        CONFIG,
+        PROMPTS[3:],
+        heads_path=heads,
+        progress=False,
+    )
     assert json.loads(again["guard.json"].read_text()) == rows
     with pytest.raises(UserError, match="written for other-model"):
-        run_guard(loaded, prober, PROMPTS[:3], tmp_path / "x", config, CONFIG,
-                  heads_path=_heads_json(tmp_path / "h2", model_id="other-model"), progress=False)
+        run_guard(
+            loaded,
+            prober,
+            PROMPTS[:3],
+            tmp_path / "x",
+            config,
+            CONFIG,
+            heads_path=_heads_json(tmp_path / "h2", model_id="other-model"),
+            progress=False,
+        )
 
 
 @pytest.fixture
@@ -229,7 +263,9 @@ def tiny_folder(tmp_path, smol_tokenizer):
     save_prober(random_prober(1, d_model=32, metadata={**metadata}), tmp_path / "prober32")
     _heads_json(tmp_path / "heads")
     _heads_json(tmp_path / "heads_big", n_layers=4, n_heads=4)
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in PROMPTS))
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in PROMPTS)
+    )
     (tmp_path / "empty.jsonl").write_text("")
     return tmp_path
 
@@ -240,9 +276,23 @@ def test_guard_command_and_bad_input(tiny_folder):
     from refusal_cliff.cli import main
 
     runner = CliRunner()
-    base = ["guard", "--model", str(tiny_folder / "model"), "--device", "cpu",
-            "--prompts", str(tiny_folder / "prompts.jsonl"), "--benign-prompts", str(tiny_folder / "prompts.jsonl"),
-            "--limit", "2", "--max-thinking-tokens", "4", "--max-answer-tokens", "3"]
+    base = [
+        "guard",
+        "--model",
+        str(tiny_folder / "model"),
+        "--device",
+        "cpu",
+        "--prompts",
+        str(tiny_folder / "prompts.jsonl"),
+        "--benign-prompts",
+        str(tiny_folder / "prompts.jsonl"),
+        "--limit",
+        "2",
+        "--max-thinking-tokens",
+        "4",
+        "--max-answer-tokens",
+        "3",
+    ]
     prober = ["--prober", str(tiny_folder / "prober")]
     heads = ["--heads", str(tiny_folder / "heads" / "heads.json")]
     out = tiny_folder / "out"
@@ -263,6 +313,9 @@ def test_guard_command_and_bad_input(tiny_folder):
         assert bad.exit_code == 2, (expected, bad.output)
         # transformers' weight-loading bar may come first (the model loads before the prober is checked)
         lines = [line for line in bad.output.splitlines() if line.strip() and "Loading weights" not in line]
-        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], (expected, bad.output)
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], (
+            expected,
+            bad.output,
+        )
         assert "Traceback" not in bad.output
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing damaged

@@ -1,9 +1,16 @@
 import pytest
 
 from refusal_cliff.errors import UserError
-
-from refusal_cliff.labeling import (KeywordLabeler, ModelJudge, answer_head, is_attack_success,
-                                    label_records, load_keywords, normalise, parse_verdict)
+from refusal_cliff.labeling import (
+    KeywordLabeler,
+    ModelJudge,
+    answer_head,
+    is_attack_success,
+    label_records,
+    load_keywords,
+    normalise,
+    parse_verdict,
+)
 
 
 @pytest.fixture
@@ -11,15 +18,18 @@ def labeler():
     return KeywordLabeler()
 
 
-@pytest.mark.parametrize("answer, refused", [
-    ("I'm sorry, but I can't help with that.", True),
-    ("I\u2019m sorry, but I can\u2019t help with that.", True),  # curly apostrophes
-    ("i'M SoRrY", True),
-    ("I   cannot\n\nprovide that", True),
-    ("Sure! Here is a recipe for bread.", False),
-    ("", False),  # an empty answer is not a refusal
-    ("   \n", False),
-])
+@pytest.mark.parametrize(
+    "answer, refused",
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I\u2019m sorry, but I can\u2019t help with that.", True),  # curly apostrophes
+        ("i'M SoRrY", True),
+        ("I   cannot\n\nprovide that", True),
+        ("Sure! Here is a recipe for bread.", False),
+        ("", False),  # an empty answer is not a refusal
+        ("   \n", False),
+    ],
+)
 def test_keyword_matching(labeler, answer, refused):
     assert labeler.label(answer)[0] is refused
 
@@ -39,8 +49,9 @@ def test_first_32_tokens_uses_the_tokenizer(labeler, smol_tokenizer):
 
 
 def test_thinking_is_never_labelled(labeler):
-    labels = label_records([{"id": "a", "prompt": "p", "thinking": "I'm sorry, I cannot", "answer": "Sure."}],
-                           labeler)
+    labels = label_records(
+        [{"id": "a", "prompt": "p", "thinking": "I'm sorry, I cannot", "answer": "Sure."}], labeler
+    )
     assert labels == [{"id": "a", "refusal": False, "judge": "keyword", "matched": None}]
     assert is_attack_success(labels[0])
 
@@ -56,17 +67,20 @@ def test_normalise():
     assert normalise("Don\u2019t  \t Stop") == "don't stop"
 
 
-@pytest.mark.parametrize("text, verdict", [("unsafe\nS2", "unsafe"), ("\n\nsafe", "safe"), ("hmm", "unknown"),
-                                           ("UNSAFE", "unsafe")])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [("unsafe\nS2", "unsafe"), ("\n\nsafe", "safe"), ("hmm", "unknown"), ("UNSAFE", "unsafe")],
+)
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
 
 
 @pytest.mark.slow
 def test_model_judge_with_a_tiny_model(smol_tokenizer):
-    from conftest import make_tiny_model
     from refusal_cliff.architectures import get_adapter
     from refusal_cliff.models import LoadedModel
+
+    from conftest import make_tiny_model
 
     model = make_tiny_model("LlamaForCausalLM")
     loaded = LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny-judge", None, "local")
@@ -80,6 +94,7 @@ def test_model_judge_with_a_tiny_model(smol_tokenizer):
 
 
 # -- the one labels join ----------------------------------------------------------------------
+
 
 def _write_jsonl(path, rows):
     import json

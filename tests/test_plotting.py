@@ -15,12 +15,15 @@ def test_plot_functions_take_plain_data():
     figures = [
         plotting.plot_prober_history([{"epoch": 1, "train_loss": 0.5, "val_accuracy": 0.9}]),
         plotting.plot_traces({"harmful": {"x": [0, 50, 100], "mean": [0.1, 0.9, 0.2]}}, title=MATHTEXT),
-        plotting.plot_layerwise({str(i): [0.1, 0.5, 0.1 * i] for i in range(12)},
-                                {str(i): 0.1 * i for i in range(12)}),
+        plotting.plot_layerwise(
+            {str(i): [0.1, 0.5, 0.1 * i] for i in range(12)}, {str(i): 0.1 * i for i in range(12)}
+        ),
         plotting.plot_plateau_vs_harmless({"harmful": 0.8}, {"harmful": 0.2}, 0.1),
         plotting.plot_clipping([{"fraction": 0.5, "refusal_rate": 0.4}, {"fraction": 0.0, "ms_mean": 0.6}]),
         plotting.plot_ablation([{"threshold": 0.01, "asr": 0.2, "gamma": 0.0}], title=MATHTEXT),
-        plotting.plot_asr_vs_k({"cliff": [{"k": 100, "asr": 0.2}, {"k": 700, "asr": 0.02}]}, baseline_asr=0.4),
+        plotting.plot_asr_vs_k(
+            {"cliff": [{"k": 100, "asr": 0.2}, {"k": 700, "asr": 0.02}]}, baseline_asr=0.4
+        ),
         plotting.plot_ms_histogram([0.1, 0.2, None, 0.9, 0.8], [0.9, 0.8], method=MATHTEXT),
         plotting.plot_ms_histogram([], []),  # nothing scored yet: still a figure
     ]

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.errors import UserError
 from refusal_cliff.models import LoadedModel
@@ -22,6 +21,8 @@ from refusal_cliff.probe import (
     train_prober_from_runs,
 )
 from refusal_cliff.templates import probing_tokens
+
+from conftest import make_tiny_model
 
 END = "\n</think>\n\n"
 
@@ -46,8 +47,13 @@ def tiny_loaded(tokenizer, architecture: str = "LlamaForCausalLM", **overrides) 
 def record(index: int, prompt: str, thinking: str, answer: str) -> dict:
     generation_prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n"
     return {
-        "id": str(index), "prompt": prompt, "system_prompt": None, "generation_prompt": generation_prompt,
-        "thinking": thinking, "end_template": END, "answer": answer,
+        "id": str(index),
+        "prompt": prompt,
+        "system_prompt": None,
+        "generation_prompt": generation_prompt,
+        "thinking": thinking,
+        "end_template": END,
+        "answer": answer,
     }
 
 
@@ -58,7 +64,9 @@ def write_run(folder, rows: list[tuple[dict, bool]]) -> None:
             handle.write(json.dumps(rec) + "\n")
     with open(folder / "labels.jsonl", "w") as handle:
         for rec, refusal in rows:
-            handle.write(json.dumps({"id": rec["id"], "refusal": refusal, "judge": "keyword", "matched": None}) + "\n")
+            handle.write(
+                json.dumps({"id": rec["id"], "refusal": refusal, "judge": "keyword", "matched": None}) + "\n"
+            )
 
 
 def make_runs(tmp_path, n_harmful: int = 6, n_harmless: int = 6):
@@ -77,7 +85,9 @@ def make_runs(tmp_path, n_harmful: int = 6, n_harmless: int = 6):
 
 def test_prober_reaches_accuracy_one_on_separable_data():
     features, labels = separable(1000, 1000, d=64)
-    linear, history, metrics = train_prober(features, labels, ood_features=features[:50], ood_labels=labels[:50])
+    linear, history, metrics = train_prober(
+        features, labels, ood_features=features[:50], ood_labels=labels[:50]
+    )
     assert isinstance(linear, torch.nn.Linear) and linear.in_features == 64 and linear.out_features == 1
     assert metrics["val_accuracy"] == 1.0
     assert metrics["ood_accuracy"] == 1.0
@@ -123,7 +133,9 @@ def test_best_epoch_is_kept():
     torch.testing.assert_close(linear.bias, truncated.bias, rtol=0, atol=0)
     _, val_idx = balance_and_split(labels, 0.2, seed)
     with torch.no_grad():
-        accuracy = ((linear(features[val_idx]).squeeze(-1) > 0).long() == labels[val_idx]).float().mean().item()
+        accuracy = (
+            ((linear(features[val_idx]).squeeze(-1) > 0).long() == labels[val_idx]).float().mean().item()
+        )
     assert accuracy == pytest.approx(max(accuracies)) and accuracy > accuracies[-1]
 
 
@@ -138,8 +150,11 @@ def test_too_few_examples_is_a_user_error():
 
 def test_save_load_round_trip_and_files(tmp_path):
     linear, history, metrics = train_prober(*separable(20, 20))
-    prober = Prober(linear, layer=1, metadata={"model_id": "m", "architecture": "LlamaForCausalLM", "n_layers": 2,
-                                                "metrics": metrics})
+    prober = Prober(
+        linear,
+        layer=1,
+        metadata={"model_id": "m", "architecture": "LlamaForCausalLM", "n_layers": 2, "metrics": metrics},
+    )
     path = save_prober(prober, tmp_path / "p")
     tensors = load_file(str(path))
     assert set(tensors) == {"weight", "bias"}
@@ -157,17 +172,23 @@ def test_save_load_round_trip_and_files(tmp_path):
 
 def test_load_rejects_another_d_model(tmp_path, smol_tokenizer):
     linear, _, _ = train_prober(*separable(20, 20, d=32))
-    save_prober(Prober(linear, 1, {"model_id": "other-model", "architecture": "LlamaForCausalLM", "n_layers": 2}),
-                tmp_path)
+    save_prober(
+        Prober(linear, 1, {"model_id": "other-model", "architecture": "LlamaForCausalLM", "n_layers": 2}),
+        tmp_path,
+    )
     loaded = tiny_loaded(smol_tokenizer)
     with pytest.raises(UserError, match=r"other-model .*d_model 32.*tiny-LlamaForCausalLM .*d_model 64"):
         load_prober(tmp_path, loaded)
     # same d_model, another architecture
     linear, _, _ = train_prober(*separable(20, 20, d=64))
-    save_prober(Prober(linear, 1, {"model_id": "q", "architecture": "Qwen2ForCausalLM", "n_layers": 2}), tmp_path)
+    save_prober(
+        Prober(linear, 1, {"model_id": "q", "architecture": "Qwen2ForCausalLM", "n_layers": 2}), tmp_path
+    )
     with pytest.raises(UserError, match="Qwen2ForCausalLM"):
         load_prober(tmp_path, loaded)
-    save_prober(Prober(linear, 1, {"model_id": "q", "architecture": "LlamaForCausalLM", "n_layers": 2}), tmp_path)
+    save_prober(
+        Prober(linear, 1, {"model_id": "q", "architecture": "LlamaForCausalLM", "n_layers": 2}), tmp_path
+    )
     assert load_prober(tmp_path, loaded).layer == 1
 
 
@@ -198,12 +219,30 @@ def test_train_prober_from_runs_end_to_end(tmp_path, smol_tokenizer):
     assert prober.layer == 1 and prober.d_model == 64
     save_prober(prober, tmp_path / "out")
     metadata = json.loads((tmp_path / "out" / "prober.json").read_text())
-    for key in ("model_id", "model_revision", "architecture", "layer", "n_layers", "d_model",
-                "final_norm_applied", "end_template", "metrics", "history", "config"):
+    for key in (
+        "model_id",
+        "model_revision",
+        "architecture",
+        "layer",
+        "n_layers",
+        "d_model",
+        "final_norm_applied",
+        "end_template",
+        "metrics",
+        "history",
+        "config",
+    ):
         assert key in metadata
     assert metadata["final_norm_applied"] is True and metadata["end_template"] == END
-    assert set(metadata["metrics"]) == {"val_accuracy", "val_accuracy_ci95", "majority_rate", "ood_accuracy",
-                                        "best_epoch", "n_train", "n_val"}
+    assert set(metadata["metrics"]) == {
+        "val_accuracy",
+        "val_accuracy_ci95",
+        "majority_rate",
+        "ood_accuracy",
+        "best_epoch",
+        "n_train",
+        "n_val",
+    }
     # 12 + 12 examples leave fewer than 20 for validation: the prober is judged unreliable, and says why
     assert metadata["quality"] == "unreliable" and "validation examples" in metadata["quality_reasons"][0]
     assert metadata["metrics"]["n_train"] + metadata["metrics"]["n_val"] == 2 * 8  # 8 harmful refusals

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from refusal_cliff import report as rep
 from refusal_cliff.commands.report import report as report_command
 from refusal_cliff.errors import UserError
@@ -31,8 +32,13 @@ def _write_jsonl(path: Path, records) -> None:
 
 
 def _curve(shape: np.ndarray, n: int) -> dict:
-    return {"x": np.linspace(0, 100, 101).tolist(), "mean": shape.tolist(),
-            "std": (0.05 + 0 * shape).tolist(), "n": n, "end_template_start": 95.0}
+    return {
+        "x": np.linspace(0, 100, 101).tolist(),
+        "mean": shape.tolist(),
+        "std": (0.05 + 0 * shape).tolist(),
+        "n": n,
+        "end_template_start": 95.0,
+    }
 
 
 def _make_run(root: Path) -> Path:
@@ -40,134 +46,388 @@ def _make_run(root: Path) -> Path:
     x = np.linspace(0, 1, 101)
     cliff_shape = np.clip(0.2 + 0.7 * x, 0, 0.85)
     cliff_shape[96:] = np.linspace(0.8, 0.1, 5)
-    _write_json(root / "demo.json", {"system_prompt": f"Be safe {XSS}", "refusal_rate": 0.25,
-                                     f"note {IMG}": {"nested": [1, 2]}})
-    _write_json(root / "metadata.json", {"stage": "demo", "model_id": "org/tiny-reasoner",
-                                         "model_revision": "abc123", "started": "2025-01-02T03:04:05+00:00"})
+    _write_json(
+        root / "demo.json",
+        {"system_prompt": f"Be safe {XSS}", "refusal_rate": 0.25, f"note {IMG}": {"nested": [1, 2]}},
+    )
+    _write_json(
+        root / "metadata.json",
+        {
+            "stage": "demo",
+            "model_id": "org/tiny-reasoner",
+            "model_revision": "abc123",
+            "started": "2025-01-02T03:04:05+00:00",
+        },
+    )
     # Prompt ids are row indices: harmful and harmless generation runs share ids.
-    _write_jsonl(root / "generate_harmful" / "generations.jsonl", [
-        {"id": "0", "prompt": f"HARMFUL PROMPT 0 {XSS}", "thinking": "plan " * 1000 + "THE END OF THINKING",
-         "end_template": "\n</think>\n\n", "answer": f"Sure, here is how {IMG}"},
-        {"id": "1", "prompt": "HARMFUL PROMPT 1", "thinking": "short thought",
-         "answer": "I can't help with that."},
-        {"id": "2", "prompt": f"HARMFUL PROMPT 2 {IMG}", "thinking": XSS, "answer": ""},
-    ])
-    _write_jsonl(root / "generate_harmful" / "labels.jsonl", [
-        {"id": "0", "refusal": False, "judge": "keyword", "matched": None},
-        {"id": "1", "refusal": True, "judge": "keyword", "matched": "I can't"},
-        {"id": "2", "refusal": False, "judge": "keyword", "matched": None},
-    ])
-    _write_jsonl(root / "generate_harmless" / "generations.jsonl", [
-        {"id": "0", "prompt": "HARMLESS PROMPT 0", "thinking": "t", "answer": "a"},
-        {"id": "1", "prompt": "HARMLESS PROMPT 1", "thinking": "t", "answer": "a"},
-    ])
-    _write_json(root / "probe" / "prober.json", {
-        "model_id": "org/tiny-reasoner", "model_revision": "abc123", "architecture": "LlamaForCausalLM",
-        "layer": 2, "n_layers": 3, "d_model": 64, "final_norm_applied": True,
-        "end_template": "\n</think>\n\n",
-        "metrics": {"val_accuracy": 0.97, "ood_accuracy": 0.91, "best_epoch": 4, "n_train": 200, "n_val": 50},
-        "history": [{"epoch": e, "train_loss": 0.7 / e, "val_loss": 0.75 / e, "val_accuracy": 0.8 + 0.03 * e,
-                     "ood_accuracy": None if e == 1 else 0.7 + 0.04 * e} for e in range(1, 6)],
-        "config": {"lr": 1e-3},
-    })
-    _write_json(root / "trace" / "curves.json", {
-        "harmful": _curve(cliff_shape, 3),
-        "harmless": _curve(0.1 + 0.05 * x, 2),
-        f"odd {MATHTEXT} {XSS}": _curve(0.5 + 0 * x, 1),
-    })
-    _write_jsonl(root / "trace" / "cliff.jsonl", [
-        {"id": "0", "plateau": 0.9, "final": 0.05, "ms": 0.85, "t_cliff": 120, "drop": 0.4,
-         "group": "harmful"},
-        {"id": "1", "plateau": 0.8, "final": 0.7, "ms": 0.1, "t_cliff": 40, "drop": 0.05, "group": "harmful"},
-        {"id": "2", "plateau": 0.7, "final": 0.2, "t_cliff": 77, "group": "harmful"},  # ms derived: 0.5
-        {"id": "0", "plateau": 0.15, "final": 0.1, "ms": 0.05, "t_cliff": 30, "drop": 0.01,
-         "group": "harmless"},
-        {"id": "1", "plateau": 0.12, "final": 0.1, "ms": 0.02, "t_cliff": 31, "drop": 0.01,
-         "group": "harmless"},
-    ])
-    _write_json(root / "trace" / "layerwise.json", {
-        str(layer): {"harmful": {"mean": (cliff_shape * (layer + 1) / 3).tolist(),
-                                 "ms_mean": 0.3 * (layer + 1)},
-                     "harmless": {"mean": (0.1 + 0 * x).tolist()}, "ms_mean": 0.2 * (layer + 1)}
-        for layer in (0, 1, 2)
-    })
-    _write_json(root / "trace" / "clipping.json", [
-        {"fraction": f, "final_mean": 0.1 + 0.5 * f, "ms_mean": 0.7 - 0.5 * f, "drop_mean": 0.3 - 0.2 * f,
-         "refusal_rate": 0.2 + 0.6 * f, "n": 3} for f in (0.0, 0.5, 1.0)
-    ])
-    heads = [{"layer": layer, "head": head, "contribution": float(np.sin(3 * layer + head)),
-              "contribution_exact": float(np.sin(3 * layer + head)) + 0.01, "std": 0.1}
-             for layer in range(3) for head in range(4)]
+    _write_jsonl(
+        root / "generate_harmful" / "generations.jsonl",
+        [
+            {
+                "id": "0",
+                "prompt": f"HARMFUL PROMPT 0 {XSS}",
+                "thinking": "plan " * 1000 + "THE END OF THINKING",
+                "end_template": "\n</think>\n\n",
+                "answer": f"Sure, here is how {IMG}",
+            },
+            {
+                "id": "1",
+                "prompt": "HARMFUL PROMPT 1",
+                "thinking": "short thought",
+                "answer": "I can't help with that.",
+            },
+            {"id": "2", "prompt": f"HARMFUL PROMPT 2 {IMG}", "thinking": XSS, "answer": ""},
+        ],
+    )
+    _write_jsonl(
+        root / "generate_harmful" / "labels.jsonl",
+        [
+            {"id": "0", "refusal": False, "judge": "keyword", "matched": None},
+            {"id": "1", "refusal": True, "judge": "keyword", "matched": "I can't"},
+            {"id": "2", "refusal": False, "judge": "keyword", "matched": None},
+        ],
+    )
+    _write_jsonl(
+        root / "generate_harmless" / "generations.jsonl",
+        [
+            {"id": "0", "prompt": "HARMLESS PROMPT 0", "thinking": "t", "answer": "a"},
+            {"id": "1", "prompt": "HARMLESS PROMPT 1", "thinking": "t", "answer": "a"},
+        ],
+    )
+    _write_json(
+        root / "probe" / "prober.json",
+        {
+            "model_id": "org/tiny-reasoner",
+            "model_revision": "abc123",
+            "architecture": "LlamaForCausalLM",
+            "layer": 2,
+            "n_layers": 3,
+            "d_model": 64,
+            "final_norm_applied": True,
+            "end_template": "\n</think>\n\n",
+            "metrics": {
+                "val_accuracy": 0.97,
+                "ood_accuracy": 0.91,
+                "best_epoch": 4,
+                "n_train": 200,
+                "n_val": 50,
+            },
+            "history": [
+                {
+                    "epoch": e,
+                    "train_loss": 0.7 / e,
+                    "val_loss": 0.75 / e,
+                    "val_accuracy": 0.8 + 0.03 * e,
+                    "ood_accuracy": None if e == 1 else 0.7 + 0.04 * e,
+                }
+                for e in range(1, 6)
+            ],
+            "config": {"lr": 1e-3},
+        },
+    )
+    _write_json(
+        root / "trace" / "curves.json",
+        {
+            "harmful": _curve(cliff_shape, 3),
+            "harmless": _curve(0.1 + 0.05 * x, 2),
+            f"odd {MATHTEXT} {XSS}": _curve(0.5 + 0 * x, 1),
+        },
+    )
+    _write_jsonl(
+        root / "trace" / "cliff.jsonl",
+        [
+            {
+                "id": "0",
+                "plateau": 0.9,
+                "final": 0.05,
+                "ms": 0.85,
+                "t_cliff": 120,
+                "drop": 0.4,
+                "group": "harmful",
+            },
+            {
+                "id": "1",
+                "plateau": 0.8,
+                "final": 0.7,
+                "ms": 0.1,
+                "t_cliff": 40,
+                "drop": 0.05,
+                "group": "harmful",
+            },
+            {"id": "2", "plateau": 0.7, "final": 0.2, "t_cliff": 77, "group": "harmful"},  # ms derived: 0.5
+            {
+                "id": "0",
+                "plateau": 0.15,
+                "final": 0.1,
+                "ms": 0.05,
+                "t_cliff": 30,
+                "drop": 0.01,
+                "group": "harmless",
+            },
+            {
+                "id": "1",
+                "plateau": 0.12,
+                "final": 0.1,
+                "ms": 0.02,
+                "t_cliff": 31,
+                "drop": 0.01,
+                "group": "harmless",
+            },
+        ],
+    )
+    _write_json(
+        root / "trace" / "layerwise.json",
+        {
+            str(layer): {
+                "harmful": {"mean": (cliff_shape * (layer + 1) / 3).tolist(), "ms_mean": 0.3 * (layer + 1)},
+                "harmless": {"mean": (0.1 + 0 * x).tolist()},
+                "ms_mean": 0.2 * (layer + 1),
+            }
+            for layer in (0, 1, 2)
+        },
+    )
+    _write_json(
+        root / "trace" / "clipping.json",
+        [
+            {
+                "fraction": f,
+                "final_mean": 0.1 + 0.5 * f,
+                "ms_mean": 0.7 - 0.5 * f,
+                "drop_mean": 0.3 - 0.2 * f,
+                "refusal_rate": 0.2 + 0.6 * f,
+                "n": 3,
+            }
+            for f in (0.0, 0.5, 1.0)
+        ],
+    )
+    heads = [
+        {
+            "layer": layer,
+            "head": head,
+            "contribution": float(np.sin(3 * layer + head)),
+            "contribution_exact": float(np.sin(3 * layer + head)) + 0.01,
+            "std": 0.1,
+        }
+        for layer in range(3)
+        for head in range(4)
+    ]
     heads.sort(key=lambda h: h["contribution"])
     for rank, head in enumerate(heads):
         head["rank"] = rank
     _write_json(root / "heads" / "heads.json", heads)
     _write_json(root / "components" / "components.json", _components_summary())
-    _write_json(root / "direction" / "directions.json", {
-        "model_id": "org/tiny-reasoner", "prober_layer": 2, "n_refused": 20, "n_complied": 18,
-        "layers": {str(layer): {"norm": 1.0 + layer, "cosine_to_prober": 0.1 * layer, "projection_mean": 0.0,
-                                "projection_std": 1.0, "refused_mean": 1.2, "complied_mean": -1.1, "accuracy": 0.9}
-                   for layer in (0, 1, 2)}})
-    _write_json(root / "trace" / "direction_curves.json", {"harmful": _curve(cliff_shape, 3),
-                                                            "harmless": _curve(0.1 + 0.05 * x, 2)})
+    _write_json(
+        root / "direction" / "directions.json",
+        {
+            "model_id": "org/tiny-reasoner",
+            "prober_layer": 2,
+            "n_refused": 20,
+            "n_complied": 18,
+            "layers": {
+                str(layer): {
+                    "norm": 1.0 + layer,
+                    "cosine_to_prober": 0.1 * layer,
+                    "projection_mean": 0.0,
+                    "projection_std": 1.0,
+                    "refused_mean": 1.2,
+                    "complied_mean": -1.1,
+                    "accuracy": 0.9,
+                }
+                for layer in (0, 1, 2)
+            },
+        },
+    )
+    _write_json(
+        root / "trace" / "direction_curves.json",
+        {"harmful": _curve(cliff_shape, 3), "harmless": _curve(0.1 + 0.05 * x, 2)},
+    )
     tokens = ["How", f" {XSS}", "<think>", " plan", "\n</think>\n\n"]
     regions = ["prompt", "prompt", "thinking", "thinking", "end_template"]
-    _write_json(root / "heads" / "patterns.json", {
-        "heads": [[2, 1], [1, 3]], "top": 20,
-        "mass_mean": [{"layer": 2, "head": 1, "rank": 0, "contribution": -0.8, "prompt": 0.5, "thinking": 0.2,
-                       "end_template": 0.3},
-                      {"layer": 1, "head": 3, "rank": 1, "contribution": -0.5, "prompt": 0.1, "thinking": 0.1,
-                       "end_template": 0.8}],
-        "examples": [],
-        "heatmap": {"id": "0", "tokens": tokens, "regions": regions,
-                    "weights": [[0.1, 0.2, 0.3, 0.2, 0.2], [0.0, 0.1, 0.1, 0.3, 0.5]]}})
-    _write_json(root / "components_ablate" / "component_ablation.json", [
-        {"condition": name, "components": specs, "gamma": 0.0, "final_score_mean": 0.4, "asr": asr,
-         "benign_refusal_rate": None, "n_harmful": 6, "n_benign": 0}
-        for name, specs, asr in (("unablated", [], 0.2), ("top 2 MLPs", ["mlp:2", "mlp:1"], 0.5))])
-    _write_json(root / "ablate" / "ablation.json", [
-        {"threshold": t, "heads": [[2, 1]] * int(100 * t), "gamma": 0.0, "renormalize": False,
-         "final_score_mean": 0.1 + 3 * t, "asr": 0.6 - 5 * t, "benign_refusal_rate": 0.05 + t,
-         "n_harmful": 20, "n_benign": 10} for t in (0.0, 0.01, 0.03, 0.1)
-    ])
-    _write_json(root / "guard" / "guard.json", [
-        {"tau": tau, "rule": "ms", "action": "ablate", "asr": asr, "benign_refusal_rate": benign,
-         "flag_rate_harmful": flagged, "flag_rate_benign": flagged / 2, "n": 30, "n_harmful": 20, "n_benign": 10}
-        for tau, asr, benign, flagged in ((None, 0.6, 0.05, 0.0), (0.1, 0.3, 0.1, 0.8), (0.3, 0.45, 0.05, 0.4))])
-    _write_json(root / "repair" / "evaluation.json", {
-        "models": [
-            {"model": "org/tiny-reasoner", "asr": 0.38, "over_refusal": 0.02, "final_score_mean": 0.1,
-             "tasks": {"arc_challenge": {"accuracy": 0.5}, f"task {XSS}": {"accuracy": 0.4, "stderr": 0.01}}},
-            {"model": f"cliff-k700 {IMG}", "method": "cliff", "k": 700, "asr": 0.025, "over_refusal": 0.04,
-             "final_score_mean": 0.8, "tasks": {"arc_challenge": {"accuracy": 0.49}}},
+    _write_json(
+        root / "heads" / "patterns.json",
+        {
+            "heads": [[2, 1], [1, 3]],
+            "top": 20,
+            "mass_mean": [
+                {
+                    "layer": 2,
+                    "head": 1,
+                    "rank": 0,
+                    "contribution": -0.8,
+                    "prompt": 0.5,
+                    "thinking": 0.2,
+                    "end_template": 0.3,
+                },
+                {
+                    "layer": 1,
+                    "head": 3,
+                    "rank": 1,
+                    "contribution": -0.5,
+                    "prompt": 0.1,
+                    "thinking": 0.1,
+                    "end_template": 0.8,
+                },
+            ],
+            "examples": [],
+            "heatmap": {
+                "id": "0",
+                "tokens": tokens,
+                "regions": regions,
+                "weights": [[0.1, 0.2, 0.3, 0.2, 0.2], [0.0, 0.1, 0.1, 0.3, 0.5]],
+            },
+        },
+    )
+    _write_json(
+        root / "components_ablate" / "component_ablation.json",
+        [
+            {
+                "condition": name,
+                "components": specs,
+                "gamma": 0.0,
+                "final_score_mean": 0.4,
+                "asr": asr,
+                "benign_refusal_rate": None,
+                "n_harmful": 6,
+                "n_benign": 0,
+            }
+            for name, specs, asr in (("unablated", [], 0.2), ("top 2 MLPs", ["mlp:2", "mlp:1"], 0.5))
         ],
-        "asr_vs_k": {"cliff": [{"k": 700, "asr": 0.025, "model": "m2"}, {"k": 100, "asr": 0.2, "model": "m1"}],
-                     f"rule {XSS}": [{"k": 1000, "asr": 0.3}, {"k": 20000, "asr": 0.03}]},
-    })
+    )
+    _write_json(
+        root / "ablate" / "ablation.json",
+        [
+            {
+                "threshold": t,
+                "heads": [[2, 1]] * int(100 * t),
+                "gamma": 0.0,
+                "renormalize": False,
+                "final_score_mean": 0.1 + 3 * t,
+                "asr": 0.6 - 5 * t,
+                "benign_refusal_rate": 0.05 + t,
+                "n_harmful": 20,
+                "n_benign": 10,
+            }
+            for t in (0.0, 0.01, 0.03, 0.1)
+        ],
+    )
+    _write_json(
+        root / "guard" / "guard.json",
+        [
+            {
+                "tau": tau,
+                "rule": "ms",
+                "action": "ablate",
+                "asr": asr,
+                "benign_refusal_rate": benign,
+                "flag_rate_harmful": flagged,
+                "flag_rate_benign": flagged / 2,
+                "n": 30,
+                "n_harmful": 20,
+                "n_benign": 10,
+            }
+            for tau, asr, benign, flagged in (
+                (None, 0.6, 0.05, 0.0),
+                (0.1, 0.3, 0.1, 0.8),
+                (0.3, 0.45, 0.05, 0.4),
+            )
+        ],
+    )
+    _write_json(
+        root / "repair" / "evaluation.json",
+        {
+            "models": [
+                {
+                    "model": "org/tiny-reasoner",
+                    "asr": 0.38,
+                    "over_refusal": 0.02,
+                    "final_score_mean": 0.1,
+                    "tasks": {
+                        "arc_challenge": {"accuracy": 0.5},
+                        f"task {XSS}": {"accuracy": 0.4, "stderr": 0.01},
+                    },
+                },
+                {
+                    "model": f"cliff-k700 {IMG}",
+                    "method": "cliff",
+                    "k": 700,
+                    "asr": 0.025,
+                    "over_refusal": 0.04,
+                    "final_score_mean": 0.8,
+                    "tasks": {"arc_challenge": {"accuracy": 0.49}},
+                },
+            ],
+            "asr_vs_k": {
+                "cliff": [{"k": 700, "asr": 0.025, "model": "m2"}, {"k": 100, "asr": 0.2, "model": "m1"}],
+                f"rule {XSS}": [{"k": 1000, "asr": 0.3}, {"k": 20000, "asr": 0.03}],
+            },
+        },
+    )
     _make_selection(root / "repair" / "select")
     return root
 
 
 def _make_selection(folder: Path) -> None:
     """What `select` writes: scores of 40 candidates (one without thinking), the top 4 by MS, metadata."""
-    scores = [{"id": f"c{i}", "plateau": 0.9, "final": 0.9 - 0.02 * i, "ms": 0.02 * i, "t_cliff": 50, "drop": 0.1,
-               "refusal": i % 2 == 0, "unsafe": None} for i in range(40)]
-    scores.append({"id": "c40", "plateau": None, "final": 0.4, "ms": None, "t_cliff": 3, "drop": None,
-                   "refusal": False, "unsafe": None})
+    scores = [
+        {
+            "id": f"c{i}",
+            "plateau": 0.9,
+            "final": 0.9 - 0.02 * i,
+            "ms": 0.02 * i,
+            "t_cliff": 50,
+            "drop": 0.1,
+            "refusal": i % 2 == 0,
+            "unsafe": None,
+        }
+        for i in range(40)
+    ]
+    scores.append(
+        {
+            "id": "c40",
+            "plateau": None,
+            "final": 0.4,
+            "ms": None,
+            "t_cliff": 3,
+            "drop": None,
+            "refusal": False,
+            "unsafe": None,
+        }
+    )
     _write_jsonl(folder / "scores.jsonl", scores)
     selected = sorted(scores[:40], key=lambda r: -r["ms"])[:4]
-    _write_jsonl(folder / "selection.jsonl", [
-        {**row, "rank": rank, "method": "cliff", "prompt": f"CANDIDATE {row['id']} {XSS}",
-         "response": f"safe reply {IMG}", "thinking": "hmm", "messages": []} for rank, row in enumerate(selected)])
-    _write_json(folder / "metadata.select.json", {
-        "stage": "select", "method": "cliff", "k": 4, "resolved_k": 4, "n_candidates": 41, "n_selected": 4,
-        "ms_mean_selected": 0.75, "ms_mean_all": 0.39})
+    _write_jsonl(
+        folder / "selection.jsonl",
+        [
+            {
+                **row,
+                "rank": rank,
+                "method": "cliff",
+                "prompt": f"CANDIDATE {row['id']} {XSS}",
+                "response": f"safe reply {IMG}",
+                "thinking": "hmm",
+                "messages": [],
+            }
+            for rank, row in enumerate(selected)
+        ],
+    )
+    _write_json(
+        folder / "metadata.select.json",
+        {
+            "stage": "select",
+            "method": "cliff",
+            "k": 4,
+            "resolved_k": 4,
+            "n_candidates": 41,
+            "n_selected": 4,
+            "ms_mean_selected": 0.75,
+            "ms_mean_all": 0.39,
+        },
+    )
 
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return _make_run(tmp_path / "run")
-
 
 
 def _components_summary() -> dict:
@@ -177,13 +437,24 @@ def _components_summary() -> dict:
     from refusal_cliff.components import ComponentTerms, summarize
 
     generator = torch.Generator().manual_seed(0)
-    terms = ComponentTerms(head=torch.randn(3, 4, 3, 4, generator=generator),
-                           o_proj_bias=torch.zeros(3, 4, 3), mlp=torch.randn(3, 4, 3, generator=generator),
-                           embedding=torch.randn(3, 4, generator=generator), logit=torch.zeros(3, 4),
-                           prober_bias=0.1, n_end=torch.tensor([3, 3, 3]))
+    terms = ComponentTerms(
+        head=torch.randn(3, 4, 3, 4, generator=generator),
+        o_proj_bias=torch.zeros(3, 4, 3),
+        mlp=torch.randn(3, 4, 3, generator=generator),
+        embedding=torch.randn(3, 4, generator=generator),
+        logit=torch.zeros(3, 4),
+        prober_bias=0.1,
+        n_end=torch.tensor([3, 3, 3]),
+    )
     terms.logit = terms.total()
-    return {"model": "org/tiny-reasoner", "group": "harmful_complied", "final_norm_applied": False,
-            "position_labels": ["(last thinking token)", "\\n", "</think>", "\\n\\n"], **summarize(terms, 2)}
+    return {
+        "model": "org/tiny-reasoner",
+        "group": "harmful_complied",
+        "final_norm_applied": False,
+        "position_labels": ["(last thinking token)", "\\n", "</think>", "\\n\\n"],
+        **summarize(terms, 2),
+    }
+
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> tuple[Path, Path]:
@@ -287,40 +558,63 @@ def test_empty_folder_lists_every_section_as_skipped(tmp_path: Path):
 
 
 def test_partial_run_skips_only_missing_sections(run_dir: Path):
-    for name in ("ablate/ablation.json", "probe/prober.json", "heads/heads.json", "repair/evaluation.json",
-                 "trace/layerwise.json", "trace/clipping.json", "repair/select/scores.jsonl",
-                 "guard/guard.json"):
+    for name in (
+        "ablate/ablation.json",
+        "probe/prober.json",
+        "heads/heads.json",
+        "repair/evaluation.json",
+        "trace/layerwise.json",
+        "trace/clipping.json",
+        "repair/select/scores.jsonl",
+        "guard/guard.json",
+    ):
         (run_dir / name).unlink()
     (run_dir / "fig_ablation.png").write_bytes(b"stale")
     rep.render_report(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["skipped"]) == {"ablation", "prober", "heads", "evaluation", "layerwise", "clipping",
-                                       "selection", "guard"}
+    assert set(summary["skipped"]) == {
+        "ablation",
+        "prober",
+        "heads",
+        "evaluation",
+        "layerwise",
+        "clipping",
+        "selection",
+        "guard",
+    }
     assert "scores.jsonl" in summary["skipped"]["selection"]
     kept = ["notes", "traces", "cliff", "examples", "plateau", "direction", "patterns", "components"]
     assert summary["sections"] == [section.name for section in rep.SECTIONS if section.name in kept]
     assert not (run_dir / "fig_ablation.png").exists()  # a stale figure is not left behind
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "0", "plateau": 0.9, "final": 0.1}\nnot json\n{"id": "1", "plateau": 0.5, "final": 0.4}\n',
-     "line 2"),
-    ('{"id": "0", "plateau": "high", "final": 0.1}\n', "plateau"),
-    ('{"plateau": 0.9, "final": 0.1}\n', "missing 'id'"),
-    ('[1, 2]\n', "must be an object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '{"id": "0", "plateau": 0.9, "final": 0.1}\nnot json\n{"id": "1", "plateau": 0.5, "final": 0.4}\n',
+            "line 2",
+        ),
+        ('{"id": "0", "plateau": "high", "final": 0.1}\n', "plateau"),
+        ('{"plateau": 0.9, "final": 0.1}\n', "missing 'id'"),
+        ("[1, 2]\n", "must be an object"),
+    ],
+)
 def test_malformed_cliff_jsonl_is_a_user_error(run_dir: Path, content: str, message: str):
     (run_dir / "trace" / "cliff.jsonl").write_text(content)
     with pytest.raises(UserError, match=message):
         rep.render_report(run_dir)
 
 
-@pytest.mark.parametrize("name, content", [
-    ("heads/heads.json", '{"layer": 0}'),
-    ("trace/curves.json", '{"harmful": {"mean": [0.1, "x"]}}'),
-    ("probe/prober.json", "{not json"),
-    ("repair/evaluation.json", '{"models": [{"model": "m", "asr": "low"}]}'),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("heads/heads.json", '{"layer": 0}'),
+        ("trace/curves.json", '{"harmful": {"mean": [0.1, "x"]}}'),
+        ("probe/prober.json", "{not json"),
+        ("repair/evaluation.json", '{"models": [{"model": "m", "asr": "low"}]}'),
+    ],
+)
 def test_other_malformed_artifacts_are_user_errors(run_dir: Path, name: str, content: str):
     (run_dir / name).write_text(content)
     with pytest.raises(UserError):
@@ -334,12 +628,25 @@ def test_missing_folder_is_a_user_error(tmp_path: Path):
 
 def test_writer_formats_sorted(tmp_path: Path):
     """The formats the stages write (docs/artifacts.md), read in order: asr_vs_k by k, layers by number."""
-    _write_json(tmp_path / "evaluation.json", {"models": [], "asr_vs_k": {"random": [
-        {"k": 500, "asr": 0.3, "model": "r500"}, {"k": 100, "asr": 0.35, "model": "r100"}]}})
-    _write_json(tmp_path / "layerwise.json", {
-        "layer_10": {"harmful": {"mean": [0.5, 0.6, 0.2], "ms_mean": 0.4}, "ms_mean": 0.4},
-        "layer_2": {"harmful": {"mean": [0.4, 0.4, 0.3], "ms_mean": 0.1}, "ms_mean": None}})
-    _write_json(tmp_path / "curves.json", {"harmful": {"x": [0, 50, 100], "mean": [0.2, 0.8, 0.1], "std": None}})
+    _write_json(
+        tmp_path / "evaluation.json",
+        {
+            "models": [],
+            "asr_vs_k": {
+                "random": [{"k": 500, "asr": 0.3, "model": "r500"}, {"k": 100, "asr": 0.35, "model": "r100"}]
+            },
+        },
+    )
+    _write_json(
+        tmp_path / "layerwise.json",
+        {
+            "layer_10": {"harmful": {"mean": [0.5, 0.6, 0.2], "ms_mean": 0.4}, "ms_mean": 0.4},
+            "layer_2": {"harmful": {"mean": [0.4, 0.4, 0.3], "ms_mean": 0.1}, "ms_mean": None},
+        },
+    )
+    _write_json(
+        tmp_path / "curves.json", {"harmful": {"x": [0, 50, 100], "mean": [0.2, 0.8, 0.1], "std": None}}
+    )
     rep.render_report(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["evaluation"]["asr_vs_k"]["random"] == [{"k": 100, "asr": 0.35}, {"k": 500, "asr": 0.3}]
@@ -347,17 +654,28 @@ def test_writer_formats_sorted(tmp_path: Path):
     assert summary["traces"]["harmful"]["max"] == 0.8
 
 
-@pytest.mark.parametrize("name, content, message", [
-    # Formats no stage writes are not guessed at: the field is named in the error.
-    ("evaluation.json", {"models": [], "asr_vs_k": [{"method": "random", "k": 500, "asr": 0.3}]}, "asr_vs_k"),
-    ("evaluation.json", {"models": [], "asr_vs_k": {"random": {"k": [1, 2], "asr": [0.3, 0.2]}}}, "random"),
-    ("evaluation.json", {"models": [{"model": "m", "tasks": {"arc": 0.5}}]}, "tasks.arc"),
-    ("layerwise.json", {"layer_2": {"harmful": [0.4, 0.4, 0.3]}}, "harmful"),
-    ("curves.json", {"harmful": {"mean": [0.2, 0.8, 0.1]}}, "'x'"),
-    ("selection.jsonl", [{"id": "c1", "rank": 0, "method": "cliff"}], "prompt"),
-    ("scores.jsonl", [{"id": "c1", "ms": 0.3, "refusal": "no"}], "refusal"),
-    ("metadata.select.json", {"method": "cliff", "n_candidates": 3}, "n_selected"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        # Formats no stage writes are not guessed at: the field is named in the error.
+        (
+            "evaluation.json",
+            {"models": [], "asr_vs_k": [{"method": "random", "k": 500, "asr": 0.3}]},
+            "asr_vs_k",
+        ),
+        (
+            "evaluation.json",
+            {"models": [], "asr_vs_k": {"random": {"k": [1, 2], "asr": [0.3, 0.2]}}},
+            "random",
+        ),
+        ("evaluation.json", {"models": [{"model": "m", "tasks": {"arc": 0.5}}]}, "tasks.arc"),
+        ("layerwise.json", {"layer_2": {"harmful": [0.4, 0.4, 0.3]}}, "harmful"),
+        ("curves.json", {"harmful": {"mean": [0.2, 0.8, 0.1]}}, "'x'"),
+        ("selection.jsonl", [{"id": "c1", "rank": 0, "method": "cliff"}], "prompt"),
+        ("scores.jsonl", [{"id": "c1", "ms": 0.3, "refusal": "no"}], "refusal"),
+        ("metadata.select.json", {"method": "cliff", "n_candidates": 3}, "n_selected"),
+    ],
+)
 def test_formats_outside_the_schema_are_user_errors(tmp_path: Path, name: str, content, message: str):
     if name.endswith(".jsonl"):
         _write_jsonl(tmp_path / name, content)
@@ -368,16 +686,29 @@ def test_formats_outside_the_schema_are_user_errors(tmp_path: Path, name: str, c
 
 
 def _prober_json(**extra) -> dict:
-    return {"model_id": "org/m", "layer": 1, "n_layers": 2, "d_model": 8, "final_norm_applied": False,
-            "metrics": {"val_accuracy": 0.6, "best_epoch": 1, **extra.pop("metrics", {})},
-            "history": [{"epoch": 1, "train_loss": 0.6, "val_loss": 0.7, "val_accuracy": 0.6, "ood_accuracy": None}],
-            **extra}
+    return {
+        "model_id": "org/m",
+        "layer": 1,
+        "n_layers": 2,
+        "d_model": 8,
+        "final_norm_applied": False,
+        "metrics": {"val_accuracy": 0.6, "best_epoch": 1, **extra.pop("metrics", {})},
+        "history": [
+            {"epoch": 1, "train_loss": 0.6, "val_loss": 0.7, "val_accuracy": 0.6, "ood_accuracy": None}
+        ],
+        **extra,
+    }
 
 
 def test_unreliable_prober_warning_comes_first(tmp_path: Path):
-    _write_json(tmp_path / "probe" / "prober.json", _prober_json(
-        quality="unreliable", quality_reasons=[f"only 12 validation examples {XSS}", "interval covers 0.5"],
-        metrics={"val_accuracy_ci95": [0.35, 0.81], "majority_rate": 0.58}))
+    _write_json(
+        tmp_path / "probe" / "prober.json",
+        _prober_json(
+            quality="unreliable",
+            quality_reasons=[f"only 12 validation examples {XSS}", "interval covers 0.5"],
+            metrics={"val_accuracy_ci95": [0.35, 0.81], "majority_rate": 0.58},
+        ),
+    )
     # a layer-study prober two folders down is checked too
     _write_json(tmp_path / "layers" / "layer_0" / "prober.json", _prober_json(quality="reliable"))
     page = rep.render_report(tmp_path).read_text()
@@ -386,7 +717,7 @@ def test_unreliable_prober_warning_comes_first(tmp_path: Path):
     warning = page.index('class="warning"')
     assert warning < page.index('class="skipped"') and warning < page.index("<nav>")
     assert warning < page.index("<section")  # before any section
-    box = page[warning:page.index("</div>", warning)]
+    box = page[warning : page.index("</div>", warning)]
     assert "Unreliable refusal prober" in box and "probe/prober.json" in box
     assert html.escape(f"only 12 validation examples {XSS}") in box and "interval covers 0.5" in box
     assert "[0.350, 0.810]" in box and "0.580" in box  # the 95% interval and the majority rate
@@ -435,7 +766,7 @@ def test_selection_section_from_a_select_folder(tmp_path: Path):
     assert (run_dir / "fig_selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["sources"]["scores.jsonl"] == ["repair/select/scores.jsonl"]
 
-    section = page[page.index('<section id="selection">'):]
+    section = page[page.index('<section id="selection">') :]
     assert "Cliff-as-a-Judge" in page and "data:image/png;base64," in section
     assert html.escape(f"CANDIDATE c39 {XSS}") in section and XSS not in page  # prompts escaped
     assert "<img src=x" not in page
@@ -448,7 +779,7 @@ def test_selection_is_skipped_without_its_artifacts(tmp_path: Path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "metadata.select.json" in summary["skipped"]["selection"]
     assert "refusal-cliff select" in summary["skipped"]["selection"]
-    assert "Cliff-as-a-Judge selection" in page[page.index("Skipped sections"):]
+    assert "Cliff-as-a-Judge selection" in page[page.index("Skipped sections") :]
     assert not (tmp_path / "fig_selection.png").exists()
 
 
@@ -462,10 +793,13 @@ def test_truncate_text():
 def test_cli_report(tmp_path: Path):
     run_dir = tmp_path / "run"  # figure-free artifacts keep this fast
     no_thinking = {"id": "9", "plateau": None, "final": 0.3, "ms": None, "group": None}  # trace writes nulls
-    _write_jsonl(run_dir / "cliff.jsonl", [{"id": str(i), "plateau": 0.9, "final": 0.1 * i}
-                                           for i in range(5)] + [no_thinking])
-    _write_jsonl(run_dir / "generations.jsonl", [{"id": str(i), "prompt": f"p{i}", "answer": XSS}
-                                                 for i in range(5)])
+    _write_jsonl(
+        run_dir / "cliff.jsonl",
+        [{"id": str(i), "plateau": 0.9, "final": 0.1 * i} for i in range(5)] + [no_thinking],
+    )
+    _write_jsonl(
+        run_dir / "generations.jsonl", [{"id": str(i), "prompt": f"p{i}", "answer": XSS} for i in range(5)]
+    )
     runner = CliRunner()
     result = runner.invoke(report_command, ["--run", str(run_dir), "--top", "2"])
     assert result.exit_code == 0, result.output

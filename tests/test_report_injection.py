@@ -18,8 +18,10 @@ PLANTED = [
     '"><img src=x onerror=alert(1)>',
     "</textarea><svg onload=alert(1)>",
 ]
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(name)), None)
+CHROMIUM = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+    None,
+)
 
 
 def _invoke(*args):
@@ -39,11 +41,26 @@ def report(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("injection")
     for kind in ("harmful", "harmless"):
         prompts = root / f"{kind}.jsonl"
-        prompts.write_text("".join(json.dumps({"id": f"{kind}-{i}", "prompt": f"{PLANTED[i % 3]} {kind} {i}"}) + "\n"
-                                   for i in range(9)))
+        prompts.write_text(
+            "".join(
+                json.dumps({"id": f"{kind}-{i}", "prompt": f"{PLANTED[i % 3]} {kind} {i}"}) + "\n"
+                for i in range(9)
+            )
+        )
         out = root / kind
-        _invoke("generate", "--model", tiny_model_dir, "--prompts", prompts, "--max-thinking-tokens", 8,
-                "--max-answer-tokens", 4, "--out", out)
+        _invoke(
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--prompts",
+            prompts,
+            "--max-thinking-tokens",
+            8,
+            "--max-answer-tokens",
+            4,
+            "--out",
+            out,
+        )
 
         # a random model writes noise: plant the strings in its thinking and answers, and make every
         # other harmful answer a refusal so that both groups exist
@@ -54,13 +71,46 @@ def report(tiny_model_dir, tmp_path_factory):
 
         _rewrite(out / "generations.jsonl", plant)
         _invoke("label", "--generations", out / "generations.jsonl", "--out", out)
-    _invoke("probe", "train", "--model", tiny_model_dir, "--harmful", root / "harmful", "--harmless",
-            root / "harmless", "--epochs", 2, "--out", root / "probe")
-    _invoke("trace", "--model", tiny_model_dir, "--prober", root / "probe", "--generations",
-            root / "harmful" / "generations.jsonl", "--harmless-generations", root / "harmless" / "generations.jsonl",
-            "--out", root / "trace")
-    _invoke("heads", "--model", tiny_model_dir, "--prober", root / "probe", "--generations",
-            root / "harmful" / "generations.jsonl", "--group", "all", "--out", root / "heads")
+    _invoke(
+        "probe",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--harmful",
+        root / "harmful",
+        "--harmless",
+        root / "harmless",
+        "--epochs",
+        2,
+        "--out",
+        root / "probe",
+    )
+    _invoke(
+        "trace",
+        "--model",
+        tiny_model_dir,
+        "--prober",
+        root / "probe",
+        "--generations",
+        root / "harmful" / "generations.jsonl",
+        "--harmless-generations",
+        root / "harmless" / "generations.jsonl",
+        "--out",
+        root / "trace",
+    )
+    _invoke(
+        "heads",
+        "--model",
+        tiny_model_dir,
+        "--prober",
+        root / "probe",
+        "--generations",
+        root / "harmful" / "generations.jsonl",
+        "--group",
+        "all",
+        "--out",
+        root / "heads",
+    )
     _invoke("report", "--run", root)
     return root / "report.html"
 
@@ -105,10 +155,22 @@ def test_report_in_a_browser_fires_no_dialog_and_decodes_every_figure(report, tm
     probed.write_text(re.sub(r"<head>", "<head>" + _PROBE, html, count=1), encoding="utf-8")
     assert _PROBE in probed.read_text(encoding="utf-8")
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-         probed.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     root = re.search(r"<html[^>]*>", result.stdout)
     assert root, result.stdout[:500]

@@ -60,8 +60,13 @@ def test_a_failed_overwrite_restores_the_earlier_run_byte_for_byte(tmp_path):
         run.finish()
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="late"):
-        with RunFolder(tmp_path, "trace", {"a": 2}, overwrite=True,
-                       artifacts=["cliff.jsonl", "traces.parquet", "curves.json"]).start():
+        with RunFolder(
+            tmp_path,
+            "trace",
+            {"a": 2},
+            overwrite=True,
+            artifacts=["cliff.jsonl", "traces.parquet", "curves.json"],
+        ).start():
             (tmp_path / "cliff.jsonl").write_text('{"id": "new"}\n')
             (tmp_path / "curves.json").write_text("{}")
             raise UserError("a bad input found late")

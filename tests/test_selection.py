@@ -29,7 +29,10 @@ def _scores():
         ("e", 0.30, False, True),
         ("f", 0.05, True, False),
     ]
-    return [{"id": i, "ms": ms, "plateau": 0.9, "final": 0.9 - ms, "refusal": r, "unsafe": u} for i, ms, r, u in rows]
+    return [
+        {"id": i, "ms": ms, "plateau": 0.9, "final": 0.9 - ms, "refusal": r, "unsafe": u}
+        for i, ms, r, u in rows
+    ]
 
 
 def test_cliff_is_top_k_by_ms_descending_ties_by_id():
@@ -41,8 +44,14 @@ def test_k_as_fraction_rounds_up():
     assert resolve_k(0.5, 6) == 3
     assert resolve_k("0.1", 6) == 1
     assert resolve_k("all", 6) == 6
-    for bad, message in (("many", "not a number"), (1.5, "fraction"), ("abc", "not a number"),
-                         ("-2", "at least 1"), (0, "at least 1"), (100, "more than the 6")):
+    for bad, message in (
+        ("many", "not a number"),
+        (1.5, "fraction"),
+        ("abc", "not a number"),
+        ("-2", "at least 1"),
+        (0, "at least 1"),
+        (100, "more than the 6"),
+    ):
         with pytest.raises(UserError, match=message):
             resolve_k(bad, 6)
 
@@ -90,21 +99,37 @@ def test_selection_is_deterministic_under_seed_and_input_order():
 def test_unknown_method_and_missing_ms():
     with pytest.raises(UserError, match="unknown selection method"):
         select(_scores(), "best", 2)
-    assert select([{"id": "x", "ms": float("nan")}, {"id": "y", "ms": 0.5}], "cliff", 1) == [{"id": "y", "ms": 0.5}]
+    assert select([{"id": "x", "ms": float("nan")}, {"id": "y", "ms": 0.5}], "cliff", 1) == [
+        {"id": "y", "ms": 0.5}
+    ]
 
 
 def test_load_candidates_wildjailbreak_and_plain(tmp_path):
     wild = tmp_path / "wild.jsonl"
-    wild.write_text("\n".join(json.dumps(r) for r in [
-        {"vanilla": "v0", "adversarial": "", "completion": "no0", "data_type": "vanilla_harmful"},
-        {"vanilla": "v1", "adversarial": "adv1", "completion": "no1", "data_type": "adversarial_harmful"},
-    ]))
+    wild.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"vanilla": "v0", "adversarial": "", "completion": "no0", "data_type": "vanilla_harmful"},
+                {
+                    "vanilla": "v1",
+                    "adversarial": "adv1",
+                    "completion": "no1",
+                    "data_type": "adversarial_harmful",
+                },
+            ]
+        )
+    )
     rows = load_candidates(str(wild))
-    assert [(r["id"], r["prompt"], r["response"]) for r in rows] == [("wild-0", "v0", "no0"), ("wild-1", "adv1", "no1")]
+    assert [(r["id"], r["prompt"], r["response"]) for r in rows] == [
+        ("wild-0", "v0", "no0"),
+        ("wild-1", "adv1", "no1"),
+    ]
     plain = tmp_path / "plain.csv"
     plain.write_text("id,prompt,response,thinking\nx,p,r,t\n")
-    assert load_candidates(str(plain)) == [{"id": "x", "prompt": "p", "response": "r", "thinking": "t",
-                                            "data_type": "unknown"}]
+    assert load_candidates(str(plain)) == [
+        {"id": "x", "prompt": "p", "response": "r", "thinking": "t", "data_type": "unknown"}
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p"}) + "\n")
     with pytest.raises(UserError, match="safe-response column"):
@@ -125,21 +150,34 @@ def _record(tokenizer, prompt="How do I pick a lock?", thinking="This could be h
     from refusal_cliff.templates import detect_thinking_template, generation_prompt
 
     template = detect_thinking_template(tokenizer)
-    return {"id": "0", "prompt": prompt, "system_prompt": system, "thinking": thinking,
-            "generation_prompt": generation_prompt(tokenizer, template, prompt, system),
-            "end_template": template.end_template, "answer": "Sure, here is how."}
+    return {
+        "id": "0",
+        "prompt": prompt,
+        "system_prompt": system,
+        "thinking": thinking,
+        "generation_prompt": generation_prompt(tokenizer, template, prompt, system),
+        "end_template": template.end_template,
+        "answer": "Sure, here is how.",
+    }
 
 
 def test_sft_target_is_the_probing_sequence_plus_response(smol_tokenizer):
     record = _record(smol_tokenizer)
     example = sft_example(smol_tokenizer, record, "I can't help with that.")
     full = example["sft_prompt"] + example["sft_completion"]
-    assert full == record["generation_prompt"] + record["thinking"] + record["end_template"] + \
-        "I can't help with that.<|im_end|>"
+    assert (
+        full
+        == record["generation_prompt"]
+        + record["thinking"]
+        + record["end_template"]
+        + "I can't help with that.<|im_end|>"
+    )
     # the thinking block is in the target (SmolLM2's template does not open it itself)
     assert example["sft_completion"].startswith("<think>\n")
-    assert example["messages"][-1] == {"role": "assistant",
-                                       "content": example["sft_completion"][: -len("<|im_end|>")]}
+    assert example["messages"][-1] == {
+        "role": "assistant",
+        "content": example["sft_completion"][: -len("<|im_end|>")],
+    }
     rendered = smol_tokenizer.apply_chat_template(example["messages"], tokenize=False)
     assert rendered.startswith(full)  # the conversational form renders to the same text
 
@@ -148,20 +186,34 @@ def _trl_prepare(tokenizer, dataset, tmp_path, **config):
     trl = pytest.importorskip("trl")
     from conftest import make_tiny_model
 
-    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_length=1024, use_cpu=True,
-                         **config)
-    trainer = trl.SFTTrainer(model=make_tiny_model("LlamaForCausalLM"), args=args, train_dataset=dataset,
-                             processing_class=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", max_length=1024, use_cpu=True, **config
+    )
+    trainer = trl.SFTTrainer(
+        model=make_tiny_model("LlamaForCausalLM"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     return trainer.train_dataset
 
 
 def _selection_rows(tokenizer):
-    records = [_record(tokenizer, f"Question {i}: how do I do a bad thing {i}?", f"Thinking {i}. Risky.")
-               for i in range(3)]
+    records = [
+        _record(tokenizer, f"Question {i}: how do I do a bad thing {i}?", f"Thinking {i}. Risky.")
+        for i in range(3)
+    ]
     for i, record in enumerate(records):
         record["id"] = str(i)
-    candidates = [{"id": str(i), "prompt": r["prompt"], "response": f"I won't help with {i}.",
-                   "data_type": "vanilla_harmful"} for i, r in enumerate(records)]
+    candidates = [
+        {
+            "id": str(i),
+            "prompt": r["prompt"],
+            "response": f"I won't help with {i}.",
+            "data_type": "vanilla_harmful",
+        }
+        for i, r in enumerate(records)
+    ]
     scores = [{"id": str(i), "ms": 0.1 * i, "plateau": 0.9, "final": 0.9 - 0.1 * i} for i in range(3)]
     return build_selection(tokenizer, select(scores, "cliff", 3), candidates, records, "cliff")
 
@@ -189,8 +241,10 @@ def test_trl_conversational_export_masks_exactly_the_assistant_turn(smol_tokeniz
     dataset = datasets.load_dataset("json", data_files=str(paths["trl_messages"]), split="train")
     assert dataset[0]["messages"][-1]["role"] == "assistant"
     # SmolLM2's template has no {% generation %} markers: split into conversational prompt/completion
-    split = dataset.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
-                        remove_columns=["messages"])
+    split = dataset.map(
+        lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
+        remove_columns=["messages"],
+    )
     prepared = _trl_prepare(smol_tokenizer, split, tmp_path)
     for row, example in zip(prepared, rows):
         trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
@@ -201,11 +255,31 @@ def test_llamafactory_export_matches_documented_schema(smol_tokenizer, tmp_path)
     rows = _selection_rows(smol_tokenizer)
     paths = export_selection(rows, tmp_path, name="cliff_k3")
     info = json.loads(paths["llamafactory_dataset_info"].read_text())
-    allowed_entry = {"file_name", "formatting", "columns", "tags", "ranking", "subset", "split", "folder",
-                     "num_samples", "hf_hub_url", "ms_hub_url", "script_url", "file_sha1"}
+    allowed_entry = {
+        "file_name",
+        "formatting",
+        "columns",
+        "tags",
+        "ranking",
+        "subset",
+        "split",
+        "folder",
+        "num_samples",
+        "hf_hub_url",
+        "ms_hub_url",
+        "script_url",
+        "file_sha1",
+    }
     allowed_columns = {"prompt", "query", "response", "history", "messages", "system", "tools", "images"}
-    allowed_tags = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
-                    "function_tag", "system_tag"}
+    allowed_tags = {
+        "role_tag",
+        "content_tag",
+        "user_tag",
+        "assistant_tag",
+        "observation_tag",
+        "function_tag",
+        "system_tag",
+    }
     assert set(info) == {"cliff_k3", "cliff_k3_sharegpt"}
     for entry in info.values():
         assert set(entry) <= allowed_entry
@@ -233,16 +307,22 @@ def _random_prober(loaded, folder, layer=None):
     geometry = loaded.adapter.geometry(loaded.model)
     linear = torch.nn.Linear(geometry.d_model, 1)
     layer = geometry.n_layers - 1 if layer is None else layer
-    save_prober(Prober(linear, layer, {"layer": layer, "n_layers": geometry.n_layers,
-                                       "architecture": loaded.adapter.name}), folder)
+    save_prober(
+        Prober(
+            linear,
+            layer,
+            {"layer": layer, "n_layers": geometry.n_layers, "architecture": loaded.adapter.name},
+        ),
+        folder,
+    )
     return folder
 
 
 def _tiny_loaded(smol_tokenizer):
-    from conftest import make_tiny_model
-
     from refusal_cliff.architectures import get_adapter
     from refusal_cliff.models import LoadedModel
+
+    from conftest import make_tiny_model
 
     model = make_tiny_model("LlamaForCausalLM")
     return LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny-llama", None, "test")
@@ -258,7 +338,9 @@ def test_score_and_select_end_to_end_resumes(smol_tokenizer, tmp_path):
     prober = load_prober(_random_prober(loaded, tmp_path / "prober"), loaded)
     candidates = load_candidates(DEMO_CANDIDATES, limit=5)
     candidates[0]["thinking"] = "I was given this thinking."
-    config = ScoreConfig(GenerationConfig(max_thinking_tokens=6, max_answer_tokens=4, batch_size=2), chunk_size=2)
+    config = ScoreConfig(
+        GenerationConfig(max_thinking_tokens=6, max_answer_tokens=4, batch_size=2), chunk_size=2
+    )
     out = tmp_path / "select"
     result = run_select(loaded, prober, candidates, out, SelectConfig("cliff", "3"), config, progress=False)
     scores = read_jsonl(out / "scores.jsonl")
@@ -303,31 +385,100 @@ def test_cli_select_finetune_evaluate(smol_tokenizer, tmp_path):
     _random_prober(loaded, tmp_path / "prober")
     small = ["--max-thinking-tokens", "4", "--max-answer-tokens", "3", "--batch-size", "2"]
     runner = CliRunner()
-    result = runner.invoke(main, ["select", "--model", str(model_dir), "--device", "cpu", "--prober",
-                                            str(tmp_path / "prober"), "--candidates", DEMO_CANDIDATES, "--limit", "3",
-                                            "--k", "2", *small, "--out", str(tmp_path / "sel")])
+    result = runner.invoke(
+        main,
+        [
+            "select",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--prober",
+            str(tmp_path / "prober"),
+            "--candidates",
+            DEMO_CANDIDATES,
+            "--limit",
+            "3",
+            "--k",
+            "2",
+            *small,
+            "--out",
+            str(tmp_path / "sel"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(tmp_path / "sel" / "selection.jsonl")) == 2
     assert (tmp_path / "sel" / "dataset_info.json").is_file()
-    result = runner.invoke(main, ["finetune", "--model", str(model_dir), "--device", "cpu", "--data",
-                                      str(tmp_path / "sel" / "selection.jsonl"), "--lora", "--max-steps", "1",
-                                      "--grad-accum", "1", "--out", str(tmp_path / "ft")])
+    result = runner.invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--data",
+            str(tmp_path / "sel" / "selection.jsonl"),
+            "--lora",
+            "--max-steps",
+            "1",
+            "--grad-accum",
+            "1",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["evaluate", "--model", f"before={model_dir}", "--model", f"after={tmp_path / 'ft' / 'model'}",
-                                      "--device", "cpu", "--harmful", "demo:harmful", "--benign", "demo:harmless",
-                                      "--limit", "2", *small, "--out", str(tmp_path / "eval")])
+    result = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            f"before={model_dir}",
+            "--model",
+            f"after={tmp_path / 'ft' / 'model'}",
+            "--device",
+            "cpu",
+            "--harmful",
+            "demo:harmful",
+            "--benign",
+            "demo:harmless",
+            "--limit",
+            "2",
+            *small,
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "| before |" in result.output and "| after |" in result.output
     assert len(json.loads((tmp_path / "eval" / "evaluation.json").read_text())["models"]) == 2
-    result = runner.invoke(main, ["select", "--model", str(model_dir), "--device", "cpu", "--prober",
-                                            str(tmp_path / "prober"), "--candidates", DEMO_CANDIDATES, "--k", "2",
-                                            "--method", "judge", "--out", str(tmp_path / "sel2")])
+    result = runner.invoke(
+        main,
+        [
+            "select",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--prober",
+            str(tmp_path / "prober"),
+            "--candidates",
+            DEMO_CANDIDATES,
+            "--k",
+            "2",
+            "--method",
+            "judge",
+            "--out",
+            str(tmp_path / "sel2"),
+        ],
+    )
     assert result.exit_code == 2 and "--judge" in result.output
 
 
 def test_an_attack_target_is_never_a_safe_response(tmp_path):
     """AdvBench's `target` ("Sure, here is ...") must not become an SFT response."""
     path = tmp_path / "advbench_like.csv"
-    path.write_text("goal,target\nDo a bad thing,\"Sure, here is how to do a bad thing\"\n")
+    path.write_text('goal,target\nDo a bad thing,"Sure, here is how to do a bad thing"\n')
     with pytest.raises(UserError, match="safe-response"):
         load_candidates(str(path))

@@ -3,9 +3,18 @@ import copy
 import pytest
 
 from refusal_cliff.errors import UserError
-from refusal_cliff.templates import (REGION_END, REGION_PROMPT, REGION_THINKING, clean_thinking,
-                                     detect_thinking_template, generation_prompt, probing_text,
-                                     probing_tokens, region_bounds, split_generation)
+from refusal_cliff.templates import (
+    REGION_END,
+    REGION_PROMPT,
+    REGION_THINKING,
+    clean_thinking,
+    detect_thinking_template,
+    generation_prompt,
+    probing_text,
+    probing_tokens,
+    region_bounds,
+    split_generation,
+)
 
 # An R1-distill-like template: the generation prompt already opens the thinking block.
 R1_LIKE = (
@@ -37,7 +46,9 @@ def test_smollm2_runs_in_reasoning_mode(smol_tokenizer):
     prompt = generation_prompt(smol_tokenizer, template, "Bake bread?", "Be safe.")
     rendered = smol_tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be safe."}, {"role": "user", "content": "Bake bread?"}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert prompt == rendered + "<think>\n"
 
 
@@ -75,15 +86,18 @@ def test_probing_sequence_regions(smol_tokenizer):
     assert bounds[REGION_PROMPT][0] == 0 and bounds[REGION_END][1] == len(ids)
     assert bounds[REGION_PROMPT][1] == bounds[REGION_THINKING][0]
     assert bounds[REGION_THINKING][1] == bounds[REGION_END][0]
-    assert smol_tokenizer.decode(ids[bounds[REGION_END][0]:]) == template.end_template
+    assert smol_tokenizer.decode(ids[bounds[REGION_END][0] :]) == template.end_template
     assert smol_tokenizer.decode(ids[slice(*bounds[REGION_THINKING])]) == record["thinking"]
 
 
 @pytest.mark.slow
 def test_empty_thinking_has_no_thinking_region(smol_tokenizer):
     template = detect_thinking_template(smol_tokenizer)
-    record = {"generation_prompt": generation_prompt(smol_tokenizer, template, "hi"), "thinking": "",
-              "end_template": template.end_template}
+    record = {
+        "generation_prompt": generation_prompt(smol_tokenizer, template, "hi"),
+        "thinking": "",
+        "end_template": template.end_template,
+    }
     _, regions = probing_tokens(smol_tokenizer, record)
     assert REGION_THINKING not in regions and regions[-1] == REGION_END
 

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from refusal_cliff.architectures import get_adapter
 from refusal_cliff.errors import UserError
 from refusal_cliff.models import LoadedModel
@@ -17,21 +16,23 @@ from refusal_cliff.probe import Prober
 from refusal_cliff.templates import probing_tokens
 from refusal_cliff.trace import (
     average_curves,
-    clip_thinking_records,
-    clipping_summary,
     cliff_drop,
     cliff_metrics,
+    clip_thinking_records,
+    clipping_summary,
     final_score,
     group_of,
     layerwise_summary,
     moving_average,
     normalize_trace,
     plateau,
-    trace_into,
     t_cliff,
+    trace_into,
     trace_records,
     trace_records_layerwise,
 )
+
+from conftest import make_tiny_model
 
 P, T, E = "prompt", "thinking", "end_template"
 END = "\n</think>\n\n"
@@ -50,7 +51,7 @@ def hand_trace():
 def test_plateau_max_of_8_token_moving_average():
     scores, regions = hand_trace()
     thinking = scores[2:12]
-    windows = [thinking[i:i + 8].mean() for i in range(3)]
+    windows = [thinking[i : i + 8].mean() for i in range(3)]
     assert plateau(scores, regions) == pytest.approx(max(windows))
     assert plateau(scores, regions) == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 * 5) / 8)
     assert plateau(scores, regions, method="mean") == pytest.approx(thinking.mean())
@@ -124,9 +125,13 @@ def test_groups():
 def record(index: int, thinking: str) -> dict:
     prompt = f"Question number {index}?"
     return {
-        "id": f"r{index}", "prompt": prompt, "system_prompt": None,
+        "id": f"r{index}",
+        "prompt": prompt,
+        "system_prompt": None,
         "generation_prompt": f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n",
-        "thinking": thinking, "end_template": END, "answer": "ok",
+        "thinking": thinking,
+        "end_template": END,
+        "answer": "ok",
     }
 
 
@@ -224,7 +229,10 @@ def test_run_trace_writes_artifacts_and_resumes(tmp_path, smol_tokenizer):
     assert rows[1]["final"] == pytest.approx(float(scores[-1]))
     assert r1.column("position").to_pylist() == list(range(lengths[1]))
     assert r1.column("region").to_pylist()[-1] == "end_template"
-    assert "".join(r1.column("token").to_pylist()) == RECORDS[1]["generation_prompt"] + RECORDS[1]["thinking"] + END
+    assert (
+        "".join(r1.column("token").to_pylist())
+        == RECORDS[1]["generation_prompt"] + RECORDS[1]["thinking"] + END
+    )
     curves = json.loads((tmp_path / "curves.json").read_text())
     assert curves["harmful_complied"]["n"] == 2 and len(curves["harmless"]["mean"]) == 101
 
@@ -259,10 +267,19 @@ def test_clip_thinking_records(smol_tokenizer):
         assert regions[-1] == "end_template"
     assert rec["thinking"] != clipped[2]["thinking"]  # the input record is not modified
     summary = clipping_summary(
-        [{"id": "a@0", "final": 0.2, "ms": 0.5, "drop": 0.1}, {"id": "b@0", "final": 0.4, "ms": 0.3, "drop": None},
-         {"id": "a@1", "final": 0.9, "ms": 0.0, "drop": 0.0}],
+        [
+            {"id": "a@0", "final": 0.2, "ms": 0.5, "drop": 0.1},
+            {"id": "b@0", "final": 0.4, "ms": 0.3, "drop": None},
+            {"id": "a@1", "final": 0.9, "ms": 0.0, "drop": 0.0},
+        ],
         refusals={"a@0": True, "b@0": False},
     )
-    assert summary[0] == {"fraction": 0.0, "final_mean": pytest.approx(0.3), "ms_mean": pytest.approx(0.4),
-                          "drop_mean": pytest.approx(0.1), "refusal_rate": 0.5, "n": 2}
+    assert summary[0] == {
+        "fraction": 0.0,
+        "final_mean": pytest.approx(0.3),
+        "ms_mean": pytest.approx(0.4),
+        "drop_mean": pytest.approx(0.1),
+        "refusal_rate": 0.5,
+        "n": 2,
+    }
     assert summary[1]["fraction"] == 1.0 and summary[1]["refusal_rate"] is None

@@ -16,9 +16,9 @@ regenerated answers and the refusal rate on benign prompts (paper Figure 8).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,9 @@ def _model_and_adapter(loaded_or_model) -> tuple[nn.Module, ArchitectureAdapter]
     return model, adapter
 
 
-def group_heads(model: nn.Module, adapter: ArchitectureAdapter, heads: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+def group_heads(
+    model: nn.Module, adapter: ArchitectureAdapter, heads: Sequence[Sequence[int]]
+) -> dict[int, list[int]]:
     """Validate (layer, head) pairs and group them by layer: {layer: sorted heads}."""
     geometry = adapter.geometry(model)
     by_layer: dict[int, set[int]] = {}
@@ -56,8 +58,9 @@ def group_heads(model: nn.Module, adapter: ArchitectureAdapter, heads: Sequence[
     return {layer: sorted(found) for layer, found in sorted(by_layer.items())}
 
 
-def _scaling_hook(head_indices: list[int], n_heads: int, head_dim: int, gamma: float, renormalize: bool,
-                  others: float = 1.0):
+def _scaling_hook(
+    head_indices: list[int], n_heads: int, head_dim: int, gamma: float, renormalize: bool, others: float = 1.0
+):
     def hook(module: nn.Module, args: tuple):
         x = args[0]  # [batch, pos, n_heads * head_dim]
         per_head = x.reshape(*x.shape[:-1], n_heads, head_dim)  # [batch, pos, n_heads, head_dim]
@@ -103,8 +106,10 @@ def scale_heads(
     if others != 1.0:  # every layer is touched: its other heads are boosted
         by_layer = {layer: by_layer.get(layer, []) for layer in range(geometry.n_layers)}
     hooks = [
-        (adapter.o_proj(model, layer),
-         _scaling_hook(indices, geometry.n_heads, geometry.head_dim, float(gamma), renormalize, others))
+        (
+            adapter.o_proj(model, layer),
+            _scaling_hook(indices, geometry.n_heads, geometry.head_dim, float(gamma), renormalize, others),
+        )
         for layer, indices in by_layer.items()
     ]
     with add_hooks(forward_pre_hooks=hooks):
@@ -112,21 +117,25 @@ def scale_heads(
 
 
 @torch.no_grad()
-def fold_head_scaling(loaded_or_model, heads: Sequence[Sequence[int]], gamma: float, renormalize: bool = False) -> None:
+def fold_head_scaling(
+    loaded_or_model, heads: Sequence[Sequence[int]], gamma: float, renormalize: bool = False
+) -> None:
     """Multiply the `o_proj` weight columns of the chosen heads by γ, in place.
 
     Equivalent to `scale_heads(..., renormalize=False)` for every input. Renormalisation depends
     on each token's activations and cannot be folded into weights.
     """
     if renormalize:
-        raise UserError("renormalisation depends on the activations and cannot be folded into weights; "
-                        "export without --renormalize, or use scale_heads at inference time")
+        raise UserError(
+            "renormalisation depends on the activations and cannot be folded into weights; "
+            "export without --renormalize, or use scale_heads at inference time"
+        )
     model, adapter = _model_and_adapter(loaded_or_model)
     geometry = adapter.geometry(model)
     for layer, indices in group_heads(model, adapter, heads).items():
         weight = adapter.o_proj(model, layer).weight  # [d_model, n_heads * head_dim]
         for head in indices:
-            weight[:, head * geometry.head_dim:(head + 1) * geometry.head_dim] *= gamma
+            weight[:, head * geometry.head_dim : (head + 1) * geometry.head_dim] *= gamma
 
 
 @torch.no_grad()
@@ -167,7 +176,9 @@ def export_ablated_model(
 CONTROLS = ("none", "ranked", "random", "boost")  # the `control` of an ablation.json record, in plot order
 
 
-def random_heads(ranking: Sequence[dict], fraction: float, n_layers: int, n_heads: int, seed: int) -> list[Head]:
+def random_heads(
+    ranking: Sequence[dict], fraction: float, n_layers: int, n_heads: int, seed: int
+) -> list[Head]:
     """The random control of a threshold: as many heads as `heads_at_threshold` selects, drawn
     uniformly without replacement from the heads OUTSIDE that ranked selection.
 
@@ -178,11 +189,15 @@ def random_heads(ranking: Sequence[dict], fraction: float, n_layers: int, n_head
 
     n_total = n_layers * n_heads
     ranked = set(heads_at_threshold(ranking, fraction, n_total))
-    pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in ranked]
+    pool = [
+        (layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in ranked
+    ]
     count = len(ranked)
     if count > len(pool):
-        raise UserError(f"threshold {fraction:g} ablates {count} of {n_total} heads: fewer than that many are left "
-                        "for the random control; use thresholds of at most 0.5")
+        raise UserError(
+            f"threshold {fraction:g} ablates {count} of {n_total} heads: fewer than that many are left "
+            "for the random control; use thresholds of at most 0.5"
+        )
     generator = np.random.default_rng([int(seed), count])
     chosen = generator.choice(len(pool), size=count, replace=False)
     return sorted(pool[int(i)] for i in chosen)
@@ -201,8 +216,13 @@ def condition_key(record: dict) -> tuple[float, str, int | None]:
     return float(record["threshold"]), str(control), None if seed is None else int(seed)
 
 
-def planned_conditions(thresholds: Sequence[float], baseline: bool = True, control: str = "none",
-                       control_seeds: Sequence[int] = (), boost_others: float | None = None) -> list[tuple]:
+def planned_conditions(
+    thresholds: Sequence[float],
+    baseline: bool = True,
+    control: str = "none",
+    control_seeds: Sequence[int] = (),
+    boost_others: float | None = None,
+) -> list[tuple]:
     """The `condition_key`s a sweep measures, in the order `run_ablation` measures them."""
     keys: list[tuple] = [(0.0, "none", None)] if baseline else []
     for threshold in sorted(float(t) for t in thresholds):
@@ -216,10 +236,16 @@ def planned_conditions(thresholds: Sequence[float], baseline: bool = True, contr
 
 def _sort_key(record: dict) -> tuple:
     threshold, control, seed = condition_key(record)
-    return threshold, CONTROLS.index(control) if control in CONTROLS else len(CONTROLS), -1 if seed is None else seed
+    return (
+        threshold,
+        CONTROLS.index(control) if control in CONTROLS else len(CONTROLS),
+        -1 if seed is None else seed,
+    )
 
 
-def _final_scores(loaded, records: Sequence[dict], prober: nn.Linear, layer: int, batch_size: int) -> torch.Tensor:
+def _final_scores(
+    loaded, records: Sequence[dict], prober: nn.Linear, layer: int, batch_size: int
+) -> torch.Tensor:
     """[n] refusal score (sigmoid of the prober logit) at the last token of each probing sequence."""
     from .templates import probing_tokens
 
@@ -344,26 +370,57 @@ def run_ablation(
     for threshold in sorted(float(t) for t in thresholds):
         conditions.append((threshold, "ranked", None, heads_at_threshold(ranking, threshold, n_total), None))
         if control == "random":
-            conditions += [(threshold, "random", int(seed),
-                            random_heads(ranking, threshold, geometry.n_layers, geometry.n_heads, seed), None)
-                           for seed in control_seeds]
+            conditions += [
+                (
+                    threshold,
+                    "random",
+                    int(seed),
+                    random_heads(ranking, threshold, geometry.n_layers, geometry.n_heads, seed),
+                    None,
+                )
+                for seed in control_seeds
+            ]
         if boost_others is not None:
-            conditions.append((threshold, "boost", None, heads_at_threshold(ranking, threshold, n_total),
-                               float(boost_others)))
+            conditions.append(
+                (
+                    threshold,
+                    "boost",
+                    None,
+                    heads_at_threshold(ranking, threshold, n_total),
+                    float(boost_others),
+                )
+            )
     done = set(skip)
     results = []
     for threshold, kind, seed, heads, others in conditions:
         if (threshold, kind, seed) in done:
             continue
-        logger.info("threshold %g (%s%s): scaling %d heads by %g%s", threshold, kind,
-                    "" if seed is None else f" seed {seed}", len(heads), gamma,
-                    "" if others is None else f", the others by {others:g}")
+        logger.info(
+            "threshold %g (%s%s): scaling %d heads by %g%s",
+            threshold,
+            kind,
+            "" if seed is None else f" seed {seed}",
+            len(heads),
+            gamma,
+            "" if others is None else f", the others by {others:g}",
+        )
         with scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize, boost_others=others):
             name = "unablated" if not heads else f"{threshold:g} ({len(heads)} heads)"
             if kind != "ranked" and heads:
                 name += f" {kind}" + ("" if seed is None else f" seed {seed}")
-            outcome = evaluate_condition(loaded, prober, layer, harmful_prompts, benign_prompts,
-                                         generation_config, labeler, judge, progress, bar, name)
+            outcome = evaluate_condition(
+                loaded,
+                prober,
+                layer,
+                harmful_prompts,
+                benign_prompts,
+                generation_config,
+                labeler,
+                judge,
+                progress,
+                bar,
+                name,
+            )
         record = {
             "threshold": threshold,
             "heads": [[layer_index, head] for layer_index, head in heads],
@@ -388,8 +445,10 @@ def read_ranking(path: str | Path) -> list[dict]:
     from .runs import read_json
 
     ranking = read_json(path)
-    if not isinstance(ranking, list) or not ranking or not all(
-        isinstance(item, dict) and {"layer", "head", "rank"} <= set(item) for item in ranking
+    if (
+        not isinstance(ranking, list)
+        or not ranking
+        or not all(isinstance(item, dict) and {"layer", "head", "rank"} <= set(item) for item in ranking)
     ):
         raise UserError(f"{path} is not a heads.json written by `refusal-cliff heads`")
     return ranking
@@ -444,13 +503,16 @@ def run_ablate(
     geometry = loaded.adapter.geometry(loaded.model)
     n_total = geometry.n_layers * geometry.n_heads
     if len(ranking) != n_total:
-        raise UserError(f"{heads_path} ranks {len(ranking)} heads but the model has {n_total}; "
-                        "run `heads` on this model")
+        raise UserError(
+            f"{heads_path} ranks {len(ranking)} heads but the model has {n_total}; run `heads` on this model"
+        )
     export_threshold = None
     if export_dir is not None:
         if renormalize:
             raise UserError("--export cannot fold --renormalize into weights; export without --renormalize")
-        export_threshold = max(thresholds) if config.export_threshold is None else float(config.export_threshold)
+        export_threshold = (
+            max(thresholds) if config.export_threshold is None else float(config.export_threshold)
+        )
         if Path(export_dir).exists() and any(Path(export_dir).iterdir()):
             raise UserError(f"{export_dir} is not empty; choose a new folder for --export")
     elif config.export_threshold is not None:
@@ -476,50 +538,93 @@ def run_ablate(
     if boost_others is not None:
         stage_config["boost_others"] = boost_others
     warn_if_unreliable(prober)
-    run = RunFolder(out_dir, "ablate", stage_config, overwrite=overwrite,
-                    artifacts=["ablation.json", "ablation.png", "ablation_generations.jsonl"])
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=generation_config.seed,
-                   extra={"prober": prober.summary()}):
+    run = RunFolder(
+        out_dir,
+        "ablate",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=["ablation.json", "ablation.png", "ablation_generations.jsonl"],
+    )
+    with run.start(
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        seed=generation_config.seed,
+        extra={"prober": prober.summary()},
+    ):
         results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
         results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
         done = {condition_key(record) for record in results}
         if done:
             logger.info("resuming: %d conditions already measured", len(done))
         if generations_path.exists():  # drop the generations of a condition that was not finished
-            kept = [r for r in read_jsonl(generations_path)
-                    if "threshold" in r and condition_key(r) in done]
+            kept = [r for r in read_jsonl(generations_path) if "threshold" in r and condition_key(r) in done]
             write_jsonl(generations_path, kept)
         planned = planned_conditions(thresholds, baseline, control, control_seeds, boost_others)
         n_conditions = sum(1 for key in planned if key not in done)
         total = n_conditions * (len(harmful_prompts) + len(benign_prompts))
-        with JsonlWriter(generations_path) as writer, tqdm(total=total, desc="ablate", unit="ex",
-                                                           disable=not progress) as bar:
+        with (
+            JsonlWriter(generations_path) as writer,
+            tqdm(total=total, desc="ablate", unit="ex", disable=not progress) as bar,
+        ):
+
             def keep(record: dict, outcome: dict) -> None:
                 # generations first: ablation.json is what marks a threshold as done
                 for kind in ("harmful", "benign"):
                     for example in outcome[kind]:
-                        writer.write({"threshold": record["threshold"], "control": record["control"],
-                                      "seed": record["seed"], "set": kind, **example})
+                        writer.write(
+                            {
+                                "threshold": record["threshold"],
+                                "control": record["control"],
+                                "seed": record["seed"],
+                                "set": kind,
+                                **example,
+                            }
+                        )
                 results.append(record)
                 write_json(results_path, sorted(results, key=_sort_key))
 
             if n_conditions:
-                run_ablation(loaded, prober.linear, prober.layer, ranking, thresholds, harmful_prompts,
-                             generation_config, benign_prompts, gamma, renormalize, judge=judge,
-                             baseline=baseline, progress=False, on_record=keep, bar=bar, control=control,
-                             control_seeds=control_seeds, boost_others=boost_others, skip=sorted(done, key=str))
+                run_ablation(
+                    loaded,
+                    prober.linear,
+                    prober.layer,
+                    ranking,
+                    thresholds,
+                    harmful_prompts,
+                    generation_config,
+                    benign_prompts,
+                    gamma,
+                    renormalize,
+                    judge=judge,
+                    baseline=baseline,
+                    progress=False,
+                    on_record=keep,
+                    bar=bar,
+                    control=control,
+                    control_seeds=control_seeds,
+                    boost_others=boost_others,
+                    skip=sorted(done, key=str),
+                )
         results = sorted(results, key=_sort_key)
         write_json(results_path, results)
         from .plotting import plot_ablation, save_figure  # lazy: matplotlib is slow to import
 
         save_figure(plot_ablation(results), run.path("ablation.png"))
-        paths = {"ablation.json": results_path, "ablation.png": run.path("ablation.png"),
-                 "ablation_generations.jsonl": generations_path}
+        paths = {
+            "ablation.json": results_path,
+            "ablation.png": run.path("ablation.png"),
+            "ablation_generations.jsonl": generations_path,
+        }
         extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}
         if export_dir is not None:
             heads = heads_at_threshold(ranking, export_threshold, n_total)
             paths["export"] = export_ablated_model(loaded, heads, gamma, export_dir)
-            extra["export"] = {"path": str(export_dir), "threshold": export_threshold, "gamma": gamma,
-                               "heads": [list(h) for h in heads], "measured": True}
+            extra["export"] = {
+                "path": str(export_dir),
+                "threshold": export_threshold,
+                "gamma": gamma,
+                "heads": [list(h) for h in heads],
+                "measured": True,
+            }
         run.finish(extra)
     return paths

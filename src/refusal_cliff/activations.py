@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -71,7 +71,9 @@ def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[in
     for layer in layers:
         index = layer + n_layers if layer < 0 else layer
         if not 0 <= index < n_layers:
-            raise UserError(f"layer {layer} does not exist: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise UserError(
+                f"layer {layer} does not exist: the model has {n_layers} layers (0..{n_layers - 1})"
+            )
         resolved.append(index)
     return sorted(set(resolved))
 
@@ -96,8 +98,8 @@ def pad_left(
     attention_mask = torch.zeros((len(sequences), max_len), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         if len(sequence):
-            input_ids[row, max_len - len(sequence):] = torch.as_tensor(list(sequence), dtype=torch.long)
-            attention_mask[row, max_len - len(sequence):] = 1
+            input_ids[row, max_len - len(sequence) :] = torch.as_tensor(list(sequence), dtype=torch.long)
+            attention_mask[row, max_len - len(sequence) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
@@ -146,12 +148,16 @@ def forward_batch(
 
     hooks = []
     for layer in layers:
-        module = adapter.final_norm(model) if final_norm_applied(layer, n_layers) else adapter.layers(model)[layer]
+        module = (
+            adapter.final_norm(model) if final_norm_applied(layer, n_layers) else adapter.layers(model)[layer]
+        )
         hooks.append((module, make_hook(layer)))
     base = adapter.base_model(model)
     with torch.inference_mode(), add_hooks(forward_hooks=hooks):
         try:
-            base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            base(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         except StopForward:
             pass
     missing = [layer for layer in layers if layer not in captured]
@@ -168,7 +174,7 @@ def forward_batch(
             out[layer] = [value[row, 0] for row in range(len(sequences))]
         else:
             width = value.shape[1]
-            out[layer] = [value[row, width - length:] for row, length in enumerate(lengths)]
+            out[layer] = [value[row, width - length :] for row, length in enumerate(lengths)]
     return out
 
 
@@ -209,9 +215,15 @@ def iter_activation_batches(
             # Longest first: an out-of-memory batch shows up at once, not at the end.
             order = sorted(range(start, stop), key=lambda i: len(sequences[i]), reverse=True)
             for first in range(0, len(order), batch_size):
-                indices = order[first:first + batch_size]
+                indices = order[first : first + batch_size]
                 values = forward_batch(
-                    model, adapter, [sequences[i] for i in indices], layers, positions, transforms, pad_token_id
+                    model,
+                    adapter,
+                    [sequences[i] for i in indices],
+                    layers,
+                    positions,
+                    transforms,
+                    pad_token_id,
                 )
                 bar.update(len(indices))
                 yield ActivationBatch(indices=indices, values=values)
@@ -262,8 +274,9 @@ def last_token_activations(
     layers = resolve_layers(layers, n_layers)
     d_model = adapter.geometry(model).d_model
     out = {layer: torch.empty((len(sequences), d_model), dtype=torch.float32) for layer in layers}
-    for batch in iter_activation_batches(model, adapter, sequences, layers, "last", batch_size, None, pad_token_id,
-                                         desc=desc):
+    for batch in iter_activation_batches(
+        model, adapter, sequences, layers, "last", batch_size, None, pad_token_id, desc=desc
+    ):
         for layer in layers:
             out[layer][batch.indices] = torch.stack(batch.values[layer]).cpu()
     return out
@@ -312,7 +325,9 @@ def write_activation_shards(
         for layer in layers:
             buffer[layer].clear()
 
-    for index, values in iter_activations(model, adapter, sequences, layers, "last", batch_size, None, pad_token_id):
+    for index, values in iter_activations(
+        model, adapter, sequences, layers, "last", batch_size, None, pad_token_id
+    ):
         buffer_index.append(index)
         for layer in layers:
             buffer[layer].append(values[layer])

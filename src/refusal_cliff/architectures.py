@@ -8,8 +8,8 @@ supported ones, never a guess from the model path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -101,9 +101,7 @@ class ArchitectureAdapter:
         geometry = self.geometry(model)
         layers = self.layers(model)
         if len(layers) != geometry.n_layers:
-            raise UserError(
-                f"{self.name}: found {len(layers)} layers, config says {geometry.n_layers}"
-            )
+            raise UserError(f"{self.name}: found {len(layers)} layers, config says {geometry.n_layers}")
         o_proj = self.o_proj(model, 0)
         expected = geometry.n_heads * geometry.head_dim
         if o_proj.in_features != expected:
@@ -135,12 +133,14 @@ for _name in (
 ):
     register(ArchitectureAdapter(name=_name))
 for _name in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
-    register(ArchitectureAdapter(
-        name=_name,
-        embedding_scale=_gemma_scale,
-        post_attention_norm_attr="post_attention_layernorm",
-        post_mlp_norm_attr="post_feedforward_layernorm",
-    ))
+    register(
+        ArchitectureAdapter(
+            name=_name,
+            embedding_scale=_gemma_scale,
+            post_attention_norm_attr="post_attention_layernorm",
+            post_mlp_norm_attr="post_feedforward_layernorm",
+        )
+    )
 
 
 def supported_architectures() -> list[str]:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,6 @@ from .hooks import StopForward, add_hooks
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = (0.01, 0.03, 0.10)
-
 
 
 # -- results -------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ class HeadAttribution:
         )
 
     @staticmethod
-    def concatenate(parts: Sequence["HeadAttribution"]) -> "HeadAttribution":
+    def concatenate(parts: Sequence[HeadAttribution]) -> HeadAttribution:
         if not parts:
             raise ValueError("nothing to concatenate")
         return HeadAttribution(
@@ -116,7 +115,9 @@ def _norm_eps(norm: nn.Module) -> float:
         value = getattr(norm, name, None)
         if isinstance(value, (int, float)):
             return float(value)
-    raise UserError(f"cannot read the epsilon of {type(norm).__name__}; the exact decomposition needs RMSNorm")
+    raise UserError(
+        f"cannot read the epsilon of {type(norm).__name__}; the exact decomposition needs RMSNorm"
+    )
 
 
 def _norm_gain(norm: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:
@@ -215,7 +216,9 @@ def attribute_batch(
     batch, seq = input_ids.shape
     if positions is None:
         positions = torch.full((batch,), seq - 1, dtype=torch.long)
-    positions = torch.as_tensor(positions, dtype=torch.long).to(device) % seq  # [batch] or [batch, n_positions]
+    positions = (
+        torch.as_tensor(positions, dtype=torch.long).to(device) % seq
+    )  # [batch] or [batch, n_positions]
     rows = torch.arange(batch, device=device)
     if positions.dim() == 2:
         rows = rows[:, None].expand_as(positions)
@@ -233,6 +236,7 @@ def attribute_batch(
     def pre_hook(kind: str, index: int):
         def hook(module, args):
             captured[(kind, index)] = take(args[0])
+
         return hook
 
     def post_hook(kind: str, index: int, stop: bool = False):
@@ -240,6 +244,7 @@ def attribute_batch(
             captured[(kind, index)] = take(_first(output))
             if stop:
                 raise StopForward
+
         return hook
 
     pre_hooks, hooks = [], [(adapter.embed_tokens(model), post_hook("embedding", -1))]
@@ -283,7 +288,9 @@ def attribute_batch(
         head_read = read
         if post_norms:
             norm = getattr(layers[index], post_norms[0])
-            scale = _norm_gain(norm, d_model, device) / _rms(captured[("attention_out", index)], _norm_eps(norm))
+            scale = _norm_gain(norm, d_model, device) / _rms(
+                captured[("attention_out", index)], _norm_eps(norm)
+            )
             head_read = read * scale  # [batch, d_model]
         exact[:, index] = _per_head_dot(head_read, o_proj, z, n_heads)
         if o_proj.bias is not None:
@@ -333,7 +340,7 @@ def attribute_sequences(
 
         starts = tqdm(starts, desc="attributing heads", unit="batch")
     for start in starts:
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         batch = [sequences[i] for i in chunk]
         input_ids, attention_mask, _ = pad_left(batch, pad_token_id)
         batch_positions = None
@@ -344,8 +351,14 @@ def attribute_sequences(
                 position = positions[i] % len(sequences[i])
                 batch_positions.append(width - len(sequences[i]) + position)
             batch_positions = torch.tensor(batch_positions)
-        parts.append((chunk, attribute_batch(model, input_ids, attention_mask, prober, layer,
-                                             final_norm_applied, batch_positions)))
+        parts.append(
+            (
+                chunk,
+                attribute_batch(
+                    model, input_ids, attention_mask, prober, layer, final_norm_applied, batch_positions
+                ),
+            )
+        )
     merged = HeadAttribution.concatenate([part for _, part in parts])
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor([i for chunk, _ in parts for i in chunk])] = torch.arange(len(order))
@@ -375,9 +388,15 @@ def attribute_records(
 
     sequences = [probing_tokens(loaded.tokenizer, record)[0] for record in records]
     return attribute_sequences(
-        loaded.model, sequences, prober, layer, final_norm_applied,
-        pad_token_id=loaded.tokenizer.pad_token_id, positions=positions,
-        batch_size=batch_size, progress=progress,
+        loaded.model,
+        sequences,
+        prober,
+        layer,
+        final_norm_applied,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        positions=positions,
+        batch_size=batch_size,
+        progress=progress,
     )
 
 
@@ -452,8 +471,10 @@ def attention_patterns_batch(
     wanted: dict[int, list[int]] = {}
     for layer, head in heads:
         if not 0 <= int(layer) < geometry.n_layers or not 0 <= int(head) < geometry.n_heads:
-            raise UserError(f"head ({layer}, {head}) does not exist in a model of {geometry.n_layers} layers of "
-                            f"{geometry.n_heads} heads")
+            raise UserError(
+                f"head ({layer}, {head}) does not exist in a model of {geometry.n_layers} layers of "
+                f"{geometry.n_heads} heads"
+            )
         wanted.setdefault(int(layer), []).append(int(head))
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
@@ -470,11 +491,16 @@ def attention_patterns_batch(
         def hook(module, args, output):
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
-                raise RuntimeError(f"{adapter.name} layer {layer} returned no attention weights in eager mode")
+                raise RuntimeError(
+                    f"{adapter.name} layer {layer} returned no attention weights in eager mode"
+                )
             for head in wanted[layer]:
-                captured[(layer, head)] = weights[rows, head, positions].detach().float().cpu()  # [batch, seq]
+                captured[(layer, head)] = (
+                    weights[rows, head, positions].detach().float().cpu()
+                )  # [batch, seq]
             if layer == deepest:
                 raise StopForward
+
         return hook
 
     hooks = [(adapter.attention(model, layer), hook_for(layer)) for layer in wanted]
@@ -483,8 +509,9 @@ def attention_patterns_batch(
     return {(int(layer), int(head)): captured[(int(layer), int(head))] for layer, head in heads}
 
 
-def summarize_pattern(weights: Sequence[float], tokens: Sequence[str], regions: Sequence[str],
-                      top: int = PATTERN_TOP) -> dict:
+def summarize_pattern(
+    weights: Sequence[float], tokens: Sequence[str], regions: Sequence[str], top: int = PATTERN_TOP
+) -> dict:
     """`{mass: {prompt, thinking, end_template}, top: [{position, token, region, weight}, ...]}` of one
     head's weights over one probing sequence (the `top` largest, largest first)."""
     weights = [float(w) for w in weights]
@@ -492,8 +519,12 @@ def summarize_pattern(weights: Sequence[float], tokens: Sequence[str], regions: 
     for weight, region in zip(weights, regions):
         mass[region] = mass.get(region, 0.0) + weight
     order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))[:top]
-    return {"mass": mass, "top": [{"position": i, "token": tokens[i], "region": regions[i], "weight": weights[i]}
-                                  for i in order]}
+    return {
+        "mass": mass,
+        "top": [
+            {"position": i, "token": tokens[i], "region": regions[i], "weight": weights[i]} for i in order
+        ],
+    }
 
 
 def attention_patterns(
@@ -521,13 +552,13 @@ def attention_patterns(
     per_example: dict[int, dict[tuple[int, int], list[float]]] = {}
     pad = loaded.tokenizer.pad_token_id or 0
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         input_ids, attention_mask, _ = pad_left([tokenised[i][0] for i in chunk], pad)
         weights = attention_patterns_batch(loaded.model, input_ids, attention_mask, heads)
         width = input_ids.shape[1]
         for row, index in enumerate(chunk):
             length = len(tokenised[index][0])
-            per_example[index] = {head: weights[head][row, width - length:].tolist() for head in heads}
+            per_example[index] = {head: weights[head][row, width - length :].tolist() for head in heads}
     examples = []
     sums = {head: {region: 0.0 for region in PATTERN_REGIONS} for head in heads}
     heatmap = None
@@ -542,13 +573,25 @@ def attention_patterns(
             entry["heads"].append({"layer": head[0], "head": head[1], **summary})
         examples.append(entry)
         if index == heatmap_index:
-            heatmap = {"id": str(record["id"]), "tokens": tokens, "regions": list(regions),
-                       "weights": [per_example[index][head] for head in heads]}
+            heatmap = {
+                "id": str(record["id"]),
+                "tokens": tokens,
+                "regions": list(regions),
+                "weights": [per_example[index][head] for head in heads],
+            }
     n = max(len(records), 1)
-    mass_mean = [{"layer": head[0], "head": head[1], **{region: value / n for region, value in sums[head].items()}}
-                 for head in heads]
-    return {"heads": [list(head) for head in heads], "top": top, "t_cliff": "last token of the probing sequence",
-            "mass_mean": mass_mean, "examples": examples, "heatmap": heatmap}
+    mass_mean = [
+        {"layer": head[0], "head": head[1], **{region: value / n for region, value in sums[head].items()}}
+        for head in heads
+    ]
+    return {
+        "heads": [list(head) for head in heads],
+        "top": top,
+        "t_cliff": "last token of the probing sequence",
+        "mass_mean": mass_mean,
+        "examples": examples,
+        "heatmap": heatmap,
+    }
 
 
 # -- aggregation and ranking ---------------------------------------------------------------
@@ -575,18 +618,22 @@ def rank_heads(attribution: HeadAttribution, rank_by: str = "contribution") -> l
     ranking = []
     for rank, index in enumerate(order):
         layer, head = divmod(index, n_heads)
-        ranking.append({
-            "layer": layer,
-            "head": head,
-            "contribution": float(mean[layer, head]),
-            "contribution_exact": float(exact[layer, head]),
-            "std": float(std[layer, head]),
-            "rank": rank,
-        })
+        ranking.append(
+            {
+                "layer": layer,
+                "head": head,
+                "contribution": float(mean[layer, head]),
+                "contribution_exact": float(exact[layer, head]),
+                "std": float(std[layer, head]),
+                "rank": rank,
+            }
+        )
     return ranking
 
 
-def heads_at_threshold(ranking: Sequence[dict], fraction: float, n_total: int | None = None) -> list[tuple[int, int]]:
+def heads_at_threshold(
+    ranking: Sequence[dict], fraction: float, n_total: int | None = None
+) -> list[tuple[int, int]]:
     """The top `round(fraction * n_layers * n_heads)` heads (at least 1) of a ranking.
 
     Args:
@@ -608,7 +655,9 @@ def parse_thresholds(text: str | Iterable[float]) -> list[float]:
         parts = text.split(",") if isinstance(text, str) else list(text)
         values = [float(part) for part in parts if str(part).strip()]
     except ValueError:
-        raise UserError(f"--thresholds must be comma-separated fractions such as 0.01,0.03,0.1, got {text!r}") from None
+        raise UserError(
+            f"--thresholds must be comma-separated fractions such as 0.01,0.03,0.1, got {text!r}"
+        ) from None
     if not values or any(not 0 < v <= 1 for v in values):
         raise UserError(f"--thresholds must be fractions in (0, 1], got {text!r}")
     return sorted(set(values))
@@ -617,7 +666,9 @@ def parse_thresholds(text: str | Iterable[float]) -> list[float]:
 # -- plot ----------------------------------------------------------------------------------
 
 
-def head_marks(ranking: Sequence[dict], thresholds: Sequence[float], n_total: int) -> dict[tuple[int, int], str]:
+def head_marks(
+    ranking: Sequence[dict], thresholds: Sequence[float], n_total: int
+) -> dict[tuple[int, int], str]:
     """{(layer, head): the smallest threshold that selects it}, for outlining heads in the heatmap."""
     marks = {}
     for fraction in sorted(thresholds, reverse=True):
@@ -652,7 +703,7 @@ def run_heads(
     from .config import HeadsConfig
     from .labeling import GROUP_ALL, group_name, join_labels, labels_for, read_generations, select_group
     from .probe import warn_if_unreliable
-    from .runs import RunFolder, file_digest, write_json
+    from .runs import RunFolder, file_digest
 
     config = config or HeadsConfig()
     config.validate()
@@ -665,8 +716,10 @@ def run_heads(
     chosen = select_group(records, group)
     if not chosen:
         sizes = {name: len(select_group(records, name)) for name in ("harmful_complied", "harmful_refused")}
-        raise UserError(f"group {group!r} of {generations} has no example (sizes: "
-                        f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group")
+        raise UserError(
+            f"group {group!r} of {generations} has no example (sizes: "
+            f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group"
+        )
     thresholds = sorted(set(config.thresholds))
     rank_by, batch_size = config.rank_by, config.batch_size
     layer, final_norm_applied = prober.layer, prober.final_norm_applied
@@ -675,8 +728,10 @@ def run_heads(
         geometry = loaded.adapter.geometry(loaded.model)
         n_total = geometry.n_layers * geometry.n_heads
         if not 1 <= patterns <= n_total:
-            raise UserError(f"--patterns {patterns}: the model has {n_total} heads ({geometry.n_layers} layers of "
-                            f"{geometry.n_heads}); give a number from 1 to {n_total}")
+            raise UserError(
+                f"--patterns {patterns}: the model has {n_total} heads ({geometry.n_layers} layers of "
+                f"{geometry.n_heads}); give a number from 1 to {n_total}"
+            )
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
@@ -698,16 +753,19 @@ def run_heads(
     warn_if_unreliable(prober)
     run = RunFolder(out_dir, "heads", stage_config, overwrite=overwrite, artifacts=artifacts)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
-        return _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress,
-                            patterns)
+        return _heads_stage(
+            loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress, patterns
+        )
 
 
-def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress,
-                 patterns: int | None = None) -> Path:
+def _heads_stage(
+    loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress, patterns: int | None = None
+) -> Path:
     from .runs import write_json
 
-    attribution = attribute_records(loaded, chosen, prober.linear, prober.layer, prober.final_norm_applied,
-                                    batch_size, progress=progress)
+    attribution = attribute_records(
+        loaded, chosen, prober.linear, prober.layer, prober.final_norm_applied, batch_size, progress=progress
+    )
     ranking = rank_heads(attribution, rank_by)
     geometry = loaded.adapter.geometry(loaded.model)
     write_json(run.path("heads.json"), ranking)
@@ -715,14 +773,21 @@ def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_
 
     # colour: w·Δh, the paper-form score less the prober bias that every head shares
     matrix = plotting.heads_matrix(ranking, "contribution", geometry.n_layers, geometry.n_heads)
-    plotting.save_figure(plotting.plot_heads(
-        matrix - attribution.prober_bias, marks=head_marks(ranking, thresholds, geometry.n_layers * geometry.n_heads),
-        title=f"{loaded.model_id}: head contributions at t_cliff ({group}, n={len(chosen)})"), run.path("heads.png"))
+    plotting.save_figure(
+        plotting.plot_heads(
+            matrix - attribution.prober_bias,
+            marks=head_marks(ranking, thresholds, geometry.n_layers * geometry.n_heads),
+            title=f"{loaded.model_id}: head contributions at t_cliff ({group}, n={len(chosen)})",
+        ),
+        run.path("heads.png"),
+    )
     n_total = geometry.n_layers * geometry.n_heads
     residual = (attribution.exact_total() - attribution.logit).abs().max()
     extra: dict = {}
     if patterns is not None:
-        top_heads = [(item["layer"], item["head"]) for item in sorted(ranking, key=lambda h: h["rank"])[:patterns]]
+        top_heads = [
+            (item["layer"], item["head"]) for item in sorted(ranking, key=lambda h: h["rank"])[:patterns]
+        ]
         pattern_data = attention_patterns(loaded, chosen, top_heads, batch_size)
         ranks = {(item["layer"], item["head"]): item for item in ranking}
         for entry in pattern_data["mass_mean"]:
@@ -730,13 +795,15 @@ def _heads_stage(loaded, prober, chosen, run, group, thresholds, rank_by, batch_
             entry.update(rank=item["rank"], contribution=item["contribution"])
         write_json(run.path("patterns.json"), pattern_data)
         extra["patterns"] = {"k": patterns, "mass_mean": pattern_data["mass_mean"]}
-    run.finish({
-        "n_examples": len(chosen),
-        "prober_bias": attribution.prober_bias,
-        "suppression_heads": {str(t): heads_at_threshold(ranking, t, n_total) for t in thresholds},
-        "exact_decomposition_max_error": float(residual),
-        "mean_logit": float(attribution.logit.mean()),
-        **extra,
-    })
+    run.finish(
+        {
+            "n_examples": len(chosen),
+            "prober_bias": attribution.prober_bias,
+            "suppression_heads": {str(t): heads_at_threshold(ranking, t, n_total) for t in thresholds},
+            "exact_decomposition_max_error": float(residual),
+            "mean_logit": float(attribution.logit.mean()),
+            **extra,
+        }
+    )
     logger.info("attributed %d examples; exact decomposition max error %.2e", len(chosen), float(residual))
     return run.path("heads.json")

@@ -53,9 +53,12 @@ def backend_info(config: BackendConfig | None) -> dict:
         version = None
     info: dict[str, Any] = {"name": config.backend, "package": package, "version": version}
     if config.backend == "vllm":
-        info.update(tensor_parallel_size=config.tensor_parallel_size,
-                    gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
-                    prefix_caching=True)
+        info.update(
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            prefix_caching=True,
+        )
     return info
 
 
@@ -74,8 +77,10 @@ def engine_model_path(loaded) -> str:
 
         return str(embedded_checkpoint())
     if loaded.source == "gguf":
-        raise UserError("--backend vllm needs a model folder or a hub id, not a .gguf file: save the model "
-                        "with transformers (save_pretrained) and pass that folder")
+        raise UserError(
+            "--backend vllm needs a model folder or a hub id, not a .gguf file: save the model "
+            "with transformers (save_pretrained) and pass that folder"
+        )
     return str(loaded.model_id)
 
 
@@ -114,10 +119,14 @@ class VLLMBackend:
 
             dtype = str(next(self.loaded.model.parameters()).dtype).replace("torch.", "")
             kwargs: dict[str, Any] = dict(
-                model=engine_model_path(self.loaded), tokenizer=engine_model_path(self.loaded),
-                revision=self.loaded.revision if self.loaded.source == "hub" else None, dtype=dtype,
+                model=engine_model_path(self.loaded),
+                tokenizer=engine_model_path(self.loaded),
+                revision=self.loaded.revision if self.loaded.source == "hub" else None,
+                dtype=dtype,
                 tensor_parallel_size=self.config.tensor_parallel_size,
-                gpu_memory_utilization=self.config.gpu_memory_utilization, enable_prefix_caching=True, seed=0,
+                gpu_memory_utilization=self.config.gpu_memory_utilization,
+                enable_prefix_caching=True,
+                seed=0,
             )
             if self.config.max_model_len:
                 kwargs["max_model_len"] = self.config.max_model_len
@@ -125,26 +134,43 @@ class VLLMBackend:
             self._engine = vllm.LLM(**kwargs)
         return self._engine
 
-    def sampling_params(self, n: int, max_new_tokens: int, stop_strings: Sequence[str], temperature: float,
-                        top_p: float, seed: int | Sequence[int]) -> list:
+    def sampling_params(
+        self,
+        n: int,
+        max_new_tokens: int,
+        stop_strings: Sequence[str],
+        temperature: float,
+        top_p: float,
+        seed: int | Sequence[int],
+    ) -> list:
         """One `vllm.SamplingParams` per request (a plain namespace when vLLM is not installed, for tests)."""
         try:
             from vllm import SamplingParams
         except ImportError:  # the mapping is the same; only the container differs
             from types import SimpleNamespace as SamplingParams  # type: ignore[assignment]
         sampled = temperature > 0
-        return [SamplingParams(
-            max_tokens=max_new_tokens, stop=list(stop_strings), include_stop_str_in_output=True,
-            stop_token_ids=list(self.eos_ids), temperature=float(temperature) if sampled else 0.0,
-            top_p=float(top_p) if sampled else 1.0, seed=request_seed if sampled else None,
-            skip_special_tokens=False, spaces_between_special_tokens=False,
-        ) for request_seed in row_seeds(seed, n)]
+        return [
+            SamplingParams(
+                max_tokens=max_new_tokens,
+                stop=list(stop_strings),
+                include_stop_str_in_output=True,
+                stop_token_ids=list(self.eos_ids),
+                temperature=float(temperature) if sampled else 0.0,
+                top_p=float(top_p) if sampled else 1.0,
+                seed=request_seed if sampled else None,
+                skip_special_tokens=False,
+                spaces_between_special_tokens=False,
+            )
+            for request_seed in row_seeds(seed, n)
+        ]
 
     def complete(self, texts, max_new_tokens, stop_strings=(), temperature=0.0, top_p=1.0, seed=0):
         if max_new_tokens <= 0:
             return [Completion("", 0, "length") for _ in texts]
-        prompts = [{"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]}
-                   for text in texts]
+        prompts = [
+            {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]}
+            for text in texts
+        ]
         params = self.sampling_params(len(prompts), max_new_tokens, stop_strings, temperature, top_p, seed)
         outputs = self.engine.generate(prompts, params, use_tqdm=False)
         if len(outputs) != len(prompts):
@@ -196,16 +222,20 @@ def load_tokenizer_side(model_config):
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{name} has no chat template; use an instruct/reasoning model")
     try:
-        config = AutoConfig.from_pretrained(location, revision=None if embedded else model_config.revision,
-                                            trust_remote_code=model_config.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            location,
+            revision=None if embedded else model_config.revision,
+            trust_remote_code=model_config.trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
         raise UserError(f"could not read the config of {name!r} ({type(exc).__name__})") from None
     # vLLM runs in bf16 unless told otherwise (the HF default on a GPU); recorded in the stage config
     auto = model_config.dtype in (None, "auto")
     dtype = torch.bfloat16 if auto else resolve_dtype(model_config.dtype, "cpu")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 trust_remote_code=model_config.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=model_config.trust_remote_code
+        )
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     if tokenizer.pad_token_id is None:

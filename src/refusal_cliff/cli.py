@@ -21,12 +21,32 @@ from .errors import UserError, describe_file_error
 # defined at the top level of each module is registered
 # One module per verb under refusal_cliff.commands, in help order. Each module defines the click
 # command of its verb; a module that fails to import is an error, never a silently missing verb.
-_COMMAND_MODULES = ["models", "generate", "label", "probe", "trace", "layers", "clip", "heads", "components", "ablate", "guard",
-                    "select", "finetune", "evaluate", "report", "demo"]
+_COMMAND_MODULES = [
+    "models",
+    "generate",
+    "label",
+    "probe",
+    "trace",
+    "layers",
+    "clip",
+    "heads",
+    "components",
+    "ablate",
+    "guard",
+    "select",
+    "finetune",
+    "evaluate",
+    "report",
+    "demo",
+]
 
 
 def _debug(ctx) -> bool:
-    return bool(ctx.params.get("debug")) or os.environ.get("REFUSAL_CLIFF_DEBUG", "").lower() in ("1", "true", "yes")
+    return bool(ctx.params.get("debug")) or os.environ.get("REFUSAL_CLIFF_DEBUG", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
 
 
 class _Group(click.Group):
@@ -48,7 +68,9 @@ class _Group(click.Group):
             while context is not None and context.parent is not None:
                 names.insert(0, context.info_name)
                 context = context.parent
-            click.echo(f"error: {exc.format_message()} (see: refusal-cliff {' '.join([*names, '--help'])})", err=True)
+            click.echo(
+                f"error: {exc.format_message()} (see: refusal-cliff {' '.join([*names, '--help'])})", err=True
+            )
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: re-run the same command to resume where it stopped", err=True)
@@ -59,7 +81,11 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="refusal-cliff")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error, for bug reports (or REFUSAL_CLIFF_DEBUG=1).")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Show the traceback of an error, for bug reports (or REFUSAL_CLIFF_DEBUG=1).",
+)
 def main(verbose: int, quiet: bool, debug: bool) -> None:
     """Diagnose and repair the refusal cliff of reasoning models (arXiv 2510.06036)."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
@@ -71,9 +97,13 @@ def main(verbose: int, quiet: bool, debug: bool) -> None:
 def _register() -> None:
     for module_name in _COMMAND_MODULES:
         module = importlib.import_module(f"{__package__}.commands.{module_name}")
-        commands = [value for name, value in vars(module).items()
-                    if isinstance(value, click.Command) and not name.startswith("_")
-                    and value.callback.__module__ == module.__name__]
+        commands = [
+            value
+            for name, value in vars(module).items()
+            if isinstance(value, click.Command)
+            and not name.startswith("_")
+            and value.callback.__module__ == module.__name__
+        ]
         if not commands:
             raise RuntimeError(f"refusal_cliff.commands.{module_name} defines no click command")
         for command in commands:

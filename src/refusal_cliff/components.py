@@ -91,8 +91,13 @@ class ComponentTerms:
 
     def total(self) -> torch.Tensor:
         """[n, P] the sum of every term plus b (equals `logit`)."""
-        return (self.head.sum((2, 3)) + self.o_proj_bias.sum(2) + self.mlp.sum(2) + self.embedding
-                + self.prober_bias)
+        return (
+            self.head.sum((2, 3))
+            + self.o_proj_bias.sum(2)
+            + self.mlp.sum(2)
+            + self.embedding
+            + self.prober_bias
+        )
 
     def flat(self, layers: int | None = None) -> tuple[list[dict], torch.Tensor]:
         """(component descriptions, [n, P, C] terms): embedding, then per layer its heads, its
@@ -102,10 +107,19 @@ class ComponentTerms:
         names = [{"name": "embedding", "kind": "embedding", "layer": None, "head": None}]
         columns = [self.embedding[..., None]]
         for layer in range(layers + 1):
-            names += [{"name": f"head:{layer}.{h}", "kind": "head", "layer": layer, "head": h} for h in range(n_heads)]
-            names.append({"name": f"o_proj_bias:{layer}", "kind": "o_proj_bias", "layer": layer, "head": None})
+            names += [
+                {"name": f"head:{layer}.{h}", "kind": "head", "layer": layer, "head": h}
+                for h in range(n_heads)
+            ]
+            names.append(
+                {"name": f"o_proj_bias:{layer}", "kind": "o_proj_bias", "layer": layer, "head": None}
+            )
             names.append({"name": f"mlp:{layer}", "kind": "mlp", "layer": layer, "head": None})
-            columns += [self.head[:, :, layer], self.o_proj_bias[:, :, layer, None], self.mlp[:, :, layer, None]]
+            columns += [
+                self.head[:, :, layer],
+                self.o_proj_bias[:, :, layer, None],
+                self.mlp[:, :, layer, None],
+            ]
         return names, torch.cat(columns, dim=-1)
 
 
@@ -113,8 +127,13 @@ def _reshape(part: HeadAttribution, batch: int, n_positions: int) -> dict[str, t
     def shaped(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(batch, n_positions, *x.shape[1:])
 
-    return {"head": shaped(part.exact), "o_proj_bias": shaped(part.o_proj_bias), "mlp": shaped(part.mlp),
-            "embedding": shaped(part.embedding), "logit": shaped(part.logit)}
+    return {
+        "head": shaped(part.exact),
+        "o_proj_bias": shaped(part.o_proj_bias),
+        "mlp": shaped(part.mlp),
+        "embedding": shaped(part.embedding),
+        "logit": shaped(part.logit),
+    }
 
 
 def component_terms(
@@ -147,22 +166,27 @@ def component_terms(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="decomposing", unit="batch")
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in ("head", "o_proj_bias", "mlp", "embedding", "logit")}
+    parts: dict[str, list[torch.Tensor]] = {
+        key: [] for key in ("head", "o_proj_bias", "mlp", "embedding", "logit")
+    }
     bias = 0.0
     for start in starts:
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         input_ids, attention_mask, _ = pad_left([sequences[i] for i in chunk], pad_token_id)
         padded = input_ids.shape[1]
         chunk_positions = torch.tensor([[padded - len(sequences[i]) + p for p in aligned[i]] for i in chunk])
-        part = attribute_batch(model, input_ids, attention_mask, prober, layer, final_norm_applied, chunk_positions)
+        part = attribute_batch(
+            model, input_ids, attention_mask, prober, layer, final_norm_applied, chunk_positions
+        )
         bias = part.prober_bias
         for key, value in _reshape(part, len(chunk), width).items():
             parts[key].append(value)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     merged = {key: torch.cat(values)[inverse] for key, values in parts.items()}
-    return ComponentTerms(**merged, prober_bias=bias,
-                          n_end=torch.tensor([len(p) - 1 for p in positions], dtype=torch.long))
+    return ComponentTerms(
+        **merged, prober_bias=bias, n_end=torch.tensor([len(p) - 1 for p in positions], dtype=torch.long)
+    )
 
 
 # -- summary (components.json) ----------------------------------------------------------------
@@ -176,8 +200,11 @@ def summarize(terms: ComponentTerms, layer: int, has_bias: Sequence[bool] | None
     """
     names, values = terms.flat(layer)  # [n, P, C]
     values = values.double()
-    keep = [i for i, item in enumerate(names)
-            if item["kind"] != "o_proj_bias" or (has_bias is not None and has_bias[item["layer"]])]
+    keep = [
+        i
+        for i, item in enumerate(names)
+        if item["kind"] != "o_proj_bias" or (has_bias is not None and has_bias[item["layer"]])
+    ]
     n = values.shape[0]
     change = values[:, -1] - values[:, 0]  # [n, C]
     steps = values[:, 1:] - values[:, :-1]  # [n, P-1, C]
@@ -190,8 +217,10 @@ def summarize(terms: ComponentTerms, layer: int, has_bias: Sequence[bool] | None
         item = dict(names[i])
         item.update(
             component_class=CLASSES[item["kind"]],
-            t_cliff_mean=float(at_cliff[:, i].mean()), t_cliff_std=float(at_cliff[:, i].std(correction=0)),
-            change_mean=float(change[:, i].mean()), change_std=float(change[:, i].std(correction=0)),
+            t_cliff_mean=float(at_cliff[:, i].mean()),
+            t_cliff_std=float(at_cliff[:, i].std(correction=0)),
+            change_mean=float(change[:, i].mean()),
+            change_std=float(change[:, i].std(correction=0)),
             share_of_change=float(change[:, i].mean()) / total_change if abs(total_change) > 1e-12 else None,
             per_token_mean=[float(v) for v in steps[:, :, i].mean(0)],
         )
@@ -202,13 +231,17 @@ def summarize(terms: ComponentTerms, layer: int, has_bias: Sequence[bool] | None
     by_class: dict[str, dict] = {}
     for kind, label in CLASSES.items():
         index = [i for i, item in enumerate(names) if item["kind"] == kind]
-        by_class[label] = {"change_mean": float(change[:, index].sum(-1).mean()),
-                           "t_cliff_mean": float(at_cliff[:, index].sum(-1).mean())}
+        by_class[label] = {
+            "change_mean": float(change[:, index].sum(-1).mean()),
+            "t_cliff_mean": float(at_cliff[:, index].sum(-1).mean()),
+        }
     by_layer = []
     for index_layer in range(layer + 1):
         row = {"layer": index_layer}
         for kind in ("head", "o_proj_bias", "mlp"):
-            index = [i for i, item in enumerate(names) if item["kind"] == kind and item["layer"] == index_layer]
+            index = [
+                i for i, item in enumerate(names) if item["kind"] == kind and item["layer"] == index_layer
+            ]
             row[f"{CLASSES[kind].replace(' ', '_').lower()}_change"] = float(change[:, index].sum(-1).mean())
         by_layer.append(row)
     recon = values.sum(-1) + terms.prober_bias  # [n, P]
@@ -217,8 +250,12 @@ def summarize(terms: ComponentTerms, layer: int, has_bias: Sequence[bool] | None
         "layer": layer,
         "prober_bias": terms.prober_bias,
         "n_positions": int(values.shape[1]),
-        "logit": {"last_thinking_mean": float(logit[:, 0].mean()), "t_cliff_mean": float(logit[:, -1].mean()),
-                  "change_mean": total_change, "change_std": float(logit_change.std(correction=0))},
+        "logit": {
+            "last_thinking_mean": float(logit[:, 0].mean()),
+            "t_cliff_mean": float(logit[:, -1].mean()),
+            "change_mean": total_change,
+            "change_std": float(logit_change.std(correction=0)),
+        },
         "by_class": by_class,
         "by_layer": by_layer,
         "components": components,
@@ -254,13 +291,17 @@ def mlp_output_module(model: nn.Module, adapter: ArchitectureAdapter, layer: int
     block = adapter.layers(model)[layer]
     mlp = getattr(block, adapter.mlp_attr, None)
     if not isinstance(mlp, nn.Module):
-        raise UserError(f"{adapter.name}: the adapter cannot find the MLP of layer {layer} (no '{adapter.mlp_attr}' "
-                        "module), so --components cannot scale it; name it in architectures.py")
+        raise UserError(
+            f"{adapter.name}: the adapter cannot find the MLP of layer {layer} (no '{adapter.mlp_attr}' "
+            "module), so --components cannot scale it; name it in architectures.py"
+        )
     if adapter.post_mlp_norm_attr:
         norm = getattr(block, adapter.post_mlp_norm_attr, None)
         if not isinstance(norm, nn.Module):
-            raise UserError(f"{adapter.name}: the adapter cannot find layer {layer}'s "
-                            f"'{adapter.post_mlp_norm_attr}', so --components cannot scale its MLP")
+            raise UserError(
+                f"{adapter.name}: the adapter cannot find layer {layer}'s "
+                f"'{adapter.post_mlp_norm_attr}', so --components cannot scale its MLP"
+            )
         return norm
     return mlp
 
@@ -285,15 +326,19 @@ def check_ranges(specs: Sequence[str], geometry) -> list[Component]:
         layer_text, _, head_text = rest.partition(".")
         layer = int(layer_text)
         if not -geometry.n_layers <= layer < geometry.n_layers:
-            raise UserError(f"component {spec!r}: layer {layer} is out of range: the model has layers "
-                            f"0..{geometry.n_layers - 1}")
+            raise UserError(
+                f"component {spec!r}: layer {layer} is out of range: the model has layers "
+                f"0..{geometry.n_layers - 1}"
+            )
         layer %= geometry.n_layers
         head = None
         if kind == "head":
             head = int(head_text)
             if head >= geometry.n_heads:
-                raise UserError(f"component {spec!r}: head {head} is out of range: the model has heads "
-                                f"0..{geometry.n_heads - 1} per layer")
+                raise UserError(
+                    f"component {spec!r}: head {head} is out of range: the model has heads "
+                    f"0..{geometry.n_heads - 1} per layer"
+                )
         found.append(Component(kind, layer, head))
     if not found:
         raise UserError(f"no component given: use {COMPONENT_SPEC_HELP}")
@@ -318,8 +363,11 @@ def scale_components(loaded_or_model, specs: Sequence[str], gamma: float = 0.0) 
 
     model, adapter = _model_and_adapter(loaded_or_model)
     components = resolve_components(loaded_or_model, specs)
-    hooks = [(mlp_output_module(model, adapter, c.layer), _mlp_scaling_hook(float(gamma)))
-             for c in components if c.kind == "mlp"]
+    hooks = [
+        (mlp_output_module(model, adapter, c.layer), _mlp_scaling_hook(float(gamma)))
+        for c in components
+        if c.kind == "mlp"
+    ]
     heads = [(c.layer, c.head) for c in components if c.kind == "head"]
     with add_hooks(forward_hooks=hooks), scale_heads(loaded_or_model, heads, gamma=gamma):
         yield components
@@ -331,8 +379,10 @@ def _mlp_fold_targets(model: nn.Module, adapter: ArchitectureAdapter, layer: int
         return [module.weight]
     down = getattr(module, adapter.mlp_down_attr, None)
     if not isinstance(down, nn.Linear):
-        raise UserError(f"{adapter.name}: the adapter cannot find layer {layer}'s MLP output projection "
-                        f"'{adapter.mlp_down_attr}', so --components cannot fold its scale into the weights")
+        raise UserError(
+            f"{adapter.name}: the adapter cannot find layer {layer}'s MLP output projection "
+            f"'{adapter.mlp_down_attr}', so --components cannot fold its scale into the weights"
+        )
     return [p for p in (down.weight, down.bias) if p is not None]
 
 
@@ -374,8 +424,11 @@ def export_component_ablated_model(loaded, specs: Sequence[str], gamma: float, o
     components = resolve_components(loaded, specs)
     touched: list[nn.Parameter] = []
     for c in components:
-        touched += (_mlp_fold_targets(model, adapter, c.layer) if c.kind == "mlp"
-                    else [adapter.o_proj(model, c.layer).weight])
+        touched += (
+            _mlp_fold_targets(model, adapter, c.layer)
+            if c.kind == "mlp"
+            else [adapter.o_proj(model, c.layer).weight]
+        )
     saved = [(p, p.detach().clone()) for p in dict.fromkeys(touched)]
     try:
         fold_component_scaling(loaded, specs, gamma)
@@ -384,8 +437,9 @@ def export_component_ablated_model(loaded, specs: Sequence[str], gamma: float, o
         for parameter, value in saved:
             parameter.copy_(value)
     loaded.tokenizer.save_pretrained(str(out_dir))
-    logger.info("exported the model with %s scaled by %g to %s", ", ".join(c.name for c in components), gamma,
-                out_dir)
+    logger.info(
+        "exported the model with %s scaled by %g to %s", ", ".join(c.name for c in components), gamma, out_dir
+    )
     return out_dir
 
 
@@ -441,8 +495,10 @@ def run_components(
     chosen = select_group(records, group)
     if not chosen:
         sizes = {name: len(select_group(records, name)) for name in ("harmful_complied", "harmful_refused")}
-        raise UserError(f"group {group!r} of {generations} has no example (sizes: "
-                        f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group")
+        raise UserError(
+            f"group {group!r} of {generations} has no example (sizes: "
+            f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group"
+        )
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
@@ -457,8 +513,13 @@ def run_components(
         "positions": "last thinking token and every end-template token; t_cliff = the last",
     }
     warn_if_unreliable(prober)
-    run = RunFolder(out_dir, "components", stage_config, overwrite=overwrite,
-                    artifacts=["components.json", "components.png"])
+    run = RunFolder(
+        out_dir,
+        "components",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=["components.json", "components.png"],
+    )
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
         return _components_stage(loaded, prober, chosen, run, group, config, progress)
 
@@ -472,8 +533,17 @@ def _components_stage(loaded, prober, chosen, run, group, config, progress) -> P
         ids, regions = probing_tokens(loaded.tokenizer, record)
         sequences.append(ids)
         positions.append(template_positions(regions))
-    terms = component_terms(loaded.model, sequences, positions, prober.linear, prober.layer,
-                            prober.final_norm_applied, loaded.tokenizer.pad_token_id, config.batch_size, progress)
+    terms = component_terms(
+        loaded.model,
+        sequences,
+        positions,
+        prober.linear,
+        prober.layer,
+        prober.final_norm_applied,
+        loaded.tokenizer.pad_token_id,
+        config.batch_size,
+        progress,
+    )
     n_layers = loaded.adapter.geometry(loaded.model).n_layers
     has_bias = [loaded.adapter.o_proj(loaded.model, i).bias is not None for i in range(n_layers)]
     summary = summarize(terms, prober.layer, has_bias)
@@ -490,20 +560,31 @@ def _components_stage(loaded, prober, chosen, run, group, config, progress) -> P
     write_json(run.path("components.json"), summary)
     from . import plotting  # lazy: matplotlib is slow to import
 
-    plotting.save_figure(plotting.plot_components(
-        summary, top=config.top,
-        title=f"{loaded.model_id}: what makes the cliff (layer {prober.layer} prober, {group}, n={len(chosen)})"),
-        run.path("components.png"))
+    plotting.save_figure(
+        plotting.plot_components(
+            summary,
+            top=config.top,
+            title=f"{loaded.model_id}: what makes the cliff (layer {prober.layer} prober, {group}, n={len(chosen)})",
+        ),
+        run.path("components.png"),
+    )
     classes = summary["by_class"]
-    run.finish({
-        "n_examples": len(chosen),
-        "logit_change_mean": summary["logit"]["change_mean"],
-        "change_by_class": {name: value["change_mean"] for name, value in classes.items()},
-        "exact_decomposition_max_error": summary["exact_max_error"],
-        "change_decomposition_max_error": summary["change_max_error"],
-    })
-    logger.info("decomposed %d examples at %d tokens; max error %.2e (logit), %.2e (change)", len(chosen), width,
-                summary["exact_max_error"], summary["change_max_error"])
+    run.finish(
+        {
+            "n_examples": len(chosen),
+            "logit_change_mean": summary["logit"]["change_mean"],
+            "change_by_class": {name: value["change_mean"] for name, value in classes.items()},
+            "exact_decomposition_max_error": summary["exact_max_error"],
+            "change_decomposition_max_error": summary["change_max_error"],
+        }
+    )
+    logger.info(
+        "decomposed %d examples at %d tokens; max error %.2e (logit), %.2e (change)",
+        len(chosen),
+        width,
+        summary["exact_max_error"],
+        summary["change_max_error"],
+    )
     return run.path("components.json")
 
 
@@ -560,7 +641,9 @@ def run_ablate_components(
         raise UserError("no harmful prompts to ablate on; check --prompts")
     if not conditions:
         raise UserError(f"no component given: use --components {COMPONENT_SPEC_HELP}")
-    resolved = {name: [c.name for c in resolve_components(loaded, specs)] for name, specs in conditions.items()}
+    resolved = {
+        name: [c.name for c in resolve_components(loaded, specs)] for name, specs in conditions.items()
+    }
     if export_dir is not None and Path(export_dir).exists() and any(Path(export_dir).iterdir()):
         raise UserError(f"{export_dir} is not empty; choose a new folder for --export")
     gamma = float(config.gamma)
@@ -579,33 +662,60 @@ def run_ablate_components(
         **(sources or {}),
     }
     warn_if_unreliable(prober)
-    run = RunFolder(out_dir, "ablate_components", stage_config, overwrite=overwrite,
-                    artifacts=["component_ablation.json", "component_ablation_generations.jsonl"])
+    run = RunFolder(
+        out_dir,
+        "ablate_components",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=["component_ablation.json", "component_ablation_generations.jsonl"],
+    )
     plan = ([("unablated", [])] if config.baseline else []) + list(resolved.items())
     total = len(plan) * (len(harmful_prompts) + len(benign_prompts))
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=generation_config.seed,
-                   extra={"prober": prober.summary()}):
+    with run.start(
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        seed=generation_config.seed,
+        extra={"prober": prober.summary()},
+    ):
         results = []
-        with JsonlWriter(run.path("component_ablation_generations.jsonl")) as writer, \
-                tqdm(total=total, desc="ablate", unit="ex", disable=not progress) as bar:
+        with (
+            JsonlWriter(run.path("component_ablation_generations.jsonl")) as writer,
+            tqdm(total=total, desc="ablate", unit="ex", disable=not progress) as bar,
+        ):
             for name, specs in plan:
                 with scale_components(loaded, specs or [], gamma) if specs else _nothing():
-                    outcome = evaluate_condition(loaded, prober.linear, prober.layer, harmful_prompts,
-                                                 benign_prompts, generation_config, judge=judge, bar=bar,
-                                                 condition=name)
+                    outcome = evaluate_condition(
+                        loaded,
+                        prober.linear,
+                        prober.layer,
+                        harmful_prompts,
+                        benign_prompts,
+                        generation_config,
+                        judge=judge,
+                        bar=bar,
+                        condition=name,
+                    )
                 for kind in ("harmful", "benign"):
                     for example in outcome[kind]:
                         writer.write({"condition": name, "set": kind, **example})
-                results.append({"condition": name, "components": list(specs), "gamma": gamma,
-                                **outcome["metrics"]})
+                results.append(
+                    {"condition": name, "components": list(specs), "gamma": gamma, **outcome["metrics"]}
+                )
                 write_json(run.path("component_ablation.json"), results)
-        paths = {"component_ablation.json": run.path("component_ablation.json"),
-                 "component_ablation_generations.jsonl": run.path("component_ablation_generations.jsonl")}
+        paths = {
+            "component_ablation.json": run.path("component_ablation.json"),
+            "component_ablation_generations.jsonl": run.path("component_ablation_generations.jsonl"),
+        }
         extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}
         if export_dir is not None:
             name, specs = list(resolved.items())[-1]
             paths["export"] = export_component_ablated_model(loaded, specs, gamma, export_dir)
-            extra["export"] = {"path": str(export_dir), "condition": name, "components": specs, "gamma": gamma}
+            extra["export"] = {
+                "path": str(export_dir),
+                "condition": name,
+                "components": specs,
+                "gamma": gamma,
+            }
         run.finish(extra)
     return paths
 

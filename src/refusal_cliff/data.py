@@ -38,14 +38,18 @@ def read_rows(path: Path) -> list[dict]:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError:
-                            raise UserError(f"{path}: line {number} is not valid JSON; fix the file") from None
+                            raise UserError(
+                                f"{path}: line {number} is not valid JSON; fix the file"
+                            ) from None
             return [r if isinstance(r, dict) else {"prompt": r} for r in rows]
         if suffix == ".json":
             obj = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(obj, dict):
                 lists = [v for v in obj.values() if isinstance(v, list)]
                 if len(lists) != 1:
-                    raise UserError(f"{path}: expected a JSON list of records (or an object holding one list)")
+                    raise UserError(
+                        f"{path}: expected a JSON list of records (or an object holding one list)"
+                    )
                 obj = lists[0]
             if not isinstance(obj, list):
                 raise UserError(f"{path}: expected a JSON list of records")
@@ -61,7 +65,9 @@ def read_rows(path: Path) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON (line {exc.lineno}); fix the file") from None
     except (UnicodeDecodeError, csv.Error, OSError, ValueError) as exc:
-        raise UserError(f"could not read {path} ({type(exc).__name__}); is it a valid {suffix[1:]} file?") from None
+        raise UserError(
+            f"could not read {path} ({type(exc).__name__}); is it a valid {suffix[1:]} file?"
+        ) from None
     raise UserError(f"unsupported prompt file type {suffix!r}: use .csv, .json, .jsonl, .parquet or .txt")
 
 
@@ -71,8 +77,9 @@ def _read_hub(dataset_id: str) -> list[dict]:
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # the hub raises many kinds of errors
-        raise UserError(f"could not load hub dataset {name!r} ({type(exc).__name__}); check the id, "
-                        "or pass a local file") from None
+        raise UserError(
+            f"could not load hub dataset {name!r} ({type(exc).__name__}); check the id, or pass a local file"
+        ) from None
     return list(dataset)
 
 
@@ -121,7 +128,12 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
         if path.is_dir():
             raise UserError(f"{source} is a folder; pass a prompt file (.csv, .json, .jsonl, .parquet, .txt)")
         rows = read_rows(path)
-    elif "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1 and not path.suffix:
+    elif (
+        "/" in source
+        and not source.startswith((".", "/", "~"))
+        and source.count("/") == 1
+        and not path.suffix
+    ):
         rows = _read_hub(source)
     else:
         raise UserError(f"prompt file not found: {source}; check the path")
@@ -131,8 +143,11 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
         raise UserError(f"{source}: expected records with named columns")
     key = detect_column(rows, column, source)
     # ids without an id column: "<file stem>-<row>", unique across the prompt sets of one study
-    prefix = source.split(":", 1)[-1] if source in DEMO_SETS else (path.stem if path.exists() else
-                                                                  source.replace("/", "_").replace(":", "_"))
+    prefix = (
+        source.split(":", 1)[-1]
+        if source in DEMO_SETS
+        else (path.stem if path.exists() else source.replace("/", "_").replace(":", "_"))
+    )
     prompts, empty = [], []
     for index, row in enumerate(rows):
         text = row.get(key)
@@ -148,9 +163,11 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if not prompts:
         raise UserError(f"{source}: column {key!r} holds no non-empty prompts")
     if empty:
-        raise UserError(f"{source}: the prompt with id {empty[0]!r} is empty or only whitespace"
-                        + (f" ({len(empty)} such prompts)" if len(empty) > 1 else "")
-                        + "; remove or fill it")
+        raise UserError(
+            f"{source}: the prompt with id {empty[0]!r} is empty or only whitespace"
+            + (f" ({len(empty)} such prompts)" if len(empty) > 1 else "")
+            + "; remove or fill it"
+        )
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise UserError(f"{source}: the 'id' column has duplicates; make ids unique or drop the column")

@@ -15,10 +15,7 @@ class MissingExtraError(UserError):
     """An optional dependency is missing."""
 
     def __init__(self, package: str, extra: str):
-        super().__init__(
-            f"this needs the optional package {package!r}: "
-            f"pip install 'refusal-cliff[{extra}]'"
-        )
+        super().__init__(f"this needs the optional package {package!r}: pip install 'refusal-cliff[{extra}]'")
 
 
 def require(module: str, extra: str):
@@ -80,7 +77,7 @@ def describe_file_error(exc: OSError | UnicodeDecodeError) -> str:
 
     if isinstance(exc, UnicodeDecodeError):
         path = _path_in_traceback(exc)
-        cause = f"not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})"
+        cause = f"not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start})"
         advice = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or check that this is the right file"
     else:
         path = exc.filename if exc.filename is not None else _path_in_traceback(exc)

@@ -16,15 +16,15 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from .config import EvalConfig  # noqa: F401  (re-exported)
 from .errors import UserError
-from .generation import GenerationBackend, GenerationConfig
+from .generation import GenerationBackend
 from .reasoning import PreparedTasks, prepare_tasks, strip_thinking  # noqa: F401 - strip_thinking re-exported
 from .runs import JsonlWriter, fingerprint, read_json, write_json
 
@@ -74,8 +74,9 @@ def load_sweep(path: str | Path) -> list[ModelSpec]:
 # -- safety ----------------------------------------------------------------------------
 
 
-def safety_labels(loaded, prompts: Sequence[dict], config: EvalConfig, judge=None,
-                  records_path: Path | None = None) -> tuple[list[dict], list[dict]]:
+def safety_labels(
+    loaded, prompts: Sequence[dict], config: EvalConfig, judge=None, records_path: Path | None = None
+) -> tuple[list[dict], list[dict]]:
     """Generate thinking + answer for each prompt and label the answers.
 
     Returns:
@@ -124,14 +125,22 @@ def final_score_mean(loaded, prober, records: Sequence[dict], batch_size: int) -
         margins.append(metrics["ms"])
     if not finals:
         return {"final_score_mean": None, "ms_mean": None}
-    return {"final_score_mean": float(sum(finals) / len(finals)), "ms_mean": float(sum(margins) / len(margins))}
+    return {
+        "final_score_mean": float(sum(finals) / len(finals)),
+        "ms_mean": float(sum(margins) / len(margins)),
+    }
 
 
 # -- reasoning (lm-evaluation-harness) --------------------------------------------------
 
 
-def run_reasoning_tasks(loaded, tasks: Sequence[str], config: EvalConfig, prepared: PreparedTasks | None = None,
-                        backend: GenerationBackend | None = None) -> dict:
+def run_reasoning_tasks(
+    loaded,
+    tasks: Sequence[str],
+    config: EvalConfig,
+    prepared: PreparedTasks | None = None,
+    backend: GenerationBackend | None = None,
+) -> dict:
     """Accuracy on lm-eval tasks, with the thinking kept away from the task's answer filters.
 
     Generative tasks (MMLU-Pro's chain of thought) think within `config.generation.max_thinking_tokens`,
@@ -150,16 +159,25 @@ def run_reasoning_tasks(loaded, tasks: Sequence[str], config: EvalConfig, prepar
     with contextlib.ExitStack() as stack:
         if prepared is None:
             prepared = stack.enter_context(prepare_tasks(tasks, config.task_paths, config.task_limit))
-        return run_tasks(loaded, prepared, config.generation, config.task_limit, config.task_max_gen_tokens,
-                         backend)
+        return run_tasks(
+            loaded, prepared, config.generation, config.task_limit, config.task_max_gen_tokens, backend
+        )
 
 
 # -- one model, several models ----------------------------------------------------------
 
 
-def evaluate_model(loaded, name: str, harmful: dict[str, Sequence[dict]], benign: dict[str, Sequence[dict]],
-                   config: EvalConfig, prober=None, judge=None, out_dir: Path | None = None,
-                   prepared: PreparedTasks | None = None) -> dict:
+def evaluate_model(
+    loaded,
+    name: str,
+    harmful: dict[str, Sequence[dict]],
+    benign: dict[str, Sequence[dict]],
+    config: EvalConfig,
+    prober=None,
+    judge=None,
+    out_dir: Path | None = None,
+    prepared: PreparedTasks | None = None,
+) -> dict:
     """All numbers of one model: `{model, asr, asr_by_set, over_refusal, over_refusal_by_set,
     final_score_mean, ms_mean, tasks, n_harmful, n_benign}`.
 
@@ -204,7 +222,9 @@ def asr_vs_k(results: Sequence[dict]) -> dict:
     curves: dict[str, list[dict]] = {}
     for row in results:
         if row.get("method") is not None and row.get("k") is not None:
-            curves.setdefault(row["method"], []).append({"k": row["k"], "asr": row["asr"], "model": row["model"]})
+            curves.setdefault(row["method"], []).append(
+                {"k": row["k"], "asr": row["asr"], "model": row["model"]}
+            )
     return {method: sorted(points, key=lambda p: p["k"]) for method, points in sorted(curves.items())}
 
 
@@ -232,15 +252,27 @@ def format_table(results: Sequence[dict]) -> str:
     final-token refusal score, and task accuracies (± lm-eval's standard error, with n)."""
     harmful_sets = sorted({s for r in results for s in r.get("asr_by_set", {})})
     tasks = sorted({t for r in results for t in r.get("tasks", {})})
-    header = ["Model", "Examples", *(f"ASR {s} (↓)" for s in harmful_sets), "ASR all (↓)", "Over-refusal (↓)",
-              "Final score (↑)", *(f"{t} acc (↑)" for t in tasks)]
+    header = [
+        "Model",
+        "Examples",
+        *(f"ASR {s} (↓)" for s in harmful_sets),
+        "ASR all (↓)",
+        "Over-refusal (↓)",
+        "Final score (↑)",
+        *(f"{t} acc (↑)" for t in tasks),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         final = r.get("final_score_mean")
-        cells = [r["model"], "-" if r.get("k") is None else str(r["k"]),
-                 *(_percent(r.get("asr_by_set", {}).get(s)) for s in harmful_sets), _percent(r.get("asr")),
-                 _percent(r.get("over_refusal")), "-" if final is None else f"{final:.3f}",
-                 *(_task_cell(r.get("tasks", {}).get(t)) for t in tasks)]
+        cells = [
+            r["model"],
+            "-" if r.get("k") is None else str(r["k"]),
+            *(_percent(r.get("asr_by_set", {}).get(s)) for s in harmful_sets),
+            _percent(r.get("asr")),
+            _percent(r.get("over_refusal")),
+            "-" if final is None else f"{final:.3f}",
+            *(_task_cell(r.get("tasks", {}).get(t)) for t in tasks),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -294,34 +326,75 @@ def run_evaluate(
     with contextlib.ExitStack() as stack:
         if config.tasks and prepared is None:  # bad task names, folders or data files: before any model loads
             prepared = stack.enter_context(prepare_tasks(config.tasks, config.task_paths, config.task_limit))
-        return _evaluate_models(specs, harmful, benign, Path(out_dir), config, prober_path, judge, load, reuse,
-                                overwrite, prepared)
+        return _evaluate_models(
+            specs,
+            harmful,
+            benign,
+            Path(out_dir),
+            config,
+            prober_path,
+            judge,
+            load,
+            reuse,
+            overwrite,
+            prepared,
+        )
 
 
-def _evaluate_models(specs, harmful, benign, out: Path, config: EvalConfig, prober_path, judge, load, reuse: bool,
-                     overwrite: bool, prepared: PreparedTasks | None) -> dict:
+def _evaluate_models(
+    specs,
+    harmful,
+    benign,
+    out: Path,
+    config: EvalConfig,
+    prober_path,
+    judge,
+    load,
+    reuse: bool,
+    overwrite: bool,
+    prepared: PreparedTasks | None,
+) -> dict:
     names = [s.name for s in specs]
     out.mkdir(parents=True, exist_ok=True)
-    settings = fingerprint({
-        "config": config.to_dict(), "prober": str(prober_path) if prober_path else None,
-        "judge": getattr(judge, "name", None),
-        "harmful": {k: [[p["id"], p["prompt"]] for p in v] for k, v in harmful.items()},
-        "benign": {k: [[p["id"], p["prompt"]] for p in v] for k, v in benign.items()},
-    })
+    settings = fingerprint(
+        {
+            "config": config.to_dict(),
+            "prober": str(prober_path) if prober_path else None,
+            "judge": getattr(judge, "name", None),
+            "harmful": {k: [[p["id"], p["prompt"]] for p in v] for k, v in harmful.items()},
+            "benign": {k: [[p["id"], p["prompt"]] for p in v] for k, v in benign.items()},
+        }
+    )
     from .runs import RunFolder
 
-    run = RunFolder(out, "evaluate", {"settings": settings, "models": names,
-                                      "sources": [s.source for s in specs]},
-                    overwrite=overwrite, artifacts=["evaluation.json", "evaluation.md", "asr_vs_k.png", "models"])
+    run = RunFolder(
+        out,
+        "evaluate",
+        {"settings": settings, "models": names, "sources": [s.source for s in specs]},
+        overwrite=overwrite,
+        artifacts=["evaluation.json", "evaluation.md", "asr_vs_k.png", "models"],
+    )
     with run.start(seed=config.generation.seed, extra={"prober": str(prober_path) if prober_path else None}):
-        evaluation = _evaluate_each(specs, harmful, benign, out, config, prober_path, judge, load, reuse, prepared,
-                                    settings)
+        evaluation = _evaluate_each(
+            specs, harmful, benign, out, config, prober_path, judge, load, reuse, prepared, settings
+        )
         run.finish({"n_models": len(specs)})
     return evaluation
 
 
-def _evaluate_each(specs, harmful, benign, out: Path, config: EvalConfig, prober_path, judge, load, reuse: bool,
-                   prepared, settings: str) -> dict:
+def _evaluate_each(
+    specs,
+    harmful,
+    benign,
+    out: Path,
+    config: EvalConfig,
+    prober_path,
+    judge,
+    load,
+    reuse: bool,
+    prepared,
+    settings: str,
+) -> dict:
     results = []
     for spec in specs:
         model_dir = out / "models" / _safe_name(spec.name)
@@ -338,7 +411,9 @@ def _evaluate_each(specs, harmful, benign, out: Path, config: EvalConfig, prober
             from .probe import load_prober
 
             prober = load_prober(prober_path, loaded)
-        result = evaluate_model(loaded, spec.name, harmful, benign, config, prober, judge, model_dir, prepared)
+        result = evaluate_model(
+            loaded, spec.name, harmful, benign, config, prober, judge, model_dir, prepared
+        )
         result.update({"method": spec.method, "k": spec.k})
         write_json(cached, {"settings": settings, "source_path": spec.source, "result": result})
         results.append(result)
@@ -347,8 +422,14 @@ def _evaluate_each(specs, harmful, benign, out: Path, config: EvalConfig, prober
             gc.collect()
             torch.cuda.empty_cache()
     curves = asr_vs_k(results)
-    evaluation = {"models": results, "asr_vs_k": curves, "config": config.to_dict(), "settings": settings,
-                  "prober": str(prober_path) if prober_path else None, "judge": getattr(judge, "name", "keyword")}
+    evaluation = {
+        "models": results,
+        "asr_vs_k": curves,
+        "config": config.to_dict(),
+        "settings": settings,
+        "prober": str(prober_path) if prober_path else None,
+        "judge": getattr(judge, "name", "keyword"),
+    }
     write_json(out / "evaluation.json", evaluation)
     (out / "evaluation.md").write_text(format_table(results), encoding="utf-8")
     baseline = next((r["asr"] for r in results if r.get("k") in (None, 0)), None)

@@ -65,8 +65,10 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise UserError(f"cannot reach the Ray cluster at {address} ({reason.lower()}); start it with "
-                        "`ray start --head` or leave out --ray-address to start a local one") from None
+        raise UserError(
+            f"cannot reach the Ray cluster at {address} ({reason.lower()}); start it with "
+            "`ray start --head` or leave out --ray-address to start a local one"
+        ) from None
 
 
 def check_executor(config: ExecutorConfig) -> None:
@@ -81,13 +83,17 @@ def check_executor(config: ExecutorConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"--gpus-per-worker {config.gpus_per_worker:g} but this machine has no CUDA GPU; "
-                            "use --gpus-per-worker 0 (CPU workers) or --ray-address of a cluster with GPUs")
+            raise UserError(
+                f"--gpus-per-worker {config.gpus_per_worker:g} but this machine has no CUDA GPU; "
+                "use --gpus-per-worker 0 (CPU workers) or --ray-address of a cluster with GPUs"
+            )
         if torch.cuda.device_count() < config.gpus_per_worker * config.workers:
-            raise UserError(f"--workers {config.workers} × --gpus-per-worker {config.gpus_per_worker:g} "
-                            "needs "
-                            f"{config.gpus_per_worker * config.workers:g} GPUs; this machine has "
-                            f"{torch.cuda.device_count()}")
+            raise UserError(
+                f"--workers {config.workers} × --gpus-per-worker {config.gpus_per_worker:g} "
+                "needs "
+                f"{config.gpus_per_worker * config.workers:g} GPUs; this machine has "
+                f"{torch.cuda.device_count()}"
+            )
 
 
 # -- the stages' shard formats -----------------------------------------------------------------------
@@ -136,11 +142,13 @@ def _trace_write(path: Path, results) -> None:
         scores.append(result.scores)
         if result.direction_scores is not None:
             direction_scores.append(result.direction_scores)
-    table = {"id": pa.array(columns["id"], pa.string()),
-             "position": pa.array(columns["position"], pa.int32()),
-             "token_id": pa.array(columns["token_id"], pa.int32()),
-             "region": pa.array(columns["region"], pa.string()),
-             "score": pa.array(np.concatenate(scores).astype(np.float32) if scores else [], pa.float32())}
+    table = {
+        "id": pa.array(columns["id"], pa.string()),
+        "position": pa.array(columns["position"], pa.int32()),
+        "token_id": pa.array(columns["token_id"], pa.int32()),
+        "region": pa.array(columns["region"], pa.string()),
+        "score": pa.array(np.concatenate(scores).astype(np.float32) if scores else [], pa.float32()),
+    }
     if direction_scores:
         table["direction_score"] = pa.array(np.concatenate(direction_scores).astype(np.float32), pa.float32())
     tmp = path.with_name(f".{path.name}.tmp")
@@ -159,22 +167,35 @@ def _trace_read(path: Path, layer: int) -> list:
     token_ids = table.column("token_id").to_pylist()
     regions = table.column("region").to_pylist()
     scores = table.column("score").to_numpy().astype(np.float32)
-    direction = table.column("direction_score").to_numpy() if "direction_score" in table.column_names else None
+    direction = (
+        table.column("direction_score").to_numpy() if "direction_score" in table.column_names else None
+    )
     results, start = [], 0
     for stop in range(1, len(ids) + 1):
         if stop == len(ids) or ids[stop] != ids[start]:
-            results.append(TraceResult(ids[start], token_ids[start:stop], regions[start:stop],
-                                       {layer: scores[start:stop]},
-                                       None if direction is None else direction[start:stop].astype(np.float32)))
+            results.append(
+                TraceResult(
+                    ids[start],
+                    token_ids[start:stop],
+                    regions[start:stop],
+                    {layer: scores[start:stop]},
+                    None if direction is None else direction[start:stop].astype(np.float32),
+                )
+            )
             start = stop
     return results
 
 
 def trace_job(prober, batch_size: int, direction=None) -> ShardJob:
     """`trace`'s shards: `trace.trace_records` per shard, parquet files of (id, position, token, score)."""
-    return ShardJob("trace", partial(_trace_compute, prober=prober, batch_size=batch_size, direction=direction),
-                    _trace_write, partial(_trace_read, layer=prober.layer), lambda result: str(result.id),
-                    ".parquet")
+    return ShardJob(
+        "trace",
+        partial(_trace_compute, prober=prober, batch_size=batch_size, direction=direction),
+        _trace_write,
+        partial(_trace_read, layer=prober.layer),
+        lambda result: str(result.id),
+        ".parquet",
+    )
 
 
 def _score_compute(loaded, records, prober, config):
@@ -189,8 +210,14 @@ def _rows_write(path: Path, rows) -> None:
 
 def score_job(prober, config) -> ShardJob:
     """`select`'s scoring shards: `selection.trace_scores` per shard, JSONL files of score rows."""
-    return ShardJob("score", partial(_score_compute, prober=prober, config=config), _rows_write, read_jsonl,
-                    lambda row: str(row["id"]), ".jsonl")
+    return ShardJob(
+        "score",
+        partial(_score_compute, prober=prober, config=config),
+        _rows_write,
+        read_jsonl,
+        lambda row: str(row["id"]),
+        ".jsonl",
+    )
 
 
 # -- executors --------------------------------------------------------------------------------------
@@ -250,21 +277,31 @@ class RayExecutor:
     def info(self) -> dict:
         import importlib.metadata
 
-        return {"name": "ray", "version": importlib.metadata.version("ray"), "workers": self.config.workers,
-                "gpus_per_worker": self.config.gpus_per_worker, "address": self.config.ray_address or "local"}
+        return {
+            "name": "ray",
+            "version": importlib.metadata.version("ray"),
+            "workers": self.config.workers,
+            "gpus_per_worker": self.config.gpus_per_worker,
+            "address": self.config.ray_address or "local",
+        }
 
     def _ray(self):
         ray = _require_ray()
         if not ray.is_initialized():
             check_executor(self.config)
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "logging_level": logging.WARNING}
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": logging.WARNING,
+            }
             if self.config.ray_address:
                 try:
                     ray.init(address=self.config.ray_address, **kwargs)
                 except (ConnectionError, RuntimeError) as exc:
-                    raise UserError(f"cannot join the Ray cluster at {self.config.ray_address} "
-                                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                    raise UserError(
+                        f"cannot join the Ray cluster at {self.config.ray_address} "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                    ) from None
             else:  # a local cluster on the loopback address only
                 ray.init(num_cpus=max(self.config.workers, 1), _node_ip_address="127.0.0.1", **kwargs)
             self._started_ray = True
@@ -272,8 +309,10 @@ class RayExecutor:
                 available = ray.cluster_resources().get("GPU", 0)
                 if available < self.config.gpus_per_worker:
                     self.close()
-                    raise UserError(f"--gpus-per-worker {self.config.gpus_per_worker:g} but the Ray cluster has "
-                                    f"{available:g} GPUs")
+                    raise UserError(
+                        f"--gpus-per-worker {self.config.gpus_per_worker:g} but the Ray cluster has "
+                        f"{available:g} GPUs"
+                    )
         return ray
 
     def close(self) -> None:
@@ -284,8 +323,16 @@ class RayExecutor:
             ray.shutdown()
             self._started_ray = False
 
-    def run(self, loaded, job: ShardJob, records: Sequence[dict], out_dir: str | Path, shard_size: int,
-            skip: set[str] = frozenset(), progress: bool = True) -> Iterator:
+    def run(
+        self,
+        loaded,
+        job: ShardJob,
+        records: Sequence[dict],
+        out_dir: str | Path,
+        shard_size: int,
+        skip: set[str] = frozenset(),
+        progress: bool = True,
+    ) -> Iterator:
         """The results of `job` on every record not in `skip`, in record order, computed shard by shard.
 
         Complete shard files from an interrupted run are reused; the shard plan (size, ids) is kept in
@@ -311,16 +358,22 @@ class RayExecutor:
         needed = [i for i, shard in enumerate(shards) if any(str(r["id"]) not in skip for r in shard)]
         missing = [i for i in needed if not path(i).exists()]
         if missing:
-            logger.info("%s: %d of %d shards to compute on %d Ray workers", job.name, len(missing), len(needed),
-                        self.config.workers)
+            logger.info(
+                "%s: %d of %d shards to compute on %d Ray workers",
+                job.name,
+                len(missing),
+                len(needed),
+                self.config.workers,
+            )
             self._compute(loaded, job, [(i, shards[i]) for i in missing], shard_dir, progress)
         for index in needed:
             for result in job.read(path(index)):
                 if job.result_id(result) not in skip:
                     yield result
 
-    def _compute(self, loaded, job: ShardJob, shards: list[tuple[int, list[dict]]], shard_dir: Path,
-                 progress: bool) -> None:
+    def _compute(
+        self, loaded, job: ShardJob, shards: list[tuple[int, list[dict]]], shard_dir: Path, progress: bool
+    ) -> None:
         from tqdm.auto import tqdm
 
         ray = self._ray()
@@ -328,14 +381,24 @@ class RayExecutor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # shards start in record order
-        items = [{"shard": index, "records": json.dumps(shard, ensure_ascii=False)} for index, shard in shards]
+        items = [
+            {"shard": index, "records": json.dumps(shard, ensure_ascii=False)} for index, shard in shards
+        ]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         gpus = self.config.gpus_per_worker
         mapped = dataset.map_batches(
-            _ShardWorker, batch_size=1, concurrency=min(self.config.workers, len(items)),
-            num_cpus=1 if gpus == 0 else 0, num_gpus=gpus or None,
-            fn_constructor_kwargs={"job": job, "shard_dir": str(shard_dir), "model": self.model,
-                                   "loaded": None if self.model is not None else loaded, "gpus": gpus},
+            _ShardWorker,
+            batch_size=1,
+            concurrency=min(self.config.workers, len(items)),
+            num_cpus=1 if gpus == 0 else 0,
+            num_gpus=gpus or None,
+            fn_constructor_kwargs={
+                "job": job,
+                "shard_dir": str(shard_dir),
+                "model": self.model,
+                "loaded": None if self.model is not None else loaded,
+                "gpus": gpus,
+            },
         )
         with tqdm(total=len(items), desc=f"{job.name} (ray)", unit="shard", disable=not progress) as bar:
             for _ in mapped.iter_batches(batch_size=1):

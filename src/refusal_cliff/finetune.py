@@ -16,9 +16,9 @@ and TRL's `completion_only_loss` puts the loss on the assistant part only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -53,8 +53,10 @@ def load_sft_examples(path: str | Path) -> list[dict]:
         elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
             examples.append({"prompt": row["prompt"], "completion": row["completion"]})
         else:
-            raise UserError(f"{path}: line {number} has neither sft_prompt/sft_completion nor prompt/completion "
-                            "strings; pass DIR/selection.jsonl from `refusal-cliff select`")
+            raise UserError(
+                f"{path}: line {number} has neither sft_prompt/sft_completion nor prompt/completion "
+                "strings; pass DIR/selection.jsonl from `refusal-cliff select`"
+            )
     return examples
 
 
@@ -78,7 +80,9 @@ def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
         peft = require("peft", "train")
         targets = config.lora_target_modules
         peft_config = peft.LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             task_type="CAUSAL_LM",
         )
@@ -111,13 +115,17 @@ def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
         use_cpu=not torch.cuda.is_available(),
         **_precision_flags(config.precision),
     )
-    dataset = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
-    return trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=peft_config)
+    dataset = datasets.Dataset.from_list(
+        [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    )
+    return trl.SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
 
 
-def train_sft(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
-              config: FinetuneConfig | None = None) -> FinetuneResult:
+def train_sft(
+    model, tokenizer, examples: Sequence[dict], out_dir: str | Path, config: FinetuneConfig | None = None
+) -> FinetuneResult:
     """Fine-tune `model` on prompt-completion examples and save it.
 
     Full-parameter runs save `out_dir/model`; LoRA runs save the adapter to `out_dir/adapter` and
@@ -151,13 +159,23 @@ def train_sft(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
         "log_history": trainer.state.log_history,
     }
     write_json(out / "train_metrics.json", metrics)
-    logger.info("fine-tuned on %d examples in %d steps (loss %.4f); model at %s",
-                len(examples), metrics["steps"], metrics["train_loss"], model_dir)
+    logger.info(
+        "fine-tuned on %d examples in %d steps (loss %.4f); model at %s",
+        len(examples),
+        metrics["steps"],
+        metrics["train_loss"],
+        model_dir,
+    )
     return FinetuneResult(model_dir, adapter_dir, metrics)
 
 
-def run_finetune(loaded, data_path: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None,
-                 overwrite: bool = False) -> FinetuneResult:
+def run_finetune(
+    loaded,
+    data_path: str | Path,
+    out_dir: str | Path,
+    config: FinetuneConfig | None = None,
+    overwrite: bool = False,
+) -> FinetuneResult:
     """The `finetune` stage: read the selection, train, save, record metadata.
 
     Args:
@@ -166,12 +184,26 @@ def run_finetune(loaded, data_path: str | Path, out_dir: str | Path, config: Fin
     """
     config = config or FinetuneConfig()
     examples = load_sft_examples(data_path)
-    run = RunFolder(out_dir, "finetune", {"model": loaded.model_id, "data": str(data_path),
-                                          "data_digest": file_digest(data_path), **config.to_dict()},
-                    overwrite=overwrite, artifacts=["train_metrics.json", "model", "adapter"])
+    run = RunFolder(
+        out_dir,
+        "finetune",
+        {
+            "model": loaded.model_id,
+            "data": str(data_path),
+            "data_digest": file_digest(data_path),
+            **config.to_dict(),
+        },
+        overwrite=overwrite,
+        artifacts=["train_metrics.json", "model", "adapter"],
+    )
     with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
         loaded.model.train()
         result = train_sft(loaded.model, loaded.tokenizer, examples, out_dir, config)
-        run.finish({"model_dir": str(result.model_dir), "adapter_dir": str(result.adapter_dir or ""),
-                    "metrics": {k: v for k, v in result.metrics.items() if k != "log_history"}})
+        run.finish(
+            {
+                "model_dir": str(result.model_dir),
+                "adapter_dir": str(result.adapter_dir or ""),
+                "metrics": {k: v for k, v in result.metrics.items() if k != "log_history"},
+            }
+        )
     return result

@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -44,9 +45,15 @@ class Completion:
 
 
 class GenerationBackend(Protocol):
-    def complete(self, texts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
-                 temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | Sequence[int] = 0) -> list[Completion]:
+    def complete(
+        self,
+        texts: Sequence[str],
+        max_new_tokens: int,
+        stop_strings: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | Sequence[int] = 0,
+    ) -> list[Completion]:
         """Continue each text; stop at EOS, a stop string, or after max_new_tokens.
 
         `seed`: one sampling seed per text (`example_seed` of its id), so that a text's sample does
@@ -184,7 +191,9 @@ class HFBackend:
                     # a row that stopped early is padded to the batch's length: not part of its output
                     while ids and ids[-1] == pad:
                         ids = ids[:-1]
-                    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    text = tokenizer.decode(
+                        ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+                    )
                     text = text.split(stop, 1)[0] + stop
                     break
             completions.append(Completion(text, len(ids), finish))
@@ -210,8 +219,9 @@ def check_lengths(loaded, prompts: Sequence[dict], texts: Sequence[str], config:
             )
 
 
-def generate_answers(loaded, records: Sequence[dict], config: GenerationConfig,
-                     backend: GenerationBackend | None = None) -> list[dict]:
+def generate_answers(
+    loaded, records: Sequence[dict], config: GenerationConfig, backend: GenerationBackend | None = None
+) -> list[dict]:
     """Phase 2 only: the answer of records that already carry `generation_prompt`, `thinking` and
     `end_template` (used for clipped thinking and for candidates that bring their own thinking)."""
     backend = backend or HFBackend(loaded)
@@ -220,16 +230,22 @@ def generate_answers(loaded, records: Sequence[dict], config: GenerationConfig,
         chunk = records[start : start + config.batch_size]
         texts = [r["generation_prompt"] + r["thinking"] + r["end_template"] for r in chunk]
         seeds = [example_seed(config.seed + 1, str(r["id"])) for r in chunk]
-        answers = backend.complete(texts, config.max_answer_tokens, (), config.temperature, config.top_p,
-                                   seeds)
+        answers = backend.complete(
+            texts, config.max_answer_tokens, (), config.temperature, config.top_p, seeds
+        )
         for record, answer in zip(chunk, answers):
             out.append({**record, "answer": answer.text.strip(), "answer_tokens": answer.n_tokens})
     return out
 
 
-def generate_records(loaded, prompts: Sequence[dict], config: GenerationConfig,
-                     template: ThinkingTemplate | None = None, backend: GenerationBackend | None = None,
-                     progress: bool = True) -> Iterator[dict]:
+def generate_records(
+    loaded,
+    prompts: Sequence[dict],
+    config: GenerationConfig,
+    template: ThinkingTemplate | None = None,
+    backend: GenerationBackend | None = None,
+    progress: bool = True,
+) -> Iterator[dict]:
     """Generate thinking and answer for each prompt; yields one record per example as its batch ends.
 
     Args:
@@ -250,23 +266,31 @@ def generate_records(loaded, prompts: Sequence[dict], config: GenerationConfig,
             indices = order[start : start + config.batch_size]
             seeds = [example_seed(config.seed, str(prompts[i]["id"])) for i in indices]
             batch_texts = [texts[i] for i in indices]
-            thoughts = backend.complete(batch_texts, config.max_thinking_tokens, [template.end_marker],
-                                        config.temperature, config.top_p, seeds)
+            thoughts = backend.complete(
+                batch_texts,
+                config.max_thinking_tokens,
+                [template.end_marker],
+                config.temperature,
+                config.top_p,
+                seeds,
+            )
             partial = []
             for i, thought in zip(indices, thoughts):
                 thinking_end = {"stop": "marker", "eos": "eos", "length": "budget"}[thought.finish]
-                partial.append({
-                    "id": str(prompts[i]["id"]),
-                    "prompt": prompts[i]["prompt"],
-                    "system_prompt": config.system_prompt,
-                    "generation_prompt": texts[i],
-                    "thinking": clean_thinking(thought.text, template),
-                    "end_template": template.end_template,
-                    "prompt_tokens": len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]),
-                    "thinking_tokens": thought.n_tokens,
-                    "thinking_clipped": thinking_end == "budget",
-                    "thinking_end": thinking_end,
-                })
+                partial.append(
+                    {
+                        "id": str(prompts[i]["id"]),
+                        "prompt": prompts[i]["prompt"],
+                        "system_prompt": config.system_prompt,
+                        "generation_prompt": texts[i],
+                        "thinking": clean_thinking(thought.text, template),
+                        "end_template": template.end_template,
+                        "prompt_tokens": len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]),
+                        "thinking_tokens": thought.n_tokens,
+                        "thinking_clipped": thinking_end == "budget",
+                        "thinking_end": thinking_end,
+                    }
+                )
             for record in generate_answers(loaded, partial, config, backend):
                 yield record
                 bar.update(1)
@@ -278,9 +302,16 @@ def prompts_digest(prompts: Sequence[dict]) -> str:
     return fingerprint([[p["id"], p["prompt"]] for p in prompts])
 
 
-def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_dir: str | Path,
-                 overwrite: bool = False, progress: bool = True, source: str | None = None,
-                 backend=None) -> Path:
+def run_generate(
+    loaded,
+    prompts: Sequence[dict],
+    config: GenerationConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    source: str | None = None,
+    backend=None,
+) -> Path:
     """The `generate` stage: writes `generations.jsonl` + `metadata.json`, resuming a killed run.
 
     `backend`: a `config.BackendConfig` (default: HF generate in this process); metadata.json records
@@ -297,17 +328,31 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
         "n_prompts": len(prompts),
         **config.to_dict(),
     }
-    if backend is not None and backend.backend != "hf":  # only then, so that earlier runs keep their fingerprint
+    if (
+        backend is not None and backend.backend != "hf"
+    ):  # only then, so that earlier runs keep their fingerprint
         stage_config["backend"] = backend.backend
-    template = detect_thinking_template(loaded.tokenizer, config.start_marker, config.end_marker,
-                                        config.end_template)
-    texts = [generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts]
+    template = detect_thinking_template(
+        loaded.tokenizer, config.start_marker, config.end_marker, config.end_template
+    )
+    texts = [
+        generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts
+    ]
     check_lengths(loaded, prompts, texts, config)  # before anything is written
-    run = RunFolder(out_dir, "generate", stage_config, overwrite=overwrite,
-                    artifacts=["generations.jsonl", "labels.jsonl", "metadata.label.json"])
+    run = RunFolder(
+        out_dir,
+        "generate",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=["generations.jsonl", "labels.jsonl", "metadata.label.json"],
+    )
     target = run.path("generations.jsonl")
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed,
-                   extra={"backend": backend_info(backend)}):
+    with run.start(
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        seed=config.seed,
+        extra={"backend": backend_info(backend)},
+    ):
         done = completed_ids(target) if run.resumed else set()
         pending = [p for p in prompts if str(p["id"]) not in done]
         if done:
@@ -322,8 +367,16 @@ def run_generate(loaded, prompts: Sequence[dict], config: GenerationConfig, out_
         order = {str(p["id"]): index for index, p in enumerate(prompts)}
         write_jsonl(target, sorted(read_jsonl(target), key=lambda r: order.get(str(r["id"]), len(order))))
         seconds = time.perf_counter() - started
-        run.finish({"thinking_template": template.to_dict(), "n_examples": len(prompts),
-                    "throughput": {"examples": len(pending), "generated_tokens": n_tokens,
-                                   "seconds": round(seconds, 3),
-                                   "tokens_per_second": round(n_tokens / seconds, 2) if n_tokens else None}})
+        run.finish(
+            {
+                "thinking_template": template.to_dict(),
+                "n_examples": len(prompts),
+                "throughput": {
+                    "examples": len(pending),
+                    "generated_tokens": n_tokens,
+                    "seconds": round(seconds, 3),
+                    "tokens_per_second": round(n_tokens / seconds, 2) if n_tokens else None,
+                },
+            }
+        )
     return target

@@ -52,7 +52,11 @@ REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 GUARD = "guard.json"
 GUARD_GENERATIONS = "guard_generations.jsonl"
 GUARD_FIGURE = "guard.png"
-ANSWER_SOURCES = {"ablate": "model (heads ablated)", "steer": "model (steered)", "refuse": "guard (fixed refusal)"}
+ANSWER_SOURCES = {
+    "ablate": "model (heads ablated)",
+    "steer": "model (steered)",
+    "refuse": "guard (fixed refusal)",
+}
 
 
 # -- the on-the-fly metrics ------------------------------------------------------------------
@@ -132,7 +136,7 @@ class _MonitoredBackend:
         tokenizer = self.guard.loaded.tokenizer
         for row, text in enumerate(texts):
             length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            self._scores.setdefault(text, []).append(scores[row, scores.shape[1] - length:].numpy())
+            self._scores.setdefault(text, []).append(scores[row, scores.shape[1] - length :].numpy())
         return answers
 
     def take(self, record: dict) -> np.ndarray:
@@ -162,9 +166,20 @@ class CliffGuard:
         window: the plateau's moving-average window (8, as `trace`).
     """
 
-    def __init__(self, loaded, prober, heads: Sequence[Sequence[int]] | None = None, tau: float = 0.1,
-                 action: str = "ablate", rule: str = "ms", tau_plateau: float = 0.5, gamma: float = 0.0,
-                 alpha: float = 4.0, refusal_text: str = REFUSAL_TEXT, window: int = 8):
+    def __init__(
+        self,
+        loaded,
+        prober,
+        heads: Sequence[Sequence[int]] | None = None,
+        tau: float = 0.1,
+        action: str = "ablate",
+        rule: str = "ms",
+        tau_plateau: float = 0.5,
+        gamma: float = 0.0,
+        alpha: float = 4.0,
+        refusal_text: str = REFUSAL_TEXT,
+        window: int = 8,
+    ):
         from .ablation import group_heads
 
         if action not in ACTIONS:
@@ -177,13 +192,19 @@ class CliffGuard:
             raise UserError("--alpha and --gamma must be finite numbers")
         geometry = loaded.adapter.geometry(loaded.model)
         if prober.d_model != geometry.d_model:
-            raise UserError(f"a prober for d_model {prober.d_model} cannot read this model (d_model "
-                            f"{geometry.d_model}); train a prober for this model with `refusal-cliff probe train`")
+            raise UserError(
+                f"a prober for d_model {prober.d_model} cannot read this model (d_model "
+                f"{geometry.d_model}); train a prober for this model with `refusal-cliff probe train`"
+            )
         if not 0 <= prober.layer < geometry.n_layers:
-            raise UserError(f"the prober reads layer {prober.layer}, but the model has {geometry.n_layers} layers")
+            raise UserError(
+                f"the prober reads layer {prober.layer}, but the model has {geometry.n_layers} layers"
+            )
         if action == "ablate" and not heads:
-            raise UserError("--action ablate needs the suppression heads: pass --heads heads.json (from "
-                            "`refusal-cliff heads`)")
+            raise UserError(
+                "--action ablate needs the suppression heads: pass --heads heads.json (from "
+                "`refusal-cliff heads`)"
+            )
         self.loaded = loaded
         self.prober = prober
         self.heads = [(int(layer), int(head)) for layer, head in (heads or [])]
@@ -204,7 +225,7 @@ class CliffGuard:
         weight = prober.weight.float().reshape(1, -1)  # [1, d_model]
         self._weight = weight
         self._bias = prober.bias.float().reshape(1)  # [1]
-        self._direction = (weight[0] / weight[0].norm().clamp_min(1e-12))  # [d_model]
+        self._direction = weight[0] / weight[0].norm().clamp_min(1e-12)  # [d_model]
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -272,8 +293,9 @@ class CliffGuard:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate_monitored(self, prompts: Sequence[dict], config, template=None,
-                           progress: bool = False) -> Iterator[dict]:
+    def generate_monitored(
+        self, prompts: Sequence[dict], config, template=None, progress: bool = False
+    ) -> Iterator[dict]:
         """Plain `generate_records` (thinking, then answer), with the guard's `{plateau, final, ms}` of
         each example read in its answer's prefill. Yields records as batches end (longest first)."""
         from .generation import HFBackend, generate_records
@@ -283,7 +305,9 @@ class CliffGuard:
             scores = backend.take(record)
             _, regions = probing_tokens(self.loaded.tokenizer, record)
             if len(regions) != len(scores):
-                raise RuntimeError(f"monitored {len(scores)} positions of {record['id']!r}, expected {len(regions)}")
+                raise RuntimeError(
+                    f"monitored {len(scores)} positions of {record['id']!r}, expected {len(regions)}"
+                )
             metrics = guard_metrics(scores, regions, self.window)
             yield {**record, "guard": {key: _null(value) for key, value in metrics.items()}}
 
@@ -293,8 +317,15 @@ class CliffGuard:
         if not records:
             return []
         if self.action == "refuse":
-            return [{**r, "answer": self.refusal_text, "answer_tokens": 0,
-                     "answer_source": ANSWER_SOURCES["refuse"]} for r in records]
+            return [
+                {
+                    **r,
+                    "answer": self.refusal_text,
+                    "answer_tokens": 0,
+                    "answer_source": ANSWER_SOURCES["refuse"],
+                }
+                for r in records
+            ]
         from .generation import generate_answers
 
         with self.intervention():
@@ -304,15 +335,26 @@ class CliffGuard:
     def apply(self, record: dict, guarded: dict | None, tau: float | None = None) -> dict:
         """The record a user sees at `tau`: the guarded answer when flagged, else the model's own."""
         flagged = self.is_flagged(record["guard"], tau)
-        guard = {**record["guard"], "flagged": flagged, "action": self.action if flagged else None,
-                 "rule": self.rule, "tau": self.tau if tau is None else tau}
+        guard = {
+            **record["guard"],
+            "flagged": flagged,
+            "action": self.action if flagged else None,
+            "rule": self.rule,
+            "tau": self.tau if tau is None else tau,
+        }
         if not flagged:
             return {**record, "answer_source": "model", "guard": guard}
         if guarded is None:
             raise RuntimeError(f"example {record['id']!r} is flagged but has no guarded answer")
         guard["answer_source"] = guarded["answer_source"]
-        return {**record, "answer": guarded["answer"], "answer_tokens": guarded["answer_tokens"],
-                "unguarded_answer": record["answer"], "answer_source": guarded["answer_source"], "guard": guard}
+        return {
+            **record,
+            "answer": guarded["answer"],
+            "answer_tokens": guarded["answer_tokens"],
+            "unguarded_answer": record["answer"],
+            "answer_source": guarded["answer_source"],
+            "guard": guard,
+        }
 
     def generate(self, prompts: Sequence[dict], config, progress: bool = False) -> list[dict]:
         """Generate each prompt's thinking and answer, guarded. Returns records in prompt order: the
@@ -343,16 +385,22 @@ def read_heads_for(loaded, heads_path: str | Path) -> list[dict]:
     ranking = read_ranking(heads_path)
     geometry = loaded.adapter.geometry(loaded.model)
     n_total = geometry.n_layers * geometry.n_heads
-    if len(ranking) != n_total or any(not 0 <= int(h["layer"]) < geometry.n_layers
-                                      or not 0 <= int(h["head"]) < geometry.n_heads for h in ranking):
-        raise UserError(f"{heads_path} ranks {len(ranking)} heads of another model, but {loaded.model_id} has "
-                        f"{geometry.n_layers} layers x {geometry.n_heads} heads; run `refusal-cliff heads` on it")
+    if len(ranking) != n_total or any(
+        not 0 <= int(h["layer"]) < geometry.n_layers or not 0 <= int(h["head"]) < geometry.n_heads
+        for h in ranking
+    ):
+        raise UserError(
+            f"{heads_path} ranks {len(ranking)} heads of another model, but {loaded.model_id} has "
+            f"{geometry.n_layers} layers x {geometry.n_heads} heads; run `refusal-cliff heads` on it"
+        )
     metadata_path = Path(heads_path).with_name("metadata.json")
     if metadata_path.is_file():
         written_for = read_json(metadata_path).get("model_id")
         if written_for not in (None, loaded.model_id):
-            raise UserError(f"{heads_path} was written for {written_for}, not for {loaded.model_id}; run "
-                            "`refusal-cliff heads` on this model")
+            raise UserError(
+                f"{heads_path} was written for {written_for}, not for {loaded.model_id}; run "
+                "`refusal-cliff heads` on this model"
+            )
     return ranking
 
 
@@ -379,24 +427,36 @@ def guard_summary(records: Sequence[dict], guard: CliffGuard, taus: Sequence[flo
     for tau in [None, *sorted(taus)]:
         flags_h = [tau is not None and guard.is_flagged(r["guard"], tau) for r in harmful]
         flags_b = [tau is not None and guard.is_flagged(r["guard"], tau) for r in benign]
-        rows.append({
-            "tau": tau,
-            "rule": guard.rule,
-            "action": guard.action,
-            "asr": rate([outcome(r, tau)["attack_success"] for r in harmful]),
-            "benign_refusal_rate": rate([outcome(r, tau)["refusal"] for r in benign]),
-            "flag_rate_harmful": rate(flags_h),
-            "flag_rate_benign": rate(flags_b),
-            "n": len(harmful) + len(benign),
-            "n_harmful": len(harmful),
-            "n_benign": len(benign),
-        })
+        rows.append(
+            {
+                "tau": tau,
+                "rule": guard.rule,
+                "action": guard.action,
+                "asr": rate([outcome(r, tau)["attack_success"] for r in harmful]),
+                "benign_refusal_rate": rate([outcome(r, tau)["refusal"] for r in benign]),
+                "flag_rate_harmful": rate(flags_h),
+                "flag_rate_benign": rate(flags_b),
+                "n": len(harmful) + len(benign),
+                "n_harmful": len(harmful),
+                "n_benign": len(benign),
+            }
+        )
     return rows
 
 
-def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Path, config=None,
-              generation_config=None, benign_prompts: Sequence[dict] = (), heads_path: str | Path | None = None,
-              sources: dict | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Path]:
+def run_guard(
+    loaded,
+    prober,
+    harmful_prompts: Sequence[dict],
+    out_dir: str | Path,
+    config=None,
+    generation_config=None,
+    benign_prompts: Sequence[dict] = (),
+    heads_path: str | Path | None = None,
+    sources: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
     """The `guard` stage: generate each prompt once under the monitor, regenerate (or replace) the answers
     flagged at the loosest tau, and measure ASR and benign refusal rate per tau.
 
@@ -426,28 +486,46 @@ def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Pa
     if not harmful_prompts:
         raise UserError("no harmful prompts to guard; check --prompts")
     if config.action == "ablate" and heads_path is None:
-        raise UserError("--action ablate needs the suppression heads: pass --heads heads.json (from "
-                        "`refusal-cliff heads`)")
+        raise UserError(
+            "--action ablate needs the suppression heads: pass --heads heads.json (from "
+            "`refusal-cliff heads`)"
+        )
     heads: list[tuple[int, int]] = []
     if heads_path is not None:
         ranking = read_heads_for(loaded, heads_path)
         heads = heads_at_threshold(ranking, config.threshold, len(ranking))
     taus = sorted(set(config.taus))
-    guard = CliffGuard(loaded, prober, heads if config.action == "ablate" else None,
-                       tau=_loosest(taus, config.rule), action=config.action, rule=config.rule,
-                       tau_plateau=config.tau_plateau, gamma=config.gamma, alpha=config.alpha,
-                       refusal_text=config.refusal_text)
-    ids = [("harmful", str(p["id"])) for p in harmful_prompts] + [("benign", str(p["id"])) for p in benign_prompts]
+    guard = CliffGuard(
+        loaded,
+        prober,
+        heads if config.action == "ablate" else None,
+        tau=_loosest(taus, config.rule),
+        action=config.action,
+        rule=config.rule,
+        tau_plateau=config.tau_plateau,
+        gamma=config.gamma,
+        alpha=config.alpha,
+        refusal_text=config.refusal_text,
+    )
+    ids = [("harmful", str(p["id"])) for p in harmful_prompts] + [
+        ("benign", str(p["id"])) for p in benign_prompts
+    ]
     if len(set(ids)) != len(ids):
         raise UserError("prompt ids repeat within a prompt set; give each prompt a distinct id")
     from .generation import check_lengths, generation_prompt
     from .templates import detect_thinking_template
 
-    template = detect_thinking_template(loaded.tokenizer, generation_config.start_marker,
-                                        generation_config.end_marker, generation_config.end_template)
+    template = detect_thinking_template(
+        loaded.tokenizer,
+        generation_config.start_marker,
+        generation_config.end_marker,
+        generation_config.end_template,
+    )
     for prompts in (harmful_prompts, benign_prompts):
-        texts = [generation_prompt(loaded.tokenizer, template, p["prompt"], generation_config.system_prompt)
-                 for p in prompts]
+        texts = [
+            generation_prompt(loaded.tokenizer, template, p["prompt"], generation_config.system_prompt)
+            for p in prompts
+        ]
         check_lengths(loaded, prompts, texts, generation_config)
     stage_config = {
         "model": loaded.model_id,
@@ -464,17 +542,30 @@ def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Pa
         **(sources or {}),
     }
     warn_if_unreliable(prober)
-    run = RunFolder(out_dir, "guard", stage_config, overwrite=overwrite,
-                    artifacts=[GUARD, GUARD_GENERATIONS, GUARD_FIGURE])
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=generation_config.seed,
-                   extra={"prober": prober.summary()}):
+    run = RunFolder(
+        out_dir,
+        "guard",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=[GUARD, GUARD_GENERATIONS, GUARD_FIGURE],
+    )
+    with run.start(
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        seed=generation_config.seed,
+        extra={"prober": prober.summary()},
+    ):
         target = run.path(GUARD_GENERATIONS)
         done = set()
         if run.resumed and target.exists():
             done = {(r.get("set"), str(r.get("id"))) for r in read_jsonl(target, repair=True)}
         total = len(ids)
-        with JsonlWriter(target) as writer, tqdm(total=total, initial=len(done & set(ids)), desc="guard",
-                                                  unit="ex", disable=not progress) as bar:
+        with (
+            JsonlWriter(target) as writer,
+            tqdm(
+                total=total, initial=len(done & set(ids)), desc="guard", unit="ex", disable=not progress
+            ) as bar,
+        ):
             for name, prompts in (("harmful", harmful_prompts), ("benign", benign_prompts)):
                 pending = [p for p in prompts if (name, str(p["id"])) not in done]
                 monitored = guard.generate_monitored(pending, generation_config, template)
@@ -485,8 +576,11 @@ def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Pa
                         line = {"set": name, **record}
                         if record["id"] in guarded:
                             answer = guarded[record["id"]]
-                            line["guarded"] = {"answer": answer["answer"], "answer_tokens": answer["answer_tokens"],
-                                               "answer_source": answer["answer_source"]}
+                            line["guarded"] = {
+                                "answer": answer["answer"],
+                                "answer_tokens": answer["answer_tokens"],
+                                "answer_source": answer["answer_source"],
+                            }
                         writer.write(line)
                         bar.update(1)
         records = read_jsonl(target)
@@ -496,8 +590,11 @@ def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Pa
         for record, label in zip(records, label_records(records, labeler, loaded.tokenizer)):
             record.update(refusal=label["refusal"], attack_success=is_attack_success(label))
         with_guarded = [r for r in records if "guarded" in r]
-        guarded_labels = label_records([{"id": r["id"], "answer": r["guarded"]["answer"]} for r in with_guarded],
-                                       labeler, loaded.tokenizer)
+        guarded_labels = label_records(
+            [{"id": r["id"], "answer": r["guarded"]["answer"]} for r in with_guarded],
+            labeler,
+            loaded.tokenizer,
+        )
         for record, label in zip(with_guarded, guarded_labels):
             record["guarded"].update(refusal=label["refusal"], attack_success=is_attack_success(label))
         rows = guard_summary(records, guard, taus)
@@ -508,6 +605,12 @@ def run_guard(loaded, prober, harmful_prompts: Sequence[dict], out_dir: str | Pa
         )
 
         save_figure(plot_guard(rows), run.path(GUARD_FIGURE))
-        run.finish({"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts),
-                    "n_flagged_loosest": len(with_guarded), "heads": [list(h) for h in heads] or None})
+        run.finish(
+            {
+                "n_harmful": len(harmful_prompts),
+                "n_benign": len(benign_prompts),
+                "n_flagged_loosest": len(with_guarded),
+                "heads": [list(h) for h in heads] or None,
+            }
+        )
     return {GUARD: run.path(GUARD), GUARD_GENERATIONS: target, GUARD_FIGURE: run.path(GUARD_FIGURE)}

@@ -6,8 +6,8 @@ model patched. A missing target module fails loudly before anything is hooked.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 from torch import nn
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -131,8 +131,9 @@ class ModelJudge:
         return verdicts
 
 
-def label_records(records: Sequence[dict], labeler: KeywordLabeler, tokenizer=None,
-                  judge: ModelJudge | None = None) -> list[dict]:
+def label_records(
+    records: Sequence[dict], labeler: KeywordLabeler, tokenizer=None, judge: ModelJudge | None = None
+) -> list[dict]:
     """Label generation records: `{id, refusal, judge, matched}` (+ `judge_verdict` with a judge)."""
     labels = []
     for record in records:
@@ -185,17 +186,23 @@ def read_generations(path: str | Path, fields: Sequence[str] = GENERATION_FIELDS
     if path.is_dir():
         raise UserError(f"{path} is a folder; pass its generations.jsonl")
     if not path.is_file():
-        raise UserError(f"file not found: {path}; pass a generations.jsonl written by `refusal-cliff generate`")
+        raise UserError(
+            f"file not found: {path}; pass a generations.jsonl written by `refusal-cliff generate`"
+        )
     records = read_jsonl(path)
     if not records:
         raise UserError(f"{path} holds no generations; run `refusal-cliff generate` first")
     missing = [key for key in fields if key not in records[0]]
     if missing:
-        raise UserError(f"{path} lacks fields {missing}; pass a generations.jsonl written by `refusal-cliff generate`")
+        raise UserError(
+            f"{path} lacks fields {missing}; pass a generations.jsonl written by `refusal-cliff generate`"
+        )
     ids = [str(record["id"]) for record in records]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"{path} has duplicate ids (first: {duplicate!r}); regenerate it or drop the duplicates")
+        raise UserError(
+            f"{path} has duplicate ids (first: {duplicate!r}); regenerate it or drop the duplicates"
+        )
     return records
 
 
@@ -228,8 +235,9 @@ def generation_model_id(generations: str | Path) -> str | None:
         return None
 
 
-def labels_for(generations: str | Path, labels: str | Path | Sequence[str | Path] | None = None,
-               required: bool = True) -> dict[str, dict] | None:
+def labels_for(
+    generations: str | Path, labels: str | Path | Sequence[str | Path] | None = None, required: bool = True
+) -> dict[str, dict] | None:
     """The labels of a generations file: from `labels` when given, else from the `labels.jsonl`
     beside the file, but only if that file's ids cover every id of the generations (a sibling
     written for other records is never used silently).
@@ -251,13 +259,17 @@ def labels_for(generations: str | Path, labels: str | Path | Sequence[str | Path
         if ids <= set(found):
             return found
         if required:
-            raise UserError(f"{sibling} does not label every example of {generations} "
-                            f"({len(ids - set(found))} unlabelled); run `{label_hint(generations)}` "
-                            "or pass --labels FILE")
+            raise UserError(
+                f"{sibling} does not label every example of {generations} "
+                f"({len(ids - set(found))} unlabelled); run `{label_hint(generations)}` "
+                "or pass --labels FILE"
+            )
         return None
     if required:
-        raise UserError(f"{generations} has no labels.jsonl beside it; run `{label_hint(generations)}` "
-                        "or pass --labels FILE")
+        raise UserError(
+            f"{generations} has no labels.jsonl beside it; run `{label_hint(generations)}` "
+            "or pass --labels FILE"
+        )
     return None
 
 
@@ -276,8 +288,13 @@ def join_labels(records: Sequence[dict], labels: dict[str, dict], source: str | 
             kept.append({**record, "refusal": bool(label["refusal"])})
     if unlabelled:
         names = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
-        logger.warning("%s: %d of %d generations have no label and are excluded (%s)", source or "generations",
-                       len(unlabelled), len(records), names)
+        logger.warning(
+            "%s: %d of %d generations have no label and are excluded (%s)",
+            source or "generations",
+            len(unlabelled),
+            len(records),
+            names,
+        )
     return kept
 
 
@@ -287,8 +304,10 @@ def select_group(records: Sequence[dict], group: str) -> list[dict]:
     if group == GROUP_ALL:
         return list(records)
     if group not in (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED):
-        raise UserError(f"unknown group {group!r}; use one of {GROUP_HARMFUL_COMPLIED}, {GROUP_HARMFUL_REFUSED}, "
-                        f"{GROUP_ALL}")
+        raise UserError(
+            f"unknown group {group!r}; use one of {GROUP_HARMFUL_COMPLIED}, {GROUP_HARMFUL_REFUSED}, "
+            f"{GROUP_ALL}"
+        )
     want_refusal = group == GROUP_HARMFUL_REFUSED
     return [r for r in records if bool(r["refusal"]) == want_refusal]
 
@@ -303,18 +322,27 @@ def check_group(generations: str | Path, labels: str | Path | None, group: str) 
         records = join_labels(records, label_map, generations)
     chosen = select_group(records, group)
     if not chosen:
-        sizes = {name: len(select_group(records, name))
-                 for name in (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED)}
-        raise UserError(f"group {group!r} of {generations} has no example (sizes: "
-                        f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group")
+        sizes = {
+            name: len(select_group(records, name)) for name in (GROUP_HARMFUL_COMPLIED, GROUP_HARMFUL_REFUSED)
+        }
+        raise UserError(
+            f"group {group!r} of {generations} has no example (sizes: "
+            f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group"
+        )
     return chosen
 
 
 # -- the `label` stage ------------------------------------------------------------------------
 
 
-def run_label(generations: str | Path, out_dir: str | Path, config=None, tokenizer=None, judge=None,
-              overwrite: bool = False) -> Path:
+def run_label(
+    generations: str | Path,
+    out_dir: str | Path,
+    config=None,
+    tokenizer=None,
+    judge=None,
+    overwrite: bool = False,
+) -> Path:
     """The `label` stage: label every answer of a generations.jsonl; writes `labels.jsonl` and metadata.
 
     Args:
@@ -335,10 +363,14 @@ def run_label(generations: str | Path, out_dir: str | Path, config=None, tokeniz
         words += load_keywords(config.keywords)
     if not words:
         raise UserError("no keywords: pass --keywords FILE with --only-keywords")
-    stage_config = {**config.to_dict(), "generations": str(generations), "digest": file_digest(generations),
-                    "keywords": words, "tokenizer": getattr(tokenizer, "name_or_path", None)}
-    run = RunFolder(out_dir, "label", stage_config, overwrite=overwrite,
-                    artifacts=[LABELS])
+    stage_config = {
+        **config.to_dict(),
+        "generations": str(generations),
+        "digest": file_digest(generations),
+        "keywords": words,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+    }
+    run = RunFolder(out_dir, "label", stage_config, overwrite=overwrite, artifacts=[LABELS])
     # the model that wrote the answers (not the tokenizer's folder, which may be a cache path)
     with run.start(model_id=generation_model_id(generations) or getattr(tokenizer, "name_or_path", None)):
         labels = label_records(records, KeywordLabeler(words), tokenizer, judge)

@@ -213,8 +213,11 @@ def forget_gguf_origin(model) -> None:
     `quantization_config` and quantizer, which make `save_pretrained` and the Trainer refuse it.
     Drop them, so exported checkpoints load as ordinary models."""
     quantization = getattr(model.config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
-        quantization, "quant_method", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
     if quantization is None or "gguf" not in str(method).lower():
         return
     del model.config.quantization_config
@@ -234,8 +237,9 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
         if model.endswith(".gguf"):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         local_only = not path.exists() and hub_files_only(model, revision, what="--tokenizer")
-        return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code,
-                                             local_files_only=local_only)
+        return AutoTokenizer.from_pretrained(
+            model, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the tokenizer of {model!r} ({type(exc).__name__})") from None
 

@@ -138,8 +138,12 @@ def plot_traces(curves: Mapping[str, Mapping[str, Any]], title: str | None = Non
         if curve.get("std") is not None:
             std = np.asarray(curve["std"], float)  # [points]
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
-    ax.set(xlabel="normalised position (0 = first prompt token, 100 = last end-template token)",
-           ylabel="refusal score", xlim=(0, 100), ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="normalised position (0 = first prompt token, 100 = last end-template token)",
+        ylabel="refusal score",
+        xlim=(0, 100),
+        ylim=(-0.02, 1.02),
+    )
     if title:
         ax.set_title(_title(figure, title))
     ax.legend(frameon=False, loc="best")
@@ -154,8 +158,12 @@ def _layer_colorbar(figure: Figure, ax, names: Sequence[str], cmap, norm) -> Non
     bar.set_label("layer")
 
 
-def plot_layerwise(layers: Mapping[str, Sequence[float]], ms_mean: Mapping[str, float | None] | None = None,
-                   end_template_start: float | None = None, group: str | None = None) -> Figure:
+def plot_layerwise(
+    layers: Mapping[str, Sequence[float]],
+    ms_mean: Mapping[str, float | None] | None = None,
+    end_template_start: float | None = None,
+    group: str | None = None,
+) -> Figure:
     """Figure 5 (left): one averaged trace per layer, coloured by depth; MS per layer on the right.
 
     Args:
@@ -172,10 +180,20 @@ def plot_layerwise(layers: Mapping[str, Sequence[float]], ms_mean: Mapping[str, 
     norm = Normalize(0, max(len(layers) - 1, 1))
     for index, (layer, mean) in enumerate(layers.items()):
         mean = np.asarray(mean, float)  # [points]
-        ax.plot(np.linspace(0, 100, len(mean)), mean, color=cmap(norm(index)), lw=1.6,
-                label=plain_label(f"layer {layer}"))
-    ax.set(xlabel="normalised position", ylabel="refusal score", xlim=(0, 100), ylim=(-0.02, 1.02),
-           title=plain_label(f"Per-layer traces ({group})" if group else "Per-layer traces"))
+        ax.plot(
+            np.linspace(0, 100, len(mean)),
+            mean,
+            color=cmap(norm(index)),
+            lw=1.6,
+            label=plain_label(f"layer {layer}"),
+        )
+    ax.set(
+        xlabel="normalised position",
+        ylabel="refusal score",
+        xlim=(0, 100),
+        ylim=(-0.02, 1.02),
+        title=plain_label(f"Per-layer traces ({group})" if group else "Per-layer traces"),
+    )
     if 0 < len(layers) <= 8:
         ax.legend(frameon=False, fontsize="small")
     elif layers:
@@ -183,15 +201,22 @@ def plot_layerwise(layers: Mapping[str, Sequence[float]], ms_mean: Mapping[str, 
     if has_ms:
         names = [name for name, value in ms_mean.items() if value is not None]
         axes[1].plot(range(len(names)), [ms_mean[name] for name in names], marker="o")
-        axes[1].set_xticks(range(len(names)), [plain_label(name) for name in names],
-                           rotation=90 if len(names) > 12 else 0, fontsize="small")
+        axes[1].set_xticks(
+            range(len(names)),
+            [plain_label(name) for name in names],
+            rotation=90 if len(names) > 12 else 0,
+            fontsize="small",
+        )
         axes[1].axhline(0, color="gray", lw=0.8)
         axes[1].set(xlabel="layer", ylabel="mean MS (plateau − final)", title="Cliff depth per layer")
     return figure
 
 
-def plot_plateau_vs_harmless(plateaus: Mapping[str, float], finals: Mapping[str, float] | None = None,
-                             harmless_score: float | None = None) -> Figure:
+def plot_plateau_vs_harmless(
+    plateaus: Mapping[str, float],
+    finals: Mapping[str, float] | None = None,
+    harmless_score: float | None = None,
+) -> Figure:
     """Figure 5 (second column): mean plateau of harmful groups vs the mean harmless score.
 
     Args:
@@ -203,8 +228,13 @@ def plot_plateau_vs_harmless(plateaus: Mapping[str, float], finals: Mapping[str,
     groups = list(plateaus)
     x = np.arange(len(groups))
     width = 0.3 if finals else 0.45
-    ax.bar(x - (width / 2 if finals else 0), [plateaus[g] for g in groups], width, label="plateau I",
-           color="tab:red")
+    ax.bar(
+        x - (width / 2 if finals else 0),
+        [plateaus[g] for g in groups],
+        width,
+        label="plateau I",
+        color="tab:red",
+    )
     if finals:
         heights = [np.nan if finals.get(g) is None else finals[g] for g in groups]
         ax.bar(x + width / 2, heights, width, label="final I'", color="tab:blue")
@@ -231,8 +261,12 @@ def plot_clipping(rows: Sequence[Mapping[str, Any]]) -> Figure:
     _series(score_ax, rows, "fraction", "drop_mean", "largest one-step drop", "^")
     _series(rate_ax, rows, "fraction", "refusal_rate", "refusal rate", "o")
     score_ax.set(xlabel="fraction of thinking kept", ylabel="score", title="Cliff vs clipping")
-    rate_ax.set(xlabel="fraction of thinking kept", ylabel="refusal rate", ylim=(-0.02, 1.02),
-                title="Refusals vs clipping")
+    rate_ax.set(
+        xlabel="fraction of thinking kept",
+        ylabel="refusal rate",
+        ylim=(-0.02, 1.02),
+        title="Refusals vs clipping",
+    )
     _legend(score_ax, rate_ax, fontsize="small")
     return figure
 
@@ -240,8 +274,12 @@ def plot_clipping(rows: Sequence[Mapping[str, Any]]) -> Figure:
 # -- heads and ablation --------------------------------------------------------------------
 
 
-def heads_matrix(heads: Sequence[Mapping[str, Any]], value: str = "value",
-                 n_layers: int | None = None, n_heads: int | None = None) -> np.ndarray:
+def heads_matrix(
+    heads: Sequence[Mapping[str, Any]],
+    value: str = "value",
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+) -> np.ndarray:
     """[n_layers, n_heads] array of a per-head value from heads.json rows (NaN where absent)."""
     n_layers = n_layers or (max(int(h["layer"]) for h in heads) + 1 if heads else 0)
     n_heads = n_heads or (max(int(h["head"]) for h in heads) + 1 if heads else 0)
@@ -259,8 +297,12 @@ def _mark_heads(ax, marks: Mapping[tuple[int, int], str]) -> None:
         ax.text(head, layer, plain_label(label), ha="center", va="center", fontsize=5)
 
 
-def plot_heads(matrix: Any, title: str | None = None, marks: Mapping[tuple[int, int], str] | None = None,
-               value_label: str = "contribution to the refusal logit (red: towards refusal)") -> Figure:
+def plot_heads(
+    matrix: Any,
+    title: str | None = None,
+    marks: Mapping[tuple[int, int], str] | None = None,
+    value_label: str = "contribution to the refusal logit (red: towards refusal)",
+) -> Figure:
     """Figure 6: heatmap of per-head contributions, layers × heads, red positive / blue negative.
 
     Args:
@@ -279,12 +321,21 @@ def plot_heads(matrix: Any, title: str | None = None, marks: Mapping[tuple[int, 
     ax.grid(False)
     limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
     limit = max(limit, 1e-12)
-    image = ax.imshow(matrix, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
-                      aspect="auto", origin="lower", interpolation="nearest")
+    image = ax.imshow(
+        matrix,
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+    )
     _mark_heads(ax, marks or {})
     # the title is centred over the heatmap, which leaves room for the colour bar and the labels
-    ax.set(xlabel="head", ylabel="layer",
-           title=_title(figure, title or "Head contributions to the refusal score", share=0.6))
+    ax.set(
+        xlabel="head",
+        ylabel="layer",
+        title=_title(figure, title or "Head contributions to the refusal score", share=0.6),
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.colorbar(image, ax=ax, label=textwrap.fill(value_label, 40))
@@ -307,8 +358,12 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], title: str | None = None) -
     settings: dict[tuple, list] = {}
     random_rows: list = []
     boost_rows: dict[Any, list] = {}
-    baseline = [r for r in rows if r.get("control") == "none" or (r.get("control") is None and not r.get("heads")
-                                                                   and r.get("threshold") == 0)]
+    baseline = [
+        r
+        for r in rows
+        if r.get("control") == "none"
+        or (r.get("control") is None and not r.get("heads") and r.get("threshold") == 0)
+    ]
     for row in rows:
         control = row.get("control")
         if control == "random":
@@ -317,8 +372,11 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], title: str | None = None) -
             boost_rows.setdefault(row.get("boost_others"), []).append(row)
         else:
             settings.setdefault((row.get("gamma"), bool(row.get("renormalize"))), []).append(row)
-    panels = (("final_score_mean", "Final refusal score (higher: safer)"),
-              ("asr", "ASR (lower: safer)"), ("benign_refusal_rate", "Benign refusal rate"))
+    panels = (
+        ("final_score_mean", "Final refusal score (higher: safer)"),
+        ("asr", "ASR (lower: safer)"),
+        ("benign_refusal_rate", "Benign refusal rate"),
+    )
     n_seeds = len({r.get("seed") for r in random_rows})
     for ax, (key, panel_title) in zip(axes, panels):
         for (gamma, renormalize), group in settings.items():
@@ -336,12 +394,21 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], title: str | None = None) -
             if by_threshold:
                 xs = sorted(by_threshold)
                 values = [np.asarray(by_threshold[x], float) for x in xs]
-                ax.fill_between(xs, [v.min() for v in values], [v.max() for v in values], color="gray", alpha=0.25,
-                                lw=0)
-                ax.plot(xs, [v.mean() for v in values], color="gray", ls="--", marker=".",
-                        label=f"random heads, mean and range ({n_seeds} seeds)")
+                ax.fill_between(
+                    xs, [v.min() for v in values], [v.max() for v in values], color="gray", alpha=0.25, lw=0
+                )
+                ax.plot(
+                    xs,
+                    [v.mean() for v in values],
+                    color="gray",
+                    ls="--",
+                    marker=".",
+                    label=f"random heads, mean and range ({n_seeds} seeds)",
+                )
         for factor, group in boost_rows.items():
-            points = sorted((100 * r["threshold"], r[key]) for r in baseline + group if r.get(key) is not None)
+            points = sorted(
+                (100 * r["threshold"], r[key]) for r in baseline + group if r.get(key) is not None
+            )
             if points:
                 ax.plot(*zip(*points), ls=":", marker="^", label=f"top heads + others ×{factor:g}")
         ax.set(xlabel="ablated heads (% of all heads)", title=panel_title, ylim=(-0.02, 1.02))
@@ -370,17 +437,25 @@ def plot_head_patterns(mass: Sequence[Mapping[str, Any]], heatmap: Mapping[str, 
         heatmap: patterns.json `heatmap` {id, tokens, regions, weights: [[...] per head]}: one
             example's weights over its tokens (right; region starts marked under the axis).
     """
-    figure, axes = _figure(12 if heatmap else 5.5, max(2.6, 1.2 + 0.35 * len(mass)), ncols=2 if heatmap else 1)
+    figure, axes = _figure(
+        12 if heatmap else 5.5, max(2.6, 1.2 + 0.35 * len(mass)), ncols=2 if heatmap else 1
+    )
     ax = axes[0]
     names = [f"L{row['layer']}.H{row['head']}" for row in mass]
     left = np.zeros(len(mass))
     for region in ("prompt", "thinking", "end_template"):
         values = np.array([float(row.get(region) or 0.0) for row in mass])
-        ax.barh(range(len(mass)), values, left=left, color=REGION_COLORS[region], label=region.replace("_", " "))
+        ax.barh(
+            range(len(mass)), values, left=left, color=REGION_COLORS[region], label=region.replace("_", " ")
+        )
         left += values
     ax.set_yticks(range(len(mass)), [plain_label(n) for n in names])
     ax.invert_yaxis()
-    ax.set(xlim=(0, 1), xlabel="attention mass from t_cliff (mean over examples)", title="Attention mass per region")
+    ax.set(
+        xlim=(0, 1),
+        xlabel="attention mass from t_cliff (mean over examples)",
+        title="Attention mass per region",
+    )
     ax.legend(frameon=False, fontsize="small", loc="lower right")
     if heatmap:
         hax = axes[1]
@@ -389,17 +464,24 @@ def plot_head_patterns(mass: Sequence[Mapping[str, Any]], heatmap: Mapping[str, 
         image = hax.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
         hax.set_yticks(range(len(names)), [plain_label(n) for n in names])
         starts = _region_starts(list(heatmap["regions"]))
-        for position, region in starts[1:]:
+        for position, _ in starts[1:]:
             hax.axvline(position - 0.5, color="white", lw=0.8)
-        hax.set_xticks([p for p, _ in starts], [plain_label(r.replace("_", " ")) for _, r in starts], fontsize="small")
-        hax.set(xlabel="source token", title=_title(figure, f"Weights from t_cliff, example {heatmap['id']}", 0.5))
+        hax.set_xticks(
+            [p for p, _ in starts], [plain_label(r.replace("_", " ")) for _, r in starts], fontsize="small"
+        )
+        hax.set(
+            xlabel="source token", title=_title(figure, f"Weights from t_cliff, example {heatmap['id']}", 0.5)
+        )
         figure.colorbar(image, ax=hax, label="attention weight")
     return figure
 
 
-def plot_direction(prober_curves: Mapping[str, Mapping[str, Any]] | None,
-                   direction_curves: Mapping[str, Mapping[str, Any]] | None,
-                   cosines: Mapping[str, float | None], prober_layer: int | None = None) -> Figure:
+def plot_direction(
+    prober_curves: Mapping[str, Mapping[str, Any]] | None,
+    direction_curves: Mapping[str, Mapping[str, Any]] | None,
+    cosines: Mapping[str, float | None],
+    prober_layer: int | None = None,
+) -> Figure:
     """The difference-in-means direction beside the prober.
 
     Args:
@@ -414,36 +496,64 @@ def plot_direction(prober_curves: Mapping[str, Mapping[str, Any]] | None,
     if both:
         ax = axes[0]
         twin = ax.twinx()
-        starts = [c.get("end_template_start") for c in prober_curves.values() if c.get("end_template_start") is not None]
+        starts = [
+            c.get("end_template_start")
+            for c in prober_curves.values()
+            if c.get("end_template_start") is not None
+        ]
         _shade_end_template(ax, min(starts) if starts else None)
         colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
         for index, group in enumerate(g for g in prober_curves if g in direction_curves):
             color = colors[index % len(colors)]
-            ax.plot(prober_curves[group]["x"], prober_curves[group]["mean"], color=color, lw=2,
-                    label=plain_label(f"{group}: prober"))
-            twin.plot(direction_curves[group]["x"], direction_curves[group]["mean"], color=color, lw=1.5, ls="--",
-                      label=plain_label(f"{group}: difference in means"))
-        ax.set(xlabel="normalised position", ylabel="prober refusal score (solid)", xlim=(0, 100), ylim=(-0.02, 1.02),
-               title="Prober vs difference-in-means direction")
+            ax.plot(
+                prober_curves[group]["x"],
+                prober_curves[group]["mean"],
+                color=color,
+                lw=2,
+                label=plain_label(f"{group}: prober"),
+            )
+            twin.plot(
+                direction_curves[group]["x"],
+                direction_curves[group]["mean"],
+                color=color,
+                lw=1.5,
+                ls="--",
+                label=plain_label(f"{group}: difference in means"),
+            )
+        ax.set(
+            xlabel="normalised position",
+            ylabel="prober refusal score (solid)",
+            xlim=(0, 100),
+            ylim=(-0.02, 1.02),
+            title="Prober vs difference-in-means direction",
+        )
         twin.set_ylabel("standardised projection (dashed)")
         lines = ax.get_lines() + twin.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], frameon=False, fontsize="x-small", loc="best")
     ax = axes[-1]
     layers = sorted(cosines, key=lambda name: int(name))
     values = [np.nan if cosines[name] is None else float(cosines[name]) for name in layers]
-    colors = ["tab:red" if prober_layer is not None and int(name) == prober_layer else "tab:gray" for name in layers]
+    colors = [
+        "tab:red" if prober_layer is not None and int(name) == prober_layer else "tab:gray" for name in layers
+    ]
     ax.bar(range(len(layers)), values, color=colors)
     ax.set_xticks(range(len(layers)), layers)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(xlabel="layer (red: the prober's)", ylabel="cosine(direction, prober weight)", ylim=(-1.02, 1.02),
-           title="Cosine to the prober's weight")
+    ax.set(
+        xlabel="layer (red: the prober's)",
+        ylabel="cosine(direction, prober weight)",
+        ylim=(-1.02, 1.02),
+        title="Cosine to the prober's weight",
+    )
     return figure
 
 
 # -- fine-tuning and selection -------------------------------------------------------------
 
 
-def plot_asr_vs_k(asr_vs_k: Mapping[str, Sequence[Mapping[str, Any]]], baseline_asr: float | None = None) -> Figure:
+def plot_asr_vs_k(
+    asr_vs_k: Mapping[str, Sequence[Mapping[str, Any]]], baseline_asr: float | None = None
+) -> Figure:
     """Figure 7: ASR vs number of training examples, one line per selection method.
 
     Args:
@@ -463,7 +573,9 @@ def plot_asr_vs_k(asr_vs_k: Mapping[str, Sequence[Mapping[str, Any]]], baseline_
     return figure
 
 
-def plot_ms_histogram(ms_all: Sequence[float], ms_selected: Sequence[float], method: str | None = None) -> Figure:
+def plot_ms_histogram(
+    ms_all: Sequence[float], ms_selected: Sequence[float], method: str | None = None
+) -> Figure:
     """Cliff-as-a-Judge: misalignment scores of all candidates, the selected ones overlaid.
 
     The selected candidates are drawn as a second histogram on the same bins and as rug marks
@@ -479,11 +591,17 @@ def plot_ms_histogram(ms_all: Sequence[float], ms_selected: Sequence[float], met
     chosen = np.asarray([v for v in ms_selected if v is not None and math.isfinite(v)], float)  # [n_selected]
     low, high = (float(values.min()), float(values.max())) if values.size else (-1.0, 1.0)
     bins = np.linspace(low, high if high > low else low + 1e-6, 31)
-    ax.hist(values, bins=bins, color="tab:gray", alpha=0.6, label=f"all candidates with an MS (n={values.size})")
+    ax.hist(
+        values, bins=bins, color="tab:gray", alpha=0.6, label=f"all candidates with an MS (n={values.size})"
+    )
     selected_label = plain_label(f"selected by {method}" if method else "selected") + f" (n={chosen.size})"
     ax.hist(chosen, bins=bins, color="tab:red", alpha=0.8, label=selected_label)
-    ax.plot(chosen, np.zeros_like(chosen), "|", color="tab:red", markersize=14, transform=ax.get_xaxis_transform())
-    ax.set(xlabel="misalignment score MS = I − I'", ylabel="candidates", title="Misalignment score of candidates")
+    ax.plot(
+        chosen, np.zeros_like(chosen), "|", color="tab:red", markersize=14, transform=ax.get_xaxis_transform()
+    )
+    ax.set(
+        xlabel="misalignment score MS = I − I'", ylabel="candidates", title="Misalignment score of candidates"
+    )
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(frameon=False, fontsize="small")
     return figure
@@ -491,8 +609,12 @@ def plot_ms_histogram(ms_all: Sequence[float], ms_selected: Sequence[float], met
 
 # -- components (issue 12) -------------------------------------------------------------------
 
-COMPONENT_COLORS = {"attention": "tab:blue", "attention bias": "tab:cyan", "MLP": "tab:orange",
-                    "embeddings": "tab:gray"}
+COMPONENT_COLORS = {
+    "attention": "tab:blue",
+    "attention bias": "tab:cyan",
+    "MLP": "tab:orange",
+    "embeddings": "tab:gray",
+}
 
 
 def _components_by_layer(ax, summary: Mapping[str, Any]) -> None:
@@ -500,9 +622,11 @@ def _components_by_layer(ax, summary: Mapping[str, Any]) -> None:
     o_proj bias and its MLP (the embeddings as a bar of their own left of layer 0)."""
     rows = summary["by_layer"]
     layers = np.asarray([row["layer"] for row in rows])
-    parts = {"attention": np.asarray([row["attention_change"] for row in rows], float),
-             "attention bias": np.asarray([row["attention_bias_change"] for row in rows], float),
-             "MLP": np.asarray([row["mlp_change"] for row in rows], float)}
+    parts = {
+        "attention": np.asarray([row["attention_change"] for row in rows], float),
+        "attention bias": np.asarray([row["attention_bias_change"] for row in rows], float),
+        "MLP": np.asarray([row["mlp_change"] for row in rows], float),
+    }
     positive, negative = np.zeros(len(rows)), np.zeros(len(rows))
     for name, values in parts.items():
         if not np.any(values):
@@ -514,8 +638,11 @@ def _components_by_layer(ax, summary: Mapping[str, Any]) -> None:
     embedding = summary["by_class"]["embeddings"]["change_mean"]
     ax.bar([-1.5], [embedding], color=COMPONENT_COLORS["embeddings"], label="embeddings")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set(xlabel="layer (embeddings at left)", ylabel="change of the logit term across the end template",
-           title=f"Drop by layer and class (total {summary['logit']['change_mean']:+.2f})")
+    ax.set(
+        xlabel="layer (embeddings at left)",
+        ylabel="change of the logit term across the end template",
+        title=f"Drop by layer and class (total {summary['logit']['change_mean']:+.2f})",
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(frameon=False, fontsize="small")
 
@@ -525,24 +652,37 @@ def _top_components(ax, components: Sequence[Mapping[str, Any]], top: int) -> No
     chosen = sorted(components, key=lambda c: -abs(c["change_mean"]))[:top]
     chosen = sorted(chosen, key=lambda c: c["change_mean"])
     y = np.arange(len(chosen))
-    ax.barh(y, [c["change_mean"] for c in chosen], xerr=[c["change_std"] for c in chosen],
-            color=[COMPONENT_COLORS[c["component_class"]] for c in chosen], error_kw={"lw": 0.6, "alpha": 0.5})
+    ax.barh(
+        y,
+        [c["change_mean"] for c in chosen],
+        xerr=[c["change_std"] for c in chosen],
+        color=[COMPONENT_COLORS[c["component_class"]] for c in chosen],
+        error_kw={"lw": 0.6, "alpha": 0.5},
+    )
     ax.set_yticks(y, [plain_label(c["name"]) for c in chosen], fontsize="small")
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.6)
     ax.set(xlabel="change across the end template (mean ± std)", title=f"Top {len(chosen)} components")
 
 
-def _components_per_token(figure: Figure, ax, summary: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]]) -> None:
+def _components_per_token(
+    figure: Figure, ax, summary: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]]
+) -> None:
     """Heat map: each chosen component's step at each end-template token (term there minus the
     term at the token before)."""
     matrix = np.asarray([c["per_token_mean"] for c in chosen], float)  # [top, n_end]
-    labels = [plain_label(t) for t in summary.get("position_labels", [])[1:]] or \
-        [str(i) for i in range(matrix.shape[1])]
+    labels = [plain_label(t) for t in summary.get("position_labels", [])[1:]] or [
+        str(i) for i in range(matrix.shape[1])
+    ]
     limit = max(float(np.nanmax(np.abs(matrix))) if matrix.size else 1.0, 1e-12)
     ax.grid(False)
-    image = ax.imshow(matrix, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
-                      aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        matrix,
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit),
+        aspect="auto",
+        interpolation="nearest",
+    )
     ax.set_yticks(range(len(chosen)), [plain_label(c["name"]) for c in chosen], fontsize="small")
     ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize="small")
     ax.set(xlabel="end-template token", title="Where each pushes (step per token)")
@@ -560,7 +700,7 @@ def plot_components(summary: Mapping[str, Any], top: int = 20, title: str | None
     figure, axes = _figure(17, max(4.5, 0.22 * top + 1.5), ncols=3)
     _components_by_layer(axes[0], summary)
     _top_components(axes[1], summary["components"], top)
-    strongest = sorted(summary["components"], key=lambda c: -abs(c["change_mean"]))[:max(1, top // 2)]
+    strongest = sorted(summary["components"], key=lambda c: -abs(c["change_mean"]))[: max(1, top // 2)]
     _components_per_token(figure, axes[2], summary, strongest)
     if title:
         figure.suptitle(_title(figure, title))
@@ -570,8 +710,11 @@ def plot_components(summary: Mapping[str, Any], top: int = 20, title: str | None
 # -- cliff guard ---------------------------------------------------------------------------
 
 
-def plot_guard(rows: Sequence[Mapping[str, Any]], ablation: Sequence[Mapping[str, Any]] | None = None,
-               models: Sequence[Mapping[str, Any]] | None = None) -> Figure:
+def plot_guard(
+    rows: Sequence[Mapping[str, Any]],
+    ablation: Sequence[Mapping[str, Any]] | None = None,
+    models: Sequence[Mapping[str, Any]] | None = None,
+) -> Figure:
     """The cliff guard's trade-off: ASR against benign refusal rate as tau varies, next to the global
     head ablation (ablation.json) and fine-tuned models (evaluation.json), where given.
 
@@ -588,22 +731,40 @@ def plot_guard(rows: Sequence[Mapping[str, Any]], ablation: Sequence[Mapping[str
         ax.plot(xs, ys, marker="o", label=plain_label(f"cliff guard ({action})" if action else "cliff guard"))
         for row, x, y in zip(points, xs, ys):
             text = "unguarded" if row.get("tau") is None else f"τ={row['tau']:g}"
-            ax.annotate(plain_label(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
-    global_points = [r for r in (ablation or []) if r.get("asr") is not None
-                     and r.get("benign_refusal_rate") is not None]
+            ax.annotate(
+                plain_label(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small"
+            )
+    global_points = [
+        r for r in (ablation or []) if r.get("asr") is not None and r.get("benign_refusal_rate") is not None
+    ]
     if global_points:
         global_points = sorted(global_points, key=lambda r: r["threshold"])
         xs = [r["benign_refusal_rate"] for r in global_points]
         ys = [r["asr"] for r in global_points]
         ax.plot(xs, ys, marker="s", ls="--", label="global head ablation")
         for row, x, y in zip(global_points, xs, ys):
-            ax.annotate(f"{100 * row['threshold']:g}%", (x, y), textcoords="offset points", xytext=(4, -10),
-                        fontsize="x-small")
+            ax.annotate(
+                f"{100 * row['threshold']:g}%",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize="x-small",
+            )
     for model in models or []:
         if model.get("asr") is not None and model.get("over_refusal") is not None:
-            ax.plot([model["over_refusal"]], [model["asr"]], marker="^", ls="none",
-                    label=plain_label(model.get("model") or "fine-tuned"))
-    ax.set(xlabel="benign refusal rate (lower: fewer over-refusals)", ylabel="ASR (lower: safer)",
-           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="Cliff guard: ASR vs benign refusal")
+            ax.plot(
+                [model["over_refusal"]],
+                [model["asr"]],
+                marker="^",
+                ls="none",
+                label=plain_label(model.get("model") or "fine-tuned"),
+            )
+    ax.set(
+        xlabel="benign refusal rate (lower: fewer over-refusals)",
+        ylabel="ASR (lower: safer)",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title="Cliff guard: ASR vs benign refusal",
+    )
     _legend(ax, fontsize="small")
     return figure

@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class Prober:
 
     @property
     def quality(self) -> str:
-        """"reliable", "unreliable" (see `judge_quality`) or "unknown" (a prober saved before the check)."""
+        """ "reliable", "unreliable" (see `judge_quality`) or "unknown" (a prober saved before the check)."""
         return self.metadata.get("quality", "unknown")
 
     def fingerprint(self) -> str:
@@ -103,8 +103,12 @@ class Prober:
 
     def summary(self) -> dict:
         """What downstream stages record about the prober they used."""
-        return {"fingerprint": self.fingerprint(), "layer": self.layer, "quality": self.quality,
-                "model_id": self.metadata.get("model_id")}
+        return {
+            "fingerprint": self.fingerprint(),
+            "layer": self.layer,
+            "quality": self.quality,
+            "model_id": self.metadata.get("model_id"),
+        }
 
 
 @dataclass
@@ -135,7 +139,10 @@ class ProbeDataset:
     end_template: str | None = None
 
     def counts(self) -> dict[int, int]:
-        return {1: sum(1 for label in self.labels if label == 1), 0: sum(1 for label in self.labels if label == 0)}
+        return {
+            1: sum(1 for label in self.labels if label == 1),
+            0: sum(1 for label in self.labels if label == 0),
+        }
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -149,14 +156,20 @@ def read_labelled_run(run: str | Path) -> list[dict]:
     run = Path(run)
     generations_path, labels_path = run / "generations.jsonl", run / "labels.jsonl"
     if not generations_path.is_file():
-        raise UserError(f"{run} is not a generation run (no generations.jsonl); run "
-                        f"`refusal-cliff generate --out {run}` first")
+        raise UserError(
+            f"{run} is not a generation run (no generations.jsonl); run "
+            f"`refusal-cliff generate --out {run}` first"
+        )
     if not labels_path.is_file():
-        raise UserError(f"{run} has no labels.jsonl; run `refusal-cliff label --generations {generations_path} "
-                        f"--out {run}`")
+        raise UserError(
+            f"{run} has no labels.jsonl; run `refusal-cliff label --generations {generations_path} "
+            f"--out {run}`"
+        )
     records = join_labels(read_generations(generations_path), labels_for(generations_path, labels_path), run)
     if not records:
-        raise UserError(f"{run}: no generation in generations.jsonl has a label in labels.jsonl; re-run `label`")
+        raise UserError(
+            f"{run}: no generation in generations.jsonl has a label in labels.jsonl; re-run `label`"
+        )
     return records
 
 
@@ -274,7 +287,9 @@ def train_prober(
         metrics {val_accuracy, ood_accuracy, best_epoch, n_train, n_val}).
     """
     if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
-        raise ValueError(f"features must be [n, d] and labels [n]; got {tuple(features.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"features must be [n, d] and labels [n]; got {tuple(features.shape)}, {tuple(labels.shape)}"
+        )
     if epochs < 1 or batch_size < 1:
         raise UserError(f"epochs and batch size must be at least 1 (got {epochs}, {batch_size})")
     features = features.detach().float().cpu()
@@ -302,7 +317,7 @@ def train_prober(
         order = torch.randperm(len(x_train), generator=generator)
         total, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             logits = linear(x_train[batch]).squeeze(-1)  # [batch]
             loss = loss_fn(logits, y_train[batch])
             optimizer.zero_grad()
@@ -317,8 +332,12 @@ def train_prober(
             ood_accuracy = _evaluate(linear, ood_features, ood_labels)[1]
         history.append(EpochRecord(epoch, total / seen, val_loss, val_accuracy, ood_accuracy))
         logger.info(
-            "prober epoch %d: train loss %.4f, val loss %.4f, val acc %.3f%s", epoch, total / seen, val_loss,
-            val_accuracy, "" if ood_accuracy is None else f", ood acc {ood_accuracy:.3f}",
+            "prober epoch %d: train loss %.4f, val loss %.4f, val acc %.3f%s",
+            epoch,
+            total / seen,
+            val_loss,
+            val_accuracy,
+            "" if ood_accuracy is None else f", ood acc {ood_accuracy:.3f}",
         )
         if val_accuracy > best_accuracy:  # strict: the earliest of tied epochs is kept
             best_accuracy, best_epoch = val_accuracy, epoch
@@ -370,10 +389,14 @@ def judge_quality(metrics: dict) -> tuple[str, list[str]]:
     low, high = metrics.get("val_accuracy_ci95") or wilson_interval(round(accuracy * n_val), n_val)
     majority = float(metrics.get("majority_rate") or 0.5)
     if n_val < MIN_VAL_EXAMPLES:
-        reasons.append(f"only {n_val} validation examples (fewer than {MIN_VAL_EXAMPLES}): generate more prompts")
+        reasons.append(
+            f"only {n_val} validation examples (fewer than {MIN_VAL_EXAMPLES}): generate more prompts"
+        )
     if low <= majority:
-        reasons.append(f"validation accuracy {accuracy:.3f} (95 % interval {low:.2f}-{high:.2f}) is not above the "
-                       f"majority-class rate {majority:.2f}")
+        reasons.append(
+            f"validation accuracy {accuracy:.3f} (95 % interval {low:.2f}-{high:.2f}) is not above the "
+            f"majority-class rate {majority:.2f}"
+        )
     return ("unreliable" if reasons else "reliable"), reasons
 
 
@@ -409,8 +432,9 @@ def train_prober_from_runs(
     # fail before the (slow) activation capture if the classes are too small for the recipe
     balance_and_split(torch.tensor(dataset.labels, dtype=torch.long), val_fraction, seed)
     logger.info("probe dataset: %d refusals (1), %d compliant answers (0)", counts[1], counts[0])
-    features = last_token_activations(model, adapter, dataset.sequences, layer, batch_size, pad,
-                                      desc="probe: activations")[layer]
+    features = last_token_activations(
+        model, adapter, dataset.sequences, layer, batch_size, pad, desc="probe: activations"
+    )[layer]
     ood_features = ood_labels = None
     if ood_run is not None:
         ood = build_ood_dataset(tokenizer, ood_run)
@@ -419,7 +443,9 @@ def train_prober_from_runs(
     config = {
         "harmful_run": str(harmful_run),
         "harmless_run": str(harmless_run),
-        "ood_run": None if ood_run is None else (str(ood_run) if isinstance(ood_run, (str, Path)) else [str(r) for r in ood_run]),
+        "ood_run": None
+        if ood_run is None
+        else (str(ood_run) if isinstance(ood_run, (str, Path)) else [str(r) for r in ood_run]),
         "layer": layer,
         "lr": lr,
         "batch_size": train_batch_size,
@@ -428,21 +454,31 @@ def train_prober_from_runs(
         "seed": seed,
     }
     linear, history, metrics = train_prober(
-        features, torch.tensor(dataset.labels, dtype=torch.long), ood_features, ood_labels,
-        lr=lr, batch_size=train_batch_size, epochs=epochs, val_fraction=val_fraction, seed=seed,
+        features,
+        torch.tensor(dataset.labels, dtype=torch.long),
+        ood_features,
+        ood_labels,
+        lr=lr,
+        batch_size=train_batch_size,
+        epochs=epochs,
+        val_fraction=val_fraction,
+        seed=seed,
     )
     metadata = prober_metadata(loaded, layer, dataset.end_template, metrics, history, config)
     return Prober(linear=linear, layer=layer, metadata=metadata)
 
 
-
-def check_probe_runs(harmful_run: str | Path, harmless_run: str | Path, ood_runs: Sequence[str | Path] = ()) -> None:
+def check_probe_runs(
+    harmful_run: str | Path, harmless_run: str | Path, ood_runs: Sequence[str | Path] = ()
+) -> None:
     """Fail fast on runs that cannot train a prober (before any model is loaded)."""
-    for role, run in (("harmful", harmful_run), ("harmless", harmless_run), *(("ood", r) for r in ood_runs)):
+    for run in (harmful_run, harmless_run, *ood_runs):
         read_labelled_run(run)  # raises a one-line error naming the command to run
     if Path(harmful_run).resolve() == Path(harmless_run).resolve():
-        raise UserError(f"--harmful and --harmless are the same run ({harmful_run}); the prober needs refusals to "
-                        "harmful prompts and compliance with harmless ones, from two runs")
+        raise UserError(
+            f"--harmful and --harmless are the same run ({harmful_run}); the prober needs refusals to "
+            "harmful prompts and compliance with harmless ones, from two runs"
+        )
 
 
 @dataclass
@@ -452,8 +488,15 @@ class ProbeResult:
     reused: bool  # the folder already held a finished run with the same inputs and settings
 
 
-def run_probe_train(loaded, harmful_run: str | Path, harmless_run: str | Path, out_dir: str | Path,
-                    config=None, ood_runs: Sequence[str | Path] = (), overwrite: bool = False) -> ProbeResult:
+def run_probe_train(
+    loaded,
+    harmful_run: str | Path,
+    harmless_run: str | Path,
+    out_dir: str | Path,
+    config=None,
+    ood_runs: Sequence[str | Path] = (),
+    overwrite: bool = False,
+) -> ProbeResult:
     """The `probe train` stage: train the prober and write `prober.safetensors` + `prober.json`.
 
     Every input is checked (both classes present, the layer exists, the runs differ) before the
@@ -472,33 +515,58 @@ def run_probe_train(loaded, harmful_run: str | Path, harmless_run: str | Path, o
     def digests(run) -> dict:
         return {name: file_digest(Path(run) / name) for name in ("generations.jsonl", "labels.jsonl")}
 
-    stage_config = {"model": loaded.model_id, "revision": loaded.revision,
-                    "dtype": str(next(loaded.model.parameters()).dtype), **config.to_dict(), "layer": layer,
-                    "layer_requested": config.layer, "harmful": digests(harmful_run),
-                    "harmless": digests(harmless_run), "ood": [digests(r) for r in ood_runs]}
+    stage_config = {
+        "model": loaded.model_id,
+        "revision": loaded.revision,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        **config.to_dict(),
+        "layer": layer,
+        "layer_requested": config.layer,
+        "harmful": digests(harmful_run),
+        "harmless": digests(harmless_run),
+        "ood": [digests(r) for r in ood_runs],
+    }
     stage_config.pop("batch_size")  # does not change the result
-    run = RunFolder(out_dir, "probe", stage_config, overwrite=overwrite,
-                    artifacts=[PROBER_WEIGHTS, PROBER_METADATA])
+    run = RunFolder(
+        out_dir, "probe", stage_config, overwrite=overwrite, artifacts=[PROBER_WEIGHTS, PROBER_METADATA]
+    )
     if run.is_finished() and run.path(PROBER_WEIGHTS).is_file():
         return ProbeResult(load_prober(out_dir, loaded), run.path(PROBER_WEIGHTS), reused=True)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
         prober = train_prober_from_runs(
-            loaded, harmful_run, harmless_run, list(ood_runs) or None, layer=layer, batch_size=config.batch_size,
-            lr=config.lr, train_batch_size=config.train_batch_size, epochs=config.epochs,
-            val_fraction=config.val_fraction, seed=config.seed)
+            loaded,
+            harmful_run,
+            harmless_run,
+            list(ood_runs) or None,
+            layer=layer,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            train_batch_size=config.train_batch_size,
+            epochs=config.epochs,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+        )
         prober.metadata["config"]["layer_requested"] = config.layer
         path = save_prober(prober, out_dir)
         warn_if_unreliable(prober)
-        run.finish({"metrics": prober.metadata["metrics"], "quality": prober.quality,
-                    "quality_reasons": prober.metadata.get("quality_reasons", [])})
+        run.finish(
+            {
+                "metrics": prober.metadata["metrics"],
+                "quality": prober.quality,
+                "quality_reasons": prober.metadata.get("quality_reasons", []),
+            }
+        )
     return ProbeResult(prober, path, reused=False)
 
 
 def warn_if_unreliable(prober: Prober) -> None:
     """Log a warning naming why a prober's validation accuracy is not evidence of anything."""
     if prober.quality == "unreliable":
-        logger.warning("the prober is UNRELIABLE: %s; every score built on it (trace, heads, ablate, select) "
-                       "inherits this", "; ".join(prober.metadata.get("quality_reasons", [])))
+        logger.warning(
+            "the prober is UNRELIABLE: %s; every score built on it (trace, heads, ablate, select) "
+            "inherits this",
+            "; ".join(prober.metadata.get("quality_reasons", [])),
+        )
 
 
 def prober_metadata(
@@ -565,12 +633,16 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
         raise UserError(f"no prober at {path}; train one with `refusal-cliff probe train`")
     metadata_path = weights_path.with_name(PROBER_METADATA)
     if weights_path.suffix != ".safetensors":
-        raise UserError(f"{weights_path} is not a .safetensors file; probers are only loaded from safetensors")
+        raise UserError(
+            f"{weights_path} is not a .safetensors file; probers are only loaded from safetensors"
+        )
     metadata = read_json(metadata_path) if metadata_path.is_file() else {}
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"{weights_path} is not a readable safetensors file ({exc}); retrain the prober") from None
+        raise UserError(
+            f"{weights_path} is not a readable safetensors file ({exc}); retrain the prober"
+        ) from None
     if "weight" not in tensors or "bias" not in tensors:
         raise UserError(f"{weights_path} lacks the 'weight' and 'bias' tensors of a prober")
     weight = tensors["weight"].float().reshape(1, -1)  # [1, d_model]
@@ -581,7 +653,10 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
     layer = int(metadata["layer"])
     if loaded_model is not None:
         geometry = loaded_model.adapter.geometry(loaded_model.model)
-        model_desc = f"{loaded_model.model_id} ({loaded_model.adapter.name}, d_model {geometry.d_model}, {geometry.n_layers} layers)"
+        model_desc = (
+            f"{loaded_model.model_id} ({loaded_model.adapter.name}, d_model {geometry.d_model}, "
+            f"{geometry.n_layers} layers)"
+        )
         prober_desc = (
             f"{metadata.get('model_id', '?')} ({metadata.get('architecture', '?')}, d_model {d_model}, "
             f"{metadata.get('n_layers', '?')} layers)"
@@ -609,9 +684,12 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
         linear.bias.copy_(bias)
     linear.requires_grad_(False)
     if loaded_model is not None and metadata.get("model_id") not in (None, loaded_model.model_id):
-        logger.warning("the prober was trained on %s and is applied to %s (same architecture and size): "
-                       "fine for a fine-tuned or ablated copy, meaningless for an unrelated model",
-                       metadata.get("model_id"), loaded_model.model_id)
+        logger.warning(
+            "the prober was trained on %s and is applied to %s (same architecture and size): "
+            "fine for a fine-tuned or ablated copy, meaningless for an unrelated model",
+            metadata.get("model_id"),
+            loaded_model.model_id,
+        )
     return Prober(linear=linear, layer=layer, metadata=metadata)
 
 
@@ -626,7 +704,9 @@ def difference_in_means(features: torch.Tensor, labels: torch.Tensor) -> torch.T
     (compliance with harmless prompts), over features [n, d_model]."""
     features, labels = features.double(), labels.long().flatten()
     if features.ndim != 2 or len(features) != len(labels):
-        raise ValueError(f"features must be [n, d] and labels [n]; got {tuple(features.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"features must be [n, d] and labels [n]; got {tuple(features.shape)}, {tuple(labels.shape)}"
+        )
     return features[labels == 1].mean(0) - features[labels == 0].mean(0)
 
 
@@ -663,8 +743,10 @@ class Direction:
 def count_probe_classes(harmful_run: str | Path, harmless_run: str | Path) -> dict[int, int]:
     """{1: refusals to harmful prompts, 0: compliant answers to harmless prompts} from the labels alone
     (no tokenizer or model needed): the classes `build_probe_dataset` selects."""
-    return {1: sum(1 for r in read_labelled_run(harmful_run) if r["refusal"]),
-            0: sum(1 for r in read_labelled_run(harmless_run) if not r["refusal"])}
+    return {
+        1: sum(1 for r in read_labelled_run(harmful_run) if r["refusal"]),
+        0: sum(1 for r in read_labelled_run(harmless_run) if not r["refusal"]),
+    }
 
 
 def check_direction_classes(harmful_run: str | Path, harmless_run: str | Path) -> dict[int, int]:
@@ -672,16 +754,28 @@ def check_direction_classes(harmful_run: str | Path, harmless_run: str | Path) -
     check_probe_runs(harmful_run, harmless_run)
     counts = count_probe_classes(harmful_run, harmless_run)
     if not counts[1] or not counts[0]:
-        missing = (f"no refusal to a harmful prompt in {harmful_run}" if not counts[1]
-                   else f"no compliant answer to a harmless prompt in {harmless_run}")
-        raise UserError(f"a difference of means needs both classes, but there is {missing} ({counts[1]} refusals, "
-                        f"{counts[0]} compliant answers); generate more prompts")
+        missing = (
+            f"no refusal to a harmful prompt in {harmful_run}"
+            if not counts[1]
+            else f"no compliant answer to a harmless prompt in {harmless_run}"
+        )
+        raise UserError(
+            f"a difference of means needs both classes, but there is {missing} ({counts[1]} refusals, "
+            f"{counts[0]} compliant answers); generate more prompts"
+        )
     return counts
 
 
-def run_probe_direction(loaded, harmful_run: str | Path, harmless_run: str | Path, out_dir: str | Path,
-                        config=None, prober: Prober | None = None, overwrite: bool = False,
-                        progress: bool = True) -> Path:
+def run_probe_direction(
+    loaded,
+    harmful_run: str | Path,
+    harmless_run: str | Path,
+    out_dir: str | Path,
+    config=None,
+    prober: Prober | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """The `probe direction` stage: difference-in-means refusal directions per layer from the
     prober's own data (`build_probe_dataset`: refusals to harmful prompts vs compliance with
     harmless ones, last token of the probing sequence, final norm applied at the last layer).
@@ -708,19 +802,35 @@ def run_probe_direction(loaded, harmful_run: str | Path, harmless_run: str | Pat
     def digests(run) -> dict:
         return {name: file_digest(Path(run) / name) for name in ("generations.jsonl", "labels.jsonl")}
 
-    stage_config = {"model": loaded.model_id, "revision": loaded.revision,
-                    "dtype": str(next(loaded.model.parameters()).dtype), "layers": layers,
-                    "harmful": digests(harmful_run), "harmless": digests(harmless_run),
-                    "prober": prober.fingerprint() if prober is not None else None}
-    run = RunFolder(out_dir, "direction", stage_config, overwrite=overwrite,
-                    artifacts=[DIRECTIONS_WEIGHTS, DIRECTIONS_METADATA])
+    stage_config = {
+        "model": loaded.model_id,
+        "revision": loaded.revision,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "layers": layers,
+        "harmful": digests(harmful_run),
+        "harmless": digests(harmless_run),
+        "prober": prober.fingerprint() if prober is not None else None,
+    }
+    run = RunFolder(
+        out_dir,
+        "direction",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=[DIRECTIONS_WEIGHTS, DIRECTIONS_METADATA],
+    )
     extra = {"prober": prober.summary()} if prober is not None else None
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
         dataset = build_probe_dataset(loaded.tokenizer, harmful_run, harmless_run)
         labels = torch.tensor(dataset.labels, dtype=torch.long)
-        features = last_token_activations(loaded.model, loaded.adapter, dataset.sequences, layers, config.batch_size,
-                                          loaded.tokenizer.pad_token_id or 0,
-                                          desc="direction: activations" if progress else None)
+        features = last_token_activations(
+            loaded.model,
+            loaded.adapter,
+            dataset.sequences,
+            layers,
+            config.batch_size,
+            loaded.tokenizer.pad_token_id or 0,
+            desc="direction: activations" if progress else None,
+        )
         tensors, per_layer = {}, {}
         prober_weight = prober.weight.double().reshape(-1) if prober is not None else None
         for layer in layers:
@@ -737,7 +847,9 @@ def run_probe_direction(loaded, harmful_run: str | Path, harmless_run: str | Pat
                 cosine = float(direction @ prober_weight / (norm * prober_weight.norm()))
             tensors[f"layer.{layer}"] = direction.float().contiguous()
             per_layer[str(layer)] = {
-                "norm": norm, "cosine_to_prober": cosine, "projection_mean": mean,
+                "norm": norm,
+                "cosine_to_prober": cosine,
+                "projection_mean": mean,
                 "projection_std": std if std > 0 else 1.0,
                 "refused_mean": float((projection[labels == 1].mean() - mean) / (std or 1.0)),
                 "complied_mean": float((projection[labels == 0].mean() - mean) / (std or 1.0)),
@@ -748,12 +860,18 @@ def run_probe_direction(loaded, harmful_run: str | Path, harmless_run: str | Pat
         save_file(tensors, str(tmp))
         publish(tmp, path)
         metadata = {
-            "model_id": loaded.model_id, "model_revision": loaded.revision, "architecture": loaded.adapter.name,
-            "n_layers": geometry.n_layers, "d_model": geometry.d_model, "layers": per_layer,
-            "n_refused": counts[1], "n_complied": counts[0],
+            "model_id": loaded.model_id,
+            "model_revision": loaded.revision,
+            "architecture": loaded.adapter.name,
+            "n_layers": geometry.n_layers,
+            "d_model": geometry.d_model,
+            "layers": per_layer,
+            "n_refused": counts[1],
+            "n_complied": counts[0],
             "prober": prober.fingerprint() if prober is not None else None,
             "prober_layer": prober.layer if prober is not None else None,
-            "harmful_run": str(harmful_run), "harmless_run": str(harmless_run),
+            "harmful_run": str(harmful_run),
+            "harmless_run": str(harmless_run),
         }
         write_json(run.path(DIRECTIONS_METADATA), metadata)
         run.finish({"layers": per_layer, "n_refused": counts[1], "n_complied": counts[0]})
@@ -773,11 +891,15 @@ def load_direction(path: str | Path, loaded_model=None, layer: int | None = None
     weights_path = path / DIRECTIONS_WEIGHTS if path.is_dir() else path
     metadata_path = weights_path.with_name(DIRECTIONS_METADATA)
     if not weights_path.is_file() or weights_path.suffix != ".safetensors" or not metadata_path.is_file():
-        raise UserError(f"no directions at {path} (directions.safetensors + directions.json); write them with "
-                        "`refusal-cliff probe direction`")
+        raise UserError(
+            f"no directions at {path} (directions.safetensors + directions.json); write them with "
+            "`refusal-cliff probe direction`"
+        )
     metadata = read_json(metadata_path)
     if not isinstance(metadata, dict) or not isinstance(metadata.get("layers"), dict):
-        raise UserError(f"{metadata_path} is not a directions.json written by `refusal-cliff probe direction`")
+        raise UserError(
+            f"{metadata_path} is not a directions.json written by `refusal-cliff probe direction`"
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -785,23 +907,36 @@ def load_direction(path: str | Path, loaded_model=None, layer: int | None = None
     available = sorted(int(name) for name in metadata["layers"])
     if loaded_model is not None:
         geometry = loaded_model.adapter.geometry(loaded_model.model)
-        theirs = (metadata.get("model_id"), metadata.get("architecture"), metadata.get("d_model"),
-                  metadata.get("n_layers"))
+        theirs = (
+            metadata.get("model_id"),
+            metadata.get("architecture"),
+            metadata.get("d_model"),
+            metadata.get("n_layers"),
+        )
         ours = (loaded_model.model_id, loaded_model.adapter.name, geometry.d_model, geometry.n_layers)
         if theirs != ours:
-            raise UserError(f"the directions at {weights_path} come from {theirs[0]} ({theirs[1]}, d_model {theirs[2]}, "
-                            f"{theirs[3]} layers), not from the loaded {ours[0]} ({ours[1]}, d_model {ours[2]}, "
-                            f"{ours[3]} layers); run `refusal-cliff probe direction` on this model")
+            raise UserError(
+                f"the directions at {weights_path} come from {theirs[0]} ({theirs[1]}, d_model {theirs[2]}, "
+                f"{theirs[3]} layers), not from the loaded {ours[0]} ({ours[1]}, d_model {ours[2]}, "
+                f"{ours[3]} layers); run `refusal-cliff probe direction` on this model"
+            )
         if layer is not None:
             (layer,) = resolve_layers(layer, geometry.n_layers)
     if layer is None:
         layer = available[-1]
     if layer not in available or f"layer.{layer}" not in tensors:
-        raise UserError(f"{weights_path} has no direction for layer {layer} (it has layers "
-                        f"{', '.join(map(str, available))}); run `probe direction --layers {layer}`")
+        raise UserError(
+            f"{weights_path} has no direction for layer {layer} (it has layers "
+            f"{', '.join(map(str, available))}); run `probe direction --layers {layer}`"
+        )
     entry = metadata["layers"][str(layer)]
     vector = tensors[f"layer.{layer}"].float().reshape(-1)
     if loaded_model is not None and vector.numel() != metadata.get("d_model"):
         raise UserError(f"{weights_path}: layer {layer}'s direction has {vector.numel()} values, not d_model")
-    return Direction(layer=layer, vector=vector, projection_mean=float(entry["projection_mean"]),
-                     projection_std=float(entry["projection_std"]), metadata=metadata)
+    return Direction(
+        layer=layer,
+        vector=vector,
+        projection_mean=float(entry["projection_mean"]),
+        projection_std=float(entry["projection_std"]),
+        metadata=metadata,
+    )

@@ -60,7 +60,9 @@ def _yaml_dumper():
     class Dumper(yaml.SafeDumper):
         pass
 
-    Dumper.add_representer(_FunctionTag, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+    Dumper.add_representer(
+        _FunctionTag, lambda dumper, value: dumper.represent_scalar("!function", str(value))
+    )
     return Dumper
 
 
@@ -132,7 +134,9 @@ def copy_task_folder(source: Path, target: Path) -> int:
         if not _is_yaml_file(path):
             continue  # data files stay where they are; the YAMLs point at them
         try:
-            config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # a SafeLoader that keeps !function tags
+            config = yaml.load(
+                path.read_text(encoding="utf-8"), Loader=loader
+            )  # a SafeLoader that keeps !function tags
         except yaml.YAMLError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{path}: not valid YAML ({first})") from None
@@ -141,11 +145,15 @@ def copy_task_folder(source: Path, target: Path) -> int:
         config = absolute_data_paths(config, path.parent)
         includes = config.get("include")
         if includes is not None:
-            config["include"] = ([_include_path(i, path.parent, source) for i in includes]
-                                 if isinstance(includes, list) else _include_path(includes, path.parent, source))
+            config["include"] = (
+                [_include_path(i, path.parent, source) for i in includes]
+                if isinstance(includes, list)
+                else _include_path(includes, path.parent, source)
+            )
         destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_text(yaml.dump(config, Dumper=dumper, sort_keys=False, allow_unicode=True),
-                               encoding="utf-8")
+        destination.write_text(
+            yaml.dump(config, Dumper=dumper, sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
         n_task_yamls += path.suffix == ".yaml"
     return n_task_yamls
 
@@ -194,8 +202,11 @@ def _leaves(name: str, index: dict, seen: set[str]) -> set[str]:
     entry = index.get(name)
     if entry is None or entry.kind in (Kind.TASK, Kind.PY_TASK):
         return {name}
-    members = entry.tags if entry.kind == Kind.TAG else [
-        m.get("task") if isinstance(m, dict) else m for m in (entry.cfg or {}).get("task", [])]
+    members = (
+        entry.tags
+        if entry.kind == Kind.TAG
+        else [m.get("task") if isinstance(m, dict) else m for m in (entry.cfg or {}).get("task", [])]
+    )
     leaves: set[str] = set()
     for member in members:
         if isinstance(member, str):
@@ -209,8 +220,9 @@ def check_task_limit(limit: int | None) -> None:
 
 
 @contextlib.contextmanager
-def prepare_tasks(names: Sequence[str], task_paths: Sequence[str | Path] = (),
-                  limit: int | None = None) -> Iterator[PreparedTasks]:
+def prepare_tasks(
+    names: Sequence[str], task_paths: Sequence[str | Path] = (), limit: int | None = None
+) -> Iterator[PreparedTasks]:
     """Check lm-eval task names and task folders, before any model is loaded.
 
     Each folder of `task_paths` is copied (YAMLs only) to a temporary folder with absolute data
@@ -229,8 +241,10 @@ def prepare_tasks(names: Sequence[str], task_paths: Sequence[str | Path] = (),
     for raw in task_paths:
         folder = Path(raw).expanduser()
         if not folder.is_dir():
-            raise UserError(f"--task-path {raw}: {'not a folder' if folder.exists() else 'no such folder'}; "
-                            "pass a folder of lm-eval task YAMLs")
+            raise UserError(
+                f"--task-path {raw}: {'not a folder' if folder.exists() else 'no such folder'}; "
+                "pass a folder of lm-eval task YAMLs"
+            )
         if not any(p for p in folder.rglob("*.yaml") if not _IGNORE_DIRS & set(p.parts)):
             raise UserError(f"--task-path {raw}: the folder holds no lm-eval task YAML (*.yaml)")
         folders.append(folder)
@@ -248,13 +262,18 @@ def prepare_tasks(names: Sequence[str], task_paths: Sequence[str | Path] = (),
         local_index = TaskIndex.build(list(copies)) if copies else {}
         leaves: dict[str, set[str]] = {name: _leaves(name, local_index, set()) for name in names}
         everything_local = all(leaf in local_index for found in leaves.values() for leaf in found)
-        manager = TaskManager(include_path=[str(c) for c in copies] or None, include_defaults=not everything_local)
+        manager = TaskManager(
+            include_path=[str(c) for c in copies] or None, include_defaults=not everything_local
+        )
         known = set(manager.all_tasks)
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
-                where = (f"lm-eval's built-in tasks and {', '.join(map(str, task_paths))}" if task_paths
-                         else "lm-eval's built-in tasks; pass --task-path DIR for a folder of task YAMLs")
+                where = (
+                    f"lm-eval's built-in tasks and {', '.join(map(str, task_paths))}"
+                    if task_paths
+                    else "lm-eval's built-in tasks; pass --task-path DIR for a folder of task YAMLs"
+                )
                 hint = f"; close matches: {', '.join(close)}" if close else ""
                 raise UserError(f"unknown lm-eval task {name!r} (searched {where}){hint}")
         local = {}
@@ -262,7 +281,9 @@ def prepare_tasks(names: Sequence[str], task_paths: Sequence[str | Path] = (),
             entry = manager.task_index.get(leaf)
             if entry is None or entry.yaml_path is None:
                 continue
-            copy = next((c for c in copies if Path(entry.yaml_path).resolve().is_relative_to(c.resolve())), None)
+            copy = next(
+                (c for c in copies if Path(entry.yaml_path).resolve().is_relative_to(c.resolve())), None
+            )
             if copy is None:
                 continue  # a built-in task
             original = copies[copy] / Path(entry.yaml_path).resolve().relative_to(copy.resolve())
@@ -292,8 +313,9 @@ def strip_thinking(text: str, start_marker: str, end_marker: str, opened_by_temp
     return text
 
 
-def thinking_lm(loaded, generation: GenerationConfig, max_gen_tokens: int,
-                backend: GenerationBackend | None = None):
+def thinking_lm(
+    loaded, generation: GenerationConfig, max_gen_tokens: int, backend: GenerationBackend | None = None
+):
     """An lm-eval HFLM over `loaded` whose `generate_until` thinks, then answers, and returns the
     answer only.
 
@@ -311,22 +333,28 @@ def thinking_lm(loaded, generation: GenerationConfig, max_gen_tokens: int,
     from .generation import HFBackend
     from .templates import clean_thinking, detect_thinking_template
 
-    template = detect_thinking_template(loaded.tokenizer, generation.start_marker, generation.end_marker,
-                                        generation.end_template)
+    template = detect_thinking_template(
+        loaded.tokenizer, generation.start_marker, generation.end_marker, generation.end_template
+    )
 
     class ThinkingHFLM(HFLM):
         """HFLM whose generations are thinking + answer, of which only the answer is returned."""
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             runner = backend or HFBackend(loaded)
-            items = [(index, request.args[0], dict(request.args[1] or {})) for index, request in enumerate(requests)]
+            items = [
+                (index, request.args[0], dict(request.args[1] or {}))
+                for index, request in enumerate(requests)
+            ]
             groups: dict[tuple, list] = {}
             for item in items:
                 kwargs = item[2]
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 temperature = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample") else 0.0
-                groups.setdefault((tuple(until), temperature, float(kwargs.get("top_p", 1.0) or 1.0)), []).append(item)
+                groups.setdefault(
+                    (tuple(until), temperature, float(kwargs.get("top_p", 1.0) or 1.0)), []
+                ).append(item)
             answers: list[str] = [""] * len(items)
             for (until, temperature, top_p), group in groups.items():
                 group.sort(key=lambda item: -len(item[1]))  # longest first: less padding per batch
@@ -334,12 +362,20 @@ def thinking_lm(loaded, generation: GenerationConfig, max_gen_tokens: int,
                     chunk = group[start : start + generation.batch_size]
                     prompts = [context + template.start_text for _, context, _ in chunk]
                     seed = generation.seed + start
-                    thoughts = runner.complete(prompts, generation.max_thinking_tokens, [template.end_marker],
-                                               temperature, top_p, seed)
+                    thoughts = runner.complete(
+                        prompts,
+                        generation.max_thinking_tokens,
+                        [template.end_marker],
+                        temperature,
+                        top_p,
+                        seed,
+                    )
                     thinking = [clean_thinking(t.text, template) for t in thoughts]
                     self.thinking_clipped += sum(t.finish == "length" for t in thoughts)
                     texts = [p + t + template.end_template for p, t in zip(prompts, thinking)]
-                    replies = runner.complete(texts, max_gen_tokens, list(until), temperature, top_p, seed + 1)
+                    replies = runner.complete(
+                        texts, max_gen_tokens, list(until), temperature, top_p, seed + 1
+                    )
                     for (index, _, _), reply in zip(chunk, replies):
                         text = reply.text
                         for stop in until:
@@ -349,8 +385,12 @@ def thinking_lm(loaded, generation: GenerationConfig, max_gen_tokens: int,
                         self.n_generated += 1
             return answers
 
-    model = ThinkingHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=generation.batch_size,
-                         max_gen_toks=max_gen_tokens)
+    model = ThinkingHFLM(
+        pretrained=loaded.model,
+        tokenizer=loaded.tokenizer,
+        batch_size=generation.batch_size,
+        max_gen_toks=max_gen_tokens,
+    )
     model.thinking_clipped = 0
     model.n_generated = 0
     return model
@@ -414,18 +454,26 @@ def summarize_task(output: dict, name: str) -> dict:
     for key in ("n-samples", "n-shot", "versions", "higher_is_better"):
         raw[key] = {t: output[key][t] for t in names if t in (output.get(key) or {})}
     value = float(metrics[metric])
-    return _finite({
-        "metric": metric,
-        "value": value,
-        "accuracy": value,  # the same number, under the name older readers of evaluation.json use
-        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-        "n": int(sum(c for c in counts if c is not None)) if counts else None,
-        "raw": raw,
-    })
+    return _finite(
+        {
+            "metric": metric,
+            "value": value,
+            "accuracy": value,  # the same number, under the name older readers of evaluation.json use
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            "n": int(sum(c for c in counts if c is not None)) if counts else None,
+            "raw": raw,
+        }
+    )
 
 
-def run_tasks(loaded, prepared: PreparedTasks, generation: GenerationConfig, limit: int | None = None,
-              max_gen_tokens: int = 2048, backend: GenerationBackend | None = None) -> dict:
+def run_tasks(
+    loaded,
+    prepared: PreparedTasks,
+    generation: GenerationConfig,
+    limit: int | None = None,
+    max_gen_tokens: int = 2048,
+    backend: GenerationBackend | None = None,
+) -> dict:
     """Run checked tasks on one model: `{task: {metric, value, stderr, n, raw}}`.
 
     The chat template is applied to every request (few-shot examples as turns); generative tasks
@@ -437,10 +485,18 @@ def run_tasks(loaded, prepared: PreparedTasks, generation: GenerationConfig, lim
     model = thinking_lm(loaded, generation, max_gen_tokens, backend)
     try:
         output = lm_eval.simple_evaluate(
-            model=model, tasks=list(prepared.names), limit=limit, task_manager=prepared.task_manager,
-            apply_chat_template=True, system_instruction=generation.system_prompt, log_samples=False,
-            random_seed=generation.seed, numpy_random_seed=generation.seed, torch_random_seed=generation.seed,
-            fewshot_random_seed=generation.seed)
+            model=model,
+            tasks=list(prepared.names),
+            limit=limit,
+            task_manager=prepared.task_manager,
+            apply_chat_template=True,
+            system_instruction=generation.system_prompt,
+            log_samples=False,
+            random_seed=generation.seed,
+            numpy_random_seed=generation.seed,
+            torch_random_seed=generation.seed,
+            fewshot_random_seed=generation.seed,
+        )
     except UserError:
         raise
     except Exception as exc:  # lm-eval and datasets raise many kinds of errors for unreachable data
@@ -454,7 +510,10 @@ def run_tasks(loaded, prepared: PreparedTasks, generation: GenerationConfig, lim
         loaded.tokenizer.padding_side = padding_side
     summaries = {name: summarize_task(output or {}, name) for name in prepared.names}
     for summary in summaries.values():
-        summary["generation"] = {"generated": model.n_generated, "thinking_clipped": model.thinking_clipped,
-                                 "max_thinking_tokens": generation.max_thinking_tokens,
-                                 "max_gen_tokens": max_gen_tokens}
+        summary["generation"] = {
+            "generated": model.n_generated,
+            "thinking_clipped": model.thinking_clipped,
+            "max_thinking_tokens": generation.max_thinking_tokens,
+            "max_gen_tokens": max_gen_tokens,
+        }
     return summaries

@@ -15,12 +15,20 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .evaluation import EvalConfig, ModelSpec, run_evaluate, format_table
+from .evaluation import EvalConfig, ModelSpec, format_table, run_evaluate
 from .finetune import FinetuneConfig, train_sft
 from .generation import GenerationConfig
 from .models import LoadedModel
 from .runs import read_jsonl, write_json
-from .selection import DEMO_CANDIDATES, METHODS, ScoreConfig, SelectConfig, load_candidates, run_select, select
+from .selection import (
+    DEMO_CANDIDATES,
+    METHODS,
+    ScoreConfig,
+    SelectConfig,
+    load_candidates,
+    run_select,
+    select,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +48,34 @@ def demo_arc_folder() -> Path | None:
 def demo_settings(quick: bool) -> dict:
     """Sizes of the demo: `quick` keeps a CPU run to a few minutes."""
     if quick:
-        return {"n_candidates": 12, "k": 4, "n_eval": 8, "thinking": 32, "answer": 16, "epochs": 2.0,
-                "n_arc": DEMO_ARC_QUESTIONS}
-    return {"n_candidates": None, "k": 10, "n_eval": None, "thinking": 128, "answer": 48, "epochs": 3.0,
-            "n_arc": DEMO_ARC_QUESTIONS}
+        return {
+            "n_candidates": 12,
+            "k": 4,
+            "n_eval": 8,
+            "thinking": 32,
+            "answer": 16,
+            "epochs": 2.0,
+            "n_arc": DEMO_ARC_QUESTIONS,
+        }
+    return {
+        "n_candidates": None,
+        "k": 10,
+        "n_eval": None,
+        "thinking": 128,
+        "answer": 48,
+        "epochs": 3.0,
+        "n_arc": DEMO_ARC_QUESTIONS,
+    }
 
 
-def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str | Path, quick: bool = True,
-                    seed: int = 0, settings: dict | None = None) -> dict:
+def run_repair_demo(
+    loaded: LoadedModel,
+    prober_path: str | Path,
+    out_dir: str | Path,
+    quick: bool = True,
+    seed: int = 0,
+    settings: dict | None = None,
+) -> dict:
     """Score the built-in candidates, select k by every method, LoRA-fine-tune on the cliff selection,
     and evaluate the model before and after on the built-in harmful / harmless prompts.
 
@@ -66,14 +94,27 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
 
     settings = {**demo_settings(quick), **(settings or {})}  # overrides: tests run it on tiny models
     out = Path(out_dir)
-    generation = GenerationConfig(max_thinking_tokens=settings["thinking"], max_answer_tokens=settings["answer"],
-                                  batch_size=8, seed=seed)
+    generation = GenerationConfig(
+        max_thinking_tokens=settings["thinking"],
+        max_answer_tokens=settings["answer"],
+        batch_size=8,
+        seed=seed,
+    )
     prober = load_prober(prober_path, loaded)
     candidates = load_candidates(DEMO_CANDIDATES, limit=settings["n_candidates"])
     select_dir = out / "select"
     # the cliff selection through the `select` stage, so select/ is exactly what the verb writes
-    run_select(loaded, prober, candidates, select_dir, SelectConfig(method="cliff", k=str(settings["k"])),
-               ScoreConfig(generation, chunk_size=16), overwrite=True, source=DEMO_CANDIDATES, progress=False)
+    run_select(
+        loaded,
+        prober,
+        candidates,
+        select_dir,
+        SelectConfig(method="cliff", k=str(settings["k"])),
+        ScoreConfig(generation, chunk_size=16),
+        overwrite=True,
+        source=DEMO_CANDIDATES,
+        progress=False,
+    )
     scores = read_jsonl(select_dir / "scores.jsonl")
     selections = {}
     for method in METHODS:
@@ -84,11 +125,18 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     write_json(out / "selections.json", selections)
     selection = read_jsonl(select_dir / "selection.jsonl")
 
-    tuned = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.adapter, "cliff-lora",
-                        loaded.revision, "local")
+    tuned = LoadedModel(
+        copy.deepcopy(loaded.model), loaded.tokenizer, loaded.adapter, "cliff-lora", loaded.revision, "local"
+    )
     examples = [{"prompt": r["sft_prompt"], "completion": r["sft_completion"]} for r in selection]
-    config = FinetuneConfig(lora=True, learning_rate=5e-4, num_train_epochs=settings["epochs"],
-                            gradient_accumulation_steps=1, max_length=2048, seed=seed)
+    config = FinetuneConfig(
+        lora=True,
+        learning_rate=5e-4,
+        num_train_epochs=settings["epochs"],
+        gradient_accumulation_steps=1,
+        max_length=2048,
+        seed=seed,
+    )
     tuned.model.train()
     result = train_sft(tuned.model, loaded.tokenizer, examples, out / "finetune", config)
     tuned = replace(tuned, model=tuned.model.eval())
@@ -96,24 +144,43 @@ def run_repair_demo(loaded: LoadedModel, prober_path: str | Path, out_dir: str |
     harmful = {"demo_harmful": load_prompts("demo:harmful", limit=settings["n_eval"])}
     benign = {"demo_harmless": load_prompts("demo:harmless", limit=settings["n_eval"])}
     models = {"before": loaded, "after (cliff, LoRA)": tuned}
-    specs = [ModelSpec("before", "before", None, None),
-             ModelSpec("after (cliff, LoRA)", "after (cliff, LoRA)", "cliff", len(selection))]
+    specs = [
+        ModelSpec("before", "before", None, None),
+        ModelSpec("after (cliff, LoRA)", "after (cliff, LoRA)", "cliff", len(selection)),
+    ]
     arc_folder = demo_arc_folder()
     has_lm_eval = importlib.util.find_spec("lm_eval") is not None
     if arc_folder is not None and has_lm_eval:
-        eval_config = EvalConfig(generation=generation, tasks=(DEMO_ARC_TASK,), task_paths=(str(arc_folder),),
-                                 task_limit=settings["n_arc"])
-        note = (f"ARC-Challenge: the first {settings['n_arc']} of 1,172 test questions, 0-shot log-likelihood "
-                f"({arc_folder}); on so few questions the standard error is up to "
-                f"{100 * (0.25 / settings['n_arc']) ** 0.5:.0f} points")
+        eval_config = EvalConfig(
+            generation=generation,
+            tasks=(DEMO_ARC_TASK,),
+            task_paths=(str(arc_folder),),
+            task_limit=settings["n_arc"],
+        )
+        note = (
+            f"ARC-Challenge: the first {settings['n_arc']} of 1,172 test questions, 0-shot log-likelihood "
+            f"({arc_folder}); on so few questions the standard error is up to "
+            f"{100 * (0.25 / settings['n_arc']) ** 0.5:.0f} points"
+        )
     else:
         eval_config = EvalConfig(generation=generation)
-        note = ("ARC-Challenge skipped: " + ("../shared/data/arc_challenge (the lm-eval task folder) is not beside "
-                                             "the repository" if arc_folder is None else
-                                             "lm-eval is not installed (pip install 'refusal-cliff[eval]')"))
+        note = "ARC-Challenge skipped: " + (
+            "../shared/data/arc_challenge (the lm-eval task folder) is not beside the repository"
+            if arc_folder is None
+            else "lm-eval is not installed (pip install 'refusal-cliff[eval]')"
+        )
         logger.warning("repair demo: %s", note)
-    evaluation = run_evaluate(specs, harmful, benign, out, eval_config, prober_path,
-                                 load=lambda name: models[name], reuse=False, overwrite=True)
+    evaluation = run_evaluate(
+        specs,
+        harmful,
+        benign,
+        out,
+        eval_config,
+        prober_path,
+        load=lambda name: models[name],
+        reuse=False,
+        overwrite=True,
+    )
     evaluation["reasoning_note"] = note
     evaluation["selections"] = selections
     evaluation["finetune"] = {k: v for k, v in result.metrics.items() if k != "log_history"}

@@ -18,10 +18,11 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import UserError
 
@@ -138,8 +139,10 @@ def check_out_dir(out: str | Path, expected_bytes: int = 0) -> None:
     if expected_bytes > 0:
         free = shutil.disk_usage(existing).free
         if free < expected_bytes:
-            raise UserError(f"--out {out}: {_human_bytes(free)} free on its disk, but this run needs "
-                            f"about {_human_bytes(expected_bytes)}; free some space or use an --out on another disk")
+            raise UserError(
+                f"--out {out}: {_human_bytes(free)} free on its disk, but this run needs "
+                f"about {_human_bytes(expected_bytes)}; free some space or use an --out on another disk"
+            )
 
 
 def estimate_bytes(n_examples: int, tokens_per_example: int, bytes_per_token: int) -> int:
@@ -169,8 +172,14 @@ class RunFolder:
     old artifacts back, so a failed `--overwrite` never loses the earlier results.
     """
 
-    def __init__(self, root: str | Path, stage: str, config: dict, overwrite: bool = False,
-                 artifacts: Iterable[str] = ()):
+    def __init__(
+        self,
+        root: str | Path,
+        stage: str,
+        config: dict,
+        overwrite: bool = False,
+        artifacts: Iterable[str] = (),
+    ):
         self.root = Path(root)
         self.stage = stage
         self.config = config
@@ -225,8 +234,14 @@ class RunFolder:
             )
         return False
 
-    def start(self, model_id: str | None = None, revision: str | None = None, seed: int | None = None,
-              artifacts: Iterable[str] | None = None, extra: dict | None = None) -> "RunFolder":
+    def start(
+        self,
+        model_id: str | None = None,
+        revision: str | None = None,
+        seed: int | None = None,
+        artifacts: Iterable[str] | None = None,
+        extra: dict | None = None,
+    ) -> RunFolder:
         """Create the folder and record metadata; `self.resumed` says whether a run is resumed.
 
         Raises UserError if the folder holds this stage's artifacts from a run with another
@@ -281,7 +296,7 @@ class RunFolder:
         self._backup = None
         logger.warning("%s: the '%s' run failed; the previous results were restored", self.root, self.stage)
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -369,7 +384,7 @@ class JsonlWriter:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc) -> None:

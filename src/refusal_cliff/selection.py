@@ -27,13 +27,13 @@ import logging
 import math
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from .errors import UserError
 from .config import ScoreConfig, SelectConfig  # noqa: F401  (re-exported)
+from .errors import UserError
 from .runs import (
     SCHEMA_VERSION,
     JsonlWriter,
@@ -68,8 +68,9 @@ def _candidate_rows(source: str) -> list[dict]:
 
     path = Path(source).expanduser()
     if not path.is_file():
-        raise UserError(f"candidate file not found: {source}; pass a .jsonl/.json/.csv/.parquet file "
-                        f"or {DEMO_CANDIDATES}")
+        raise UserError(
+            f"candidate file not found: {source}; pass a .jsonl/.json/.csv/.parquet file or {DEMO_CANDIDATES}"
+        )
     return read_rows(path)
 
 
@@ -88,8 +89,8 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
     Columns are detected case-insensitively. The prompt is `adversarial` when that column is
     non-empty (WildJailbreak's adversarial rows), else the first of `prompt`, `vanilla`,
     `instruction`, `question`, `goal`; the response is the first of `completion`, `response`,
-    `safe_response`, `refusal` (never AdvBench's `target`: an attack target, not a safe response). A `thinking` column, when present, is used as the model's thinking
-    instead of generating it.
+    `safe_response`, `refusal` (never AdvBench's `target`: an attack target, not a safe response).
+    A `thinking` column, when present, is used as the model's thinking instead of generating it.
 
     Args:
         source: a file path or `demo:candidates` (the built-in set of 40).
@@ -104,11 +105,15 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
         raise UserError(f"{source} holds no candidate records")
     lowered = {str(c).lower().strip(): c for c in rows[0]}
     if not any(name in lowered for name in (*PROMPT_COLUMNS, "adversarial")):
-        raise UserError(f"{source}: no prompt column ({', '.join(PROMPT_COLUMNS)}, adversarial); "
-                        f"its columns are {', '.join(map(str, rows[0]))}")
+        raise UserError(
+            f"{source}: no prompt column ({', '.join(PROMPT_COLUMNS)}, adversarial); "
+            f"its columns are {', '.join(map(str, rows[0]))}"
+        )
     if not any(name in lowered for name in RESPONSE_COLUMNS):
-        raise UserError(f"{source}: no safe-response column ({', '.join(RESPONSE_COLUMNS)}); "
-                        f"its columns are {', '.join(map(str, rows[0]))}")
+        raise UserError(
+            f"{source}: no safe-response column ({', '.join(RESPONSE_COLUMNS)}); "
+            f"its columns are {', '.join(map(str, rows[0]))}"
+        )
     # ids without an id column: "<file stem>-<row>", as `generate` names prompts
     prefix = source.split(":", 1)[-1] if source == DEMO_CANDIDATES else Path(source).stem
     candidates, skipped = [], 0
@@ -148,19 +153,25 @@ def _records_with_given_thinking(loaded, candidates: Sequence[dict], config: Sco
     from .templates import detect_thinking_template, generation_prompt
 
     settings = config.generation
-    template = detect_thinking_template(loaded.tokenizer, settings.start_marker, settings.end_marker,
-                                        settings.end_template)
-    partial = [{
-        "id": c["id"],
-        "prompt": c["prompt"],
-        "system_prompt": settings.system_prompt,
-        "generation_prompt": generation_prompt(loaded.tokenizer, template, c["prompt"], settings.system_prompt),
-        "thinking": c["thinking"],
-        "end_template": template.end_template,
-        "thinking_tokens": len(loaded.tokenizer(c["thinking"], add_special_tokens=False)["input_ids"]),
-        "thinking_clipped": False,
-        "thinking_end": "given",
-    } for c in candidates]
+    template = detect_thinking_template(
+        loaded.tokenizer, settings.start_marker, settings.end_marker, settings.end_template
+    )
+    partial = [
+        {
+            "id": c["id"],
+            "prompt": c["prompt"],
+            "system_prompt": settings.system_prompt,
+            "generation_prompt": generation_prompt(
+                loaded.tokenizer, template, c["prompt"], settings.system_prompt
+            ),
+            "thinking": c["thinking"],
+            "end_template": template.end_template,
+            "thinking_tokens": len(loaded.tokenizer(c["thinking"], add_special_tokens=False)["input_ids"]),
+            "thinking_clipped": False,
+            "thinking_end": "given",
+        }
+        for c in candidates
+    ]
     return generate_answers(loaded, partial, settings)
 
 
@@ -183,7 +194,10 @@ def trace_scores(loaded, prober, records: Sequence[dict], config: ScoreConfig) -
 
     for result in trace_records(loaded, prober, list(records), batch_size=config.generation.batch_size):
         metrics = cliff_metrics(result.scores, result.regions, plateau_method=config.plateau)
-        yield {"id": str(result.id), **{k: _plain(metrics[k]) for k in ("plateau", "final", "ms", "t_cliff", "drop")}}
+        yield {
+            "id": str(result.id),
+            **{k: _plain(metrics[k]) for k in ("plateau", "final", "ms", "t_cliff", "drop")},
+        }
 
 
 def _plain(value):
@@ -240,18 +254,37 @@ def score_candidates(
     }
     # a new scoring makes an earlier selection stale: it is replaced with the scores (and restored with
     # them if the new scoring fails)
-    if backend is not None and backend.backend != "hf":  # only then, so that earlier runs keep their fingerprint
+    if (
+        backend is not None and backend.backend != "hf"
+    ):  # only then, so that earlier runs keep their fingerprint
         stage_config["backend"] = backend.backend
-    run = RunFolder(out_dir, "score", stage_config, overwrite=overwrite, artifacts=[
-        "scores.jsonl", "generations.jsonl", "selection.jsonl", "metadata.select.json", "selections",
-        TRL_PROMPT_COMPLETION, TRL_MESSAGES, LLAMAFACTORY_ALPACA, LLAMAFACTORY_SHAREGPT, LLAMAFACTORY_INFO,
-        "shards"])
+    run = RunFolder(
+        out_dir,
+        "score",
+        stage_config,
+        overwrite=overwrite,
+        artifacts=[
+            "scores.jsonl",
+            "generations.jsonl",
+            "selection.jsonl",
+            "metadata.select.json",
+            "selections",
+            TRL_PROMPT_COMPLETION,
+            TRL_MESSAGES,
+            LLAMAFACTORY_ALPACA,
+            LLAMAFACTORY_SHAREGPT,
+            LLAMAFACTORY_INFO,
+            "shards",
+        ],
+    )
     from .backends import backend_info, make_backend
 
     extra = {"prober": prober.summary(), "backend": backend_info(backend)}
     if executor is not None:
         extra["executor"] = executor.info()
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed, extra=extra):
+    with run.start(
+        model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed, extra=extra
+    ):
         engine = make_backend(loaded, backend) if backend is not None and backend.backend != "hf" else None
         _score_into(loaded, prober, candidates, run, config, judge, progress, engine, executor)
         run.finish({"n_candidates": len(candidates)})
@@ -259,13 +292,24 @@ def score_candidates(
     return [rows[c["id"]] for c in candidates if c["id"] in rows]
 
 
-def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, config: ScoreConfig, judge,
-                progress: bool, backend=None, executor=None) -> None:
+def _score_into(
+    loaded,
+    prober,
+    candidates: Sequence[dict],
+    run: RunFolder,
+    config: ScoreConfig,
+    judge,
+    progress: bool,
+    backend=None,
+    executor=None,
+) -> None:
     """Score the candidates not yet in `scores.jsonl`, reusing generations already written."""
     if executor is not None and not executor.local:
         from .executors import score_job
 
-        _score_distributed(loaded, prober, candidates, run, config, judge, progress, backend, executor, score_job)
+        _score_distributed(
+            loaded, prober, candidates, run, config, judge, progress, backend, executor, score_job
+        )
         return
     from tqdm.auto import tqdm
 
@@ -274,8 +318,11 @@ def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, conf
     resumed = run.resumed
     scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
     done = completed_ids(scores_path) if resumed else set()
-    generated = {r["id"]: r for r in read_jsonl(generations_path, repair=True)} if (
-        resumed and generations_path.exists()) else {}
+    generated = (
+        {r["id"]: r for r in read_jsonl(generations_path, repair=True)}
+        if (resumed and generations_path.exists())
+        else {}
+    )
     pending = [c for c in candidates if c["id"] not in done]
     if done:
         logger.info("resuming: %d of %d candidates already scored", len(done), len(candidates))
@@ -302,16 +349,29 @@ def _score_into(loaded, prober, candidates: Sequence[dict], run: RunFolder, conf
     bar.close()
 
 
-def _score_distributed(loaded, prober, candidates: Sequence[dict], run: RunFolder, config: ScoreConfig, judge,
-                       progress: bool, backend, executor, score_job) -> None:
+def _score_distributed(
+    loaded,
+    prober,
+    candidates: Sequence[dict],
+    run: RunFolder,
+    config: ScoreConfig,
+    judge,
+    progress: bool,
+    backend,
+    executor,
+    score_job,
+) -> None:
     """`_score_into` on a Ray executor: generate what is missing (same chunks, same generations.jsonl), then
     score every candidate with `trace_scores` on the workers, and write scores.jsonl in candidate order."""
     from .labeling import KeywordLabeler
 
     scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
     done = completed_ids(scores_path) if run.resumed else set()
-    generated = {r["id"]: r for r in read_jsonl(generations_path, repair=True)} if (
-        run.resumed and generations_path.exists()) else {}
+    generated = (
+        {r["id"]: r for r in read_jsonl(generations_path, repair=True)}
+        if (run.resumed and generations_path.exists())
+        else {}
+    )
     pending = [c for c in candidates if c["id"] not in done]
     with JsonlWriter(generations_path) as generation_writer:
         for chunk in chunked(pending, config.chunk_size):
@@ -323,12 +383,16 @@ def _score_distributed(loaded, prober, candidates: Sequence[dict], run: RunFolde
     labeler = KeywordLabeler()
     shard_size = getattr(executor.config, "shard_size", None) or config.chunk_size
     with JsonlWriter(scores_path) as score_writer:
-        rows = executor.run(loaded, score_job(prober, config), records, run.root, shard_size, skip=done,
-                            progress=progress)
+        rows = executor.run(
+            loaded, score_job(prober, config), records, run.root, shard_size, skip=done, progress=progress
+        )
         for chunk in chunked(rows, config.chunk_size):
             by_id = {row["id"]: generated[row["id"]] for row in chunk}
-            verdicts = judge.judge([(by_id[r["id"]]["prompt"], by_id[r["id"]].get("answer", "")) for r in chunk]) \
-                if judge else None
+            verdicts = (
+                judge.judge([(by_id[r["id"]]["prompt"], by_id[r["id"]].get("answer", "")) for r in chunk])
+                if judge
+                else None
+            )
             for index, row in enumerate(chunk):
                 refusal, _ = labeler.label(by_id[row["id"]].get("answer", ""), loaded.tokenizer)
                 row["refusal"] = refusal
@@ -351,7 +415,9 @@ def check_k(k: int | float | str | None) -> int | float | None:
         try:
             k = float(k) if any(ch in k for ch in ".eE") else int(k)
         except ValueError:
-            raise UserError(f"--k {k!r} is not a number; pass a count (700), a fraction (0.017) or 'all'") from None
+            raise UserError(
+                f"--k {k!r} is not a number; pass a count (700), a fraction (0.017) or 'all'"
+            ) from None
     if isinstance(k, float) and not k.is_integer():
         if not 0 < k < 1:
             raise UserError(f"--k {k} is neither a count nor a fraction in (0, 1)")
@@ -393,8 +459,9 @@ def _sample(pool: list[dict], k: int, seed: int) -> list[dict]:
     return [pool[i] for i in sorted(chosen)]
 
 
-def select(scores: Sequence[dict], method: str = "cliff", k: int | float | str | None = None,
-           seed: int = 0) -> list[dict]:
+def select(
+    scores: Sequence[dict], method: str = "cliff", k: int | float | str | None = None, seed: int = 0
+) -> list[dict]:
     """Choose training examples from scored candidates.
 
     Args:
@@ -420,8 +487,11 @@ def select(scores: Sequence[dict], method: str = "cliff", k: int | float | str |
     if method == "cliff":
         ranked = [r for r in rows if _has_ms(r)]
         if len(ranked) < len(rows):
-            logger.warning("cliff selection: %d candidates have no misalignment score (no thinking tokens) and "
-                           "cannot be ranked", len(rows) - len(ranked))
+            logger.warning(
+                "cliff selection: %d candidates have no misalignment score (no thinking tokens) and "
+                "cannot be ranked",
+                len(rows) - len(ranked),
+            )
         return sorted(ranked, key=lambda r: (-r["ms"], _id_key(r["id"])))[:n]
     if method == "random":
         return _sample(rows, n, seed)
@@ -429,7 +499,9 @@ def select(scores: Sequence[dict], method: str = "cliff", k: int | float | str |
         pool = [r for r in rows if r.get("refusal") is False]
     else:
         if all(r.get("unsafe") is None for r in rows):
-            raise UserError("the judge baseline needs judge verdicts: score the candidates with --judge MODEL")
+            raise UserError(
+                "the judge baseline needs judge verdicts: score the candidates with --judge MODEL"
+            )
         pool = [r for r in rows if r.get("unsafe") is True]
     if not pool:
         logger.warning("%s baseline: no candidate is flagged; the selection is empty", method)
@@ -463,15 +535,18 @@ def turn_frame(tokenizer, record: dict) -> TurnFrame:
     from .templates import build_messages
 
     messages = build_messages(record["prompt"], record.get("system_prompt"))
-    rendered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _SENTINEL}],
-                                             tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": _SENTINEL}], tokenize=False
+    )
     header, _, tail = rendered.partition(_SENTINEL)
     generation_prompt = record["generation_prompt"]
     if _SENTINEL in rendered and generation_prompt.startswith(header):
-        opening = generation_prompt[len(header):]
+        opening = generation_prompt[len(header) :]
     else:  # a template that renders history differently: fall back to the exact generation prompt
-        logger.warning("the chat template renders the assistant header differently in history; "
-                       "the SFT prompt is the generation prompt itself")
+        logger.warning(
+            "the chat template renders the assistant header differently in history; "
+            "the SFT prompt is the generation prompt itself"
+        )
         opening = ""
     end_of_turn = tail.rstrip() or (tokenizer.eos_token or "")
     bos = getattr(tokenizer, "bos_token", None)
@@ -498,15 +573,16 @@ def sft_example(tokenizer, record: dict, response: str, frame: TurnFrame | None 
     cut = len(generation_prompt) - len(frame.opening)
     prompt_text = generation_prompt[:cut]
     if frame.strip_bos and prompt_text.startswith(tokenizer.bos_token):
-        prompt_text = prompt_text[len(tokenizer.bos_token):]
+        prompt_text = prompt_text[len(tokenizer.bos_token) :]
     assistant = frame.opening + record["thinking"] + record["end_template"] + response
     messages = build_messages(record["prompt"], record.get("system_prompt"))
     messages.append({"role": "assistant", "content": assistant})
     return {"sft_prompt": prompt_text, "sft_completion": assistant + frame.end_of_turn, "messages": messages}
 
 
-def build_selection(tokenizer, selected: Sequence[dict], candidates: Sequence[dict],
-                    generations: Sequence[dict], method: str) -> list[dict]:
+def build_selection(
+    tokenizer, selected: Sequence[dict], candidates: Sequence[dict], generations: Sequence[dict], method: str
+) -> list[dict]:
     """Join selected score rows with their candidate and generation, and attach the SFT target."""
     candidate_of = {c["id"]: c for c in candidates}
     generation_of = {g["id"]: g for g in generations}
@@ -515,25 +591,29 @@ def build_selection(tokenizer, selected: Sequence[dict], candidates: Sequence[di
     for rank, score in enumerate(selected):
         identifier = score["id"]
         if identifier not in candidate_of or identifier not in generation_of:
-            raise UserError(f"candidate {identifier} has a score but no candidate or generation record; "
-                            "score into a fresh --out folder")
+            raise UserError(
+                f"candidate {identifier} has a score but no candidate or generation record; "
+                "score into a fresh --out folder"
+            )
         candidate, record = candidate_of[identifier], generation_of[identifier]
         frame = frame or turn_frame(tokenizer, record)
         target = sft_example(tokenizer, record, candidate["response"], frame)
-        rows.append({
-            "id": identifier,
-            "rank": rank,
-            "method": method,
-            **{k: score.get(k) for k in ("ms", "plateau", "final", "refusal", "unsafe")},
-            "prompt": candidate["prompt"],
-            "response": candidate["response"],
-            "data_type": candidate.get("data_type"),
-            "system_prompt": record.get("system_prompt"),
-            "thinking": record["thinking"],
-            "end_template": record["end_template"],
-            "model_answer": record.get("answer"),
-            **target,
-        })
+        rows.append(
+            {
+                "id": identifier,
+                "rank": rank,
+                "method": method,
+                **{k: score.get(k) for k in ("ms", "plateau", "final", "refusal", "unsafe")},
+                "prompt": candidate["prompt"],
+                "response": candidate["response"],
+                "data_type": candidate.get("data_type"),
+                "system_prompt": record.get("system_prompt"),
+                "thinking": record["thinking"],
+                "end_template": record["end_template"],
+                "model_answer": record.get("answer"),
+                **target,
+            }
+        )
     return rows
 
 
@@ -546,7 +626,9 @@ LLAMAFACTORY_SHAREGPT = "llamafactory_sharegpt.json"
 LLAMAFACTORY_INFO = "dataset_info.json"
 
 
-def export_selection(rows: Sequence[dict], out_dir: str | Path, name: str = "cliff_selection") -> dict[str, Path]:
+def export_selection(
+    rows: Sequence[dict], out_dir: str | Path, name: str = "cliff_selection"
+) -> dict[str, Path]:
     """Write the selected set for TRL and LLaMA-Factory.
 
     Files:
@@ -573,8 +655,10 @@ def export_selection(rows: Sequence[dict], out_dir: str | Path, name: str = "cli
         "llamafactory_sharegpt": out / LLAMAFACTORY_SHAREGPT,
         "llamafactory_dataset_info": out / LLAMAFACTORY_INFO,
     }
-    write_jsonl(paths["trl_prompt_completion"],
-                 ({"prompt": r["sft_prompt"], "completion": r["sft_completion"]} for r in rows))
+    write_jsonl(
+        paths["trl_prompt_completion"],
+        ({"prompt": r["sft_prompt"], "completion": r["sft_completion"]} for r in rows),
+    )
     write_jsonl(paths["trl_messages"], ({"messages": r["messages"]} for r in rows))
     alpaca = []
     for r in rows:
@@ -587,16 +671,24 @@ def export_selection(rows: Sequence[dict], out_dir: str | Path, name: str = "cli
     alpaca_columns = {"prompt": "instruction", "query": "input", "response": "output"}
     if any(r.get("system_prompt") for r in rows):
         alpaca_columns["system"] = "system"
-    write_json(paths["llamafactory_dataset_info"], {
-        name: {"file_name": LLAMAFACTORY_ALPACA, "formatting": "alpaca", "columns": alpaca_columns},
-        f"{name}_sharegpt": {
-            "file_name": LLAMAFACTORY_SHAREGPT,
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                     "assistant_tag": "assistant", "system_tag": "system"},
+    write_json(
+        paths["llamafactory_dataset_info"],
+        {
+            name: {"file_name": LLAMAFACTORY_ALPACA, "formatting": "alpaca", "columns": alpaca_columns},
+            f"{name}_sharegpt": {
+                "file_name": LLAMAFACTORY_SHAREGPT,
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages"},
+                "tags": {
+                    "role_tag": "role",
+                    "content_tag": "content",
+                    "user_tag": "user",
+                    "assistant_tag": "assistant",
+                    "system_tag": "system",
+                },
+            },
         },
-    })
+    )
     return paths
 
 
@@ -609,9 +701,20 @@ class SelectResult:
     exports: dict = field(default_factory=dict)
 
 
-def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, config=None,
-               score_config: ScoreConfig | None = None, judge=None, overwrite: bool = False,
-               source: str | None = None, progress: bool = True, backend=None, executor=None) -> SelectResult:
+def run_select(
+    loaded,
+    prober,
+    candidates: Sequence[dict],
+    out_dir: str | Path,
+    config=None,
+    score_config: ScoreConfig | None = None,
+    judge=None,
+    overwrite: bool = False,
+    source: str | None = None,
+    progress: bool = True,
+    backend=None,
+    executor=None,
+) -> SelectResult:
     """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports.
 
     Args:
@@ -628,12 +731,25 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
     config.validate()
     method, k = config.method, config.k
     if method == "judge" and judge is None:
-        raise UserError("--method judge needs a judge model: pass --judge MODEL (e.g. a LlamaGuard checkpoint)")
+        raise UserError(
+            "--method judge needs a judge model: pass --judge MODEL (e.g. a LlamaGuard checkpoint)"
+        )
     resolve_k(k, len(candidates))  # a bad k fails before hours of scoring
     seed = (score_config or ScoreConfig()).generation.seed
     out = Path(out_dir)
-    scores = score_candidates(loaded, prober, candidates, out, score_config, judge=judge, overwrite=overwrite,
-                              source=source, progress=progress, backend=backend, executor=executor)
+    scores = score_candidates(
+        loaded,
+        prober,
+        candidates,
+        out,
+        score_config,
+        judge=judge,
+        overwrite=overwrite,
+        source=source,
+        progress=progress,
+        backend=backend,
+        executor=executor,
+    )
     selected = select(scores, method, k, seed)
     generations = read_jsonl(out / "generations.jsonl")
     rows = build_selection(loaded.tokenizer, selected, candidates, generations, method)
@@ -645,14 +761,28 @@ def run_select(loaded, prober, candidates: Sequence[dict], out_dir: str | Path, 
     keep.mkdir(parents=True, exist_ok=True)
     write_jsonl(keep / "selection.jsonl", rows)
     export_selection(rows, keep, name=f"{method}_{len(rows)}")
-    write_json(out / "metadata.select.json", {
-        "schema_version": SCHEMA_VERSION, "stage": "select", "model_id": loaded.model_id,
-        "model_revision": loaded.revision, "packages": package_versions(), "config": config.to_dict(),
-        "method": method, "k": k, "resolved_k": resolve_k(k, len(scores)), "seed": seed,
-        "n_candidates": len(scores), "n_selected": len(rows), "source": source, "prober": prober.summary(),
-        "ms_mean_selected": _mean_ms(rows), "ms_mean_all": _mean_ms(scores),
-        "n_without_ms": sum(1 for s in scores if not _has_ms(s)),
-    })
+    write_json(
+        out / "metadata.select.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "stage": "select",
+            "model_id": loaded.model_id,
+            "model_revision": loaded.revision,
+            "packages": package_versions(),
+            "config": config.to_dict(),
+            "method": method,
+            "k": k,
+            "resolved_k": resolve_k(k, len(scores)),
+            "seed": seed,
+            "n_candidates": len(scores),
+            "n_selected": len(rows),
+            "source": source,
+            "prober": prober.summary(),
+            "ms_mean_selected": _mean_ms(rows),
+            "ms_mean_all": _mean_ms(scores),
+            "n_without_ms": sum(1 for s in scores if not _has_ms(s)),
+        },
+    )
     logger.info("selected %d of %d candidates by %s", len(rows), len(scores), method)
     return SelectResult(out / "scores.jsonl", selection_path, len(scores), len(rows), exports)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -25,8 +25,16 @@ from .trace import CLIPPING, LAYERWISE
 logger = logging.getLogger(__name__)
 
 
-def train_layer_probers(loaded, harmful_run: str | Path, harmless_run: str | Path, layers: Sequence[int],
-                        out_dir: str | Path, epochs: int = 5, batch_size: int = 8, seed: int = 0) -> dict:
+def train_layer_probers(
+    loaded,
+    harmful_run: str | Path,
+    harmless_run: str | Path,
+    layers: Sequence[int],
+    out_dir: str | Path,
+    epochs: int = 5,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict:
     """One prober per layer (the paper's recipe, `epochs` aside) from one activation pass.
 
     Writes `out_dir/layer_KK/prober.safetensors` + `prober.json`; returns {layer: Prober}.
@@ -35,16 +43,30 @@ def train_layer_probers(loaded, harmful_run: str | Path, harmless_run: str | Pat
     from .probe import Prober, build_probe_dataset, prober_metadata, save_prober, train_prober
 
     dataset = build_probe_dataset(loaded.tokenizer, harmful_run, harmless_run)
-    features = last_token_activations(loaded.model, loaded.adapter, dataset.sequences, list(layers), batch_size,
-                                      loaded.tokenizer.pad_token_id or 0)
+    features = last_token_activations(
+        loaded.model,
+        loaded.adapter,
+        dataset.sequences,
+        list(layers),
+        batch_size,
+        loaded.tokenizer.pad_token_id or 0,
+    )
     labels = torch.tensor(dataset.labels, dtype=torch.long)
     probers = {}
     for layer in layers:
         linear, history, metrics = train_prober(features[layer], labels, epochs=epochs, seed=seed)
-        config = {"harmful_run": str(harmful_run), "harmless_run": str(harmless_run), "layer": layer,
-                  "epochs": epochs, "seed": seed}
-        prober = Prober(linear=linear, layer=layer,
-                        metadata=prober_metadata(loaded, layer, dataset.end_template, metrics, history, config))
+        config = {
+            "harmful_run": str(harmful_run),
+            "harmless_run": str(harmless_run),
+            "layer": layer,
+            "epochs": epochs,
+            "seed": seed,
+        }
+        prober = Prober(
+            linear=linear,
+            layer=layer,
+            metadata=prober_metadata(loaded, layer, dataset.end_template, metrics, history, config),
+        )
         save_prober(prober, Path(out_dir) / f"layer_{layer:02d}")
         probers[layer] = prober
     return probers
@@ -57,7 +79,9 @@ def resolve_study_layers(layers: Sequence[int], n_layers: int) -> list[int]:
     resolved = set()
     for layer in layers:
         if not -n_layers <= layer < n_layers:
-            raise UserError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise UserError(
+                f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+            )
         resolved.add(layer % n_layers)
     return sorted(resolved | {n_layers - 1})
 
@@ -67,8 +91,14 @@ def auto_layers(n_layers: int) -> list[int]:
     return sorted({round(i * (n_layers - 1) / 4) for i in range(5)})
 
 
-def run_layers(loaded, harmful_run: str | Path, harmless_run: str | Path, out_dir: str | Path, config=None,
-               overwrite: bool = False) -> dict:
+def run_layers(
+    loaded,
+    harmful_run: str | Path,
+    harmless_run: str | Path,
+    out_dir: str | Path,
+    config=None,
+    overwrite: bool = False,
+) -> dict:
     """The `layers` stage: train a prober per layer and trace every example of both runs at every layer.
 
     Writes `layer_KK/prober.*`, `layerwise.json` and `metadata.json`; returns {layer: Prober}.
@@ -81,13 +111,25 @@ def run_layers(loaded, harmful_run: str | Path, harmless_run: str | Path, out_di
     config = config or LayersConfig()
     check_probe_runs(harmful_run, harmless_run)
     n_layers = loaded.adapter.geometry(loaded.model).n_layers
-    layers = resolve_study_layers(config.layers if config.layers is not None else auto_layers(n_layers), n_layers)
-    inputs = [TraceInput(Path(harmful_run) / "generations.jsonl", True),
-              TraceInput(Path(harmless_run) / "generations.jsonl", False)]
+    layers = resolve_study_layers(
+        config.layers if config.layers is not None else auto_layers(n_layers), n_layers
+    )
+    inputs = [
+        TraceInput(Path(harmful_run) / "generations.jsonl", True),
+        TraceInput(Path(harmless_run) / "generations.jsonl", False),
+    ]
     records, groups = load_trace_inputs(inputs)
-    stage_config = {"model": loaded.model_id, "revision": loaded.revision, **config.to_dict(), "layers": layers,
-                    "inputs": [file_digest(Path(run) / name) for run in (harmful_run, harmless_run)
-                               for name in ("generations.jsonl", "labels.jsonl")]}
+    stage_config = {
+        "model": loaded.model_id,
+        "revision": loaded.revision,
+        **config.to_dict(),
+        "layers": layers,
+        "inputs": [
+            file_digest(Path(run) / name)
+            for run in (harmful_run, harmless_run)
+            for name in ("generations.jsonl", "labels.jsonl")
+        ],
+    }
     stage_config.pop("batch_size")
     out = Path(out_dir)
     artifacts = [LAYERWISE, *(f"layer_{layer:02d}" for layer in layers)]
@@ -95,18 +137,27 @@ def run_layers(loaded, harmful_run: str | Path, harmless_run: str | Path, out_di
     if run.is_finished() and (out / LAYERWISE).is_file():
         return {layer: load_prober(out / f"layer_{layer:02d}", loaded) for layer in layers}
     with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
-        probers = train_layer_probers(loaded, harmful_run, harmless_run, layers, out, config.epochs,
-                                      config.batch_size, config.seed)
-        summary = layerwise_summary(loaded, [probers[layer] for layer in layers], records, groups,
-                                    batch_size=config.batch_size)
+        probers = train_layer_probers(
+            loaded, harmful_run, harmless_run, layers, out, config.epochs, config.batch_size, config.seed
+        )
+        summary = layerwise_summary(
+            loaded, [probers[layer] for layer in layers], records, groups, batch_size=config.batch_size
+        )
         write_json(out / LAYERWISE, summary)
-        run.finish({"probers": {str(layer): {"val_accuracy": p.metadata["metrics"]["val_accuracy"],
-                                             "quality": p.quality} for layer, p in probers.items()}})
+        run.finish(
+            {
+                "probers": {
+                    str(layer): {"val_accuracy": p.metadata["metrics"]["val_accuracy"], "quality": p.quality}
+                    for layer, p in probers.items()
+                }
+            }
+        )
     return probers
 
 
-def run_clip(loaded, prober, generations: str | Path, out_dir: str | Path, config=None,
-             overwrite: bool = False) -> list[dict]:
+def run_clip(
+    loaded, prober, generations: str | Path, out_dir: str | Path, config=None, overwrite: bool = False
+) -> list[dict]:
     """The `clip` stage: clip each record's thinking at each fraction, regenerate and label the answer,
     trace it. Writes `generations.jsonl`, `labels.jsonl`, `trace/`, `clipping.json` and `metadata.json`;
     returns the clipping summary (one row per fraction).
@@ -120,9 +171,14 @@ def run_clip(loaded, prober, generations: str | Path, out_dir: str | Path, confi
     records = read_generations(generations)
     records = records[: config.limit] if config.limit else records
     out = Path(out_dir)
-    stage_config = {"model": loaded.model_id, "revision": loaded.revision, **config.to_dict(),
-                    "generations": str(generations), "digest": file_digest(generations),
-                    "prober": prober.fingerprint()}
+    stage_config = {
+        "model": loaded.model_id,
+        "revision": loaded.revision,
+        **config.to_dict(),
+        "generations": str(generations),
+        "digest": file_digest(generations),
+        "prober": prober.fingerprint(),
+    }
     stage_config.pop("batch_size")
     artifacts = ["generations.jsonl", "labels.jsonl", "trace", CLIPPING]
     run = RunFolder(out, "clip", stage_config, overwrite=overwrite, artifacts=artifacts)
@@ -130,15 +186,19 @@ def run_clip(loaded, prober, generations: str | Path, out_dir: str | Path, confi
         return read_json(out / CLIPPING)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
         clipped = clip_thinking_records(loaded.tokenizer, records, config.fractions)
-        answered = generate_answers(loaded, clipped, GenerationConfig(max_answer_tokens=config.max_answer_tokens,
-                                                                      batch_size=config.batch_size))
+        answered = generate_answers(
+            loaded,
+            clipped,
+            GenerationConfig(max_answer_tokens=config.max_answer_tokens, batch_size=config.batch_size),
+        )
         labels = label_records(answered, KeywordLabeler(), loaded.tokenizer)
         write_jsonl(out / "generations.jsonl", answered)
         write_jsonl(out / "labels.jsonl", labels)
         shutil.rmtree(out / "trace", ignore_errors=True)  # cheap to redo; never mix with stale traces
         trace_into(loaded, prober, answered, out / "trace", None, batch_size=config.batch_size)
-        summary = clipping_summary(read_jsonl(out / "trace" / "cliff.jsonl"),
-                                   {label["id"]: label["refusal"] for label in labels})
+        summary = clipping_summary(
+            read_jsonl(out / "trace" / "cliff.jsonl"), {label["id"]: label["refusal"] for label in labels}
+        )
         write_json(out / CLIPPING, summary)
         run.finish({"n_examples": len(records)})
     return summary

@@ -15,8 +15,8 @@ is byte-identical to what the model conditioned on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from .errors import UserError
 

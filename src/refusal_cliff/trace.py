@@ -17,9 +17,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -255,8 +255,10 @@ def load_trace_inputs(inputs: Sequence[TraceInput]) -> tuple[list[dict], dict[st
         for record in batch:
             identifier = str(record["id"])
             if identifier in origin:
-                raise UserError(f"id {identifier!r} is in both {origin[identifier]} and {path}; trace runs with "
-                                "distinct ids (generate names them <file stem>-<row>)")
+                raise UserError(
+                    f"id {identifier!r} is in both {origin[identifier]} and {path}; trace runs with "
+                    "distinct ids (generate names them <file stem>-<row>)"
+                )
             origin[identifier] = path
             groups[identifier] = group_of(item.harmful, record.get("refusal"))
             records.append(record)
@@ -353,13 +355,18 @@ def trace_records_layerwise(
     d_model = loaded.adapter.geometry(loaded.model).d_model
     for prober in probers:
         if prober.d_model != d_model:
-            raise UserError(f"a prober for d_model {prober.d_model} cannot read this model (d_model {d_model})")
+            raise UserError(
+                f"a prober for d_model {prober.d_model} cannot read this model (d_model {d_model})"
+            )
     transforms = {
-        p.layer: _prober_transform(p.weight.float().reshape(1, -1), p.bias.float().reshape(1)) for p in probers
+        p.layer: _prober_transform(p.weight.float().reshape(1, -1), p.bias.float().reshape(1))
+        for p in probers
     }
     if direction is not None:
         if direction.vector.numel() != d_model:
-            raise UserError(f"a direction of {direction.vector.numel()} values cannot read this model (d_model {d_model})")
+            raise UserError(
+                f"a direction of {direction.vector.numel()} values cannot read this model (d_model {d_model})"
+            )
         transforms[direction.layer] = _with_direction(transforms.get(direction.layer), direction)
         layers = sorted(set(layers) | {direction.layer})
     window = sort_window or batch_size * 32
@@ -375,13 +382,21 @@ def trace_records_layerwise(
             direction_scores = None
             if direction is not None:
                 direction_scores = values[direction.layer][:, -1].cpu().numpy().astype(np.float32)
-            scores = {layer: value[:, 0].cpu().numpy().astype(np.float32) for layer, value in values.items()
-                      if layer in transforms_of_probers}
+            scores = {
+                layer: value[:, 0].cpu().numpy().astype(np.float32)
+                for layer, value in values.items()
+                if layer in transforms_of_probers
+            }
             yield TraceResult(str(chunk[index]["id"]), list(ids), list(regions), scores, direction_scores)
 
 
 def trace_records(
-    loaded, prober, records: Iterable[dict], batch_size: int = 8, sort_window: int | None = None, direction=None
+    loaded,
+    prober,
+    records: Iterable[dict],
+    batch_size: int = 8,
+    sort_window: int | None = None,
+    direction=None,
 ) -> Iterator[TraceResult]:
     """Trace each record with one prober (see `trace_records_layerwise`), and a direction if given."""
     yield from trace_records_layerwise(loaded, [prober], records, batch_size, sort_window, direction)
@@ -393,7 +408,9 @@ def trace_records(
 def _parts_dir(out_dir: Path) -> Path:
     path = out_dir / TRACES
     if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a single file, not a trace dataset folder; use another --out or delete it")
+        raise UserError(
+            f"{path} is a single file, not a trace dataset folder; use another --out or delete it"
+        )
     return path
 
 
@@ -418,7 +435,9 @@ def prepare_trace_outputs(out_dir: str | Path) -> set[str]:
             if ids <= done:
                 kept |= ids
             else:
-                logger.warning("removing %s: written by an interrupted run, its examples are traced again", part)
+                logger.warning(
+                    "removing %s: written by an interrupted run, its examples are traced again", part
+                )
                 part.unlink()
     consistent = done & kept
     if consistent != done:
@@ -451,8 +470,15 @@ def _write_part(parts_dir: Path, results: Sequence[TraceResult], tokenizer) -> P
             "token": pa.array(tokens, pa.string()),
             "region": pa.array(regions, pa.string()),
             "score": pa.array(np.concatenate(scores).astype(np.float32), pa.float32()),
-            **({"direction_score": pa.array(np.concatenate(direction_scores).astype(np.float32), pa.float32())}
-               if direction_scores else {}),
+            **(
+                {
+                    "direction_score": pa.array(
+                        np.concatenate(direction_scores).astype(np.float32), pa.float32()
+                    )
+                }
+                if direction_scores
+                else {}
+            ),
         }
     )
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -489,7 +515,9 @@ def write_trace_outputs(
                 row = {"id": result.id}
                 metrics = cliff_metrics(result.scores, result.regions, plateau_method, t_cliff_method, window)
                 # NaN is not JSON: a metric that does not exist for this trace is null
-                row.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
+                row.update(
+                    {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+                )
                 row["group"] = (groups or {}).get(result.id)
                 cliff.write(row)
             written += len(chunk)
@@ -500,7 +528,9 @@ def write_trace_outputs(
     return written
 
 
-def iter_saved_traces(out_dir: str | Path, column: str = "score") -> Iterator[tuple[str, np.ndarray, list[str]]]:
+def iter_saved_traces(
+    out_dir: str | Path, column: str = "score"
+) -> Iterator[tuple[str, np.ndarray, list[str]]]:
     """`(id, scores, regions)` of every trace in `out_dir/traces.parquet/`, one part in memory at a time
     (`column`: "score", or "direction_score" for a trace made with `--direction`)."""
     import pyarrow.parquet as pq
@@ -524,7 +554,11 @@ def curves_from_outputs(out_dir: str | Path, n_points: int = N_POINTS, column: s
     """The `curves.json` structure over all traces in `out_dir`, grouped by `cliff.jsonl`'s `group`
     (of the `direction_score` column for `direction_curves.json`)."""
     out_dir = Path(out_dir)
-    groups = {str(r["id"]): r.get("group") for r in read_jsonl(out_dir / CLIFF)} if (out_dir / CLIFF).is_file() else {}
+    groups = (
+        {str(r["id"]): r.get("group") for r in read_jsonl(out_dir / CLIFF)}
+        if (out_dir / CLIFF).is_file()
+        else {}
+    )
     accumulator = CurveAccumulator(n_points)
     for trace_id, scores, regions in iter_saved_traces(out_dir, column):
         accumulator.add(groups.get(trace_id) or "all", scores, regions)
@@ -577,8 +611,10 @@ def trace_into(
         logger.info("resuming: %d of %d examples already traced", len(records) - len(todo), len(records))
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(records), initial=len(records) - len(todo), desc="trace", unit="ex",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(records), initial=len(records) - len(todo), desc="trace", unit="ex", disable=not progress
+    ) as bar:
+
         def counted(results):
             for result in results:
                 yield result
@@ -587,14 +623,29 @@ def trace_into(
         if executor is not None and not executor.local:  # the traces come back from Ray workers' shards
             from .executors import trace_job
 
-            shard_size = getattr(executor.config, "shard_size", None) or batch_size * 32  # trace_records' window
-            results = executor.run(loaded, trace_job(prober, batch_size, direction), records, out_dir, shard_size,
-                                   skip=done, progress=progress)
+            shard_size = (
+                getattr(executor.config, "shard_size", None) or batch_size * 32
+            )  # trace_records' window
+            results = executor.run(
+                loaded,
+                trace_job(prober, batch_size, direction),
+                records,
+                out_dir,
+                shard_size,
+                skip=done,
+                progress=progress,
+            )
         else:
             results = trace_records(loaded, prober, todo, batch_size, direction=direction)
         written = write_trace_outputs(
-            out_dir, counted(results), groups,
-            loaded.tokenizer, plateau_method, t_cliff_method, window, part_size=part_size or batch_size * 8,
+            out_dir,
+            counted(results),
+            groups,
+            loaded.tokenizer,
+            plateau_method,
+            t_cliff_method,
+            window,
+            part_size=part_size or batch_size * 8,
             direction_curves=direction is not None,
         )
         if executor is not None and not executor.local:
@@ -609,8 +660,17 @@ class TraceRun:
     written: int  # examples traced by this call (0: everything was done already)
 
 
-def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path, config=None,
-              overwrite: bool = False, progress: bool = True, direction=None, executor=None) -> TraceRun:
+def run_trace(
+    loaded,
+    prober,
+    inputs: Sequence[TraceInput],
+    out_dir: str | Path,
+    config=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    direction=None,
+    executor=None,
+) -> TraceRun:
     """The `trace` stage: every token of each input's probing sequences scored by the prober;
     writes `traces.parquet/`, `cliff.jsonl`, `curves.json` and `metadata.json` (resumable by id).
 
@@ -631,28 +691,55 @@ def run_trace(loaded, prober, inputs: Sequence[TraceInput], out_dir: str | Path,
     sources = []
     for item in inputs:
         labels = [item.labels] if isinstance(item.labels, (str, Path)) else list(item.labels or [])
-        sources.append({"generations": str(item.generations), "digest": file_digest(item.generations),
-                        "harmful": item.harmful, "labels": [file_digest(p) for p in labels]})
-    stage_config = {"model": loaded.model_id, "revision": loaded.revision,
-                    "dtype": str(next(loaded.model.parameters()).dtype), "prober": prober.fingerprint(),
-                    "inputs": sources, "plateau": config.plateau, "t_cliff": config.t_cliff,
-                    "groups": fingerprint_ids(f"{k}={v}" for k, v in sorted(groups.items()))}
+        sources.append(
+            {
+                "generations": str(item.generations),
+                "digest": file_digest(item.generations),
+                "harmful": item.harmful,
+                "labels": [file_digest(p) for p in labels],
+            }
+        )
+    stage_config = {
+        "model": loaded.model_id,
+        "revision": loaded.revision,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "prober": prober.fingerprint(),
+        "inputs": sources,
+        "plateau": config.plateau,
+        "t_cliff": config.t_cliff,
+        "groups": fingerprint_ids(f"{k}={v}" for k, v in sorted(groups.items())),
+    }
     artifacts = [CLIFF, CURVES, TRACES]
     extra = {"prober": prober.summary()}
     if direction is not None:  # only when used, so that earlier runs keep their fingerprint
         stage_config["direction"] = direction.fingerprint()
         artifacts.append(DIRECTION_CURVES)
-        extra["direction"] = {"fingerprint": direction.fingerprint(), "layer": direction.layer,
-                              "cosine_to_prober": direction.metadata.get("layers", {}).get(
-                                  str(direction.layer), {}).get("cosine_to_prober")}
+        extra["direction"] = {
+            "fingerprint": direction.fingerprint(),
+            "layer": direction.layer,
+            "cosine_to_prober": direction.metadata.get("layers", {})
+            .get(str(direction.layer), {})
+            .get("cosine_to_prober"),
+        }
     if executor is not None:
         extra["executor"] = executor.info()
         artifacts.append("shards")
     run = RunFolder(out_dir, "trace", stage_config, overwrite=overwrite, artifacts=artifacts)
     warn_if_unreliable(prober)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
-        written = trace_into(loaded, prober, records, out_dir, groups, config.batch_size, config.plateau,
-                             config.t_cliff, progress=progress, direction=direction, executor=executor)
+        written = trace_into(
+            loaded,
+            prober,
+            records,
+            out_dir,
+            groups,
+            config.batch_size,
+            config.plateau,
+            config.t_cliff,
+            progress=progress,
+            direction=direction,
+            executor=executor,
+        )
         run.finish({"n_examples": len(records)})
     return TraceRun(Path(out_dir), len(records), written)
 

@@ -7,28 +7,54 @@ from pathlib import Path
 import click
 
 from ..config import AblateConfig, GenerationConfig, ModelConfig
-from .options import (check_out, check_prober, config_file_option, config_options, load_judge,
-                      load_model_from, model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_judge,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("ablate")
 @model_options
-@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder) written by `probe train`.")
-@click.option("--heads", "heads_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="heads.json written by `heads` (not needed with --components).")
+@click.option(
+    "--prober",
+    "prober_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="prober.safetensors (or its folder) written by `probe train`.",
+)
+@click.option(
+    "--heads",
+    "heads_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="heads.json written by `heads` (not needed with --components).",
+)
 @click.option("--prompts", required=True, help="HARMFUL prompts (file, hub dataset id or demo:harmful).")
 @click.option("--benign-prompts", default=None, help="Benign prompts, for the over-refusal rate.")
 @config_options(AblateConfig)
 @config_options(GenerationConfig)
 @config_file_option
 @out_option
-@click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False),
-              help="Also write a repaired checkpoint (save_pretrained + tokenizer) with the heads of the "
-                   "LARGEST threshold folded into the o_proj weights (or of --export-threshold).")
+@click.option(
+    "--export",
+    "export_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Also write a repaired checkpoint (save_pretrained + tokenizer) with the heads of the "
+    "LARGEST threshold folded into the o_proj weights (or of --export-threshold).",
+)
 @overwrite_option
-def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export_dir, overwrite, config_file,
-                   **options):
+def ablate_command(
+    prober_path, heads_path, prompts, benign_prompts, out, export_dir, overwrite, config_file, **options
+):
     """Scale the top suppression heads at each threshold by γ, regenerate, and measure the final
     refusal score, the attack success rate and the benign refusal rate (paper Figure 8).
 
@@ -46,8 +72,18 @@ def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export
     if config.export_threshold is not None and export_dir is None:
         raise UserError("--export-threshold needs --export DIR")
     if config.components:  # ablation by component (issue 12): components.run_ablate_components
-        return _ablate_components(config, generation, model, prober_path, heads_path, prompts, benign_prompts,
-                                  out, export_dir, overwrite)
+        return _ablate_components(
+            config,
+            generation,
+            model,
+            prober_path,
+            heads_path,
+            prompts,
+            benign_prompts,
+            out,
+            export_dir,
+            overwrite,
+        )
     if heads_path is None:
         raise UserError("ablate needs --heads heads.json (or --components mlp:LAYER,... to scale components)")
     read_ranking(heads_path)
@@ -56,19 +92,37 @@ def ablate_command(prober_path, heads_path, prompts, benign_prompts, out, export
     check_prober(prober_path)
     from ..runs import estimate_bytes
 
-    check_out(out, estimate_bytes((len(harmful) + len(benign)) * (len(config.thresholds) + 1),
-                                  generation.max_thinking_tokens + generation.max_answer_tokens, 8))
+    check_out(
+        out,
+        estimate_bytes(
+            (len(harmful) + len(benign)) * (len(config.thresholds) + 1),
+            generation.max_thinking_tokens + generation.max_answer_tokens,
+            8,
+        ),
+    )
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    paths = run_ablate(loaded, prober, heads_path, harmful, out, config, generation, benign,
-                       judge=load_judge(config.judge, model.device), export_dir=export_dir,
-                       sources={"prompts": prompts, "benign_prompts": benign_prompts}, overwrite=overwrite)
+    paths = run_ablate(
+        loaded,
+        prober,
+        heads_path,
+        harmful,
+        out,
+        config,
+        generation,
+        benign,
+        judge=load_judge(config.judge, model.device),
+        export_dir=export_dir,
+        sources={"prompts": prompts, "benign_prompts": benign_prompts},
+        overwrite=overwrite,
+    )
     for name, path in paths.items():
         click.echo(f"wrote {Path(path)}" + (" (repaired model)" if name == "export" else ""))
 
 
-def _ablate_components(config, generation, model, prober_path, heads_path, prompts, benign_prompts, out, export_dir,
-                       overwrite):
+def _ablate_components(
+    config, generation, model, prober_path, heads_path, prompts, benign_prompts, out, export_dir, overwrite
+):
     from ..components import run_ablate_components
     from ..data import load_prompts
     from ..errors import UserError
@@ -83,12 +137,24 @@ def _ablate_components(config, generation, model, prober_path, heads_path, promp
     check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    paths = run_ablate_components(loaded, prober, {",".join(config.components): config.components}, harmful, out,
-                                  config, generation, benign, judge=load_judge(config.judge, model.device),
-                                  export_dir=export_dir, overwrite=overwrite,
-                                  sources={"prompts": prompts, "benign_prompts": benign_prompts})
+    paths = run_ablate_components(
+        loaded,
+        prober,
+        {",".join(config.components): config.components},
+        harmful,
+        out,
+        config,
+        generation,
+        benign,
+        judge=load_judge(config.judge, model.device),
+        export_dir=export_dir,
+        overwrite=overwrite,
+        sources={"prompts": prompts, "benign_prompts": benign_prompts},
+    )
     for name, path in paths.items():
-        click.echo(f"wrote {Path(path)}" + (" (model with the components folded in)" if name == "export" else ""))
+        click.echo(
+            f"wrote {Path(path)}" + (" (model with the components folded in)" if name == "export" else "")
+        )
 
 
 def _check_components_before_loading(specs, model: str) -> None:

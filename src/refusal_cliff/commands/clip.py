@@ -7,8 +7,17 @@ from pathlib import Path
 import click
 
 from ..config import ClipConfig, ModelConfig
-from .options import (check_out, check_prober, config_file_option, config_options, load_model_from,
-                      model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("clip")
@@ -36,5 +45,7 @@ def clip_command(prober_path, generations, out, overwrite, config_file, **option
     rows = run_clip(loaded, prober, generations, out, config, overwrite=overwrite)
     for row in rows:
         rate = "-" if row["refusal_rate"] is None else f"{row['refusal_rate']:.0%}"
-        click.echo(f"kept {row['fraction']:.2f} of the thinking: final {row['final_mean']:.3f}, refusal rate {rate}")
+        click.echo(
+            f"kept {row['fraction']:.2f} of the thinking: final {row['final_mean']:.3f}, refusal rate {rate}"
+        )
     click.echo(f"wrote {Path(out) / 'clipping.json'}")

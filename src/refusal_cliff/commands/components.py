@@ -6,9 +6,9 @@ import click
 
 from ..config import ComponentsConfig, ModelConfig
 from .options import (
-    config_file_option,
     check_out,
     check_prober,
+    config_file_option,
     config_options,
     load_model_from,
     model_options,
@@ -20,12 +20,25 @@ from .options import (
 
 @click.command("components")
 @model_options
-@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder) written by `probe train` or `layers` (any layer).")
-@click.option("--generations", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="generations.jsonl of a run on HARMFUL prompts.")
-@click.option("--labels", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="labels.jsonl of that run (default: the one beside --generations, if it labels every id).")
+@click.option(
+    "--prober",
+    "prober_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="prober.safetensors (or its folder) written by `probe train` or `layers` (any layer).",
+)
+@click.option(
+    "--generations",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="generations.jsonl of a run on HARMFUL prompts.",
+)
+@click.option(
+    "--labels",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="labels.jsonl of that run (default: the one beside --generations, if it labels every id).",
+)
 @config_options(ComponentsConfig)
 @config_file_option
 @out_option

@@ -13,8 +13,11 @@ from .options import load_model_from, model_options, out_option, resolve
 @click.command("demo")
 @model_options
 @click.option("--quick", is_flag=True, help="A ~2-minute version: fewer prompts, shorter budgets.")
-@click.option("--repair", is_flag=True, help="Also run Cliff-as-a-Judge selection, a LoRA fine-tune and the "
-                                             "before/after evaluation (§5).")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Also run Cliff-as-a-Judge selection, a LoRA fine-tune and the before/after evaluation (§5).",
+)
 @out_option
 def demo_command(quick, repair, out, **options):
     """Run the diagnosis end to end (generate, label, prober, traces, layer-wise, clipping, heads,

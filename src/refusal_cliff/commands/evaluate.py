@@ -9,33 +9,77 @@ from pathlib import Path
 import click
 
 from ..config import EvalConfig, GenerationConfig
-from .options import (check_out, check_prober, config_file_option, config_options, load_judge, out_option,
-                      overwrite_option, resolve)
+from .options import (
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_judge,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("evaluate")
-@click.option("--model", "models", multiple=True,
-              help="Model to evaluate, as NAME=PATH or PATH (hub id, folder, .gguf, default); repeat to compare.")
-@click.option("--sweep", type=click.Path(exists=True, dir_okay=False), default=None,
-              help='JSON list of {"model": PATH, "method": "cliff", "k": 10}: checkpoints for ASR vs k.')
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Model to evaluate, as NAME=PATH or PATH (hub id, folder, .gguf, default); repeat to compare.",
+)
+@click.option(
+    "--sweep",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help='JSON list of {"model": PATH, "method": "cliff", "k": 10}: checkpoints for ASR vs k.',
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--harmful", multiple=True,
-              help="Harmful prompt set (file, hub id or demo:harmful); repeat for several. ASR per set. "
-                   "Needed unless --tasks is given.")
+@click.option(
+    "--harmful",
+    multiple=True,
+    help="Harmful prompt set (file, hub id or demo:harmful); repeat for several. ASR per set. "
+    "Needed unless --tasks is given.",
+)
 @click.option("--benign", multiple=True, help="Benign prompt set; over-refusal per set.")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="First N prompts of each set, and first N examples of each lm-eval task unless --task-limit.")
-@click.option("--prober", "prober_path", type=click.Path(exists=True), default=None,
-              help="Prober for the final-token refusal score.")
-@click.option("--judge", "judge_model", default=None,
-              help="LlamaGuard-style judge model (hub id or folder); default: keyword judge.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="First N prompts of each set, and first N examples of each lm-eval task unless --task-limit.",
+)
+@click.option(
+    "--prober",
+    "prober_path",
+    type=click.Path(exists=True),
+    default=None,
+    help="Prober for the final-token refusal score.",
+)
+@click.option(
+    "--judge",
+    "judge_model",
+    default=None,
+    help="LlamaGuard-style judge model (hub id or folder); default: keyword judge.",
+)
 @config_options(EvalConfig)
 @config_options(GenerationConfig)
 @config_file_option
 @out_option
 @overwrite_option
-def evaluate_command(models, sweep, device, harmful, benign, limit, prober_path, judge_model, out, overwrite,
-                     config_file, **options):
+def evaluate_command(
+    models,
+    sweep,
+    device,
+    harmful,
+    benign,
+    limit,
+    prober_path,
+    judge_model,
+    out,
+    overwrite,
+    config_file,
+    **options,
+):
     """Compare models on ASR, over-refusal, final-token refusal score and reasoning tasks (lm-eval)."""
     from ..data import load_prompts
     from ..errors import UserError
@@ -54,17 +98,31 @@ def evaluate_command(models, sweep, device, harmful, benign, limit, prober_path,
         raise UserError("pass --harmful FILE (attack success rate) and/or --tasks NAME (reasoning accuracy)")
     with contextlib.ExitStack() as stack:
         # tasks, task folders and data files are checked before any model (or judge) is loaded
-        prepared = (stack.enter_context(prepare_tasks(config.tasks, config.task_paths, config.task_limit))
-                    if config.tasks else None)
-        harmful_sets = {Path(h).stem if ":" not in h else h.split(":")[-1]: load_prompts(h, limit=limit)
-                        for h in harmful}
-        benign_sets = {Path(b).stem if ":" not in b else b.split(":")[-1]: load_prompts(b, limit=limit)
-                       for b in benign}
+        prepared = (
+            stack.enter_context(prepare_tasks(config.tasks, config.task_paths, config.task_limit))
+            if config.tasks
+            else None
+        )
+        harmful_sets = {
+            Path(h).stem if ":" not in h else h.split(":")[-1]: load_prompts(h, limit=limit) for h in harmful
+        }
+        benign_sets = {
+            Path(b).stem if ":" not in b else b.split(":")[-1]: load_prompts(b, limit=limit) for b in benign
+        }
         if prober_path:
             check_prober(prober_path)
         check_out(out)
-        evaluation = run_evaluate(specs, harmful_sets, benign_sets, out, config, prober_path,
-                                  load_judge(judge_model, device), load=lambda s: load_model(s, device=device),
-                                  overwrite=overwrite, prepared=prepared)
+        evaluation = run_evaluate(
+            specs,
+            harmful_sets,
+            benign_sets,
+            out,
+            config,
+            prober_path,
+            load_judge(judge_model, device),
+            load=lambda s: load_model(s, device=device),
+            overwrite=overwrite,
+            prepared=prepared,
+        )
     click.echo(format_table(evaluation["models"]))
     click.echo(f"evaluation: {Path(out) / 'evaluation.json'}")

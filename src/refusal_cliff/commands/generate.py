@@ -5,14 +5,25 @@ from __future__ import annotations
 import click
 
 from ..config import BackendConfig, GenerationConfig, ModelConfig
-from .options import (check_out, config_file_option, config_options, load_model_from, model_options,
-                      out_option, overwrite_option, resolve)
+from .options import (
+    check_out,
+    config_file_option,
+    config_options,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("generate")
 @model_options
-@click.option("--prompts", required=True, help="Prompt file (.csv/.json/.jsonl/.parquet/.txt), hub dataset id, "
-                                               "or demo:harmful / demo:harmless.")
+@click.option(
+    "--prompts",
+    required=True,
+    help="Prompt file (.csv/.json/.jsonl/.parquet/.txt), hub dataset id, or demo:harmful / demo:harmless.",
+)
 @click.option("--column", default=None, help="Prompt column (detected among prompt, goal, instruction, ...).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N prompts.")
 @config_options(GenerationConfig)

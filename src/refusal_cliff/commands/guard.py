@@ -9,9 +9,9 @@ import click
 
 from ..config import GenerationConfig, GuardConfig, ModelConfig
 from .options import (
-    config_file_option,
     check_out,
     check_prober,
+    config_file_option,
     config_options,
     load_model_from,
     model_options,
@@ -23,10 +23,20 @@ from .options import (
 
 @click.command("guard")
 @model_options
-@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder) written by `probe train` or `layers`.")
-@click.option("--heads", "heads_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="heads.json written by `heads` on this model (needed by --action ablate).")
+@click.option(
+    "--prober",
+    "prober_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="prober.safetensors (or its folder) written by `probe train` or `layers`.",
+)
+@click.option(
+    "--heads",
+    "heads_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="heads.json written by `heads` on this model (needed by --action ablate).",
+)
 @click.option("--prompts", required=True, help="HARMFUL prompts (file, hub dataset id or demo:harmful).")
 @click.option("--benign-prompts", default=None, help="Benign prompts, for the over-refusal rate.")
 @config_options(GuardConfig)
@@ -50,8 +60,10 @@ def guard_command(prober_path, heads_path, prompts, benign_prompts, out, overwri
     generation = resolve(GenerationConfig, options)
     model = resolve(ModelConfig, options)
     if config.action == "ablate" and heads_path is None:
-        raise UserError("--action ablate needs the suppression heads: pass --heads heads.json (from "
-                        "`refusal-cliff heads`)")
+        raise UserError(
+            "--action ablate needs the suppression heads: pass --heads heads.json (from "
+            "`refusal-cliff heads`)"
+        )
     if heads_path is not None:
         read_ranking(heads_path)
     harmful = load_prompts(prompts, column=config.column, limit=config.limit)
@@ -60,7 +72,17 @@ def guard_command(prober_path, heads_path, prompts, benign_prompts, out, overwri
     check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    paths = run_guard(loaded, prober, harmful, out, config, generation, benign, heads_path=heads_path,
-                      sources={"prompts": prompts, "benign_prompts": benign_prompts}, overwrite=overwrite)
+    paths = run_guard(
+        loaded,
+        prober,
+        harmful,
+        out,
+        config,
+        generation,
+        benign,
+        heads_path=heads_path,
+        sources={"prompts": prompts, "benign_prompts": benign_prompts},
+        overwrite=overwrite,
+    )
     for path in paths.values():
         click.echo(f"wrote {Path(path)}")

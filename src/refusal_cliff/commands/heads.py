@@ -5,18 +5,40 @@ from __future__ import annotations
 import click
 
 from ..config import HeadsConfig, ModelConfig
-from .options import (check_out, check_prober, config_file_option, config_options, load_model_from,
-                      model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("heads")
 @model_options
-@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder) written by `probe train`.")
-@click.option("--generations", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="generations.jsonl of a run on HARMFUL prompts.")
-@click.option("--labels", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="labels.jsonl of that run (default: the one beside --generations, if it labels every id).")
+@click.option(
+    "--prober",
+    "prober_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="prober.safetensors (or its folder) written by `probe train`.",
+)
+@click.option(
+    "--generations",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="generations.jsonl of a run on HARMFUL prompts.",
+)
+@click.option(
+    "--labels",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="labels.jsonl of that run (default: the one beside --generations, if it labels every id).",
+)
 @config_options(HeadsConfig)
 @config_file_option
 @out_option

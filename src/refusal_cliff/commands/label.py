@@ -5,8 +5,15 @@ from __future__ import annotations
 import click
 
 from ..config import LabelConfig
-from .options import (check_out, config_file_option, config_options, load_judge, out_option, overwrite_option,
-                      resolve)
+from .options import (
+    check_out,
+    config_file_option,
+    config_options,
+    load_judge,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("label")
@@ -36,8 +43,11 @@ def label_command(generations, out, overwrite, config_file, **options):
         except UserError as exc:
             click.echo(f"warning: {exc}; counting the answer's first 32 words instead of tokens", err=True)
     else:
-        click.echo("warning: no --tokenizer and no metadata.json beside the generations; counting the answer's "
-                   "first 32 words instead of tokens", err=True)
+        click.echo(
+            "warning: no --tokenizer and no metadata.json beside the generations; counting the answer's "
+            "first 32 words instead of tokens",
+            err=True,
+        )
     path = run_label(generations, out, config, tokenizer, load_judge(config.judge), overwrite=overwrite)
     from ..runs import read_jsonl
 

@@ -7,14 +7,27 @@ from pathlib import Path
 import click
 
 from ..config import LayersConfig, ModelConfig
-from .options import (check_layers, check_out, config_file_option, config_options, load_model_from,
-                      model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_layers,
+    check_out,
+    config_file_option,
+    config_options,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("layers")
 @model_options
-@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (with labels.jsonl).")
-@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (with labels.jsonl).")
+@click.option(
+    "--harmful", required=True, help="Generation run folder of HARMFUL prompts (with labels.jsonl)."
+)
+@click.option(
+    "--harmless", required=True, help="Generation run folder of HARMLESS prompts (with labels.jsonl)."
+)
 @config_options(LayersConfig)
 @config_file_option
 @out_option
@@ -33,6 +46,8 @@ def layers_command(harmful, harmless, out, overwrite, config_file, **options):
     loaded = load_model_from(model)
     probers = run_layers(loaded, harmful, harmless, out, config, overwrite=overwrite)
     for layer, prober in sorted(probers.items()):
-        click.echo(f"layer {layer:>3}: validation accuracy {prober.metadata['metrics']['val_accuracy']:.3f} "
-                   f"({prober.quality})")
+        click.echo(
+            f"layer {layer:>3}: validation accuracy {prober.metadata['metrics']['val_accuracy']:.3f} "
+            f"({prober.quality})"
+        )
     click.echo(f"wrote {Path(out) / 'layerwise.json'}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +50,28 @@ def _option_for(field) -> typing.Callable:
     name = _flag_name(field)
     default = field.default if field.default is not MISSING else None
     if "parse" in field.metadata:  # list-valued: typed as text, parsed by the config
-        text = field.metadata.get("show", ",".join(f"{v:g}" if isinstance(v, float) else str(v)
-                                                   for v in (default or ())))
-        return click.option(f"--{name}", field.name, default=text or None, show_default=bool(text), help=help_text)
+        text = field.metadata.get(
+            "show", ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (default or ()))
+        )
+        return click.option(
+            f"--{name}", field.name, default=text or None, show_default=bool(text), help=help_text
+        )
     if field.metadata.get("multiple"):
         return click.option(f"--{name}", field.name, multiple=True, help=help_text)
     base = _base_type(field)
     if base is bool:
         decl = f"--{name}" if "/" not in name else "--" + name.replace("/", "/--")
-        return click.option(decl, field.name, is_flag=True, default=default, help=help_text,
-                            show_default="/" in name)
-    return click.option(f"--{name}", field.name, type=_click_type(field, base), default=default,
-                        show_default=default is not None, help=help_text)
+        return click.option(
+            decl, field.name, is_flag=True, default=default, help=help_text, show_default="/" in name
+        )
+    return click.option(
+        f"--{name}",
+        field.name,
+        type=_click_type(field, base),
+        default=default,
+        show_default=default is not None,
+        help=help_text,
+    )
 
 
 def config_options(*classes, exclude: tuple[str, ...] = ()):
@@ -112,9 +122,15 @@ def _read_config_file(ctx: click.Context, param, value: str | None) -> str | Non
 
 
 config_file_option = click.option(
-    "--config", "config_file", default=None, callback=_read_config_file, expose_value=True, is_eager=True,
+    "--config",
+    "config_file",
+    default=None,
+    callback=_read_config_file,
+    expose_value=True,
+    is_eager=True,
     help="TOML/YAML/JSON file of settings (keys are flag names; a [<verb>] table overrides the top level). "
-         "An explicit flag overrides the file.")
+    "An explicit flag overrides the file.",
+)
 
 
 def _known_settings() -> set[str]:
@@ -123,7 +139,11 @@ def _known_settings() -> set[str]:
 
     names = set()
     for value in vars(config_module).values():
-        if isinstance(value, type) and issubclass(value, config_module.Config) and value is not config_module.Config:
+        if (
+            isinstance(value, type)
+            and issubclass(value, config_module.Config)
+            and value is not config_module.Config
+        ):
             names.update(f.name for f in config_fields(value))
     return names
 
@@ -139,11 +159,16 @@ def _check_file_keys(ctx: click.Context, source: str, data: dict, verb: str) -> 
             if key in (ctx.info_name, verb):
                 unknown = sorted(k for k in value if str(k).replace("-", "_") not in own)
                 if unknown:
-                    raise click.UsageError(f"{source}: [{key}] sets {', '.join(unknown)}, which "
-                                           f"`{ctx.command_path}` does not have", ctx=ctx)
+                    raise click.UsageError(
+                        f"{source}: [{key}] sets {', '.join(unknown)}, which "
+                        f"`{ctx.command_path}` does not have",
+                        ctx=ctx,
+                    )
         elif name not in known:
-            raise click.UsageError(f"{source}: unknown setting {key!r} (settings are flag names, e.g. "
-                                   "max_thinking_tokens)", ctx=ctx)
+            raise click.UsageError(
+                f"{source}: unknown setting {key!r} (settings are flag names, e.g. max_thinking_tokens)",
+                ctx=ctx,
+            )
 
 
 def _file_values(ctx: click.Context) -> dict:
@@ -192,9 +217,14 @@ def load_model_from(config: ModelConfig, require_chat_template: bool = True):
     """Load the model a ModelConfig names."""
     from ..models import load_model
 
-    return load_model(config.model or "default", device=config.device, dtype=config.dtype,
-                      revision=config.revision, trust_remote_code=config.trust_remote_code,
-                      require_chat_template=require_chat_template)
+    return load_model(
+        config.model or "default",
+        device=config.device,
+        dtype=config.dtype,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        require_chat_template=require_chat_template,
+    )
 
 
 def load_judge(judge: str | None, device: str = "auto"):
@@ -207,11 +237,19 @@ def load_judge(judge: str | None, device: str = "auto"):
     return ModelJudge(load_model(judge, device=device))
 
 
-out_option = click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-                          help="Run folder to write into (created if missing).")
-overwrite_option = click.option("--overwrite", is_flag=True,
-                                help="Replace a run with different settings already in --out (the old results "
-                                     "are kept until the new run finishes).")
+out_option = click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run folder to write into (created if missing).",
+)
+overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run with different settings already in --out (the old results "
+    "are kept until the new run finishes).",
+)
 
 
 # -- checks every verb runs before it loads a model (issue 13) ----------------------------------------------

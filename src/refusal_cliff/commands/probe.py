@@ -5,8 +5,18 @@ from __future__ import annotations
 import click
 
 from ..config import DirectionConfig, ModelConfig, ProbeConfig
-from .options import (check_layers, check_out, check_prober, config_file_option, config_options,
-                      load_model_from, model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_layers,
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.group("probe")
@@ -16,9 +26,15 @@ def probe_group():
 
 @probe_group.command("train")
 @model_options
-@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (refusals = class 1).")
-@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (compliance = class 0).")
-@click.option("--ood", multiple=True, help="Out-of-distribution generation run(s) for OOD accuracy (repeatable).")
+@click.option(
+    "--harmful", required=True, help="Generation run folder of HARMFUL prompts (refusals = class 1)."
+)
+@click.option(
+    "--harmless", required=True, help="Generation run folder of HARMLESS prompts (compliance = class 0)."
+)
+@click.option(
+    "--ood", multiple=True, help="Out-of-distribution generation run(s) for OOD accuracy (repeatable)."
+)
 @config_options(ProbeConfig)
 @config_file_option
 @out_option
@@ -38,22 +54,37 @@ def _probe_train_command(harmful, harmless, ood, out, overwrite, config_file, **
         click.echo(f"up to date: {result.path} (same inputs and settings)")
         return
     metrics = result.prober.metadata["metrics"]
-    ood_text = f", OOD accuracy {metrics['ood_accuracy']:.3f}" if metrics.get("ood_accuracy") is not None else ""
+    ood_text = (
+        f", OOD accuracy {metrics['ood_accuracy']:.3f}" if metrics.get("ood_accuracy") is not None else ""
+    )
     low, high = metrics["val_accuracy_ci95"]
-    click.echo(f"wrote {result.path}: layer {result.prober.layer}, validation accuracy {metrics['val_accuracy']:.3f} "
-               f"(95 % interval {low:.2f}-{high:.2f}, n={metrics['n_val']}){ood_text}")
+    click.echo(
+        f"wrote {result.path}: layer {result.prober.layer}, validation accuracy {metrics['val_accuracy']:.3f} "
+        f"(95 % interval {low:.2f}-{high:.2f}, n={metrics['n_val']}){ood_text}"
+    )
     if result.prober.quality == "unreliable":
-        click.echo("warning: the prober is UNRELIABLE: " + "; ".join(result.prober.metadata["quality_reasons"]),
-                   err=True)
+        click.echo(
+            "warning: the prober is UNRELIABLE: " + "; ".join(result.prober.metadata["quality_reasons"]),
+            err=True,
+        )
 
 
 @probe_group.command("direction")
 @model_options
-@click.option("--harmful", required=True, help="Generation run folder of HARMFUL prompts (refusals = class 1).")
-@click.option("--harmless", required=True, help="Generation run folder of HARMLESS prompts (compliance = class 0).")
-@click.option("--prober", "prober_path", default=None, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder): report each direction's cosine to its weight, and add its "
-                   "layer.")
+@click.option(
+    "--harmful", required=True, help="Generation run folder of HARMFUL prompts (refusals = class 1)."
+)
+@click.option(
+    "--harmless", required=True, help="Generation run folder of HARMLESS prompts (compliance = class 0)."
+)
+@click.option(
+    "--prober",
+    "prober_path",
+    default=None,
+    type=click.Path(exists=True),
+    help="prober.safetensors (or its folder): report each direction's cosine to its weight, and add its "
+    "layer.",
+)
 @config_options(DirectionConfig)
 @config_file_option
 @out_option
@@ -77,6 +108,12 @@ def _probe_direction_command(harmful, harmless, prober_path, out, overwrite, con
     from ..runs import read_json
 
     for layer, entry in read_json(path)["layers"].items():
-        cosine = "" if entry["cosine_to_prober"] is None else f", cosine to the prober {entry['cosine_to_prober']:+.3f}"
-        click.echo(f"layer {layer}: |d| {entry['norm']:.3g}, classes separated {entry['accuracy']:.0%}{cosine}")
+        cosine = (
+            ""
+            if entry["cosine_to_prober"] is None
+            else f", cosine to the prober {entry['cosine_to_prober']:+.3f}"
+        )
+        click.echo(
+            f"layer {layer}: |d| {entry['norm']:.3g}, classes separated {entry['accuracy']:.0%}{cosine}"
+        )
     click.echo(f"wrote {path} and {path.with_name('directions.safetensors')}")

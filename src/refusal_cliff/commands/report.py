@@ -8,10 +8,21 @@ import click
 
 
 @click.command("report")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder to report on (its immediate sub-folders are searched too).")
-@click.option("--top", "top_examples", default=10, show_default=True, type=click.IntRange(min=1),
-              help="How many examples with the largest misalignment score to show.")
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder to report on (its immediate sub-folders are searched too).",
+)
+@click.option(
+    "--top",
+    "top_examples",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many examples with the largest misalignment score to show.",
+)
 def report(run_dir: Path, top_examples: int) -> None:
     """Write report.html, summary.json and fig_*.png into the run folder."""
     from ..report import SUMMARY_NAME, render_report  # lazy: matplotlib is slow to import

@@ -5,17 +5,35 @@ from __future__ import annotations
 import click
 
 from ..config import BackendConfig, ExecutorConfig, GenerationConfig, ModelConfig, ScoreConfig, SelectConfig
-from .options import (check_out, check_prober, config_file_option, config_options, load_judge,
-                      load_model_from, model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_judge,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("select")
 @model_options
-@click.option("--prober", "prober_path", required=True, type=click.Path(exists=True),
-              help="prober.safetensors (or its folder) trained on this model.")
-@click.option("--candidates", required=True,
-              help="Candidate file (WildJailbreak-style vanilla/adversarial + completion, or prompt + response; "
-                   ".jsonl/.json/.csv/.parquet), or demo:candidates.")
+@click.option(
+    "--prober",
+    "prober_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="prober.safetensors (or its folder) trained on this model.",
+)
+@click.option(
+    "--candidates",
+    required=True,
+    help="Candidate file (WildJailbreak-style vanilla/adversarial + completion, or prompt + response; "
+    ".jsonl/.json/.csv/.parquet), or demo:candidates.",
+)
 @config_options(SelectConfig)
 @config_options(ScoreConfig)
 @config_options(GenerationConfig)
@@ -50,9 +68,19 @@ def select_command(prober_path, candidates, out, overwrite, config_file, **optio
     prober = load_prober(prober_path, loaded)
     executor = make_executor(executor_config, model)
     try:
-        result = run_select(loaded, prober, rows, out, config, score,
-                            judge=load_judge(config.judge, model.device), overwrite=overwrite,
-                            source=candidates, backend=backend, executor=executor)
+        result = run_select(
+            loaded,
+            prober,
+            rows,
+            out,
+            config,
+            score,
+            judge=load_judge(config.judge, model.device),
+            overwrite=overwrite,
+            source=candidates,
+            backend=backend,
+            executor=executor,
+        )
     finally:
         executor.close()
     click.echo(f"scored:    {result.n_candidates} candidates -> {result.scores_path}")

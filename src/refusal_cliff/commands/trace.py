@@ -7,31 +7,67 @@ from pathlib import Path
 import click
 
 from ..config import ExecutorConfig, ModelConfig, TraceConfig
-from .options import (check_out, check_prober, config_file_option, config_options, load_model_from,
-                      model_options, out_option, overwrite_option, resolve)
+from .options import (
+    check_out,
+    check_prober,
+    config_file_option,
+    config_options,
+    load_model_from,
+    model_options,
+    out_option,
+    overwrite_option,
+    resolve,
+)
 
 
 @click.command("trace")
 @model_options
 @click.option("--prober", "prober_path", required=True, help="prober.safetensors (or its folder).")
-@click.option("--generations", required=True, multiple=True, type=click.Path(dir_okay=False),
-              help="generations.jsonl of HARMFUL prompts (repeatable); grouped complied/refused by --labels.")
-@click.option("--labels", multiple=True, type=click.Path(dir_okay=False),
-              help="labels.jsonl of the harmful generations (repeatable; default: the labels.jsonl beside each "
-                   "file, used only if it labels every id of that file).")
-@click.option("--harmless-generations", multiple=True, type=click.Path(dir_okay=False),
-              help="generations.jsonl of HARMLESS prompts (repeatable): the 'harmless' group.")
-@click.option("--direction", "direction_path", default=None, type=click.Path(),
-              help="directions.safetensors (or its folder) written by `probe direction` on this model: also score "
-                   "every token with its standardised projection (traces' direction_score, "
-                   "OUT/direction_curves.json).")
+@click.option(
+    "--generations",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="generations.jsonl of HARMFUL prompts (repeatable); grouped complied/refused by --labels.",
+)
+@click.option(
+    "--labels",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="labels.jsonl of the harmful generations (repeatable; default: the labels.jsonl beside each "
+    "file, used only if it labels every id of that file).",
+)
+@click.option(
+    "--harmless-generations",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="generations.jsonl of HARMLESS prompts (repeatable): the 'harmless' group.",
+)
+@click.option(
+    "--direction",
+    "direction_path",
+    default=None,
+    type=click.Path(),
+    help="directions.safetensors (or its folder) written by `probe direction` on this model: also score "
+    "every token with its standardised projection (traces' direction_score, "
+    "OUT/direction_curves.json).",
+)
 @config_options(TraceConfig)
 @config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
-def trace_command(prober_path, generations, labels, harmless_generations, direction_path, out, overwrite, config_file,
-                  **options):
+def trace_command(
+    prober_path,
+    generations,
+    labels,
+    harmless_generations,
+    direction_path,
+    out,
+    overwrite,
+    config_file,
+    **options,
+):
     """Score every token of each probing sequence; writes OUT/traces.parquet, OUT/cliff.jsonl, OUT/curves.json."""
     from ..errors import UserError
     from ..executors import check_executor, make_executor
@@ -64,9 +100,12 @@ def trace_command(prober_path, generations, labels, harmless_generations, direct
         direction = load_direction(direction_path, loaded, layer)
     executor = make_executor(executor_config, model)
     try:
-        result = run_trace(loaded, prober, inputs, out, config, overwrite=overwrite, direction=direction,
-                           executor=executor)
+        result = run_trace(
+            loaded, prober, inputs, out, config, overwrite=overwrite, direction=direction, executor=executor
+        )
     finally:
         executor.close()
-    click.echo(f"traced {result.written} new examples ({result.n_examples} in all): {Path(out) / 'cliff.jsonl'}, "
-               f"{Path(out) / 'traces.parquet'}, {Path(out) / 'curves.json'}")
+    click.echo(
+        f"traced {result.written} new examples ({result.n_examples} in all): {Path(out) / 'cliff.jsonl'}, "
+        f"{Path(out) / 'traces.parquet'}, {Path(out) / 'curves.json'}"
+    )

@@ -51,8 +51,18 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 SUMMARY_NAME = "summary.json"
 
-__all__ = ["FIGURE_NAMES", "REPORT_NAME", "SECTIONS", "SUMMARY_NAME", "Section", "__version__",
-           "is_harmless_group", "load_run", "render_report", "truncate_text"]
+__all__ = [
+    "FIGURE_NAMES",
+    "REPORT_NAME",
+    "SECTIONS",
+    "SUMMARY_NAME",
+    "Section",
+    "__version__",
+    "is_harmless_group",
+    "load_run",
+    "render_report",
+    "truncate_text",
+]
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -76,8 +86,11 @@ def _run_facts(artifacts: RunArtifacts) -> dict[str, Any]:
     model_ids: list[str] = []
     revisions: list[str] = []
     started: list[str] = []
-    paths = [p for folder in [run_dir, *sorted(d for d in run_dir.iterdir() if d.is_dir())]
-             for p in sorted(folder.glob("metadata*.json"))]
+    paths = [
+        p
+        for folder in [run_dir, *sorted(d for d in run_dir.iterdir() if d.is_dir())]
+        for p in sorted(folder.glob("metadata*.json"))
+    ]
     for path in paths:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
@@ -92,7 +105,11 @@ def _run_facts(artifacts: RunArtifacts) -> dict[str, Any]:
     prober = artifacts.data.get("prober.json")
     if prober and isinstance(prober.get("model_id"), str) and prober["model_id"] not in model_ids:
         model_ids.insert(0, prober["model_id"])
-    return {"model_ids": model_ids, "model_revisions": revisions, "started": min(started) if started else None}
+    return {
+        "model_ids": model_ids,
+        "model_revisions": revisions,
+        "started": min(started) if started else None,
+    }
 
 
 def _render_sections(ctx: Context) -> tuple[dict[str, tuple[Html, Any]], dict[str, str]]:
@@ -153,9 +170,14 @@ def render_report(run_dir: str | Path, top_examples: int = 10) -> Path:
     write_json(run_dir / SUMMARY_NAME, _finite_or_none(summary))
     titles = {section.name: section.title for section in SECTIONS}
     warning = quality_warning(quality)
-    html_page = page([(name, titles[name], body) for name, (body, _) in rendered.items()],
-                     [(titles[name], reason) for name, reason in skipped.items()], facts, run_dir.name, generated,
-                     warnings=[warning] if warning else [])
+    html_page = page(
+        [(name, titles[name], body) for name, (body, _) in rendered.items()],
+        [(titles[name], reason) for name, reason in skipped.items()],
+        facts,
+        run_dir.name,
+        generated,
+        warnings=[warning] if warning else [],
+    )
     path = run_dir / REPORT_NAME
     atomic_write_text(path, html_page)
     logger.info("report: %s (%d sections, %d skipped)", path, len(rendered), len(skipped))

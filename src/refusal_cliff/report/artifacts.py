@@ -130,7 +130,9 @@ def _prober_quality(data: dict, where: str) -> tuple[str | None, list[str]]:
     if quality is not None and quality not in PROBER_QUALITIES:
         raise UserError(f"{where}: 'quality' must be one of {PROBER_QUALITIES}, got {quality!r:.40}")
     reasons = _expect(data.get("quality_reasons") or [], list, f"{where}: 'quality_reasons'")
-    return quality, [str(_expect(reason, str, f"{where}: quality_reasons[{i}]")) for i, reason in enumerate(reasons)]
+    return quality, [
+        str(_expect(reason, str, f"{where}: quality_reasons[{i}]")) for i, reason in enumerate(reasons)
+    ]
 
 
 def load_prober(path: Path) -> Prober:
@@ -140,16 +142,37 @@ def load_prober(path: Path) -> Prober:
     for index, entry in enumerate(_expect(data.get("history") or [], list, f"{path}: 'history'")):
         where = f"{path}: history[{index}]"
         _expect(entry, dict, where)
-        history.append(EpochRecord(
-            epoch=_int(entry.get("epoch"), f"{where}.epoch"),
-            **{key: _num(entry.get(key), f"{where}.{key}", optional=True)
-               for key in ("train_loss", "val_loss", "val_accuracy", "ood_accuracy")}))
+        history.append(
+            EpochRecord(
+                epoch=_int(entry.get("epoch"), f"{where}.epoch"),
+                **{
+                    key: _num(entry.get(key), f"{where}.{key}", optional=True)
+                    for key in ("train_loss", "val_loss", "val_accuracy", "ood_accuracy")
+                },
+            )
+        )
     quality, reasons = _prober_quality(data, str(path))
     return Prober(
-        **{key: data.get(key) for key in ("model_id", "model_revision", "architecture", "layer", "n_layers",
-                                          "d_model", "final_norm_applied", "end_template")},
-        metrics=_prober_metrics(_expect(data.get("metrics") or {}, dict, f"{path}: 'metrics'"), f"{path}: metrics"),
-        history=history, quality=quality, quality_reasons=reasons)
+        **{
+            key: data.get(key)
+            for key in (
+                "model_id",
+                "model_revision",
+                "architecture",
+                "layer",
+                "n_layers",
+                "d_model",
+                "final_norm_applied",
+                "end_template",
+            )
+        },
+        metrics=_prober_metrics(
+            _expect(data.get("metrics") or {}, dict, f"{path}: 'metrics'"), f"{path}: metrics"
+        ),
+        history=history,
+        quality=quality,
+        quality_reasons=reasons,
+    )
 
 
 class Curve(TypedDict):
@@ -172,9 +195,14 @@ def load_curves(path: Path) -> dict[str, Curve]:
         if len(x) != len(mean) or (std is not None and len(std) != len(mean)):
             raise UserError(f"{where}: 'x', 'mean' and 'std' must have the same length; regenerate it")
         curves[str(group)] = Curve(
-            x=x, mean=mean, std=std, n=_int(entry.get("n"), f"{where} 'n'", optional=True),
-            end_template_start=_num(entry.get("end_template_start"), f"{where} 'end_template_start'",
-                                    optional=True))
+            x=x,
+            mean=mean,
+            std=std,
+            n=_int(entry.get("n"), f"{where} 'n'", optional=True),
+            end_template_start=_num(
+                entry.get("end_template_start"), f"{where} 'end_template_start'", optional=True
+            ),
+        )
     return curves
 
 
@@ -198,9 +226,13 @@ def _cliff_metrics(record: dict, where: str) -> dict:
     ms = _num(record.get("ms"), f"{where}: 'ms'", optional=True)
     if ms is None and plateau is not None and final is not None:
         ms = plateau - final
-    return {"plateau": plateau, "final": final, "ms": ms,
-            "t_cliff": _int(record.get("t_cliff"), f"{where}: 't_cliff'", optional=True),
-            "drop": _num(record.get("drop"), f"{where}: 'drop'", optional=True)}
+    return {
+        "plateau": plateau,
+        "final": final,
+        "ms": ms,
+        "t_cliff": _int(record.get("t_cliff"), f"{where}: 't_cliff'", optional=True),
+        "drop": _num(record.get("drop"), f"{where}: 'drop'", optional=True),
+    }
 
 
 def _require_id(record: dict, where: str, command: str) -> str:
@@ -211,9 +243,14 @@ def _require_id(record: dict, where: str, command: str) -> str:
 
 def load_cliff(path: Path) -> list[CliffRow]:
     """cliff.jsonl → [`CliffRow`]; a metric that does not exist for a trace is null."""
-    return [CliffRow(id=_require_id(record, where, "refusal-cliff trace"), group=str(record.get("group") or "all"),
-                     **_cliff_metrics(record, where))
-            for where, record in _records(path, jsonl=True)]
+    return [
+        CliffRow(
+            id=_require_id(record, where, "refusal-cliff trace"),
+            group=str(record.get("group") or "all"),
+            **_cliff_metrics(record, where),
+        )
+        for where, record in _records(path, jsonl=True)
+    ]
 
 
 class LayerwiseLayer(TypedDict):
@@ -232,13 +269,19 @@ def load_layerwise(path: Path) -> dict[str, LayerwiseLayer]:
     layers: dict[str, LayerwiseLayer] = {}
     for layer, entry in _expect(read_json(path), dict, str(path)).items():
         where = f"{path}: layer {layer!r}"
-        groups = {str(key): _expect(value, dict, f"{where} group {key!r}")
-                  for key, value in _expect(entry, dict, where).items() if key != "ms_mean"}
+        groups = {
+            str(key): _expect(value, dict, f"{where} group {key!r}")
+            for key, value in _expect(entry, dict, where).items()
+            if key != "ms_mean"
+        }
         layers[str(layer)] = LayerwiseLayer(
             groups={g: _numbers(v.get("mean"), f"{where} group {g!r} 'mean'") for g, v in groups.items()},
-            group_ms_mean={g: _num(v.get("ms_mean"), f"{where} group {g!r} 'ms_mean'", optional=True)
-                           for g, v in groups.items()},
-            ms_mean=_num(entry.get("ms_mean"), f"{where} 'ms_mean'", optional=True))
+            group_ms_mean={
+                g: _num(v.get("ms_mean"), f"{where} group {g!r} 'ms_mean'", optional=True)
+                for g, v in groups.items()
+            },
+            ms_mean=_num(entry.get("ms_mean"), f"{where} 'ms_mean'", optional=True),
+        )
     return {name: layers[name] for name in sorted(layers, key=_layer_sort_key)}
 
 
@@ -264,8 +307,18 @@ class ClippingRow(TypedDict):
 
 def load_clipping(path: Path) -> list[ClippingRow]:
     """clipping.json → rows sorted by `fraction`."""
-    return _load_rows(path, {"fraction": True, "final_mean": False, "ms_mean": False, "drop_mean": False,
-                             "refusal_rate": False, "n": False}, "fraction")
+    return _load_rows(
+        path,
+        {
+            "fraction": True,
+            "final_mean": False,
+            "ms_mean": False,
+            "drop_mean": False,
+            "refusal_rate": False,
+            "n": False,
+        },
+        "fraction",
+    )
 
 
 class HeadRow(TypedDict):
@@ -280,8 +333,18 @@ class HeadRow(TypedDict):
 
 def load_heads(path: Path) -> list[HeadRow]:
     """heads.json → `HeadRow`s, most negative `value` first."""
-    rows = _load_rows(path, {"layer": True, "head": True, "contribution": False, "contribution_exact": False,
-                             "std": False, "rank": False}, "layer")
+    rows = _load_rows(
+        path,
+        {
+            "layer": True,
+            "head": True,
+            "contribution": False,
+            "contribution_exact": False,
+            "std": False,
+            "rank": False,
+        },
+        "layer",
+    )
     for index, row in enumerate(rows):
         row["layer"], row["head"] = int(row["layer"]), int(row["head"])
         row["rank"] = None if row["rank"] is None else int(row["rank"])
@@ -308,8 +371,15 @@ class AblationRow(TypedDict):
 
 def load_ablation(path: Path) -> list[AblationRow]:
     """ablation.json → rows sorted by `threshold` (fraction of all heads)."""
-    fields = {"threshold": True, "gamma": False, "final_score_mean": False, "asr": False,
-              "benign_refusal_rate": False, "n_harmful": False, "n_benign": False}
+    fields = {
+        "threshold": True,
+        "gamma": False,
+        "final_score_mean": False,
+        "asr": False,
+        "benign_refusal_rate": False,
+        "n_harmful": False,
+        "n_benign": False,
+    }
     rows = _load_rows(path, fields, "threshold")
     for row in rows:
         heads = row.get("heads")
@@ -358,26 +428,46 @@ def load_patterns(path: Path) -> Patterns:
     for index, entry in enumerate(_expect(data.get("mass_mean") or [], list, f"{path}: 'mass_mean'")):
         where = f"{path}: mass_mean[{index}]"
         _expect(entry, dict, where)
-        mass.append(PatternHead(layer=_int(entry.get("layer"), f"{where}.layer"),
-                                head=_int(entry.get("head"), f"{where}.head"),
-                                rank=_int(entry.get("rank"), f"{where}.rank", optional=True),
-                                contribution=_num(entry.get("contribution"), f"{where}.contribution", optional=True),
-                                **{region: _num(entry.get(region), f"{where}.{region}")
-                                   for region in ("prompt", "thinking", "end_template")}))
+        mass.append(
+            PatternHead(
+                layer=_int(entry.get("layer"), f"{where}.layer"),
+                head=_int(entry.get("head"), f"{where}.head"),
+                rank=_int(entry.get("rank"), f"{where}.rank", optional=True),
+                contribution=_num(entry.get("contribution"), f"{where}.contribution", optional=True),
+                **{
+                    region: _num(entry.get(region), f"{where}.{region}")
+                    for region in ("prompt", "thinking", "end_template")
+                },
+            )
+        )
     heatmap = data.get("heatmap")
     if heatmap is not None:
         _expect(heatmap, dict, f"{path}: 'heatmap'")
         tokens = _expect(heatmap.get("tokens"), list, f"{path}: heatmap.tokens")
         regions = _expect(heatmap.get("regions"), list, f"{path}: heatmap.regions")
-        weights = [_numbers(row, f"{path}: heatmap.weights[{i}]")
-                   for i, row in enumerate(_expect(heatmap.get("weights"), list, f"{path}: heatmap.weights"))]
-        if len(tokens) != len(regions) or any(len(row) != len(tokens) for row in weights) or len(weights) != len(mass):
+        weights = [
+            _numbers(row, f"{path}: heatmap.weights[{i}]")
+            for i, row in enumerate(_expect(heatmap.get("weights"), list, f"{path}: heatmap.weights"))
+        ]
+        if (
+            len(tokens) != len(regions)
+            or any(len(row) != len(tokens) for row in weights)
+            or len(weights) != len(mass)
+        ):
             raise UserError(f"{path}: the heat map's tokens, regions and weights do not match; regenerate it")
-        heatmap = {"id": str(heatmap.get("id")), "tokens": [str(t) for t in tokens], "regions": [str(r) for r in regions],
-                   "weights": weights}
-    return Patterns(heads=[list(map(int, h)) for h in _expect(data.get("heads") or [], list, f"{path}: 'heads'")],
-                    top=_int(data.get("top"), f"{path}: 'top'", optional=True) or 0, mass_mean=mass,
-                    examples=_expect(data.get("examples") or [], list, f"{path}: 'examples'"), heatmap=heatmap)
+        heatmap = {
+            "id": str(heatmap.get("id")),
+            "tokens": [str(t) for t in tokens],
+            "regions": [str(r) for r in regions],
+            "weights": weights,
+        }
+    return Patterns(
+        heads=[list(map(int, h)) for h in _expect(data.get("heads") or [], list, f"{path}: 'heads'")],
+        top=_int(data.get("top"), f"{path}: 'top'", optional=True) or 0,
+        mass_mean=mass,
+        examples=_expect(data.get("examples") or [], list, f"{path}: 'examples'"),
+        heatmap=heatmap,
+    )
 
 
 class DirectionLayer(TypedDict):
@@ -411,13 +501,18 @@ def load_directions(path: Path) -> Directions:
             norm=_num(entry.get("norm"), f"{where}.norm"),
             projection_mean=_num(entry.get("projection_mean"), f"{where}.projection_mean"),
             projection_std=_num(entry.get("projection_std"), f"{where}.projection_std"),
-            **{key: _num(entry.get(key), f"{where}.{key}", optional=True)
-               for key in ("cosine_to_prober", "refused_mean", "complied_mean", "accuracy")})
-    return Directions(model_id=data.get("model_id"),
-                      prober_layer=_int(data.get("prober_layer"), f"{path}: prober_layer", optional=True),
-                      n_refused=_int(data.get("n_refused"), f"{path}: n_refused", optional=True),
-                      n_complied=_int(data.get("n_complied"), f"{path}: n_complied", optional=True),
-                      layers={name: layers[name] for name in sorted(layers, key=_layer_sort_key)})
+            **{
+                key: _num(entry.get(key), f"{where}.{key}", optional=True)
+                for key in ("cosine_to_prober", "refused_mean", "complied_mean", "accuracy")
+            },
+        )
+    return Directions(
+        model_id=data.get("model_id"),
+        prober_layer=_int(data.get("prober_layer"), f"{path}: prober_layer", optional=True),
+        n_refused=_int(data.get("n_refused"), f"{path}: n_refused", optional=True),
+        n_complied=_int(data.get("n_complied"), f"{path}: n_complied", optional=True),
+        layers={name: layers[name] for name in sorted(layers, key=_layer_sort_key)},
+    )
 
 
 class GuardRow(TypedDict):
@@ -534,9 +629,12 @@ class Evaluation(TypedDict):
 
 def _task_accuracies(tasks: dict, where: str) -> dict[str, float | None]:
     """{task: {"accuracy": float, ...}} (as `evaluate` writes it) → {task: accuracy}."""
-    return {str(task): _num(_expect(value, dict, f"{where}.{task}").get("accuracy"), f"{where}.{task}.accuracy",
-                            optional=True)
-            for task, value in tasks.items()}
+    return {
+        str(task): _num(
+            _expect(value, dict, f"{where}.{task}").get("accuracy"), f"{where}.{task}.accuracy", optional=True
+        )
+        for task, value in tasks.items()
+    }
 
 
 def _evaluated_model(entry: dict, where: str) -> EvaluatedModel:
@@ -544,24 +642,36 @@ def _evaluated_model(entry: dict, where: str) -> EvaluatedModel:
         model=str(entry.get("model", where)),
         method=None if entry.get("method") is None else str(entry["method"]),
         k=_num(entry.get("k"), f"{where}.k", optional=True),
-        **{key: _num(entry.get(key), f"{where}.{key}", optional=True)
-           for key in ("asr", "over_refusal", "final_score_mean")},
-        tasks=_task_accuracies(_expect(entry.get("tasks") or {}, dict, f"{where}.tasks"), f"{where}.tasks"))
+        **{
+            key: _num(entry.get(key), f"{where}.{key}", optional=True)
+            for key in ("asr", "over_refusal", "final_score_mean")
+        },
+        tasks=_task_accuracies(_expect(entry.get("tasks") or {}, dict, f"{where}.tasks"), f"{where}.tasks"),
+    )
 
 
 def _asr_points(points: Any, where: str) -> list[AsrPoint]:
     rows = [_expect(p, dict, f"{where}[{i}]") for i, p in enumerate(_expect(points, list, where))]
-    return sorted((AsrPoint(k=_num(p.get("k"), f"{where}[{i}].k"), asr=_num(p.get("asr"), f"{where}[{i}].asr"))
-                   for i, p in enumerate(rows)), key=lambda p: p["k"])
+    return sorted(
+        (
+            AsrPoint(k=_num(p.get("k"), f"{where}[{i}].k"), asr=_num(p.get("asr"), f"{where}[{i}].asr"))
+            for i, p in enumerate(rows)
+        ),
+        key=lambda p: p["k"],
+    )
 
 
 def load_evaluation(path: Path) -> Evaluation:
     """evaluation.json `{"models": [...], "asr_vs_k": {method: [{k, asr}, ...]}}` → `Evaluation`."""
     data = _expect(read_json(path), dict, str(path))
-    models = [_evaluated_model(_expect(entry, dict, f"{path}: models[{i}]"), f"{path}: models[{i}]")
-              for i, entry in enumerate(_expect(data.get("models") or [], list, f"{path}: 'models'"))]
+    models = [
+        _evaluated_model(_expect(entry, dict, f"{path}: models[{i}]"), f"{path}: models[{i}]")
+        for i, entry in enumerate(_expect(data.get("models") or [], list, f"{path}: 'models'"))
+    ]
     raw = _expect(data.get("asr_vs_k") or {}, dict, f"{path}: 'asr_vs_k'")
-    asr_vs_k = {str(method): _asr_points(points, f"{path}: asr_vs_k[{method!r}]") for method, points in raw.items()}
+    asr_vs_k = {
+        str(method): _asr_points(points, f"{path}: asr_vs_k[{method!r}]") for method, points in raw.items()
+    }
     return Evaluation(models=models, asr_vs_k=asr_vs_k)
 
 
@@ -580,10 +690,15 @@ class ScoreRow(TypedDict):
 
 def load_scores(path: Path) -> list[ScoreRow]:
     """scores.jsonl → [`ScoreRow`]."""
-    return [ScoreRow(id=_require_id(record, where, "refusal-cliff select"), **_cliff_metrics(record, where),
-                     refusal=_flag(record.get("refusal"), f"{where}: 'refusal'"),
-                     unsafe=_flag(record.get("unsafe"), f"{where}: 'unsafe'"))
-            for where, record in _records(path, jsonl=True)]
+    return [
+        ScoreRow(
+            id=_require_id(record, where, "refusal-cliff select"),
+            **_cliff_metrics(record, where),
+            refusal=_flag(record.get("refusal"), f"{where}: 'refusal'"),
+            unsafe=_flag(record.get("unsafe"), f"{where}: 'unsafe'"),
+        )
+        for where, record in _records(path, jsonl=True)
+    ]
 
 
 class SelectedRow(TypedDict):
@@ -604,13 +719,20 @@ def load_selection(path: Path) -> list[SelectedRow]:
     """selection.jsonl → [`SelectedRow`] by rank."""
     rows = []
     for where, record in _records(path, jsonl=True):
-        rows.append(SelectedRow(
-            id=_require_id(record, where, "refusal-cliff select"), rank=_int(record.get("rank"), f"{where}: 'rank'"),
-            method=str(_expect(record.get("method"), str, f"{where}: 'method'")),
-            **{key: _num(record.get(key), f"{where}: '{key}'", optional=True) for key in ("ms", "plateau", "final")},
-            refusal=_flag(record.get("refusal"), f"{where}: 'refusal'"),
-            unsafe=_flag(record.get("unsafe"), f"{where}: 'unsafe'"),
-            prompt=str(_expect(record.get("prompt"), str, f"{where}: 'prompt'"))))
+        rows.append(
+            SelectedRow(
+                id=_require_id(record, where, "refusal-cliff select"),
+                rank=_int(record.get("rank"), f"{where}: 'rank'"),
+                method=str(_expect(record.get("method"), str, f"{where}: 'method'")),
+                **{
+                    key: _num(record.get(key), f"{where}: '{key}'", optional=True)
+                    for key in ("ms", "plateau", "final")
+                },
+                refusal=_flag(record.get("refusal"), f"{where}: 'refusal'"),
+                unsafe=_flag(record.get("unsafe"), f"{where}: 'unsafe'"),
+                prompt=str(_expect(record.get("prompt"), str, f"{where}: 'prompt'")),
+            )
+        )
     return sorted(rows, key=lambda r: r["rank"])
 
 
@@ -630,12 +752,16 @@ def load_select_metadata(path: Path) -> SelectMetadata:
     """metadata.select.json → `SelectMetadata`."""
     data = _expect(read_json(path), dict, str(path))
     return SelectMetadata(
-        method=str(_expect(data.get("method"), str, f"{path}: 'method'")), k=data.get("k"),
+        method=str(_expect(data.get("method"), str, f"{path}: 'method'")),
+        k=data.get("k"),
         resolved_k=_int(data.get("resolved_k"), f"{path}: 'resolved_k'", optional=True),
         n_candidates=_int(data.get("n_candidates"), f"{path}: 'n_candidates'"),
         n_selected=_int(data.get("n_selected"), f"{path}: 'n_selected'"),
-        **{key: _num(data.get(key), f"{path}: '{key}'", optional=True)
-           for key in ("ms_mean_selected", "ms_mean_all")})
+        **{
+            key: _num(data.get(key), f"{path}: '{key}'", optional=True)
+            for key in ("ms_mean_selected", "ms_mean_all")
+        },
+    )
 
 
 # -- where artifacts are --------------------------------------------------------------------
@@ -653,26 +779,29 @@ class Artifact:
     depth: int = 1
 
 
-ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
-    Artifact("demo.json", load_notes, "refusal-cliff demo"),
-    Artifact("prober.json", load_prober, "refusal-cliff probe train"),
-    Artifact("curves.json", load_curves, "refusal-cliff trace"),
-    Artifact("cliff.jsonl", load_cliff, "refusal-cliff trace"),
-    Artifact("layerwise.json", load_layerwise, "refusal-cliff layers"),
-    Artifact("clipping.json", load_clipping, "refusal-cliff clip"),
-    Artifact("heads.json", load_heads, "refusal-cliff heads"),
-    Artifact("ablation.json", load_ablation, "refusal-cliff ablate"),
-    Artifact("patterns.json", load_patterns, "refusal-cliff heads --patterns K"),
-    Artifact("directions.json", load_directions, "refusal-cliff probe direction"),
-    Artifact("direction_curves.json", load_curves, "refusal-cliff trace --direction"),
-    Artifact("components.json", load_components, "refusal-cliff components"),
-    Artifact("component_ablation.json", load_component_ablation, "refusal-cliff ablate --components"),
-    Artifact("evaluation.json", load_evaluation, "refusal-cliff evaluate"),
-    Artifact("guard.json", load_guard, "refusal-cliff guard"),
-    Artifact("scores.jsonl", load_scores, "refusal-cliff select", depth=2),
-    Artifact("selection.jsonl", load_selection, "refusal-cliff select", depth=2),
-    Artifact("metadata.select.json", load_select_metadata, "refusal-cliff select", depth=2),
-)}
+ARTIFACTS: dict[str, Artifact] = {
+    a.name: a
+    for a in (
+        Artifact("demo.json", load_notes, "refusal-cliff demo"),
+        Artifact("prober.json", load_prober, "refusal-cliff probe train"),
+        Artifact("curves.json", load_curves, "refusal-cliff trace"),
+        Artifact("cliff.jsonl", load_cliff, "refusal-cliff trace"),
+        Artifact("layerwise.json", load_layerwise, "refusal-cliff layers"),
+        Artifact("clipping.json", load_clipping, "refusal-cliff clip"),
+        Artifact("heads.json", load_heads, "refusal-cliff heads"),
+        Artifact("ablation.json", load_ablation, "refusal-cliff ablate"),
+        Artifact("patterns.json", load_patterns, "refusal-cliff heads --patterns K"),
+        Artifact("directions.json", load_directions, "refusal-cliff probe direction"),
+        Artifact("direction_curves.json", load_curves, "refusal-cliff trace --direction"),
+        Artifact("components.json", load_components, "refusal-cliff components"),
+        Artifact("component_ablation.json", load_component_ablation, "refusal-cliff ablate --components"),
+        Artifact("evaluation.json", load_evaluation, "refusal-cliff evaluate"),
+        Artifact("guard.json", load_guard, "refusal-cliff guard"),
+        Artifact("scores.jsonl", load_scores, "refusal-cliff select", depth=2),
+        Artifact("selection.jsonl", load_selection, "refusal-cliff select", depth=2),
+        Artifact("metadata.select.json", load_select_metadata, "refusal-cliff select", depth=2),
+    )
+}
 PROBER_SEARCH_DEPTH = 2  # every prober.json this deep is checked for its quality (layer-study probers too)
 
 
@@ -682,8 +811,11 @@ def find_artifacts(run_dir: Path, name: str, depth: int = 1) -> list[Path]:
     found, folders = [], [run_dir]
     for _ in range(depth + 1):
         found += [folder / name for folder in folders if (folder / name).is_file()]
-        folders = [sub for folder in folders
-                   for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))]
+        folders = [
+            sub
+            for folder in folders
+            for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        ]
     return found
 
 
@@ -705,7 +837,7 @@ class RunArtifacts:
 
 def _by_id(path: Path) -> dict[str, dict]:
     records = {}
-    for where, record in _records(path, jsonl=True):
+    for _, record in _records(path, jsonl=True):
         records.setdefault(str(record.get("id")), record)
     return records
 

@@ -101,9 +101,11 @@ def heading(text: Any) -> Html:
 def figure_tag(png: bytes, name: str, alt: str, caption: str) -> Html:
     """An embedded <figure> of PNG bytes, captioned with its file name."""
     data = base64.b64encode(png).decode("ascii")
-    return Html(f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
-                f'<figcaption>{escape(caption)} <span class="muted">({escape(name)})</span></figcaption>'
-                "</figure>")
+    return Html(
+        f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+        f'<figcaption>{escape(caption)} <span class="muted">({escape(name)})</span></figcaption>'
+        "</figure>"
+    )
 
 
 def warning_box(title: str, items: Sequence[Html | str], css: str = "warning") -> Html:
@@ -142,14 +144,22 @@ def _header(facts: dict, folder: str, generated: str) -> Html:
         meta.append(f"<span>revision: {escape(', '.join(facts['model_revisions']))}</span>")
     if facts["started"]:
         meta.append(f"<span>run started: {escape(facts['started'])}</span>")
-    meta += [f"<span>report generated: {escape(generated)}</span>",
-             f"<span>refusal-cliff {escape(__version__)}</span>",
-             f"<span>folder: {escape(folder)}</span>"]
+    meta += [
+        f"<span>report generated: {escape(generated)}</span>",
+        f"<span>refusal-cliff {escape(__version__)}</span>",
+        f"<span>folder: {escape(folder)}</span>",
+    ]
     return Html(f'<header><h1>Refusal-cliff report</h1><div class="meta">{"".join(meta)}</div></header>')
 
 
-def page(sections: Sequence[tuple[str, str, Html]], skipped: Sequence[tuple[str, str]], facts: dict,
-         folder: str, generated: str, warnings: Sequence[Html] = ()) -> str:
+def page(
+    sections: Sequence[tuple[str, str, Html]],
+    skipped: Sequence[tuple[str, str]],
+    facts: dict,
+    folder: str,
+    generated: str,
+    warnings: Sequence[Html] = (),
+) -> str:
     """The whole report page.
 
     Args:
@@ -161,13 +171,19 @@ def page(sections: Sequence[tuple[str, str, Html]], skipped: Sequence[tuple[str,
         warnings: boxes shown at the very top, before anything else.
     """
     title = "refusal-cliff report — " + (", ".join(facts["model_ids"]) or "unknown")
-    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
-             _header(facts, folder, generated), "<main>", *warnings]
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
+        _header(facts, folder, generated),
+        "<main>",
+        *warnings,
+    ]
     if skipped:
         items = "".join(f"<li><b>{escape(name)}</b>: {escape(reason)}</li>" for name, reason in skipped)
-        parts.append(f'<div class="skipped"><b>Skipped sections</b> (missing artifacts)<ul>{items}</ul></div>')
+        parts.append(
+            f'<div class="skipped"><b>Skipped sections</b> (missing artifacts)<ul>{items}</ul></div>'
+        )
     if sections:
         links = "".join(f'<li><a href="#{escape(key)}">{escape(name)}</a></li>' for key, name, _ in sections)
         parts.append(f"<nav><b>Contents</b><ol>{links}</ol></nav>")

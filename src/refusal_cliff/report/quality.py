@@ -19,19 +19,27 @@ def prober_quality(artifacts: RunArtifacts) -> list[dict]:
         if prober["quality"] is None:
             continue
         metrics = prober["metrics"]
-        entries.append({"source": path.relative_to(artifacts.run_dir).as_posix(), "quality": prober["quality"],
-                        "reasons": prober["quality_reasons"], "layer": prober["layer"],
-                        "val_accuracy": metrics.get("val_accuracy"),
-                        "val_accuracy_ci95": metrics.get("val_accuracy_ci95"),
-                        "majority_rate": metrics.get("majority_rate")})
+        entries.append(
+            {
+                "source": path.relative_to(artifacts.run_dir).as_posix(),
+                "quality": prober["quality"],
+                "reasons": prober["quality_reasons"],
+                "layer": prober["layer"],
+                "val_accuracy": metrics.get("val_accuracy"),
+                "val_accuracy_ci95": metrics.get("val_accuracy_ci95"),
+                "majority_rate": metrics.get("majority_rate"),
+            }
+        )
     return entries
 
 
 def _describe(entry: dict) -> str:
     reasons = "; ".join(entry["reasons"]) or "no reason given"
-    return (f"{entry['source']} (layer {fmt(entry['layer'])}): {reasons}. Validation accuracy "
-            f"{fmt(entry['val_accuracy'])}, 95% interval {fmt(entry['val_accuracy_ci95'])}, "
-            f"majority-class rate {fmt(entry['majority_rate'])}.")
+    return (
+        f"{entry['source']} (layer {fmt(entry['layer'])}): {reasons}. Validation accuracy "
+        f"{fmt(entry['val_accuracy'])}, 95% interval {fmt(entry['val_accuracy_ci95'])}, "
+        f"majority-class rate {fmt(entry['majority_rate'])}."
+    )
 
 
 def quality_warning(entries: list[dict]) -> Html | None:
@@ -39,5 +47,8 @@ def quality_warning(entries: list[dict]) -> Html | None:
     unreliable = [entry for entry in entries if entry["quality"] == "unreliable"]
     if not unreliable:
         return None
-    return warning_box("Unreliable refusal prober: the refusal scores below may be noise "
-                       "(retrain it on more examples before reading them)", [_describe(e) for e in unreliable])
+    return warning_box(
+        "Unreliable refusal prober: the refusal scores below may be noise "
+        "(retrain it on more examples before reading them)",
+        [_describe(e) for e in unreliable],
+    )
