@@ -701,7 +701,7 @@ def run_heads(
     Returns the path of heads.json.
     """
     from .config import HeadsConfig
-    from .labeling import GROUP_ALL, group_name, join_labels, labels_for, read_generations, select_group
+    from .labeling import check_group, group_name
     from .probe import warn_if_unreliable
     from .runs import RunFolder, file_digest
 
@@ -709,17 +709,7 @@ def run_heads(
     config.validate()
     group = group_name(config.group)
     generations = Path(generations)
-    records = read_generations(generations)
-    label_map = labels_for(generations, labels, required=group != GROUP_ALL)
-    if label_map is not None:
-        records = join_labels(records, label_map, generations)
-    chosen = select_group(records, group)
-    if not chosen:
-        sizes = {name: len(select_group(records, name)) for name in ("harmful_complied", "harmful_refused")}
-        raise UserError(
-            f"group {group!r} of {generations} has no example (sizes: "
-            f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group"
-        )
+    chosen = check_group(generations, labels, group)
     thresholds = sorted(set(config.thresholds))
     rank_by, batch_size = config.rank_by, config.batch_size
     layer, final_norm_applied = prober.layer, prober.final_norm_applied

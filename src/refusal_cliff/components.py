@@ -473,14 +473,7 @@ def run_components(
     Returns the path of components.json.
     """
     from .config import ComponentsConfig
-    from .labeling import (
-        GROUP_ALL,
-        group_name,
-        join_labels,
-        labels_for,
-        read_generations,
-        select_group,
-    )
+    from .labeling import check_group, group_name
     from .probe import warn_if_unreliable
     from .runs import RunFolder, file_digest
 
@@ -488,17 +481,7 @@ def run_components(
     config.validate()
     group = group_name(config.group)
     generations = Path(generations)
-    records = read_generations(generations)
-    label_map = labels_for(generations, labels, required=group != GROUP_ALL)
-    if label_map is not None:
-        records = join_labels(records, label_map, generations)
-    chosen = select_group(records, group)
-    if not chosen:
-        sizes = {name: len(select_group(records, name)) for name in ("harmful_complied", "harmful_refused")}
-        raise UserError(
-            f"group {group!r} of {generations} has no example (sizes: "
-            f"{', '.join(f'{k} {v}' for k, v in sizes.items())}); pick another --group"
-        )
+    chosen = check_group(generations, labels, group)
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
