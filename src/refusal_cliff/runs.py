@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, is_dataclass
@@ -154,6 +155,15 @@ def estimate_bytes(n_examples: int, tokens_per_example: int, bytes_per_token: in
 BACKUP_PREFIX = ".replaced-"
 
 
+def accelerator() -> str:
+    """Where the run computed: the CUDA device's name (and count), or "cpu"."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    return f"{torch.cuda.get_device_name(0)}" + (f" x{count}" if count > 1 else "")
+
+
 class RunFolder:
     """One stage's output folder: config, fingerprint, resume, `metadata.json`, safe overwrite.
 
@@ -270,6 +280,7 @@ class RunFolder:
             "model_revision": revision,
             "seed": seed,
             "packages": package_versions(),
+            "accelerator": accelerator(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "finished": None,
             **(extra or {}),
