@@ -112,3 +112,130 @@ def test_shipped_deepspeed_config_is_zero2():
     assert config["zero_optimization"]["stage"] == 2
     text = (root / "accelerate_zero2.yaml").read_text()
     assert "distributed_type: DEEPSPEED" in text and "deepspeed_zero2.json" in text
+
+
+def test_deepspeed_config_checks(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from refusal_cliff.finetune import check_deepspeed_config
+
+    check_deepspeed_config(None)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(UserError, match="ZeRO stage 3 is not supported"):
+        check_deepspeed_config(zero3)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        check_deepspeed_config(tmp_path / "bad.json")
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero2.json"
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(UserError, match="pip install deepspeed"):
+            check_deepspeed_config(shipped)
+    else:
+        check_deepspeed_config(shipped)
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch):
+    from refusal_cliff.finetune import is_main_process, training_device
+
+    assert training_device("auto") == "auto" and is_main_process()  # a plain run: as given
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_main_process()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert {training_device(d) for d in ("auto", "cuda", "cuda:1", None)} == {"cuda:1"}
+    for other in ("cuda:0", "cpu"):
+        with pytest.raises(UserError, match="its own GPU"):
+            training_device(other)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="one process per GPU"):
+        training_device("auto")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_and_only_the_main_process_writes(tiny_model_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP on gloo) over an earlier run with --overwrite: one
+    run folder, written once, holding a trained model that loads; the old run moved aside and removed."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from refusal_cliff.models import load_model
+
+    data = tmp_path / "selection.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": str(i), "sft_prompt": e["prompt"], "sft_completion": e["completion"]}) + "\n"
+            for i, e in enumerate(_examples(4))
+        )
+    )
+    out = tmp_path / "ft"
+    (out / "model").mkdir(parents=True)  # an earlier finetune run with other settings
+    (out / "model" / "old.txt").write_text("old")
+    (out / "metadata.json").write_text(
+        json.dumps({"stage": "finetune", "fingerprint": "old", "finished": "x"})
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU processes on any host
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # the multi-process launcher (torchrun); without a GPU the processes use gloo
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "refusal_cliff.cli",
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--lr",
+        "1e-3",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "2",
+        "--max-length",
+        "128",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained:") == 1  # only the main process reports
+    written = sorted(p.name for p in out.iterdir() if p.name != "trainer")  # trainer/: TRL's output_dir
+    assert written == ["metadata.json", "model", "train_metrics.json"]  # no .replaced-*, no metadata.<stage>
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["finished"] and metadata["metrics"]["processes"] == 2
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert (metrics["steps"], metrics["processes"], metrics["n_examples"]) == (2, 2, 4)
+    assert not (out / "model" / "old.txt").exists()
+    trained = load_model(str(out / "model"), device="cpu").model.state_dict()
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert trained.keys() >= initial.keys()
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)

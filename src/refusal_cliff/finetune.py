@@ -11,11 +11,18 @@ is the thinking block + end template + safe response + end of turn (see
 `selection.sft_example`). This trains on exactly the token sequence the model
 sees at inference with any chat template (no `{% generation %}` markers needed),
 and TRL's `completion_only_loss` puts the loss on the assistant part only.
+
+Multi-GPU: under `accelerate launch` (or torchrun) every process runs the same command and trains its
+own replica (DDP, or DeepSpeed ZeRO-2 with `--deepspeed`). Only the main process touches the run
+folder (the `--overwrite` move, metadata, the saved model and metrics); the others train and wait at a
+barrier, so no process sees a half-prepared or half-written folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,84 @@ class FinetuneResult:
     model_dir: Path  # a full checkpoint loadable by `models.load_model` (merged for LoRA)
     adapter_dir: Path | None  # the LoRA adapter (PEFT format), None for full-parameter runs
     metrics: dict  # train_loss, steps, n_examples, runtime
+
+
+def launched_processes() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as set by `accelerate launch` / torchrun; (0, 0, 1) in a plain run.
+
+    Read from the environment, so it is known before (and without) joining the process group."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UserError(
+            "WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by accelerate launch)"
+        ) from None
+    return (rank, local_rank, world) if world > 1 else (0, 0, 1)
+
+
+def is_main_process() -> bool:
+    """Whether this process owns the run folder (the only process of a plain run)."""
+    return launched_processes()[0] == 0
+
+
+def training_device(device: str | None) -> str | None:
+    """The device this process loads the model on: `device` in a plain run; under a multi-process
+    launch each process takes its own GPU, cuda:LOCAL_RANK (every process on cuda:0 would not fit).
+
+    Raises UserError for a device that contradicts the launch (another GPU, or the CPU beside GPUs:
+    the trainer would move the model to cuda:LOCAL_RANK anyway)."""
+    _, local_rank, world = launched_processes()
+    if world == 1:
+        return device
+    if not torch.cuda.is_available():
+        if device in (None, "auto", "cpu"):
+            return "cpu"
+        raise UserError(f"--device {device}: no CUDA device is visible to this process; use --device auto")
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"this process is local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            "launch at most one process per GPU (accelerate launch --num_processes)"
+        )
+    own = f"cuda:{local_rank}"
+    if device in (None, "auto", "cuda", own):
+        return own
+    raise UserError(
+        f"--device {device}: under accelerate launch every process trains on its own GPU "
+        f"(this one {own}); leave --device auto"
+    )
+
+
+def check_deepspeed_config(path: str | Path | None) -> None:
+    """Raise UserError unless `path` is a readable DeepSpeed JSON with ZeRO stage 0-2 and DeepSpeed is
+    installed. ZeRO-3 is refused: it partitions the weights, and the LoRA merge and the save here need
+    the whole model in the main process."""
+    if not path:
+        return
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--deepspeed {path} is not valid JSON (line {exc.lineno})") from None
+    stage = (config.get("zero_optimization") or {}).get("stage", 0) if isinstance(config, dict) else None
+    if stage not in (0, 1, 2):
+        raise UserError(
+            f"--deepspeed {path}: ZeRO stage {stage!r} is not supported; use stage 2 "
+            "(configs/deepspeed_zero2.json, the paper's setting)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed")
+
+
+def _wait_for_everyone() -> None:
+    """A barrier across the launched processes (after the trainer joined the process group)."""
+    if launched_processes()[2] > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def load_sft_examples(path: str | Path) -> list[dict]:
@@ -112,6 +197,7 @@ def sft_trainer(model, tokenizer, examples: Sequence[dict], out_dir: str | Path,
         save_strategy="no",
         report_to="none",
         deepspeed=config.deepspeed,
+        ddp_find_unused_parameters=False,  # a causal LM uses every parameter (True costs a graph walk per step)
         use_cpu=not torch.cuda.is_available(),
         **_precision_flags(config.precision),
     )
@@ -130,42 +216,57 @@ def train_sft(
 
     Full-parameter runs save `out_dir/model`; LoRA runs save the adapter to `out_dir/adapter` and
     the merged weights to `out_dir/model`, so every result loads with `load_model(out_dir/model)`.
+    Under a multi-process launch only the main process writes (see `save_trained`).
     """
     config = config or FinetuneConfig()
     if not examples:
         raise UserError("no training examples; the selection is empty")
-    out = Path(out_dir)
-    trainer = sft_trainer(model, tokenizer, examples, out / "trainer", config)
+    trainer = sft_trainer(model, tokenizer, examples, Path(out_dir) / "trainer", config)
     output = trainer.train()
-    trained = trainer.model
-    adapter_dir = None
-    if config.lora:
-        adapter_dir = out / "adapter"
-        trained.save_pretrained(str(adapter_dir))
-        tokenizer.save_pretrained(str(adapter_dir))
-        trained = trained.merge_and_unload()
-    model_dir = out / "model"
-    trained.eval().requires_grad_(False)
-    if not getattr(trained.config, "architectures", None):
-        trained.config.architectures = [type(trained).__name__]
-    trained.save_pretrained(str(model_dir))  # safetensors
-    tokenizer.save_pretrained(str(model_dir))
+    return save_trained(trainer, output, tokenizer, len(examples), out_dir, config)
+
+
+def save_trained(trainer, output, tokenizer, n_examples: int, out_dir: str | Path, config: FinetuneConfig):
+    """Save a trained SFTTrainer's model (merged for LoRA), its tokenizer and `train_metrics.json`.
+
+    Every launched process calls it; only the main process writes, and all leave together (a
+    barrier), so the returned paths hold the finished files in every process. Under DDP and ZeRO-2
+    every process holds the whole model (ZeRO-2 partitions only gradients and optimizer state).
+
+    Args:
+        output: what `trainer.train()` returned.
+    """
+    out = Path(out_dir)
+    model_dir, adapter_dir = out / "model", (out / "adapter" if config.lora else None)
     metrics = {
         "train_loss": float(output.training_loss),
         "steps": int(output.global_step),
-        "n_examples": len(examples),
+        "n_examples": n_examples,
         "runtime_s": float(output.metrics.get("train_runtime", 0.0)),
         "learning_rate": config.resolved_learning_rate(),
+        "processes": launched_processes()[2],
         "log_history": trainer.state.log_history,
     }
-    write_json(out / "train_metrics.json", metrics)
-    logger.info(
-        "fine-tuned on %d examples in %d steps (loss %.4f); model at %s",
-        len(examples),
-        metrics["steps"],
-        metrics["train_loss"],
-        model_dir,
-    )
+    if trainer.accelerator.is_main_process:
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if adapter_dir is not None:
+            trained.save_pretrained(str(adapter_dir))
+            tokenizer.save_pretrained(str(adapter_dir))
+            trained = trained.merge_and_unload()
+        trained.eval().requires_grad_(False)
+        if not getattr(trained.config, "architectures", None):
+            trained.config.architectures = [type(trained).__name__]
+        trained.save_pretrained(str(model_dir))  # safetensors
+        tokenizer.save_pretrained(str(model_dir))
+        write_json(out / "train_metrics.json", metrics)
+        logger.info(
+            "fine-tuned on %d examples in %d steps (loss %.4f); model at %s",
+            n_examples,
+            metrics["steps"],
+            metrics["train_loss"],
+            model_dir,
+        )
+    _wait_for_everyone()
     return FinetuneResult(model_dir, adapter_dir, metrics)
 
 
@@ -196,9 +297,19 @@ def run_finetune(
         overwrite=overwrite,
         artifacts=["train_metrics.json", "model", "adapter"],
     )
+    # Every launched process checks the folder (a UserError before any collective, so none waits for a
+    # process that has exited); building the trainer then joins the process group.
+    run.check()
+    loaded.model.train()
+    trainer = sft_trainer(loaded.model, loaded.tokenizer, examples, Path(out_dir) / "trainer", config)
+    if not trainer.accelerator.is_main_process:  # train, then wait for the main process to save
+        _wait_for_everyone()  # the main process has prepared the folder
+        output = trainer.train()
+        return save_trained(trainer, output, loaded.tokenizer, len(examples), out_dir, config)
     with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
-        loaded.model.train()
-        result = train_sft(loaded.model, loaded.tokenizer, examples, out_dir, config)
+        _wait_for_everyone()
+        output = trainer.train()
+        result = save_trained(trainer, output, loaded.tokenizer, len(examples), out_dir, config)
         run.finish(
             {
                 "model_dir": str(result.model_dir),

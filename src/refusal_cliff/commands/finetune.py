@@ -1,6 +1,13 @@
-"""`refusal-cliff finetune`: safety SFT on a selection (stage: `finetune.run_finetune`)."""
+"""`refusal-cliff finetune`: safety SFT on a selection (stage: `finetune.run_finetune`).
+
+Multi-GPU: `accelerate launch --config_file configs/accelerate_zero2.yaml "$(which refusal-cliff)" finetune
+... --deepspeed configs/deepspeed_zero2.json`; every process runs this command, the main one prints.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import logging
 
 import click
 
@@ -31,14 +38,27 @@ from .options import (
 @overwrite_option
 def finetune_command(data, out, overwrite, config_file, **options):
     """Safety SFT on a selected set with TRL (full-parameter or LoRA)."""
-    from ..finetune import load_sft_examples, run_finetune
+    from ..finetune import (
+        check_deepspeed_config,
+        is_main_process,
+        load_sft_examples,
+        run_finetune,
+        training_device,
+    )
 
     config = resolve(FinetuneConfig, options)
     model = resolve(ModelConfig, options)
-    load_sft_examples(data)  # fail before loading the model
+    # every launched process validates before loading the model and before joining the process group
+    load_sft_examples(data)
     check_out(out)
+    check_deepspeed_config(config.deepspeed)
+    model = dataclasses.replace(model, device=training_device(model.device))
+    if not is_main_process():  # one process reports; the others only warn
+        logging.getLogger("refusal_cliff").setLevel(logging.WARNING)
     loaded = load_model_from(model)
     result = run_finetune(loaded, data, out, config, overwrite=overwrite)
+    if not is_main_process():
+        return
     click.echo(
         f"trained:   {result.metrics['n_examples']} examples, {result.metrics['steps']} steps, "
         f"loss {result.metrics['train_loss']:.4f}"
