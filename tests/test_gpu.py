@@ -317,3 +317,35 @@ def test_generate_probe_trace_heads_ablate_export_select(dtype, tokenizer, tmp_p
     scores = read_jsonl(tmp_path / "select" / "scores.jsonl")
     assert [row["id"] for row in scores] == [f"c{i}" for i in range(6)]
     assert len(read_jsonl(tmp_path / "select" / "selection.jsonl")) == 3
+
+
+@pytest.mark.train
+@pytest.mark.skipif(DEVICE == "cpu", reason="finetune trains in bf16/fp16 on GPUs only (fp32 on CPU)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_mixed_precision(precision, lora, tokenizer, tmp_path):
+    """`finetune` in the paper's setting on a GPU: fp32 master weights, bf16/fp16 compute (fp16 with
+    loss scaling), the model saved whole and loadable, its weights moved."""
+    pytest.importorskip("trl", reason="needs the `train` extra")
+    from safetensors.torch import load_file
+
+    from refusal_cliff.models import load_model
+
+    folder = tmp_path / "model"
+    make_tiny_model("LlamaForCausalLM").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt = "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"
+    completion = "<think>\nThis is about breaking in.\n</think>\n\nI can't help with that.<|im_end|>"
+    data = tmp_path / "selection.jsonl"
+    rows = [{"id": str(i), "sft_prompt": prompt, "sft_completion": completion} for i in range(4)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "ft"
+    extra = ["--lora"] if lora else []
+    _invoke("finetune", "--model", folder, "--device", DEVICE, "--data", data, "--precision", precision,
+            "--lr", "1e-3", "--grad-accum", 1, "--max-steps", 2, "--max-length", 128, *extra, "--out", out)  # fmt: skip
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["train_loss"] == metrics["train_loss"]  # finite, not NaN
+    before, after = load_file(folder / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name].to(before[name].dtype)) for name in before)
+    reloaded = load_model(str(out / "model"), device=DEVICE, dtype="float32")
+    assert all(torch.isfinite(p).all() for p in reloaded.model.parameters())
