@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -118,12 +119,17 @@ def scale_heads(
 
 @torch.no_grad()
 def fold_head_scaling(
-    loaded_or_model, heads: Sequence[Sequence[int]], gamma: float, renormalize: bool = False
+    loaded_or_model,
+    heads: Sequence[Sequence[int]],
+    gamma: float,
+    renormalize: bool = False,
+    boost_others: float | None = None,
 ) -> None:
     """Multiply the `o_proj` weight columns of the chosen heads by γ, in place.
 
-    Equivalent to `scale_heads(..., renormalize=False)` for every input. Renormalisation depends
-    on each token's activations and cannot be folded into weights.
+    Equivalent to `scale_heads(..., renormalize=False, boost_others=...)` for every input (with
+    `boost_others`, every other head's columns are multiplied by it). Renormalisation depends on
+    each token's activations and cannot be folded into weights.
     """
     if renormalize:
         raise UserError(
@@ -132,10 +138,16 @@ def fold_head_scaling(
         )
     model, adapter = _model_and_adapter(loaded_or_model)
     geometry = adapter.geometry(model)
-    for layer, indices in group_heads(model, adapter, heads).items():
+    by_layer = group_heads(model, adapter, heads)
+    others = 1.0 if boost_others is None else float(boost_others)
+    if others != 1.0:  # as scale_heads: every layer is touched, its other heads are boosted
+        by_layer = {layer: by_layer.get(layer, []) for layer in range(geometry.n_layers)}
+    for layer, indices in by_layer.items():
         weight = adapter.o_proj(model, layer).weight  # [d_model, n_heads * head_dim]
-        for head in indices:
-            weight[:, head * geometry.head_dim : (head + 1) * geometry.head_dim] *= gamma
+        for head in range(geometry.n_heads):
+            factor = gamma if head in indices else others
+            if factor != 1.0:
+                weight[:, head * geometry.head_dim : (head + 1) * geometry.head_dim] *= factor
 
 
 @torch.no_grad()
@@ -145,8 +157,10 @@ def export_ablated_model(
     gamma: float,
     out_dir: str | Path,
     renormalize: bool = False,
+    boost_others: float | None = None,
 ) -> Path:
-    """Write a repaired checkpoint (`save_pretrained` + tokenizer) with the heads folded in.
+    """Write a repaired checkpoint (`save_pretrained` + tokenizer) with the heads folded in
+    (and, with `boost_others`, every other head scaled by it: see `fold_head_scaling`).
 
     The loaded model is left as it was: the touched columns are copied, folded, saved and
     restored, so no second copy of the model is needed. The result loads with plain
@@ -159,9 +173,11 @@ def export_ablated_model(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty; choose a new folder for the exported model")
     by_layer = group_heads(model, adapter, heads)
+    if boost_others is not None and float(boost_others) != 1.0:
+        by_layer = dict.fromkeys(range(adapter.geometry(model).n_layers))
     saved = {layer: adapter.o_proj(model, layer).weight.detach().clone() for layer in by_layer}
     try:
-        fold_head_scaling(loaded, heads, gamma)
+        fold_head_scaling(loaded, heads, gamma, boost_others=boost_others)
         model.save_pretrained(str(out_dir))
     finally:
         for layer, weight in saved.items():
@@ -272,20 +288,27 @@ def evaluate_condition(
     progress: bool = False,
     bar=None,
     condition: str = "",
+    backend=None,
 ) -> dict:
     """Generate, label and score under whatever ablation is active. Returns the metrics and records.
 
     `bar`: one overall tqdm bar advanced per generated example (its description names the condition).
+    `backend`: the `generation.GenerationBackend` that writes the answers (default: HF on the hooked
+    model); the final refusal scores always come from the loaded (hooked) model.
     """
     from .generation import generate_records
     from .labeling import KeywordLabeler, is_attack_success
 
     def generate(prompts: Sequence[dict], kind: str) -> list[dict]:
         if bar is None:
-            return list(generate_records(loaded, list(prompts), generation_config, progress=progress))
+            return list(
+                generate_records(loaded, list(prompts), generation_config, backend=backend, progress=progress)
+            )
         bar.set_description(f"ablate {condition} {kind}")
         out = []
-        for record in generate_records(loaded, list(prompts), generation_config, progress=False):
+        for record in generate_records(
+            loaded, list(prompts), generation_config, backend=backend, progress=False
+        ):
             out.append(record)
             bar.update(1)
         return out
@@ -333,6 +356,8 @@ def run_ablation(
     control_seeds: Sequence[int] = (),
     boost_others: float | None = None,
     skip: Sequence[tuple] = (),
+    backend=None,
+    workdir: str | Path | None = None,
 ) -> list[dict]:
     """For each threshold, ablate its suppression heads and measure the paper's Figure 8 metrics.
 
@@ -352,6 +377,11 @@ def run_ablation(
         boost_others: also measure each threshold with its heads scaled by γ and every other head
             scaled by this factor (the authors' boosting control).
         skip: `condition_key`s already measured (a resumed run); they are not measured again.
+        backend: a `config.BackendConfig`: what writes the answers (default: HF on the hooked model).
+            vLLM cannot see hooks: each condition's heads are folded into a checkpoint exported to a
+            temporary folder in `workdir` (`export_ablated_model`), an engine generates from it and is
+            shut down, and the folder is removed; the unablated baseline uses the model's own folder.
+            The final refusal scores come from the hooked model either way.
 
     Returns:
         One record per condition: `threshold`, `heads` ([[layer, head], ...]), `gamma`,
@@ -361,6 +391,9 @@ def run_ablation(
     """
     if not harmful_prompts:
         raise UserError("no harmful prompts to ablate on; check --prompts")
+    check_foldable(backend, renormalize)
+    from .backends import generation_backend
+
     geometry = loaded.adapter.geometry(loaded.model)
     n_total = geometry.n_layers * geometry.n_heads
     # (threshold, control, seed, heads, factor applied to the other heads)
@@ -404,7 +437,13 @@ def run_ablation(
             gamma,
             "" if others is None else f", the others by {others:g}",
         )
-        with scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize, boost_others=others):
+        # what vLLM generates from: a checkpoint with this condition folded in (none: the model itself)
+        edited = bool(heads) or others is not None
+        export = partial(export_ablated_model, loaded, heads, gamma, boost_others=others) if edited else None
+        with (
+            generation_backend(loaded, backend, export, workdir) as answers,
+            scale_heads(loaded, heads, gamma=gamma, renormalize=renormalize, boost_others=others),
+        ):
             name = "unablated" if not heads else f"{threshold:g} ({len(heads)} heads)"
             if kind != "ranked" and heads:
                 name += f" {kind}" + ("" if seed is None else f" seed {seed}")
@@ -420,6 +459,7 @@ def run_ablation(
                 progress,
                 bar,
                 name,
+                answers,
             )
         record = {
             "threshold": threshold,
@@ -435,6 +475,15 @@ def run_ablation(
         if on_record is not None:
             on_record(record, outcome)
     return results
+
+
+def check_foldable(backend, renormalize: bool) -> None:
+    """vLLM generates from folded weights, and renormalisation cannot be folded."""
+    if renormalize and backend is not None and backend.backend == "vllm":
+        raise UserError(
+            "--backend vllm generates from a checkpoint with the heads folded into the weights, and "
+            "--renormalize cannot be folded; drop --renormalize or use --backend hf"
+        )
 
 
 # -- the `ablate` stage --------------------------------------------------------------------
@@ -468,6 +517,7 @@ def run_ablate(
     sources: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    backend=None,
 ) -> dict[str, Path]:
     """The `ablate` stage: ablation.json (one record per threshold, plus the unablated baseline at
     threshold 0 when `config.baseline`), ablation.png, ablation_generations.jsonl, and optionally the
@@ -480,11 +530,14 @@ def run_ablate(
         generation_config: a `config.GenerationConfig` for the regenerated answers.
         export_dir: also write a repaired checkpoint with the heads of `config.export_threshold`
             (default: the largest threshold) folded into the o_proj weights.
+        backend: a `config.BackendConfig` for the regenerated answers (see `run_ablation`);
+            metadata.json records it and its version.
 
     Returns the paths written, by name.
     """
     from tqdm.auto import tqdm
 
+    from .backends import backend_info
     from .config import AblateConfig, GenerationConfig
     from .generation import prompts_digest
     from .probe import warn_if_unreliable
@@ -517,6 +570,7 @@ def run_ablate(
             raise UserError(f"{export_dir} is not empty; choose a new folder for --export")
     elif config.export_threshold is not None:
         raise UserError("--export-threshold needs --export DIR")
+    check_foldable(backend, renormalize)
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
@@ -537,6 +591,8 @@ def run_ablate(
         stage_config.update(control=control, control_seeds=list(control_seeds))
     if boost_others is not None:
         stage_config["boost_others"] = boost_others
+    if backend is not None and backend.backend != "hf":  # only then: earlier runs keep their fingerprint
+        stage_config["backend"] = backend.backend
     warn_if_unreliable(prober)
     run = RunFolder(
         out_dir,
@@ -549,7 +605,7 @@ def run_ablate(
         model_id=loaded.model_id,
         revision=loaded.revision,
         seed=generation_config.seed,
-        extra={"prober": prober.summary()},
+        extra={"prober": prober.summary(), "backend": backend_info(backend)},
     ):
         results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
         results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
@@ -604,6 +660,8 @@ def run_ablate(
                     control_seeds=control_seeds,
                     boost_others=boost_others,
                     skip=sorted(done, key=str),
+                    backend=backend,
+                    workdir=run.root,
                 )
         results = sorted(results, key=_sort_key)
         write_json(results_path, results)

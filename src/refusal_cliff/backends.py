@@ -16,12 +16,20 @@ Both backends see the same inputs and give the same outputs:
 
 vLLM is an optional extra, imported only here and only when asked for (`check_backend` fails with
 the extra to install before any model is loaded).
+
+An edited model (the heads or components that `ablate` scales) reaches vLLM as a checkpoint: the
+edit is folded into a copy of the weights written to a temporary folder, which the engine loads
+(`generation_backend`); the engine and the folder are gone when the condition is done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +40,20 @@ from .generation import Completion, HFBackend, row_seeds
 logger = logging.getLogger(__name__)
 
 
-def check_backend(config: BackendConfig) -> None:
-    """Fail before any model is loaded when the backend's extra is missing."""
+def check_backend(config: BackendConfig, models: Sequence[str | None] = ()) -> None:
+    """Fail before any model is loaded when the backend's extra is missing, or when vLLM is asked to
+    load one of `models` (what `--model` names) that it cannot: a .gguf file."""
     if config.backend == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise MissingExtraError("vllm", "vllm") from None
+        for model in models:
+            if model and str(model).endswith(".gguf"):
+                raise UserError(
+                    f"--backend vllm needs a model folder or a hub id, not a .gguf file ({model}): save "
+                    "the model with transformers (save_pretrained) and pass that folder"
+                )
 
 
 def backend_info(config: BackendConfig | None) -> dict:
@@ -102,14 +117,18 @@ class VLLMBackend:
             it may live on the meta device: `load_tokenizer_side`).
         config: engine settings (tensor parallel size, memory fraction, context length).
         engine: an object with vLLM's `generate(prompts, sampling_params)`; default: a `vllm.LLM`.
+        model_path: the checkpoint folder the engine loads (default: the one `loaded` came from); an
+            exported edit of the model, whose tokenizer is the same.
     """
 
-    def __init__(self, loaded, config: BackendConfig | None = None, engine=None):
+    def __init__(self, loaded, config: BackendConfig | None = None, engine=None, model_path=None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.config = config or BackendConfig(backend="vllm")
         self.eos_ids = _eos_ids(loaded)
+        self.model_path = None if model_path is None else str(model_path)
         self._engine = engine
+        self._owns_engine = engine is None
 
     @property
     def engine(self):
@@ -118,10 +137,12 @@ class VLLMBackend:
             import vllm
 
             dtype = str(next(self.loaded.model.parameters()).dtype).replace("torch.", "")
+            path = self.model_path or engine_model_path(self.loaded)
+            hub = self.loaded.source == "hub" and not self.model_path
             kwargs: dict[str, Any] = dict(
-                model=engine_model_path(self.loaded),
-                tokenizer=engine_model_path(self.loaded),
-                revision=self.loaded.revision if self.loaded.source == "hub" else None,
+                model=path,
+                tokenizer=path,
+                revision=self.loaded.revision if hub else None,
                 dtype=dtype,
                 tensor_parallel_size=self.config.tensor_parallel_size,
                 gpu_memory_utilization=self.config.gpu_memory_utilization,
@@ -133,6 +154,29 @@ class VLLMBackend:
             logger.info("starting vLLM %s on %s", vllm.__version__, kwargs["model"])
             self._engine = vllm.LLM(**kwargs)
         return self._engine
+
+    def close(self) -> None:
+        """Shut down the engine this backend started and give its GPU memory back (a vLLM engine
+        holds its weights and KV cache until it is gone). An engine passed in is left to its owner."""
+        engine, self._engine = self._engine, None
+        if engine is None or not self._owns_engine:
+            return
+        # LLM.shutdown() where vLLM has it, else the V1 engine core's (the process that holds the GPU)
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(core, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del engine, core, shutdown
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # an engine in this process (tensor parallel groups): vLLM's own teardown between engines
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def sampling_params(
         self,
@@ -195,6 +239,42 @@ class VLLMBackend:
                 finish, text = "stop", text.split(stop, 1)[0] + stop
                 break
         return Completion(text, len(ids), finish)
+
+
+CHECKPOINT_PREFIX = ".vllm-checkpoint-"  # the temporary folders of `generation_backend` in a run folder
+
+
+@contextlib.contextmanager
+def generation_backend(
+    loaded,
+    config: BackendConfig | None = None,
+    export: Callable[[Path], object] | None = None,
+    workdir: str | Path | None = None,
+) -> Iterator:
+    """The `GenerationBackend` for one stretch of generation; a vLLM engine is shut down afterwards.
+
+    HF: `generation.HFBackend(loaded)`, so hooks active on the loaded model apply to what it generates.
+    vLLM: an engine on the model's own checkpoint, or, with `export`, on the checkpoint that
+    `export(folder)` writes into a fresh temporary folder (an edit folded into the weights; hooks do not
+    reach vLLM). The folder is made in `workdir` (default: the system's temporary folder; the folders a
+    killed run left there are removed first) and deleted once the engine is shut down.
+    """
+    config = config or BackendConfig()
+    if config.backend != "vllm":
+        yield HFBackend(loaded)
+        return
+    with contextlib.ExitStack() as stack:
+        model_path = None
+        if export is not None:
+            if workdir is not None:
+                for stale in Path(workdir).glob(CHECKPOINT_PREFIX + "*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=CHECKPOINT_PREFIX, dir=workdir))
+            export(Path(folder))
+            model_path = folder
+        backend = VLLMBackend(loaded, config, model_path=model_path)
+        stack.callback(backend.close)  # before the folder goes: the engine may still map its files
+        yield backend
 
 
 def load_tokenizer_side(model_config):

@@ -595,6 +595,7 @@ def run_ablate_components(
     sources: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    backend=None,
 ) -> dict[str, Path]:
     """`ablate --components`: scale each condition's components by γ, regenerate, measure.
 
@@ -606,10 +607,17 @@ def run_ablate_components(
     Args:
         conditions: {name: component specs} (e.g. {"top 3 MLPs": ["mlp:20", ...]}).
         config: a `config.AblateConfig` (gamma, baseline; thresholds are not used here).
+        backend: a `config.BackendConfig` for the regenerated answers. With vLLM each condition's
+            components are folded into a checkpoint in a temporary folder of the run folder
+            (`export_component_ablated_model`) that the engine generates from; the final refusal
+            scores come from the hooked model either way.
     """
+    from functools import partial
+
     from tqdm.auto import tqdm
 
     from .ablation import evaluate_condition
+    from .backends import backend_info, generation_backend
     from .config import AblateConfig, GenerationConfig
     from .generation import prompts_digest
     from .probe import warn_if_unreliable
@@ -644,6 +652,8 @@ def run_ablate_components(
         "generation": generation_config.results_dict(),
         **(sources or {}),
     }
+    if backend is not None and backend.backend != "hf":  # only then: earlier runs keep their fingerprint
+        stage_config["backend"] = backend.backend
     warn_if_unreliable(prober)
     run = RunFolder(
         out_dir,
@@ -658,7 +668,7 @@ def run_ablate_components(
         model_id=loaded.model_id,
         revision=loaded.revision,
         seed=generation_config.seed,
-        extra={"prober": prober.summary()},
+        extra={"prober": prober.summary(), "backend": backend_info(backend)},
     ):
         results = []
         with (
@@ -666,7 +676,11 @@ def run_ablate_components(
             tqdm(total=total, desc="ablate", unit="ex", disable=not progress) as bar,
         ):
             for name, specs in plan:
-                with scale_components(loaded, specs or [], gamma) if specs else _nothing():
+                export = partial(export_component_ablated_model, loaded, specs, gamma) if specs else None
+                with (
+                    generation_backend(loaded, backend, export, run.root) as answers,
+                    scale_components(loaded, specs or [], gamma) if specs else _nothing(),
+                ):
                     outcome = evaluate_condition(
                         loaded,
                         prober.linear,
@@ -677,6 +691,7 @@ def run_ablate_components(
                         judge=judge,
                         bar=bar,
                         condition=name,
+                        backend=answers,
                     )
                 for kind in ("harmful", "benign"):
                     for example in outcome[kind]:

@@ -75,9 +75,14 @@ def load_sweep(path: str | Path) -> list[ModelSpec]:
 
 
 def safety_labels(
-    loaded, prompts: Sequence[dict], config: EvalConfig, judge=None, records_path: Path | None = None
+    loaded,
+    prompts: Sequence[dict],
+    config: EvalConfig,
+    judge=None,
+    records_path: Path | None = None,
+    backend: GenerationBackend | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Generate thinking + answer for each prompt and label the answers.
+    """Generate thinking + answer for each prompt (with `backend`, default HF) and label the answers.
 
     Returns:
         (generation records, labels) in prompt order; labels as `labeling.label_records`.
@@ -85,7 +90,7 @@ def safety_labels(
     from .generation import generate_records
     from .labeling import KeywordLabeler, label_records
 
-    records = list(generate_records(loaded, prompts, config.generation, progress=False))
+    records = list(generate_records(loaded, prompts, config.generation, backend=backend, progress=False))
     order = {str(p["id"]): i for i, p in enumerate(prompts)}
     records.sort(key=lambda r: order[str(r["id"])])
     labels = label_records(records, KeywordLabeler(), loaded.tokenizer, judge=judge)
@@ -177,6 +182,7 @@ def evaluate_model(
     judge=None,
     out_dir: Path | None = None,
     prepared: PreparedTasks | None = None,
+    backend: GenerationBackend | None = None,
 ) -> dict:
     """All numbers of one model: `{model, asr, asr_by_set, over_refusal, over_refusal_by_set,
     final_score_mean, ms_mean, tasks, n_harmful, n_benign}`.
@@ -187,12 +193,13 @@ def evaluate_model(
         judge: a `labeling.ModelJudge`; without it the ASR uses the keyword judge.
         out_dir: where the model's generations and labels are written (optional).
         prepared: the checked lm-eval tasks of `config.tasks` (see `reasoning.prepare_tasks`).
+        backend: what generates the answers and the tasks' generations (default: HF on `loaded`).
     """
     result: dict = {"model": name, "source": loaded.model_id}
     harmful_labels, harmful_records, by_set = [], [], {}
     for set_name, prompts in harmful.items():
         path = out_dir / f"harmful.{set_name}.jsonl" if out_dir else None
-        records, labels = safety_labels(loaded, prompts, config, judge, path)
+        records, labels = safety_labels(loaded, prompts, config, judge, path, backend)
         by_set[set_name] = attack_success_rate(labels)
         harmful_labels += labels
         harmful_records += records
@@ -202,7 +209,7 @@ def evaluate_model(
     benign_labels, benign_by_set = [], {}
     for set_name, prompts in benign.items():
         path = out_dir / f"benign.{set_name}.jsonl" if out_dir else None
-        _, labels = safety_labels(loaded, prompts, config, None, path)
+        _, labels = safety_labels(loaded, prompts, config, None, path, backend)
         benign_by_set[set_name] = refusal_rate(labels)
         benign_labels += labels
     result["over_refusal"] = refusal_rate(benign_labels) if benign_labels else None
@@ -212,7 +219,8 @@ def evaluate_model(
         result.update(final_score_mean(loaded, prober, harmful_records, config.generation.batch_size))
     else:
         result.update({"final_score_mean": None, "ms_mean": None})
-    result["tasks"] = run_reasoning_tasks(loaded, config.tasks, config, prepared) if config.tasks else {}
+    tasks = config.tasks
+    result["tasks"] = run_reasoning_tasks(loaded, tasks, config, prepared, backend) if tasks else {}
     return result
 
 
@@ -293,6 +301,7 @@ def run_evaluate(
     reuse: bool = True,
     overwrite: bool = False,
     prepared: PreparedTasks | None = None,
+    backend=None,
 ) -> dict:
     """The `evaluate` stage: several models with the same prompts and settings; writes `evaluation.json`,
     `evaluation.md` (the table), `metadata.json` and, for labelled checkpoints, `asr_vs_k.png`.
@@ -308,6 +317,9 @@ def run_evaluate(
             (otherwise that is a UserError: nothing already written is replaced silently).
         prepared: `config.tasks` already checked by `reasoning.prepare_tasks`; otherwise they are
             checked here, before any model is loaded.
+        backend: a `config.BackendConfig`: what generates the answers and the tasks' generations
+            (default HF). With vLLM, one engine per model, shut down before the next model loads;
+            the final-token scores and log-likelihood tasks use the loaded HF model either way.
 
     Returns:
         The `evaluation.json` content: `{"models": [...], "asr_vs_k": {...}, "config": {...}}`.
@@ -338,6 +350,7 @@ def run_evaluate(
             reuse,
             overwrite,
             prepared,
+            backend,
         )
 
 
@@ -353,11 +366,16 @@ def _evaluate_models(
     reuse: bool,
     overwrite: bool,
     prepared: PreparedTasks | None,
+    backend=None,
 ) -> dict:
+    from .backends import backend_info
+
     names = [s.name for s in specs]
     out.mkdir(parents=True, exist_ok=True)
+    vllm = {"backend": backend.backend} if backend is not None and backend.backend != "hf" else {}
     settings = fingerprint(
         {
+            **vllm,  # only with vLLM: results saved before the backend existed are still reused
             "config": config.to_dict(),
             "prober": str(prober_path) if prober_path else None,
             "judge": getattr(judge, "name", None),
@@ -374,9 +392,10 @@ def _evaluate_models(
         overwrite=overwrite,
         artifacts=["evaluation.json", "evaluation.md", "asr_vs_k.png", "models"],
     )
-    with run.start(seed=config.generation.seed, extra={"prober": str(prober_path) if prober_path else None}):
+    extra = {"prober": str(prober_path) if prober_path else None, "backend": backend_info(backend)}
+    with run.start(seed=config.generation.seed, extra=extra):
         evaluation = _evaluate_each(
-            specs, harmful, benign, out, config, prober_path, judge, load, reuse, prepared, settings
+            specs, harmful, benign, out, config, prober_path, judge, load, reuse, prepared, settings, backend
         )
         run.finish({"n_models": len(specs)})
     return evaluation
@@ -394,7 +413,10 @@ def _evaluate_each(
     reuse: bool,
     prepared,
     settings: str,
+    backend=None,
 ) -> dict:
+    from .backends import generation_backend
+
     results = []
     for spec in specs:
         model_dir = out / "models" / _safe_name(spec.name)
@@ -411,9 +433,10 @@ def _evaluate_each(
             from .probe import load_prober
 
             prober = load_prober(prober_path, loaded)
-        result = evaluate_model(
-            loaded, spec.name, harmful, benign, config, prober, judge, model_dir, prepared
-        )
+        with generation_backend(loaded, backend) as answers:  # one vLLM engine per model
+            result = evaluate_model(
+                loaded, spec.name, harmful, benign, config, prober, judge, model_dir, prepared, answers
+            )
         result.update({"method": spec.method, "k": spec.k})
         write_json(cached, {"settings": settings, "source_path": spec.source, "result": result})
         results.append(result)

@@ -156,12 +156,22 @@ def run_layers(
 
 
 def run_clip(
-    loaded, prober, generations: str | Path, out_dir: str | Path, config=None, overwrite: bool = False
+    loaded,
+    prober,
+    generations: str | Path,
+    out_dir: str | Path,
+    config=None,
+    overwrite: bool = False,
+    backend=None,
 ) -> list[dict]:
     """The `clip` stage: clip each record's thinking at each fraction, regenerate and label the answer,
     trace it. Writes `generations.jsonl`, `labels.jsonl`, `trace/`, `clipping.json` and `metadata.json`;
     returns the clipping summary (one row per fraction).
+
+    `backend`: a `config.BackendConfig` for the regenerated answers (default HF); a vLLM engine is
+    shut down before the trace. metadata.json records the backend and its version.
     """
+    from .backends import backend_info, generation_backend
     from .config import ClipConfig
     from .runs import RunFolder, file_digest
     from .trace import clip_thinking_records, clipping_summary, trace_into
@@ -180,17 +190,22 @@ def run_clip(
         "prober": prober.fingerprint(),
     }
     stage_config.pop("batch_size")
+    if backend is not None and backend.backend != "hf":  # only then: earlier runs keep their fingerprint
+        stage_config["backend"] = backend.backend
     artifacts = ["generations.jsonl", "labels.jsonl", "trace", CLIPPING]
     run = RunFolder(out, "clip", stage_config, overwrite=overwrite, artifacts=artifacts)
     if run.is_finished() and (out / CLIPPING).is_file():
         return read_json(out / CLIPPING)
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
+    extra = {"prober": prober.summary(), "backend": backend_info(backend)}
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
         clipped = clip_thinking_records(loaded.tokenizer, records, config.fractions)
-        answered = generate_answers(
-            loaded,
-            clipped,
-            GenerationConfig(max_answer_tokens=config.max_answer_tokens, batch_size=config.batch_size),
-        )
+        with generation_backend(loaded, backend) as answers:
+            answered = generate_answers(
+                loaded,
+                clipped,
+                GenerationConfig(max_answer_tokens=config.max_answer_tokens, batch_size=config.batch_size),
+                answers,
+            )
         labels = label_records(answered, KeywordLabeler(), loaded.tokenizer)
         write_jsonl(out / "generations.jsonl", answered)
         write_jsonl(out / "labels.jsonl", labels)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import AblateConfig, GenerationConfig, ModelConfig
+from ..config import AblateConfig, BackendConfig, GenerationConfig, ModelConfig
 from .options import (
     check_out,
     check_prober,
@@ -41,6 +41,7 @@ from .options import (
 @click.option("--benign-prompts", default=None, help="Benign prompts, for the over-refusal rate.")
 @config_options(AblateConfig)
 @config_options(GenerationConfig)
+@config_options(BackendConfig)
 @config_file_option
 @out_option
 @click.option(
@@ -59,9 +60,11 @@ def ablate_command(
     refusal score, the attack success rate and the benign refusal rate (paper Figure 8).
 
     Writes OUT/ablation.json, OUT/ablation.png and OUT/ablation_generations.jsonl; with --export,
-    a repaired model that plain transformers (or vLLM) loads.
+    a repaired model that plain transformers (or vLLM) loads. With --backend vllm the answers of
+    each condition come from vLLM on a temporary checkpoint with that condition folded in.
     """
-    from ..ablation import read_ranking, run_ablate
+    from ..ablation import check_foldable, read_ranking, run_ablate
+    from ..backends import check_backend
     from ..data import load_prompts
     from ..errors import UserError
     from ..probe import load_prober
@@ -69,6 +72,9 @@ def ablate_command(
     config = resolve(AblateConfig, options)
     generation = resolve(GenerationConfig, options)
     model = resolve(ModelConfig, options)
+    backend = resolve(BackendConfig, options)
+    check_backend(backend, [model.model])  # the extra is there, before anything is loaded
+    check_foldable(backend, config.renormalize)
     if config.export_threshold is not None and export_dir is None:
         raise UserError("--export-threshold needs --export DIR")
     if config.components:  # ablation by component (issue 12): components.run_ablate_components
@@ -83,6 +89,7 @@ def ablate_command(
             out,
             export_dir,
             overwrite,
+            backend,
         )
     if heads_path is None:
         raise UserError("ablate needs --heads heads.json (or --components mlp:LAYER,... to scale components)")
@@ -115,13 +122,24 @@ def ablate_command(
         export_dir=export_dir,
         sources={"prompts": prompts, "benign_prompts": benign_prompts},
         overwrite=overwrite,
+        backend=backend,
     )
     for name, path in paths.items():
         click.echo(f"wrote {Path(path)}" + (" (repaired model)" if name == "export" else ""))
 
 
 def _ablate_components(
-    config, generation, model, prober_path, heads_path, prompts, benign_prompts, out, export_dir, overwrite
+    config,
+    generation,
+    model,
+    prober_path,
+    heads_path,
+    prompts,
+    benign_prompts,
+    out,
+    export_dir,
+    overwrite,
+    backend=None,
 ):
     from ..components import run_ablate_components
     from ..data import load_prompts
@@ -150,6 +168,7 @@ def _ablate_components(
         export_dir=export_dir,
         overwrite=overwrite,
         sources={"prompts": prompts, "benign_prompts": benign_prompts},
+        backend=backend,
     )
     for name, path in paths.items():
         click.echo(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import ClipConfig, ModelConfig
+from ..config import BackendConfig, ClipConfig, ModelConfig
 from .options import (
     check_out,
     check_prober,
@@ -25,24 +25,28 @@ from .options import (
 @click.option("--prober", "prober_path", required=True, help="prober.safetensors (or its folder).")
 @click.option("--generations", required=True, help="generations.jsonl of HARMFUL prompts.")
 @config_options(ClipConfig)
+@config_options(BackendConfig)
 @config_file_option
 @out_option
 @overwrite_option
 def clip_command(prober_path, generations, out, overwrite, config_file, **options):
     """Thinking-clipping study (Figure 5, right): clip the thinking, regenerate the answer, trace it;
     writes OUT/clipping.json (final score, cliff and refusal rate per fraction)."""
+    from ..backends import check_backend
     from ..labeling import read_generations
     from ..probe import load_prober
     from ..studies import run_clip
 
     config = resolve(ClipConfig, options)
     model = resolve(ModelConfig, options)
+    backend = resolve(BackendConfig, options)
+    check_backend(backend, [model.model])  # the extra is there, before anything is loaded
     read_generations(generations)  # fail before loading the model
     check_prober(prober_path)
     check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    rows = run_clip(loaded, prober, generations, out, config, overwrite=overwrite)
+    rows = run_clip(loaded, prober, generations, out, config, overwrite=overwrite, backend=backend)
     for row in rows:
         rate = "-" if row["refusal_rate"] is None else f"{row['refusal_rate']:.0%}"
         click.echo(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..config import EvalConfig, GenerationConfig
+from ..config import BackendConfig, EvalConfig, GenerationConfig
 from .options import (
     check_out,
     check_prober,
@@ -63,6 +63,7 @@ from .options import (
 )
 @config_options(EvalConfig)
 @config_options(GenerationConfig)
+@config_options(BackendConfig)
 @config_file_option
 @out_option
 @overwrite_option
@@ -81,6 +82,7 @@ def evaluate_command(
     **options,
 ):
     """Compare models on ASR, over-refusal, final-token refusal score and reasoning tasks (lm-eval)."""
+    from ..backends import check_backend
     from ..data import load_prompts
     from ..errors import UserError
     from ..evaluation import format_table, load_sweep, parse_model_spec, run_evaluate
@@ -89,6 +91,8 @@ def evaluate_command(
 
     generation = resolve(GenerationConfig, options)
     config = resolve(EvalConfig, options, generation=generation)
+    backend = resolve(BackendConfig, options)
+    check_backend(backend)  # the extra is there, before anything is loaded
     if config.task_limit is None and limit is not None:
         config.task_limit = limit
     specs = [parse_model_spec(m) for m in models] + (load_sweep(sweep) if sweep else [])
@@ -96,6 +100,7 @@ def evaluate_command(
         raise UserError("pass --model (repeat to compare) or --sweep FILE")
     if not harmful and not config.tasks:
         raise UserError("pass --harmful FILE (attack success rate) and/or --tasks NAME (reasoning accuracy)")
+    check_backend(backend, [spec.source for spec in specs])
     with contextlib.ExitStack() as stack:
         # tasks, task folders and data files are checked before any model (or judge) is loaded
         prepared = (
@@ -123,6 +128,7 @@ def evaluate_command(
             load=lambda s: load_model(s, device=device),
             overwrite=overwrite,
             prepared=prepared,
+            backend=backend,
         )
     click.echo(format_table(evaluation["models"]))
     click.echo(f"evaluation: {Path(out) / 'evaluation.json'}")
