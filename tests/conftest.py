@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +77,35 @@ def make_tiny_model(architecture: str, seed: int = 0, vocab_size: int = 49152, *
     model = getattr(transformers, architecture)(config).eval()
     model.requires_grad_(False)
     return model
+
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`refusal-cliff ARGS` in a fresh process (one torch thread), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "refusal_cliff.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs on the loopback address, shared by one module's tests."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'refusal-cliff[ray]')")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

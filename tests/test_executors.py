@@ -23,26 +23,12 @@ from refusal_cliff.models import LoadedModel
 from refusal_cliff.probe import Prober
 from refusal_cliff.trace import trace_into
 
-from conftest import make_tiny_model
+from conftest import SRC, make_tiny_model
+from conftest import run_cli as _cli
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'refusal-cliff[ray]')")
 pytestmark = pytest.mark.ray
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 END = "\n</think>\n\n"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs on the loopback address, shared by this module's tests."""
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
 
 
 def make_records(n: int) -> list[dict]:
@@ -111,16 +97,6 @@ def test_ray_trace_equals_local_trace(ray_cluster, smol_tokenizer, tmp_path):
 
 
 # -- the CLI: trace and select with --executor ray vs local, a killed driver, bad settings ------------------
-
-
-def _cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "refusal_cliff.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
-    )
 
 
 @pytest.fixture(scope="module")

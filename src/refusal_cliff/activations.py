@@ -282,6 +282,54 @@ def last_token_activations(
     return out
 
 
+def capture_last_tokens(
+    loaded,
+    sequences: Sequence[Sequence[int]],
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    executor=None,
+    out_dir: str | Path | None = None,
+    name: str = "capture",
+    desc: str | None = None,
+) -> dict[int, torch.Tensor]:
+    """`last_token_activations` of a `models.LoadedModel`, in this process or, with a Ray `executor`
+    (`executors.make_executor`), on its workers: the same function on shards of the sequences, written
+    to `out_dir/shards/<name>/` and deleted once read back.
+
+    Returns:
+        layer -> float32 tensor [n_sequences, d_model], in input order.
+    """
+    pad = loaded.tokenizer.pad_token_id or 0
+    if executor is None or executor.local:
+        return last_token_activations(
+            loaded.model, loaded.adapter, sequences, layers, batch_size, pad, desc=desc
+        )
+    from .executors import capture_job, shard_key
+
+    layers = resolve_layers(layers, len(loaded.adapter.layers(loaded.model)))
+    if out_dir is None:
+        raise ValueError("a Ray executor writes its shards into out_dir: give one")
+    key = shard_key(
+        loaded.model_id,
+        loaded.revision,
+        str(next(loaded.model.parameters()).dtype),
+        layers,
+        [list(sequence) for sequence in sequences],
+    )
+    records = [{"id": str(i), "tokens": list(sequence)} for i, sequence in enumerate(sequences)]
+    job = capture_job(layers, batch_size, name, key)
+    shard_size = executor.shard_size_for(len(records), batch_size)
+    rows = list(executor.run(loaded, job, records, out_dir, shard_size, progress=desc is not None))
+    executor.remove_shards(out_dir, name)
+    d_model = loaded.adapter.geometry(loaded.model).d_model
+    return {
+        layer: torch.stack([row[layer] for _, row in rows]).float()
+        if rows
+        else torch.empty((0, d_model), dtype=torch.float32)
+        for layer in layers
+    }
+
+
 # -- safetensors shards --------------------------------------------------------------------
 
 SHARD_PATTERN = "activations-{:05d}.safetensors"

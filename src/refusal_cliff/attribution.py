@@ -689,6 +689,7 @@ def run_heads(
     labels: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor=None,
 ) -> Path:
     """The `heads` stage: attribute the group's examples, rank the heads, write heads.json + heads.png.
 
@@ -697,6 +698,8 @@ def run_heads(
         generations: a generations.jsonl of harmful prompts (exactly that file is read).
         config: a `config.HeadsConfig` (group, thresholds, rank_by, batch size).
         labels: its labels.jsonl (default: the one beside `generations`, if it covers every id).
+        executor: where the attribution runs (`executors.make_executor`; default this process); Ray
+            workers call the same `attribute_records` on shards of the examples (`out_dir/shards/heads/`).
 
     Returns the path of heads.json.
     """
@@ -742,20 +745,48 @@ def run_heads(
         artifacts.append("patterns.json")
     warn_if_unreliable(prober)
     run = RunFolder(out_dir, "heads", stage_config, overwrite=overwrite, artifacts=artifacts)
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra={"prober": prober.summary()}):
+    extra = {"prober": prober.summary()}
+    if executor is not None:
+        extra["executor"] = executor.info()
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, extra=extra):
         return _heads_stage(
-            loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress, patterns
+            loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress, patterns, executor
         )
 
 
 def _heads_stage(
-    loaded, prober, chosen, run, group, thresholds, rank_by, batch_size, progress, patterns: int | None = None
+    loaded,
+    prober,
+    chosen,
+    run,
+    group,
+    thresholds,
+    rank_by,
+    batch_size,
+    progress,
+    patterns: int | None = None,
+    executor=None,
 ) -> Path:
     from .runs import write_json
 
-    attribution = attribute_records(
-        loaded, chosen, prober.linear, prober.layer, prober.final_norm_applied, batch_size, progress=progress
-    )
+    if executor is not None and not executor.local:  # the same attribute_records, on shards
+        from .executors import heads_job
+
+        job = heads_job(prober, batch_size, key=run.fingerprint)
+        shard_size = executor.shard_size_for(len(chosen), batch_size)
+        rows = executor.run(loaded, job, chosen, run.root, shard_size, progress=progress)
+        attribution = HeadAttribution.concatenate([row for _, row in rows])
+        executor.remove_shards(run.root, "heads")
+    else:
+        attribution = attribute_records(
+            loaded,
+            chosen,
+            prober.linear,
+            prober.layer,
+            prober.final_norm_applied,
+            batch_size,
+            progress=progress,
+        )
     ranking = rank_heads(attribution, rank_by)
     geometry = loaded.adapter.geometry(loaded.model)
     write_json(run.path("heads.json"), ranking)

@@ -119,15 +119,42 @@ def refusal_rate(labels: Sequence[dict]) -> float:
     return sum(bool(label["refusal"]) for label in labels) / len(labels)
 
 
-def final_score_mean(loaded, prober, records: Sequence[dict], batch_size: int) -> dict:
-    """Mean refusal score at the last end-template token (and mean MS) over generation records."""
+def final_score_mean(
+    loaded, prober, records: Sequence[dict], batch_size: int, executor=None, out_dir: Path | None = None
+) -> dict:
+    """Mean refusal score at the last end-template token (and mean MS) over generation records.
+
+    With a Ray `executor`, its workers run the same `trace_records` on shards of the records
+    (`out_dir/shards/final_score/`, deleted once read)."""
     from .trace import cliff_metrics, trace_records
 
+    records = list(records)
+    ray = executor is not None and not executor.local
+    if ray:
+        from .executors import shard_key, trace_job
+
+        if out_dir is None:
+            raise ValueError("a Ray executor writes its shards into out_dir: give one")
+        key = shard_key(
+            loaded.model_id,
+            loaded.revision,
+            prober.fingerprint(),
+            records,
+        )
+        # positions as ids: prompt sets may share ids, and only the order matters here
+        indexed = [{**record, "id": str(i)} for i, record in enumerate(records)]
+        job = trace_job(prober, batch_size, name="final_score", key=key)
+        shard_size = executor.shard_size_for(len(indexed), batch_size)
+        results = executor.run(loaded, job, indexed, out_dir, shard_size, progress=False)
+    else:
+        results = trace_records(loaded, prober, records, batch_size=batch_size)
     finals, margins = [], []
-    for result in trace_records(loaded, prober, list(records), batch_size=batch_size):
+    for result in results:
         metrics = cliff_metrics(result.scores, result.regions)
         finals.append(metrics["final"])
         margins.append(metrics["ms"])
+    if ray:
+        executor.remove_shards(out_dir, "final_score")
     if not finals:
         return {"final_score_mean": None, "ms_mean": None}
     return {
@@ -183,6 +210,7 @@ def evaluate_model(
     out_dir: Path | None = None,
     prepared: PreparedTasks | None = None,
     backend: GenerationBackend | None = None,
+    executor=None,
 ) -> dict:
     """All numbers of one model: `{model, asr, asr_by_set, over_refusal, over_refusal_by_set,
     final_score_mean, ms_mean, tasks, n_harmful, n_benign}`.
@@ -194,6 +222,8 @@ def evaluate_model(
         out_dir: where the model's generations and labels are written (optional).
         prepared: the checked lm-eval tasks of `config.tasks` (see `reasoning.prepare_tasks`).
         backend: what generates the answers and the tasks' generations (default: HF on `loaded`).
+        executor: where the final-token scores are computed (`executors.make_executor`, its workers
+            loading this model; default this process); a Ray executor needs `out_dir`.
     """
     result: dict = {"model": name, "source": loaded.model_id}
     harmful_labels, harmful_records, by_set = [], [], {}
@@ -216,7 +246,8 @@ def evaluate_model(
     result["over_refusal_by_set"] = benign_by_set
     result["n_benign"] = len(benign_labels)
     if prober is not None and harmful_records:
-        result.update(final_score_mean(loaded, prober, harmful_records, config.generation.batch_size))
+        batch_size = config.generation.batch_size
+        result.update(final_score_mean(loaded, prober, harmful_records, batch_size, executor, out_dir))
     else:
         result.update({"final_score_mean": None, "ms_mean": None})
     tasks = config.tasks
@@ -302,6 +333,7 @@ def run_evaluate(
     overwrite: bool = False,
     prepared: PreparedTasks | None = None,
     backend=None,
+    executor=None,
 ) -> dict:
     """The `evaluate` stage: several models with the same prompts and settings; writes `evaluation.json`,
     `evaluation.md` (the table), `metadata.json` and, for labelled checkpoints, `asr_vs_k.png`.
@@ -320,6 +352,8 @@ def run_evaluate(
         backend: a `config.BackendConfig`: what generates the answers and the tasks' generations
             (default HF). With vLLM, one engine per model, shut down before the next model loads;
             the final-token scores and log-likelihood tasks use the loaded HF model either way.
+        executor: where the final-token scores are computed (`executors.make_executor`; default
+            this process); Ray workers load each model in turn (`RayExecutor.for_model`).
 
     Returns:
         The `evaluation.json` content: `{"models": [...], "asr_vs_k": {...}, "config": {...}}`.
@@ -351,6 +385,7 @@ def run_evaluate(
             overwrite,
             prepared,
             backend,
+            executor,
         )
 
 
@@ -367,6 +402,7 @@ def _evaluate_models(
     overwrite: bool,
     prepared: PreparedTasks | None,
     backend=None,
+    executor=None,
 ) -> dict:
     from .backends import backend_info
 
@@ -393,9 +429,23 @@ def _evaluate_models(
         artifacts=["evaluation.json", "evaluation.md", "asr_vs_k.png", "models"],
     )
     extra = {"prober": str(prober_path) if prober_path else None, "backend": backend_info(backend)}
+    if executor is not None:
+        extra["executor"] = executor.info()
     with run.start(seed=config.generation.seed, extra=extra):
         evaluation = _evaluate_each(
-            specs, harmful, benign, out, config, prober_path, judge, load, reuse, prepared, settings, backend
+            specs,
+            harmful,
+            benign,
+            out,
+            config,
+            prober_path,
+            judge,
+            load,
+            reuse,
+            prepared,
+            settings,
+            backend,
+            executor,
         )
         run.finish({"n_models": len(specs)})
     return evaluation
@@ -414,6 +464,7 @@ def _evaluate_each(
     prepared,
     settings: str,
     backend=None,
+    executor=None,
 ) -> dict:
     from .backends import generation_backend
 
@@ -435,7 +486,17 @@ def _evaluate_each(
             prober = load_prober(prober_path, loaded)
         with generation_backend(loaded, backend) as answers:  # one vLLM engine per model
             result = evaluate_model(
-                loaded, spec.name, harmful, benign, config, prober, judge, model_dir, prepared, answers
+                loaded,
+                spec.name,
+                harmful,
+                benign,
+                config,
+                prober,
+                judge,
+                model_dir,
+                prepared,
+                answers,
+                executor=None if executor is None else executor.for_model(spec.source),
             )
         result.update({"method": spec.method, "k": spec.k})
         write_json(cached, {"settings": settings, "source_path": spec.source, "result": result})

@@ -1,8 +1,11 @@
 """Where the forward-only stages run their forward passes: this process, or a Ray Data pipeline.
 
-The stages (`trace`, `select`'s scoring) compute their results with one per-shard function that takes
-a loaded model and a list of records: `trace.trace_records` and `selection.trace_scores`, the very
-functions the local path calls. `--executor ray` only changes where that function runs:
+The stages (`trace`, `select`'s scoring, `heads`, `probe train`'s and `layers`' activation capture,
+`layers`' traces, `evaluate`'s final scores) compute their results with one per-shard function that
+takes a loaded model and a list of records: `trace.trace_records`, `selection.trace_scores`,
+`attribution.attribute_records`, `activations.last_token_activations` and
+`trace.trace_records_layerwise`, the very functions the local path calls. `--executor ray` only
+changes where that function runs:
 
 - the records are cut into shards (contiguous, in record order) and become a Ray Dataset, one row per
   shard; `map_batches` runs `_ShardWorker`, an actor that loads the model once and calls the stage's
@@ -110,6 +113,8 @@ class ShardJob:
         read: `read(path) -> results` reads one back, in order.
         result_id: the id of a result.
         suffix: the shard files' extension.
+        key: a digest of what the results depend on besides the record ids (model, prober, inputs);
+            shards written under another key are not reused.
     """
 
     name: str
@@ -118,6 +123,19 @@ class ShardJob:
     read: Callable[[Path], list]
     result_id: Callable[[Any], str]
     suffix: str
+    key: str = ""
+
+
+def shard_key(*parts) -> str:
+    """A digest of `parts` (anything `json` or `str` can write; a list item by item) for `ShardJob.key`."""
+    from .trace import fingerprint_ids
+
+    def items():
+        for part in parts:
+            yield from (part if isinstance(part, list) else [part])
+            yield "\x00"  # where a part ends
+
+    return fingerprint_ids(json.dumps(item, sort_keys=True, default=str) for item in items())
 
 
 def _trace_compute(loaded, records, prober, batch_size, direction):
@@ -126,20 +144,23 @@ def _trace_compute(loaded, records, prober, batch_size, direction):
     return list(trace_records(loaded, prober, records, batch_size, direction=direction))
 
 
-def _trace_write(path: Path, results) -> None:
+def _trace_write(path: Path, results, score_columns: dict[int, str]) -> None:
+    """One parquet row per token; `score_columns`: prober layer -> its score column."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns: dict[str, list] = {"id": [], "position": [], "token_id": [], "region": []}
-    scores, direction_scores = [], []
+    scores: dict[int, list] = {layer: [] for layer in score_columns}
+    direction_scores = []
     for result in results:
         n = len(result.token_ids)
         columns["id"] += [result.id] * n
         columns["position"] += list(range(n))
         columns["token_id"] += list(result.token_ids)
         columns["region"] += list(result.regions)
-        scores.append(result.scores)
+        for layer in score_columns:
+            scores[layer].append(result.scores_by_layer[layer])
         if result.direction_scores is not None:
             direction_scores.append(result.direction_scores)
     table = {
@@ -147,8 +168,10 @@ def _trace_write(path: Path, results) -> None:
         "position": pa.array(columns["position"], pa.int32()),
         "token_id": pa.array(columns["token_id"], pa.int32()),
         "region": pa.array(columns["region"], pa.string()),
-        "score": pa.array(np.concatenate(scores).astype(np.float32) if scores else [], pa.float32()),
     }
+    for layer, name in score_columns.items():
+        values = np.concatenate(scores[layer]).astype(np.float32) if scores[layer] else []
+        table[name] = pa.array(values, pa.float32())
     if direction_scores:
         table["direction_score"] = pa.array(np.concatenate(direction_scores).astype(np.float32), pa.float32())
     tmp = path.with_name(f".{path.name}.tmp")
@@ -156,7 +179,7 @@ def _trace_write(path: Path, results) -> None:
     os.replace(tmp, path)
 
 
-def _trace_read(path: Path, layer: int) -> list:
+def _trace_read(path: Path, score_columns: dict[int, str]) -> list:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -166,7 +189,9 @@ def _trace_read(path: Path, layer: int) -> list:
     ids = table.column("id").to_pylist()
     token_ids = table.column("token_id").to_pylist()
     regions = table.column("region").to_pylist()
-    scores = table.column("score").to_numpy().astype(np.float32)
+    scores = {
+        layer: table.column(name).to_numpy().astype(np.float32) for layer, name in score_columns.items()
+    }
     direction = (
         table.column("direction_score").to_numpy() if "direction_score" in table.column_names else None
     )
@@ -178,7 +203,7 @@ def _trace_read(path: Path, layer: int) -> list:
                     ids[start],
                     token_ids[start:stop],
                     regions[start:stop],
-                    {layer: scores[start:stop]},
+                    {layer: values[start:stop] for layer, values in scores.items()},
                     None if direction is None else direction[start:stop].astype(np.float32),
                 )
             )
@@ -186,15 +211,39 @@ def _trace_read(path: Path, layer: int) -> list:
     return results
 
 
-def trace_job(prober, batch_size: int, direction=None) -> ShardJob:
-    """`trace`'s shards: `trace.trace_records` per shard, parquet files of (id, position, token, score)."""
+def trace_job(prober, batch_size: int, direction=None, name: str = "trace", key: str = "") -> ShardJob:
+    """`trace`'s shards: `trace.trace_records` per shard, parquet files of (id, position, token, score).
+    `evaluate`'s final scores use it too (`name` "final_score")."""
+    columns = {prober.layer: "score"}
     return ShardJob(
-        "trace",
+        name,
         partial(_trace_compute, prober=prober, batch_size=batch_size, direction=direction),
-        _trace_write,
-        partial(_trace_read, layer=prober.layer),
+        partial(_trace_write, score_columns=columns),
+        partial(_trace_read, score_columns=columns),
         lambda result: str(result.id),
         ".parquet",
+        key,
+    )
+
+
+def _layerwise_compute(loaded, records, probers, batch_size):
+    from .trace import trace_records_layerwise
+
+    return list(trace_records_layerwise(loaded, probers, records, batch_size))
+
+
+def layerwise_job(probers, batch_size: int, key: str = "") -> ShardJob:
+    """`layers`' traces: `trace.trace_records_layerwise` per shard, parquet files with a `score_L`
+    column per prober layer L."""
+    columns = {prober.layer: f"score_{prober.layer}" for prober in probers}
+    return ShardJob(
+        "layerwise",
+        partial(_layerwise_compute, probers=probers, batch_size=batch_size),
+        partial(_trace_write, score_columns=columns),
+        partial(_trace_read, score_columns=columns),
+        lambda result: str(result.id),
+        ".parquet",
+        key,
     )
 
 
@@ -220,6 +269,130 @@ def score_job(prober, config) -> ShardJob:
     )
 
 
+def _tensors_write(path: Path, tensors: dict, ids: list[str], extra: dict | None = None) -> None:
+    """A safetensors shard: `tensors` (first dimension: one row per id) and the ids in its metadata."""
+    from safetensors.torch import save_file
+
+    metadata = {"ids": json.dumps(ids), **{key: json.dumps(value) for key, value in (extra or {}).items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _tensors_read(path: Path) -> tuple[dict, list[str], dict]:
+    """(tensors, ids, the other metadata) of a shard written by `_tensors_write`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {key: json.loads(value) for key, value in handle.metadata().items()}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return tensors, metadata.pop("ids"), metadata
+
+
+_HEAD_FIELDS = ("contribution", "exact", "o_proj_bias", "mlp", "embedding", "logit")
+
+
+def _heads_compute(loaded, records, prober, batch_size):
+    from .attribution import HeadAttribution, attribute_records
+
+    attribution = attribute_records(
+        loaded, records, prober.linear, prober.layer, prober.final_norm_applied, batch_size
+    )
+    return [
+        (
+            str(record["id"]),
+            HeadAttribution(
+                **{field: getattr(attribution, field)[i : i + 1] for field in _HEAD_FIELDS},
+                prober_bias=attribution.prober_bias,
+            ),
+        )
+        for i, record in enumerate(records)
+    ]
+
+
+def _heads_write(path: Path, results) -> None:
+    from .attribution import HeadAttribution
+
+    merged = HeadAttribution.concatenate([attribution for _, attribution in results])
+    tensors = {field: getattr(merged, field) for field in _HEAD_FIELDS}
+    _tensors_write(path, tensors, [id_ for id_, _ in results], {"prober_bias": merged.prober_bias})
+
+
+def _heads_read(path: Path) -> list:
+    from .attribution import HeadAttribution
+
+    tensors, ids, metadata = _tensors_read(path)
+    return [
+        (
+            id_,
+            HeadAttribution(
+                **{field: tensors[field][i : i + 1] for field in _HEAD_FIELDS},
+                prober_bias=metadata["prober_bias"],
+            ),
+        )
+        for i, id_ in enumerate(ids)
+    ]
+
+
+def heads_job(prober, batch_size: int, key: str = "") -> ShardJob:
+    """`heads`' shards: `attribution.attribute_records` per shard, safetensors of every example's
+    `HeadAttribution` rows; results are `(id, HeadAttribution of one example)`."""
+    return ShardJob(
+        "heads",
+        partial(_heads_compute, prober=prober, batch_size=batch_size),
+        _heads_write,
+        _heads_read,
+        lambda result: result[0],
+        ".safetensors",
+        key,
+    )
+
+
+def _capture_compute(loaded, records, layers, batch_size):
+    from .activations import last_token_activations
+
+    captured = last_token_activations(
+        loaded.model,
+        loaded.adapter,
+        [record["tokens"] for record in records],
+        layers,
+        batch_size,
+        loaded.tokenizer.pad_token_id or 0,
+    )
+    return [
+        (str(record["id"]), {layer: values[i] for layer, values in captured.items()})
+        for i, record in enumerate(records)
+    ]
+
+
+def _capture_write(path: Path, results) -> None:
+    import torch
+
+    layers = list(results[0][1])  # a shard is never empty
+    tensors = {f"layer_{layer}": torch.stack([row[layer] for _, row in results]) for layer in layers}
+    _tensors_write(path, tensors, [id_ for id_, _ in results])
+
+
+def _capture_read(path: Path) -> list:
+    tensors, ids, _ = _tensors_read(path)
+    by_layer = {int(name.removeprefix("layer_")): values for name, values in tensors.items()}
+    return [(id_, {layer: values[i] for layer, values in by_layer.items()}) for i, id_ in enumerate(ids)]
+
+
+def capture_job(layers, batch_size: int, name: str = "capture", key: str = "") -> ShardJob:
+    """Last-token activations (`probe train`, `layers`): `activations.last_token_activations` per shard
+    on records `{id, tokens}`, safetensors of `layer_L` [n, d_model]; results are `(id, {layer: [d_model]})`."""
+    return ShardJob(
+        name,
+        partial(_capture_compute, layers=list(layers), batch_size=batch_size),
+        _capture_write,
+        _capture_read,
+        lambda result: result[0],
+        ".safetensors",
+        key,
+    )
+
+
 # -- executors --------------------------------------------------------------------------------------
 
 
@@ -230,6 +403,9 @@ class LocalExecutor:
 
     def info(self) -> dict:
         return {"name": "local"}
+
+    def for_model(self, source: str) -> LocalExecutor:
+        return self
 
     def close(self) -> None:
         """Nothing to release."""
@@ -284,6 +460,23 @@ class RayExecutor:
             "gpus_per_worker": self.config.gpus_per_worker,
             "address": self.config.ray_address or "local",
         }
+
+    def for_model(self, source: str) -> RayExecutor:
+        """This executor with workers that load the model `source` (`evaluate`'s models, one after
+        the other), on the same cluster: this executor starts and shuts it down."""
+        if self.model is None:  # workers get the driver's loaded model
+            return self
+        model = ModelConfig(**{**self.model.to_dict(), "model": source, "revision": None})
+        other = RayExecutor(self.config, model)
+        other._ray = self._ray  # type: ignore[method-assign]
+        return other
+
+    def shard_size_for(self, n_records: int, batch_size: int) -> int:
+        """`--shard-size`, else whole batches, at most 32 a shard, and a shard for every worker."""
+        if self.config.shard_size:
+            return self.config.shard_size
+        per_worker = -(-n_records // self.config.workers)
+        return max(1, min(batch_size * 32, -(-per_worker // batch_size) * batch_size))
 
     def _ray(self):
         ray = _require_ray()
@@ -342,10 +535,12 @@ class RayExecutor:
 
         shard_dir = Path(out_dir) / SHARDS / job.name
         plan = {"ids": fingerprint_ids(str(r["id"]) for r in records), "shard_size": int(shard_size)}
+        if job.key:
+            plan["key"] = job.key
         manifest = shard_dir / "manifest.json"
         if manifest.is_file():
             previous = read_json(manifest)
-            if previous.get("ids") == plan["ids"]:
+            if previous.get("ids") == plan["ids"] and previous.get("key") == plan.get("key"):
                 plan["shard_size"] = int(previous["shard_size"])
             else:  # shards of other records: not ours to reuse
                 shutil.rmtree(shard_dir)

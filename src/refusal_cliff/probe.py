@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .activations import final_norm_applied, last_token_activations, resolve_layers
+from .activations import capture_last_tokens, final_norm_applied, last_token_activations, resolve_layers
 from .errors import UserError
 from .runs import publish, read_json, write_json
 from .templates import probing_tokens
@@ -412,6 +412,8 @@ def train_prober_from_runs(
     epochs: int = DEFAULT_EPOCHS,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = DEFAULT_SEED,
+    executor=None,
+    out_dir: str | Path | None = None,
 ) -> Prober:
     """Build the dataset from two labelled generation runs, capture activations, train a prober.
 
@@ -422,23 +424,26 @@ def train_prober_from_runs(
         layer: 0-based decoder layer (None: the last layer, with the final norm, as in the paper).
         batch_size: sequences per forward pass when capturing activations.
         lr, train_batch_size, epochs, val_fraction, seed: the training recipe (see `train_prober`).
+        executor, out_dir: capture the activations on a Ray executor's workers, shards under `out_dir`
+            (`activations.capture_last_tokens`); default this process.
     """
     model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
     geometry = adapter.geometry(model)
     (layer,) = resolve_layers(layer, geometry.n_layers)
-    pad = tokenizer.pad_token_id or 0
     dataset = build_probe_dataset(tokenizer, harmful_run, harmless_run)
     counts = dataset.counts()
     # fail before the (slow) activation capture if the classes are too small for the recipe
     balance_and_split(torch.tensor(dataset.labels, dtype=torch.long), val_fraction, seed)
     logger.info("probe dataset: %d refusals (1), %d compliant answers (0)", counts[1], counts[0])
-    features = last_token_activations(
-        model, adapter, dataset.sequences, layer, batch_size, pad, desc="probe: activations"
+    features = capture_last_tokens(
+        loaded, dataset.sequences, layer, batch_size, executor, out_dir, desc="probe: activations"
     )[layer]
     ood_features = ood_labels = None
     if ood_run is not None:
         ood = build_ood_dataset(tokenizer, ood_run)
-        ood_features = last_token_activations(model, adapter, ood.sequences, layer, batch_size, pad)[layer]
+        ood_features = capture_last_tokens(
+            loaded, ood.sequences, layer, batch_size, executor, out_dir, name="capture_ood"
+        )[layer]
         ood_labels = torch.tensor(ood.labels, dtype=torch.long)
     config = {
         "harmful_run": str(harmful_run),
@@ -496,11 +501,13 @@ def run_probe_train(
     config=None,
     ood_runs: Sequence[str | Path] = (),
     overwrite: bool = False,
+    executor=None,
 ) -> ProbeResult:
     """The `probe train` stage: train the prober and write `prober.safetensors` + `prober.json`.
 
     Every input is checked (both classes present, the layer exists, the runs differ) before the
-    folder is touched; a finished run with the same inputs and settings is reused.
+    folder is touched; a finished run with the same inputs and settings is reused. `executor`: where
+    the activations are captured (`executors.make_executor`; default this process).
     """
     from .config import ProbeConfig
     from .runs import RunFolder, file_digest
@@ -532,7 +539,8 @@ def run_probe_train(
     )
     if run.is_finished() and run.path(PROBER_WEIGHTS).is_file():
         return ProbeResult(load_prober(out_dir, loaded), run.path(PROBER_WEIGHTS), reused=True)
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+    extra = {"executor": executor.info()} if executor is not None else None
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed, extra=extra):
         prober = train_prober_from_runs(
             loaded,
             harmful_run,
@@ -545,6 +553,8 @@ def run_probe_train(
             epochs=config.epochs,
             val_fraction=config.val_fraction,
             seed=config.seed,
+            executor=executor,
+            out_dir=out_dir,
         )
         prober.metadata["config"]["layer_requested"] = config.layer
         path = save_prober(prober, out_dir)

@@ -34,23 +34,18 @@ def train_layer_probers(
     epochs: int = 5,
     batch_size: int = 8,
     seed: int = 0,
+    executor=None,
 ) -> dict:
-    """One prober per layer (the paper's recipe, `epochs` aside) from one activation pass.
+    """One prober per layer (the paper's recipe, `epochs` aside) from one activation pass (on
+    `executor`'s Ray workers if given, shards under `out_dir`; see `activations.capture_last_tokens`).
 
     Writes `out_dir/layer_KK/prober.safetensors` + `prober.json`; returns {layer: Prober}.
     """
-    from .activations import last_token_activations
+    from .activations import capture_last_tokens
     from .probe import Prober, build_probe_dataset, prober_metadata, save_prober, train_prober
 
     dataset = build_probe_dataset(loaded.tokenizer, harmful_run, harmless_run)
-    features = last_token_activations(
-        loaded.model,
-        loaded.adapter,
-        dataset.sequences,
-        list(layers),
-        batch_size,
-        loaded.tokenizer.pad_token_id or 0,
-    )
+    features = capture_last_tokens(loaded, dataset.sequences, list(layers), batch_size, executor, out_dir)
     labels = torch.tensor(dataset.labels, dtype=torch.long)
     probers = {}
     for layer in layers:
@@ -98,10 +93,13 @@ def run_layers(
     out_dir: str | Path,
     config=None,
     overwrite: bool = False,
+    executor=None,
 ) -> dict:
     """The `layers` stage: train a prober per layer and trace every example of both runs at every layer.
 
     Writes `layer_KK/prober.*`, `layerwise.json` and `metadata.json`; returns {layer: Prober}.
+    `executor`: where the activations are captured and the traces scored (`executors.make_executor`;
+    default this process).
     """
     from .config import LayersConfig
     from .probe import check_probe_runs, load_prober
@@ -136,12 +134,27 @@ def run_layers(
     run = RunFolder(out, "layers", stage_config, overwrite=overwrite, artifacts=artifacts)
     if run.is_finished() and (out / LAYERWISE).is_file():
         return {layer: load_prober(out / f"layer_{layer:02d}", loaded) for layer in layers}
-    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed):
+    extra = {"executor": executor.info()} if executor is not None else None
+    with run.start(model_id=loaded.model_id, revision=loaded.revision, seed=config.seed, extra=extra):
         probers = train_layer_probers(
-            loaded, harmful_run, harmless_run, layers, out, config.epochs, config.batch_size, config.seed
+            loaded,
+            harmful_run,
+            harmless_run,
+            layers,
+            out,
+            config.epochs,
+            config.batch_size,
+            config.seed,
+            executor,
         )
         summary = layerwise_summary(
-            loaded, [probers[layer] for layer in layers], records, groups, batch_size=config.batch_size
+            loaded,
+            [probers[layer] for layer in layers],
+            records,
+            groups,
+            batch_size=config.batch_size,
+            executor=executor,
+            out_dir=out,
         )
         write_json(out / LAYERWISE, summary)
         run.finish(

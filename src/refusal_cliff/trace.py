@@ -763,12 +763,31 @@ def layerwise_summary(
     plateau_method: str = "max",
     t_cliff_method: str = "last",
     n_points: int = N_POINTS,
+    executor=None,
+    out_dir: str | Path | None = None,
 ) -> dict:
     """The `layerwise.json` structure: `{layer: {group: {"mean": [...], "ms_mean": float}, "ms_mean": float}}`
-    (top-level `ms_mean` over all examples), from one pass per batch with one prober per layer."""
+    (top-level `ms_mean` over all examples), from one pass per batch with one prober per layer.
+
+    With a Ray `executor`, `trace_records_layerwise` runs on its workers over shards of the records
+    (`out_dir/shards/layerwise/`, deleted once read); the summary is the same."""
     accumulators = {p.layer: CurveAccumulator(n_points) for p in probers}
     ms: dict[int, dict[str, list[float]]] = {p.layer: {} for p in probers}
-    for result in trace_records_layerwise(loaded, probers, records, batch_size):
+    if executor is not None and not executor.local:
+        from .executors import layerwise_job, shard_key
+
+        records = list(records)
+        key = shard_key(
+            loaded.model_id,
+            loaded.revision,
+            [p.fingerprint() for p in probers],
+            records,
+        )
+        shard_size = executor.shard_size_for(len(records), batch_size)
+        results = executor.run(loaded, layerwise_job(probers, batch_size, key), records, out_dir, shard_size)
+    else:
+        results = trace_records_layerwise(loaded, probers, records, batch_size)
+    for result in results:
         group = (groups or {}).get(result.id) or "all"
         for layer, scores in result.scores_by_layer.items():
             accumulators[layer].add(group, scores, result.regions)
@@ -784,6 +803,8 @@ def layerwise_summary(
         every = [value for values in ms[layer].values() for value in values]
         entry["ms_mean"] = _nanmean(every)  # examples without thinking have no MS
         summary[str(layer)] = entry
+    if executor is not None and not executor.local:
+        executor.remove_shards(out_dir, "layerwise")
     return summary
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..config import BackendConfig, EvalConfig, GenerationConfig
+from ..config import BackendConfig, EvalConfig, ExecutorConfig, GenerationConfig, ModelConfig
 from .options import (
     check_out,
     check_prober,
@@ -64,6 +64,7 @@ from .options import (
 @config_options(EvalConfig)
 @config_options(GenerationConfig)
 @config_options(BackendConfig)
+@config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
@@ -86,6 +87,7 @@ def evaluate_command(
     from ..data import load_prompts
     from ..errors import UserError
     from ..evaluation import format_table, load_sweep, parse_model_spec, run_evaluate
+    from ..executors import check_executor, make_executor
     from ..models import load_model
     from ..reasoning import prepare_tasks
 
@@ -93,6 +95,8 @@ def evaluate_command(
     config = resolve(EvalConfig, options, generation=generation)
     backend = resolve(BackendConfig, options)
     check_backend(backend)  # the extra is there, before anything is loaded
+    executor_config = resolve(ExecutorConfig, options)
+    check_executor(executor_config)  # Ray's final-token scores: before any loading
     if config.task_limit is None and limit is not None:
         config.task_limit = limit
     specs = [parse_model_spec(m) for m in models] + (load_sweep(sweep) if sweep else [])
@@ -117,6 +121,9 @@ def evaluate_command(
         if prober_path:
             check_prober(prober_path)
         check_out(out)
+        # Ray workers load each evaluated model in turn (executor.for_model)
+        executor = make_executor(executor_config, ModelConfig())
+        stack.callback(executor.close)
         evaluation = run_evaluate(
             specs,
             harmful_sets,
@@ -129,6 +136,7 @@ def evaluate_command(
             overwrite=overwrite,
             prepared=prepared,
             backend=backend,
+            executor=executor,
         )
     click.echo(format_table(evaluation["models"]))
     click.echo(f"evaluation: {Path(out) / 'evaluation.json'}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import HeadsConfig, ModelConfig
+from ..config import ExecutorConfig, HeadsConfig, ModelConfig
 from .options import (
     check_out,
     check_prober,
@@ -40,6 +40,7 @@ from .options import (
     help="labels.jsonl of that run (default: the one beside --generations, if it labels every id).",
 )
 @config_options(HeadsConfig)
+@config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
@@ -51,16 +52,25 @@ def heads_command(prober_path, generations, labels, out, overwrite, config_file,
     (layers × heads heatmap, red = towards refusal, blue = away from it).
     """
     from ..attribution import run_heads
+    from ..executors import check_executor, make_executor
     from ..labeling import check_group
     from ..probe import load_prober
 
     config = resolve(HeadsConfig, options)
     model = resolve(ModelConfig, options)
+    executor_config = resolve(ExecutorConfig, options)
+    check_executor(executor_config)  # before any loading
     check_group(generations, labels, config.group)  # fail before loading the model (an empty group too)
     check_prober(prober_path)
     check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    path = run_heads(loaded, prober, generations, out, config, labels=labels, overwrite=overwrite)
+    executor = make_executor(executor_config, model)
+    try:
+        path = run_heads(
+            loaded, prober, generations, out, config, labels=labels, overwrite=overwrite, executor=executor
+        )
+    finally:
+        executor.close()
     click.echo(f"wrote {path}")
     click.echo(f"wrote {path.with_name('heads.png')}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..config import LayersConfig, ModelConfig
+from ..config import ExecutorConfig, LayersConfig, ModelConfig
 from .options import (
     check_layers,
     check_out,
@@ -29,22 +29,30 @@ from .options import (
     "--harmless", required=True, help="Generation run folder of HARMLESS prompts (with labels.jsonl)."
 )
 @config_options(LayersConfig)
+@config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
 def layers_command(harmful, harmless, out, overwrite, config_file, **options):
     """Layer-wise study (Figure 5, left): a prober per layer, every example traced at every layer;
     writes OUT/layer_KK/prober.* and OUT/layerwise.json."""
+    from ..executors import check_executor, make_executor
     from ..probe import check_probe_runs
     from ..studies import run_layers
 
     config = resolve(LayersConfig, options)
     model = resolve(ModelConfig, options)
+    executor_config = resolve(ExecutorConfig, options)
+    check_executor(executor_config)  # before any loading
     check_probe_runs(harmful, harmless)
     check_layers(config.layers, model)
     check_out(out)
     loaded = load_model_from(model)
-    probers = run_layers(loaded, harmful, harmless, out, config, overwrite=overwrite)
+    executor = make_executor(executor_config, model)
+    try:
+        probers = run_layers(loaded, harmful, harmless, out, config, overwrite=overwrite, executor=executor)
+    finally:
+        executor.close()
     for layer, prober in sorted(probers.items()):
         click.echo(
             f"layer {layer:>3}: validation accuracy {prober.metadata['metrics']['val_accuracy']:.3f} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import DirectionConfig, ModelConfig, ProbeConfig
+from ..config import DirectionConfig, ExecutorConfig, ModelConfig, ProbeConfig
 from .options import (
     check_layers,
     check_out,
@@ -36,20 +36,30 @@ def probe_group():
     "--ood", multiple=True, help="Out-of-distribution generation run(s) for OOD accuracy (repeatable)."
 )
 @config_options(ProbeConfig)
+@config_options(ExecutorConfig)
 @config_file_option
 @out_option
 @overwrite_option
 def _probe_train_command(harmful, harmless, ood, out, overwrite, config_file, **options):
     """Train the prober on last-token activations; writes OUT/prober.safetensors and OUT/prober.json."""
+    from ..executors import check_executor, make_executor
     from ..probe import check_probe_runs, run_probe_train
 
     config = resolve(ProbeConfig, options)
     model = resolve(ModelConfig, options)
+    executor_config = resolve(ExecutorConfig, options)
+    check_executor(executor_config)  # before any loading
     check_probe_runs(harmful, harmless, ood)
     check_layers(config.layer, model)  # negative layers count from the end
     check_out(out)
     loaded = load_model_from(model)
-    result = run_probe_train(loaded, harmful, harmless, out, config, ood_runs=ood, overwrite=overwrite)
+    executor = make_executor(executor_config, model)
+    try:
+        result = run_probe_train(
+            loaded, harmful, harmless, out, config, ood_runs=ood, overwrite=overwrite, executor=executor
+        )
+    finally:
+        executor.close()
     if result.reused:
         click.echo(f"up to date: {result.path} (same inputs and settings)")
         return
