@@ -290,3 +290,28 @@ def test_vllm_generate_on_a_gpu_matches_the_record_format(tmp_path):
     assert [r["id"] for r in records] == [p["id"] for p in PROMPTS[:4]]
     assert all(r["thinking_tokens"] <= 32 and r["answer_tokens"] <= 16 for r in records)
     assert json.loads((tmp_path / "metadata.json").read_text())["backend"]["name"] == "vllm"
+
+
+def _loaded_on(device: str):
+    import torch
+
+    parameter = SimpleNamespace(device=torch.device(device))
+    return SimpleNamespace(model=SimpleNamespace(parameters=lambda: iter([parameter])))
+
+
+def test_vllm_memory_fraction_is_capped_at_what_is_free():
+    from refusal_cliff.backends import engine_memory_fraction
+    from refusal_cliff.config import BackendConfig
+
+    gib = 2**30
+    config = BackendConfig(backend="vllm", gpu_memory_utilization=0.9)
+    # an empty 80 GiB GPU: the configured fraction
+    assert engine_memory_fraction(config, _loaded_on("meta"), (79 * gib, 80 * gib)) == 0.9
+    # a 7B HF model (15 GiB) on the same GPU for the final scores: what is free, less room for its passes
+    assert engine_memory_fraction(config, _loaded_on("cuda"), (65 * gib, 80 * gib)) == round(65 / 80 - 0.1, 2)
+    small = BackendConfig(backend="vllm", gpu_memory_utilization=0.5)
+    assert engine_memory_fraction(small, _loaded_on("cuda"), (65 * gib, 80 * gib)) == 0.5
+    from refusal_cliff.errors import UserError
+
+    with pytest.raises(UserError, match="too little for a vLLM engine"):
+        engine_memory_fraction(config, _loaded_on("cuda"), (10 * gib, 80 * gib))

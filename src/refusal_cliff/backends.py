@@ -109,6 +109,45 @@ def _eos_ids(loaded) -> list[int]:
     return sorted(i for i in eos if i is not None)
 
 
+HF_HEADROOM = 0.1  # of the GPU, left to the HF model's forward passes when it shares the GPU with vLLM
+
+
+def engine_memory_fraction(config: BackendConfig, loaded, free_total: tuple[int, int] | None = None) -> float:
+    """The `gpu_memory_utilization` to start vLLM with: the configured fraction, capped at what is free.
+
+    vLLM takes its fraction of the whole GPU and refuses to start when that is more than is free. The
+    stages that answer with vLLM keep the HF model on the GPU for their scores (`ablate`, `clip`,
+    `evaluate`, `select`), so the cap is the free fraction minus `HF_HEADROOM` for its activations.
+    `free_total`: (free, total) bytes, default `torch.cuda.mem_get_info()` (tests pass their own).
+    """
+    import torch
+
+    wanted = config.gpu_memory_utilization
+    if free_total is None:
+        if not torch.cuda.is_available():
+            return wanted
+        free_total = torch.cuda.mem_get_info()
+    free, total = free_total
+    on_gpu = any(p.device.type == "cuda" for p in loaded.model.parameters())
+    usable = free / total - (HF_HEADROOM if on_gpu else 0.02)
+    if wanted <= usable:
+        return wanted
+    if usable < 0.1:
+        raise UserError(
+            f"only {free / 2**30:.1f} of {total / 2**30:.0f} GiB of the GPU are free, too little for a "
+            "vLLM engine beside the HF model; use a GPU with more memory or the hf backend"
+        )
+    capped = round(usable, 2)
+    logger.warning(
+        "vLLM may take %.2f of the GPU, not %.2f: %.1f GiB are free%s",
+        capped,
+        wanted,
+        free / 2**30,
+        " and the HF model needs room for its forward passes" if on_gpu else "",
+    )
+    return capped
+
+
 class VLLMBackend:
     """`GenerationBackend.complete` on vLLM's offline engine, one `SamplingParams` per request.
 
@@ -145,7 +184,7 @@ class VLLMBackend:
                 revision=self.loaded.revision if hub else None,
                 dtype=dtype,
                 tensor_parallel_size=self.config.tensor_parallel_size,
-                gpu_memory_utilization=self.config.gpu_memory_utilization,
+                gpu_memory_utilization=engine_memory_fraction(self.config, self.loaded),
                 enable_prefix_caching=True,
                 seed=0,
             )

@@ -104,17 +104,19 @@ def check_deepspeed_config(path: str | Path | None) -> None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"--deepspeed {path} is not valid JSON (line {exc.lineno})") from None
+        raise UserError(f"the DeepSpeed config {path} is not valid JSON (line {exc.lineno})") from None
     stage = (config.get("zero_optimization") or {}).get("stage", 0) if isinstance(config, dict) else None
     if stage not in (0, 1, 2):
         raise UserError(
-            f"--deepspeed {path}: ZeRO stage {stage!r} is not supported; use stage 2 "
+            f"the DeepSpeed config {path}: ZeRO stage {stage!r} is not supported; use stage 2 "
             "(configs/deepspeed_zero2.json, the paper's setting)"
         )
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed")
+        raise UserError(
+            f"the DeepSpeed config {path} needs DeepSpeed, which is not installed: pip install deepspeed"
+        )
 
 
 def _wait_for_everyone() -> None:
@@ -285,6 +287,8 @@ def run_finetune(
     """
     config = config or FinetuneConfig()
     examples = load_sft_examples(data_path)
+    # the ZeRO stage, whether it comes from the config or from `accelerate launch --config_file` (its yaml)
+    check_deepspeed_config(config.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
     run = RunFolder(
         out_dir,
         "finetune",

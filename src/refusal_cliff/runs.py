@@ -156,12 +156,13 @@ BACKUP_PREFIX = ".replaced-"
 
 
 def accelerator() -> str:
-    """Where the run computed: the CUDA device's name (and count), or "cpu"."""
+    """Where this process computes: the CUDA device's name (and count) once something has run on a GPU
+    (the model is loaded before a stage starts), else "cpu", also on a GPU host running --device cpu."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    if torch is None or not torch.cuda.is_initialized():
         return "cpu"
     count = torch.cuda.device_count()
-    return f"{torch.cuda.get_device_name(0)}" + (f" x{count}" if count > 1 else "")
+    return f"{torch.cuda.get_device_name(torch.cuda.current_device())}" + (f" x{count}" if count > 1 else "")
 
 
 class RunFolder:
