@@ -1,9 +1,13 @@
 """The Ray Data executor for `heads`, `probe train`'s capture, `layers` and `evaluate`'s final scores:
-the same artifacts as the local executor, resumable by shard, bad settings refused before loading."""
+the same artifacts as the local executor, resumable by shard, bad settings refused before loading;
+what workers are told to load, and which shards a re-run may reuse."""
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +24,15 @@ from refusal_cliff.config import (
     GenerationConfig,
     HeadsConfig,
     LayersConfig,
+    ModelConfig,
     ProbeConfig,
 )
 from refusal_cliff.evaluation import ModelSpec, run_evaluate
-from refusal_cliff.executors import RayExecutor
+from refusal_cliff.executors import RayExecutor, trace_job
 from refusal_cliff.models import LoadedModel
 from refusal_cliff.probe import Prober, run_probe_train, save_prober
 from refusal_cliff.studies import run_layers
+from refusal_cliff.trace import trace_into
 
 from conftest import make_tiny_model, run_cli
 
@@ -270,10 +276,94 @@ def test_bad_executor_settings_fail_before_loading(verb, runs, tmp_path):
         "evaluate": ["--harmful", "demo:harmful", "--limit", 1],
     }[verb]
     model = ["--model", "no/such-model"]  # never loaded: the settings are refused first
+    started = time.time()
     result = run_cli(
-        *verb.split(), *model, *args, "--executor", "ray", "--workers", 0, "--out", tmp_path / "o"
+        *verb.split(),
+        *model,
+        *args,
+        "--executor",
+        "ray",
+        "--ray-address",
+        "127.0.0.1:1",  # nothing listens there: check_executor refuses it, no cluster is joined
+        "--out",
+        tmp_path / "o",
+        timeout=60,
     )
+    assert time.time() - started < 30
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--workers" in lines[0], result.stderr[-2000:]
+    assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in lines[0], result.stderr[
+        -2000:
+    ]
     assert not (tmp_path / "o").exists()
+
+
+# -- what workers load, which shards are reused (no Ray cluster: fast) ---------------------------------
+
+
+def test_workers_load_the_drivers_dtype_from_absolute_paths(smol_tokenizer, tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the driver's relative paths mean nothing in a worker's directory
+    loaded = tiny_loaded(smol_tokenizer)
+    loaded.model.to(torch.bfloat16)  # as "auto" loads it on a GPU driver; a CPU worker's "auto" is fp32
+    executor = RayExecutor(ExecutorConfig(executor="ray"), ModelConfig(model="models/tiny"))
+    job = trace_job(random_prober(), 2)
+    kwargs = executor._worker_kwargs(loaded, job, Path("run/shards/trace"))
+    assert kwargs["model"] == ModelConfig(model=str(tmp_path.resolve() / "models" / "tiny"), dtype="bfloat16")
+    assert kwargs["shard_dir"] == str(tmp_path.resolve() / "run" / "shards" / "trace")
+    assert kwargs["loaded"] is None and executor.model.dtype == "auto"  # the CLI's config is left as it is
+    # evaluate's models: each one's own dtype, on the same cluster object (one start, one shutdown)
+    other = executor.for_model("org/hub-model")
+    assert other._cluster is executor._cluster
+    loaded.model.to(torch.float16)
+    shipped = other._worker_kwargs(loaded, job, tmp_path / "shards")["model"]
+    assert shipped.model == "org/hub-model" and shipped.dtype == "float16"  # a hub id stays a hub id
+
+
+def _in_process_compute(computed: list):
+    """`RayExecutor._compute` without Ray: each missing shard computed here, as a worker would."""
+
+    def compute(self, loaded, job, shards, shard_dir, progress):
+        for index, records in shards:
+            computed.append(index)
+            job.write(shard_dir / f"shard-{index:05d}{job.suffix}", list(job.compute(loaded, records)))
+
+    return compute
+
+
+def test_trace_shards_of_another_dtype_or_key_are_discarded(smol_tokenizer, tmp_path, monkeypatch):
+    computed: list[int] = []
+    monkeypatch.setattr(RayExecutor, "_compute", _in_process_compute(computed))
+    monkeypatch.setattr(RayExecutor, "remove_shards", staticmethod(lambda out_dir, name: None))
+    records = [record(f"r{i}", f"Question {i}?", "Some thinking. " * (1 + i % 3), "ok") for i in range(6)]
+    loaded, executor = tiny_loaded(smol_tokenizer), ray_executor(shard_size=2)
+    trace = lambda loaded, out: trace_into(  # noqa: E731
+        loaded, random_prober(), records, out, batch_size=2, progress=False, executor=executor
+    )
+    trace(loaded, tmp_path / "first")
+    assert computed == [0, 1, 2]
+    shards = tmp_path / "first" / "shards" / "trace"
+
+    def rerun(name: str, loaded, key: str | None = None) -> list[int]:
+        """The first run's shards in a fresh run folder: the shards computed again."""
+        shutil.copytree(shards, tmp_path / name / "shards" / "trace")
+        if key is not None:
+            manifest = tmp_path / name / "shards" / "trace" / "manifest.json"
+            manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "key": key}))
+        computed.clear()
+        trace(loaded, tmp_path / name)
+        return list(computed)
+
+    assert rerun("same", loaded) == []  # same inputs, prober, model and dtype: reused
+    bf16 = LoadedModel(
+        copy.deepcopy(loaded.model).to(torch.bfloat16),
+        smol_tokenizer,
+        loaded.adapter,
+        "tiny-0",
+        None,
+        "local",
+    )
+    assert rerun("bf16", bf16) == [0, 1, 2]  # the fp32 shards are not the bf16 model's
+    assert rerun("other-key", loaded, key="another-run") == [0, 1, 2]
+    manifest = json.loads((tmp_path / "other-key" / "shards" / "trace" / "manifest.json").read_text())
+    assert manifest["key"] == json.loads((shards / "manifest.json").read_text())["key"]

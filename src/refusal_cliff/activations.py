@@ -299,28 +299,22 @@ def capture_last_tokens(
     Returns:
         layer -> float32 tensor [n_sequences, d_model], in input order.
     """
-    pad = loaded.tokenizer.pad_token_id or 0
-    if executor is None or executor.local:
-        return last_token_activations(
-            loaded.model, loaded.adapter, sequences, layers, batch_size, pad, desc=desc
-        )
-    from .executors import capture_job, shard_key
+    from .executors import capture_job, run_job
 
     layers = resolve_layers(layers, len(loaded.adapter.layers(loaded.model)))
-    if out_dir is None:
-        raise ValueError("a Ray executor writes its shards into out_dir: give one")
-    key = shard_key(
-        loaded.model_id,
-        loaded.revision,
-        str(next(loaded.model.parameters()).dtype),
-        layers,
-        [list(sequence) for sequence in sequences],
-    )
     records = [{"id": str(i), "tokens": list(sequence)} for i, sequence in enumerate(sequences)]
-    job = capture_job(layers, batch_size, name, key)
-    shard_size = executor.shard_size_for(len(records), batch_size)
-    rows = list(executor.run(loaded, job, records, out_dir, shard_size, progress=desc is not None))
-    executor.remove_shards(out_dir, name)
+    rows = list(
+        run_job(
+            executor,
+            loaded,
+            capture_job(layers, batch_size, name, desc),
+            records,
+            out_dir,
+            batch_size,
+            fingerprint=[layers, [record["tokens"] for record in records]],
+            progress=desc is not None,
+        )
+    )
     d_model = loaded.adapter.geometry(loaded.model).d_model
     return {
         layer: torch.stack([row[layer] for _, row in rows]).float()

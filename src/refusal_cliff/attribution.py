@@ -767,26 +767,20 @@ def _heads_stage(
     patterns: int | None = None,
     executor=None,
 ) -> Path:
+    from .executors import heads_job, run_job
     from .runs import write_json
 
-    if executor is not None and not executor.local:  # the same attribute_records, on shards
-        from .executors import heads_job
-
-        job = heads_job(prober, batch_size, key=run.fingerprint)
-        shard_size = executor.shard_size_for(len(chosen), batch_size)
-        rows = executor.run(loaded, job, chosen, run.root, shard_size, progress=progress)
-        attribution = HeadAttribution.concatenate([row for _, row in rows])
-        executor.remove_shards(run.root, "heads")
-    else:
-        attribution = attribute_records(
-            loaded,
-            chosen,
-            prober.linear,
-            prober.layer,
-            prober.final_norm_applied,
-            batch_size,
-            progress=progress,
-        )
+    rows = run_job(  # attribute_records here, or on a Ray executor's workers shard by shard
+        executor,
+        loaded,
+        heads_job(prober, batch_size),
+        chosen,
+        run.root,
+        batch_size,
+        fingerprint=run.fingerprint,
+        progress=progress,
+    )
+    attribution = HeadAttribution.concatenate([row for _, row in rows])
     ranking = rank_heads(attribution, rank_by)
     geometry = loaded.adapter.geometry(loaded.model)
     write_json(run.path("heads.json"), ranking)

@@ -126,35 +126,26 @@ def final_score_mean(
 
     With a Ray `executor`, its workers run the same `trace_records` on shards of the records
     (`out_dir/shards/final_score/`, deleted once read)."""
-    from .trace import cliff_metrics, trace_records
+    from .executors import run_job, trace_job
+    from .trace import cliff_metrics
 
-    records = list(records)
-    ray = executor is not None and not executor.local
-    if ray:
-        from .executors import shard_key, trace_job
-
-        if out_dir is None:
-            raise ValueError("a Ray executor writes its shards into out_dir: give one")
-        key = shard_key(
-            loaded.model_id,
-            loaded.revision,
-            prober.fingerprint(),
-            records,
-        )
-        # positions as ids: prompt sets may share ids, and only the order matters here
-        indexed = [{**record, "id": str(i)} for i, record in enumerate(records)]
-        job = trace_job(prober, batch_size, name="final_score", key=key)
-        shard_size = executor.shard_size_for(len(indexed), batch_size)
-        results = executor.run(loaded, job, indexed, out_dir, shard_size, progress=False)
-    else:
-        results = trace_records(loaded, prober, records, batch_size=batch_size)
+    # positions as ids: prompt sets may share ids, and only the order matters here
+    indexed = [{**record, "id": str(i)} for i, record in enumerate(records)]
+    results = run_job(
+        executor,
+        loaded,
+        trace_job(prober, batch_size, name="final_score"),
+        indexed,
+        out_dir,
+        batch_size,
+        fingerprint=[prober.fingerprint(), indexed],
+        progress=False,
+    )
     finals, margins = [], []
     for result in results:
         metrics = cliff_metrics(result.scores, result.regions)
         finals.append(metrics["final"])
         margins.append(metrics["ms"])
-    if ray:
-        executor.remove_shards(out_dir, "final_score")
     if not finals:
         return {"final_score_mean": None, "ms_mean": None}
     return {

@@ -16,6 +16,12 @@ changes where that function runs:
   the stage's usual writer, so they are the local executor's, in the same order; the shards are then
   deleted.
 
+Every stage dispatches through `run_job` (this process or Ray, shard size, clean-up). Workers load the
+model the driver loaded: same source (a local path made absolute), same revision, the dtype the
+driver's model actually has (not "auto", which would pick fp32 on a CPU worker under a bf16 GPU
+driver). A shard folder is reused only under the same `shard_key` (the stage's inputs and settings,
+the model id, revision and dtype); shards of anything else are deleted.
+
 A multi-node cluster needs the run folder on a file system every node sees (NFS, Lustre...). Ray is an
 optional extra (`pip install 'refusal-cliff[ray]'`), imported only here.
 """
@@ -27,8 +33,8 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -108,17 +114,18 @@ class ShardJob:
 
     Attributes:
         name: the stage ("trace", "score"): the shard folder's name.
-        compute: `compute(loaded, records) -> results`, the stage's own per-shard function.
+        compute: `compute(loaded, records, progress=False) -> results` (an iterable, in record order),
+            the stage's own function: on one shard in a worker, on every record in this process.
         write: `write(path, results)` writes one shard file.
         read: `read(path) -> results` reads one back, in order.
         result_id: the id of a result.
         suffix: the shard files' extension.
-        key: a digest of what the results depend on besides the record ids (model, prober, inputs);
-            shards written under another key are not reused.
+        key: `shard_key` of what the results depend on besides the record ids (`run_job` sets it);
+            shards written under another key are deleted, never reused.
     """
 
     name: str
-    compute: Callable[[Any, list[dict]], list]
+    compute: Callable[..., Iterable]
     write: Callable[[Path, list], None]
     read: Callable[[Path], list]
     result_id: Callable[[Any], str]
@@ -126,22 +133,25 @@ class ShardJob:
     key: str = ""
 
 
-def shard_key(*parts) -> str:
-    """A digest of `parts` (anything `json` or `str` can write; a list item by item) for `ShardJob.key`."""
+def model_dtype(loaded) -> str:
+    """The dtype the loaded model runs in, as `ModelConfig.dtype` names it ("float32", "bfloat16"...)."""
+    return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+
+
+def shard_key(fingerprint, loaded) -> str:
+    """`ShardJob.key`: a digest of `fingerprint` (the run's fingerprint, or the inputs and settings the
+    results depend on: anything `json` or `str` can write) and the model the driver loaded (id,
+    revision and actual dtype), so that shards of another run, model or precision are never reused."""
     from .trace import fingerprint_ids
 
-    def items():
-        for part in parts:
-            yield from (part if isinstance(part, list) else [part])
-            yield "\x00"  # where a part ends
-
-    return fingerprint_ids(json.dumps(item, sort_keys=True, default=str) for item in items())
+    parts = [fingerprint, loaded.model_id, loaded.revision, model_dtype(loaded)]
+    return fingerprint_ids(json.dumps(part, sort_keys=True, default=str) for part in parts)
 
 
-def _trace_compute(loaded, records, prober, batch_size, direction):
+def _trace_compute(loaded, records, progress=False, *, prober, batch_size, direction):
     from .trace import trace_records
 
-    return list(trace_records(loaded, prober, records, batch_size, direction=direction))
+    return trace_records(loaded, prober, records, batch_size, direction=direction)
 
 
 def _trace_write(path: Path, results, score_columns: dict[int, str]) -> None:
@@ -211,7 +221,7 @@ def _trace_read(path: Path, score_columns: dict[int, str]) -> list:
     return results
 
 
-def trace_job(prober, batch_size: int, direction=None, name: str = "trace", key: str = "") -> ShardJob:
+def trace_job(prober, batch_size: int, direction=None, name: str = "trace") -> ShardJob:
     """`trace`'s shards: `trace.trace_records` per shard, parquet files of (id, position, token, score).
     `evaluate`'s final scores use it too (`name` "final_score")."""
     columns = {prober.layer: "score"}
@@ -222,17 +232,16 @@ def trace_job(prober, batch_size: int, direction=None, name: str = "trace", key:
         partial(_trace_read, score_columns=columns),
         lambda result: str(result.id),
         ".parquet",
-        key,
     )
 
 
-def _layerwise_compute(loaded, records, probers, batch_size):
+def _layerwise_compute(loaded, records, progress=False, *, probers, batch_size):
     from .trace import trace_records_layerwise
 
-    return list(trace_records_layerwise(loaded, probers, records, batch_size))
+    return trace_records_layerwise(loaded, probers, records, batch_size)
 
 
-def layerwise_job(probers, batch_size: int, key: str = "") -> ShardJob:
+def layerwise_job(probers, batch_size: int) -> ShardJob:
     """`layers`' traces: `trace.trace_records_layerwise` per shard, parquet files with a `score_L`
     column per prober layer L."""
     columns = {prober.layer: f"score_{prober.layer}" for prober in probers}
@@ -243,14 +252,13 @@ def layerwise_job(probers, batch_size: int, key: str = "") -> ShardJob:
         partial(_trace_read, score_columns=columns),
         lambda result: str(result.id),
         ".parquet",
-        key,
     )
 
 
-def _score_compute(loaded, records, prober, config):
+def _score_compute(loaded, records, progress=False, *, prober, config):
     from .selection import trace_scores
 
-    return list(trace_scores(loaded, prober, records, config))
+    return trace_scores(loaded, prober, records, config)
 
 
 def _rows_write(path: Path, rows) -> None:
@@ -292,11 +300,11 @@ def _tensors_read(path: Path) -> tuple[dict, list[str], dict]:
 _HEAD_FIELDS = ("contribution", "exact", "o_proj_bias", "mlp", "embedding", "logit")
 
 
-def _heads_compute(loaded, records, prober, batch_size):
+def _heads_compute(loaded, records, progress=False, *, prober, batch_size):
     from .attribution import HeadAttribution, attribute_records
 
     attribution = attribute_records(
-        loaded, records, prober.linear, prober.layer, prober.final_norm_applied, batch_size
+        loaded, records, prober.linear, prober.layer, prober.final_norm_applied, batch_size, progress=progress
     )
     return [
         (
@@ -334,7 +342,7 @@ def _heads_read(path: Path) -> list:
     ]
 
 
-def heads_job(prober, batch_size: int, key: str = "") -> ShardJob:
+def heads_job(prober, batch_size: int) -> ShardJob:
     """`heads`' shards: `attribution.attribute_records` per shard, safetensors of every example's
     `HeadAttribution` rows; results are `(id, HeadAttribution of one example)`."""
     return ShardJob(
@@ -344,11 +352,10 @@ def heads_job(prober, batch_size: int, key: str = "") -> ShardJob:
         _heads_read,
         lambda result: result[0],
         ".safetensors",
-        key,
     )
 
 
-def _capture_compute(loaded, records, layers, batch_size):
+def _capture_compute(loaded, records, progress=False, *, layers, batch_size, desc=None):
     from .activations import last_token_activations
 
     captured = last_token_activations(
@@ -358,6 +365,7 @@ def _capture_compute(loaded, records, layers, batch_size):
         layers,
         batch_size,
         loaded.tokenizer.pad_token_id or 0,
+        desc=desc if progress else None,
     )
     return [
         (str(record["id"]), {layer: values[i] for layer, values in captured.items()})
@@ -379,24 +387,39 @@ def _capture_read(path: Path) -> list:
     return [(id_, {layer: values[i] for layer, values in by_layer.items()}) for i, id_ in enumerate(ids)]
 
 
-def capture_job(layers, batch_size: int, name: str = "capture", key: str = "") -> ShardJob:
+def capture_job(layers, batch_size: int, name: str = "capture", desc: str | None = None) -> ShardJob:
     """Last-token activations (`probe train`, `layers`): `activations.last_token_activations` per shard
-    on records `{id, tokens}`, safetensors of `layer_L` [n, d_model]; results are `(id, {layer: [d_model]})`."""
+    on records `{id, tokens}`, safetensors of `layer_L` [n, d_model]; results are `(id, {layer: [d_model]})`.
+    `desc`: the progress bar's label in this process."""
     return ShardJob(
         name,
-        partial(_capture_compute, layers=list(layers), batch_size=batch_size),
+        partial(_capture_compute, layers=list(layers), batch_size=batch_size, desc=desc),
         _capture_write,
         _capture_read,
         lambda result: result[0],
         ".safetensors",
-        key,
     )
 
 
 # -- executors --------------------------------------------------------------------------------------
 
 
-class LocalExecutor:
+class _Executor:
+    """What both executors share: a context manager whose exit releases what the executor holds."""
+
+    local: bool
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class LocalExecutor(_Executor):
     """This process: the stage's function on the whole list (the stages' default path)."""
 
     local = True
@@ -407,8 +430,9 @@ class LocalExecutor:
     def for_model(self, source: str) -> LocalExecutor:
         return self
 
-    def close(self) -> None:
-        """Nothing to release."""
+
+def _shard_path(shard_dir: Path, index: int, job: ShardJob) -> Path:
+    return shard_dir / f"shard-{index:05d}{job.suffix}"
 
 
 class _ShardWorker:
@@ -419,36 +443,98 @@ class _ShardWorker:
 
         if gpus == 0:
             torch.set_num_threads(1)  # one torch thread per CPU worker: the workers share the cores
-        if model is not None:
+        if model is not None:  # the driver's source and dtype (see `worker_model`), this worker's device
             from .commands.options import load_model_from
 
-            device = "cuda" if gpus > 0 else "cpu"
-            loaded = load_model_from(ModelConfig(**{**model.to_dict(), "device": device}))
+            loaded = load_model_from(replace(model, device="cuda" if gpus > 0 else "cpu"))
         self.loaded, self.job, self.shard_dir = loaded, job, Path(shard_dir)
 
     def __call__(self, batch: dict) -> dict:
         for shard, records in zip(batch["shard"], batch["records"]):
-            path = self.shard_dir / f"shard-{int(shard):05d}{self.job.suffix}"
+            path = _shard_path(self.shard_dir, int(shard), self.job)
             if not path.exists():  # complete already (an earlier attempt of this task)
-                self.job.write(path, self.job.compute(self.loaded, json.loads(records)))
+                self.job.write(path, list(self.job.compute(self.loaded, json.loads(records))))
         return {"shard": batch["shard"]}
 
 
-class RayExecutor:
+def worker_model(model: ModelConfig, loaded) -> ModelConfig:
+    """The `ModelConfig` Ray workers load: `model` with the dtype the driver's `loaded` model actually has
+    (not "auto": a CPU worker would pick fp32 under a bf16 GPU driver) and a local path made absolute
+    (a worker's working directory is not the driver's)."""
+    source = model.model
+    if source and source != "default" and Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
+    dtype = model_dtype(loaded)
+    return replace(
+        model, model=source, dtype=dtype if dtype in ("float32", "bfloat16", "float16") else model.dtype
+    )
+
+
+class _Cluster:
+    """The Ray cluster of an executor and of those `for_model` derives from it: joined (`--ray-address`)
+    or started on first use; `close` shuts down a cluster started here."""
+
+    def __init__(self, config: ExecutorConfig):
+        self.config = config
+        self.started = False
+
+    def connect(self):
+        ray = _require_ray()
+        if ray.is_initialized():
+            return ray
+        config = self.config
+        check_executor(config)
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
+        if config.ray_address:
+            try:
+                ray.init(address=config.ray_address, **kwargs)
+            except (ConnectionError, RuntimeError) as exc:
+                raise UserError(
+                    f"cannot join the Ray cluster at {config.ray_address} "
+                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                ) from None
+        else:  # a local cluster on the loopback address only
+            ray.init(num_cpus=max(config.workers, 1), _node_ip_address="127.0.0.1", **kwargs)
+        self.started = True
+        if config.gpus_per_worker > 0:
+            available = ray.cluster_resources().get("GPU", 0)
+            if available < config.gpus_per_worker:
+                self.close()
+                raise UserError(
+                    f"--gpus-per-worker {config.gpus_per_worker:g} but the Ray cluster has {available:g} GPUs"
+                )
+        return ray
+
+    def close(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+
+class RayExecutor(_Executor):
     """Ray Data over `config.workers` actors; see the module docstring.
 
     Args:
         config: workers, cluster address, GPUs per worker, shard size.
-        model: how workers load the model (the CLI's `ModelConfig`); without it the driver's loaded
-            model object is shipped to the workers (fine for small models and tests).
+        model: how workers load the model (the CLI's `ModelConfig`; they use the driver's dtype, see
+            `worker_model`); without it the driver's loaded model object is shipped to the workers
+            (fine for small models and tests).
     """
 
     local = False
 
-    def __init__(self, config: ExecutorConfig, model: ModelConfig | None = None):
+    def __init__(
+        self, config: ExecutorConfig, model: ModelConfig | None = None, cluster: _Cluster | None = None
+    ):
         self.config = config
         self.model = model
-        self._started_ray = False
+        self._cluster = cluster or _Cluster(config)
 
     def info(self) -> dict:
         import importlib.metadata
@@ -463,58 +549,25 @@ class RayExecutor:
 
     def for_model(self, source: str) -> RayExecutor:
         """This executor with workers that load the model `source` (`evaluate`'s models, one after
-        the other), on the same cluster: this executor starts and shuts it down."""
+        the other), on the same cluster (closing either executor shuts down a cluster started here)."""
         if self.model is None:  # workers get the driver's loaded model
             return self
-        model = ModelConfig(**{**self.model.to_dict(), "model": source, "revision": None})
-        other = RayExecutor(self.config, model)
-        other._ray = self._ray  # type: ignore[method-assign]
-        return other
+        return RayExecutor(self.config, replace(self.model, model=source, revision=None), self._cluster)
 
-    def shard_size_for(self, n_records: int, batch_size: int) -> int:
-        """`--shard-size`, else whole batches, at most 32 a shard, and a shard for every worker."""
+    def shard_size_for(self, n_records: int, batch_size: int, unit: int | None = None) -> int:
+        """`--shard-size`; else `unit`, the chunk a stage's local path batches on its own (`trace`'s sort
+        window, `select`'s --chunk-size: the same batches, so the same scores to the bit); else whole
+        batches, at most 32 a shard, and a shard for every worker."""
         if self.config.shard_size:
             return self.config.shard_size
+        if unit:
+            return unit
         per_worker = -(-n_records // self.config.workers)
         return max(1, min(batch_size * 32, -(-per_worker // batch_size) * batch_size))
 
-    def _ray(self):
-        ray = _require_ray()
-        if not ray.is_initialized():
-            check_executor(self.config)
-            kwargs: dict[str, Any] = {
-                "include_dashboard": False,
-                "log_to_driver": False,
-                "logging_level": logging.WARNING,
-            }
-            if self.config.ray_address:
-                try:
-                    ray.init(address=self.config.ray_address, **kwargs)
-                except (ConnectionError, RuntimeError) as exc:
-                    raise UserError(
-                        f"cannot join the Ray cluster at {self.config.ray_address} "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                    ) from None
-            else:  # a local cluster on the loopback address only
-                ray.init(num_cpus=max(self.config.workers, 1), _node_ip_address="127.0.0.1", **kwargs)
-            self._started_ray = True
-            if self.config.gpus_per_worker > 0:
-                available = ray.cluster_resources().get("GPU", 0)
-                if available < self.config.gpus_per_worker:
-                    self.close()
-                    raise UserError(
-                        f"--gpus-per-worker {self.config.gpus_per_worker:g} but the Ray cluster has "
-                        f"{available:g} GPUs"
-                    )
-        return ray
-
     def close(self) -> None:
         """Shut down the local cluster this executor started (a joined cluster is left running)."""
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
+        self._cluster.close()
 
     def run(
         self,
@@ -528,12 +581,12 @@ class RayExecutor:
     ) -> Iterator:
         """The results of `job` on every record not in `skip`, in record order, computed shard by shard.
 
-        Complete shard files from an interrupted run are reused; the shard plan (size, ids) is kept in
+        Complete shard files from an interrupted run are reused; the shard plan (size, ids, key) is kept in
         `shards/<stage>/manifest.json` so that a re-run with another batch size cuts the same shards.
         """
         from .trace import chunked, fingerprint_ids
 
-        shard_dir = Path(out_dir) / SHARDS / job.name
+        shard_dir = Path(out_dir).resolve() / SHARDS / job.name
         plan = {"ids": fingerprint_ids(str(r["id"]) for r in records), "shard_size": int(shard_size)}
         if job.key:
             plan["key"] = job.key
@@ -542,16 +595,15 @@ class RayExecutor:
             previous = read_json(manifest)
             if previous.get("ids") == plan["ids"] and previous.get("key") == plan.get("key"):
                 plan["shard_size"] = int(previous["shard_size"])
-            else:  # shards of other records: not ours to reuse
+            else:  # shards of other records, inputs, model or dtype: not ours to reuse
                 shutil.rmtree(shard_dir)
         shard_dir.mkdir(parents=True, exist_ok=True)
         for stale in shard_dir.glob(".*.tmp"):
             stale.unlink()
         write_json(manifest, plan)
         shards = list(chunked(records, plan["shard_size"]))
-        path = lambda index: shard_dir / f"shard-{index:05d}{job.suffix}"
         needed = [i for i, shard in enumerate(shards) if any(str(r["id"]) not in skip for r in shard)]
-        missing = [i for i in needed if not path(i).exists()]
+        missing = [i for i in needed if not _shard_path(shard_dir, i, job).exists()]
         if missing:
             logger.info(
                 "%s: %d of %d shards to compute on %d Ray workers",
@@ -562,16 +614,27 @@ class RayExecutor:
             )
             self._compute(loaded, job, [(i, shards[i]) for i in missing], shard_dir, progress)
         for index in needed:
-            for result in job.read(path(index)):
+            for result in job.read(_shard_path(shard_dir, index, job)):
                 if job.result_id(result) not in skip:
                     yield result
+
+    def _worker_kwargs(self, loaded, job: ShardJob, shard_dir: Path) -> dict:
+        """`_ShardWorker`'s arguments: the model as the workers load it (`worker_model`) or, without a
+        `ModelConfig`, the driver's model object; the shard folder as an absolute path."""
+        return {
+            "job": job,
+            "shard_dir": str(Path(shard_dir).resolve()),
+            "model": None if self.model is None else worker_model(self.model, loaded),
+            "loaded": None if self.model is not None else loaded,
+            "gpus": self.config.gpus_per_worker,
+        }
 
     def _compute(
         self, loaded, job: ShardJob, shards: list[tuple[int, list[dict]]], shard_dir: Path, progress: bool
     ) -> None:
         from tqdm.auto import tqdm
 
-        ray = self._ray()
+        ray = self._cluster.connect()
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on the console
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -587,13 +650,7 @@ class RayExecutor:
             concurrency=min(self.config.workers, len(items)),
             num_cpus=1 if gpus == 0 else 0,
             num_gpus=gpus or None,
-            fn_constructor_kwargs={
-                "job": job,
-                "shard_dir": str(shard_dir),
-                "model": self.model,
-                "loaded": None if self.model is not None else loaded,
-                "gpus": gpus,
-            },
+            fn_constructor_kwargs=self._worker_kwargs(loaded, job, shard_dir),
         )
         with tqdm(total=len(items), desc=f"{job.name} (ray)", unit="shard", disable=not progress) as bar:
             for _ in mapped.iter_batches(batch_size=1):
@@ -613,3 +670,41 @@ def make_executor(config: ExecutorConfig | None, model: ModelConfig | None = Non
     if config is None or config.executor == "local":
         return LocalExecutor()
     return RayExecutor(config, model)
+
+
+def run_job(
+    executor,
+    loaded,
+    job: ShardJob,
+    records: Sequence[dict],
+    out_dir: str | Path | None,
+    batch_size: int,
+    *,
+    fingerprint,
+    skip: Iterable[str] = frozenset(),
+    progress: bool = True,
+    unit: int | None = None,
+) -> Iterable:
+    """The results of `job` on the records whose id is not in `skip`, in record order: every stage's one
+    dispatch path.
+
+    No executor or a local one: `job.compute` on those records, in this process. A Ray executor: shard
+    by shard on its workers (`RayExecutor.run`, `shard_size_for(len(records), batch_size, unit)` the
+    size), under
+    `out_dir/shards/<job.name>/` keyed by `shard_key(fingerprint, loaded)` (`fingerprint`: the run's
+    fingerprint, or what the results depend on besides the model), deleted once the last result has been
+    read back (an interrupted stage keeps them for its re-run).
+    """
+    skip = set(skip)
+    if executor is None or executor.local:
+        return job.compute(loaded, [r for r in records if str(r["id"]) not in skip], progress=progress)
+    if out_dir is None:
+        raise ValueError("a Ray executor writes its shards into out_dir: give one")
+    job = replace(job, key=shard_key(fingerprint, loaded))
+    shard_size = executor.shard_size_for(len(records), batch_size, unit)
+    return _run_sharded(executor, loaded, job, records, out_dir, shard_size, skip, progress)
+
+
+def _run_sharded(executor, loaded, job, records, out_dir, shard_size, skip, progress) -> Iterator:
+    yield from executor.run(loaded, job, records, out_dir, shard_size, skip=skip, progress=progress)
+    RayExecutor.remove_shards(out_dir, job.name)

@@ -305,11 +305,7 @@ def _score_into(
 ) -> None:
     """Score the candidates not yet in `scores.jsonl`, reusing generations already written."""
     if executor is not None and not executor.local:
-        from .executors import score_job
-
-        _score_distributed(
-            loaded, prober, candidates, run, config, judge, progress, backend, executor, score_job
-        )
+        _score_distributed(loaded, prober, candidates, run, config, judge, progress, backend, executor)
         return
     from tqdm.auto import tqdm
 
@@ -359,10 +355,10 @@ def _score_distributed(
     progress: bool,
     backend,
     executor,
-    score_job,
 ) -> None:
     """`_score_into` on a Ray executor: generate what is missing (same chunks, same generations.jsonl), then
     score every candidate with `trace_scores` on the workers, and write scores.jsonl in candidate order."""
+    from .executors import run_job, score_job
     from .labeling import KeywordLabeler
 
     scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
@@ -381,10 +377,18 @@ def _score_distributed(
                 generated[record["id"]] = record
     records = [generated[c["id"]] for c in candidates if c["id"] in generated]
     labeler = KeywordLabeler()
-    shard_size = getattr(executor.config, "shard_size", None) or config.chunk_size
     with JsonlWriter(scores_path) as score_writer:
-        rows = executor.run(
-            loaded, score_job(prober, config), records, run.root, shard_size, skip=done, progress=progress
+        rows = run_job(
+            executor,
+            loaded,
+            score_job(prober, config),
+            records,
+            run.root,
+            config.generation.batch_size,
+            fingerprint=run.fingerprint,
+            skip=done,
+            progress=progress,
+            unit=config.chunk_size,  # the local path's chunks: the same batches, the same scores
         )
         for chunk in chunked(rows, config.chunk_size):
             by_id = {row["id"]: generated[row["id"]] for row in chunk}
@@ -398,7 +402,6 @@ def _score_distributed(
                 row["refusal"] = refusal
                 row["unsafe"] = (verdicts[index] == "unsafe") if verdicts else None
                 score_writer.write(row)
-    executor.remove_shards(run.root, "score")
 
 
 # -- selection --------------------------------------------------------------------------

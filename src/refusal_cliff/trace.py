@@ -620,23 +620,24 @@ def trace_into(
                 yield result
                 bar.update(1)
 
-        if executor is not None and not executor.local:  # the traces come back from Ray workers' shards
-            from .executors import trace_job
+        from .executors import run_job, trace_job
 
-            shard_size = (
-                getattr(executor.config, "shard_size", None) or batch_size * 32
-            )  # trace_records' window
-            results = executor.run(
-                loaded,
-                trace_job(prober, batch_size, direction),
-                records,
-                out_dir,
-                shard_size,
-                skip=done,
-                progress=progress,
-            )
-        else:
-            results = trace_records(loaded, prober, todo, batch_size, direction=direction)
+        results = run_job(
+            executor,
+            loaded,
+            trace_job(prober, batch_size, direction),
+            records,
+            out_dir,
+            batch_size,
+            fingerprint=[
+                prober.fingerprint(),
+                direction.fingerprint() if direction is not None else None,
+                list(records),
+            ],
+            skip=done,
+            progress=progress,
+            unit=batch_size * 32,  # trace_records' sort window: the local path's batches, its scores
+        )
         written = write_trace_outputs(
             out_dir,
             counted(results),
@@ -648,8 +649,6 @@ def trace_into(
             part_size=part_size or batch_size * 8,
             direction_curves=direction is not None,
         )
-        if executor is not None and not executor.local:
-            executor.remove_shards(out_dir, "trace")
         return written
 
 
@@ -773,20 +772,19 @@ def layerwise_summary(
     (`out_dir/shards/layerwise/`, deleted once read); the summary is the same."""
     accumulators = {p.layer: CurveAccumulator(n_points) for p in probers}
     ms: dict[int, dict[str, list[float]]] = {p.layer: {} for p in probers}
-    if executor is not None and not executor.local:
-        from .executors import layerwise_job, shard_key
+    from .executors import layerwise_job, run_job
 
-        records = list(records)
-        key = shard_key(
-            loaded.model_id,
-            loaded.revision,
-            [p.fingerprint() for p in probers],
-            records,
-        )
-        shard_size = executor.shard_size_for(len(records), batch_size)
-        results = executor.run(loaded, layerwise_job(probers, batch_size, key), records, out_dir, shard_size)
-    else:
-        results = trace_records_layerwise(loaded, probers, records, batch_size)
+    records = list(records)
+    results = run_job(
+        executor,
+        loaded,
+        layerwise_job(probers, batch_size),
+        records,
+        out_dir,
+        batch_size,
+        fingerprint=[[p.fingerprint() for p in probers], records],
+        progress=False,
+    )
     for result in results:
         group = (groups or {}).get(result.id) or "all"
         for layer, scores in result.scores_by_layer.items():
@@ -803,8 +801,6 @@ def layerwise_summary(
         every = [value for values in ms[layer].values() for value in values]
         entry["ms_mean"] = _nanmean(every)  # examples without thinking have no MS
         summary[str(layer)] = entry
-    if executor is not None and not executor.local:
-        executor.remove_shards(out_dir, "layerwise")
     return summary
 
 

@@ -14,6 +14,7 @@ from .options import (
     check_prober,
     config_file_option,
     config_options,
+    executor_from,
     load_judge,
     out_option,
     overwrite_option,
@@ -87,7 +88,6 @@ def evaluate_command(
     from ..data import load_prompts
     from ..errors import UserError
     from ..evaluation import format_table, load_sweep, parse_model_spec, run_evaluate
-    from ..executors import check_executor, make_executor
     from ..models import load_model
     from ..reasoning import prepare_tasks
 
@@ -95,8 +95,9 @@ def evaluate_command(
     config = resolve(EvalConfig, options, generation=generation)
     backend = resolve(BackendConfig, options)
     check_backend(backend)  # the extra is there, before anything is loaded
-    executor_config = resolve(ExecutorConfig, options)
-    check_executor(executor_config)  # Ray's final-token scores: before any loading
+    # Ray's final-token scores, checked before any loading; its workers load each evaluated model in
+    # turn (executor.for_model)
+    executor = executor_from(options, ModelConfig())
     if config.task_limit is None and limit is not None:
         config.task_limit = limit
     specs = [parse_model_spec(m) for m in models] + (load_sweep(sweep) if sweep else [])
@@ -121,9 +122,7 @@ def evaluate_command(
         if prober_path:
             check_prober(prober_path)
         check_out(out)
-        # Ray workers load each evaluated model in turn (executor.for_model)
-        executor = make_executor(executor_config, ModelConfig())
-        stack.callback(executor.close)
+        stack.enter_context(executor)
         evaluation = run_evaluate(
             specs,
             harmful_sets,

@@ -10,6 +10,7 @@ from .options import (
     check_prober,
     config_file_option,
     config_options,
+    executor_from,
     load_model_from,
     model_options,
     out_option,
@@ -52,25 +53,20 @@ def heads_command(prober_path, generations, labels, out, overwrite, config_file,
     (layers × heads heatmap, red = towards refusal, blue = away from it).
     """
     from ..attribution import run_heads
-    from ..executors import check_executor, make_executor
     from ..labeling import check_group
     from ..probe import load_prober
 
     config = resolve(HeadsConfig, options)
     model = resolve(ModelConfig, options)
-    executor_config = resolve(ExecutorConfig, options)
-    check_executor(executor_config)  # before any loading
+    executor = executor_from(options, model)  # before any loading
     check_group(generations, labels, config.group)  # fail before loading the model (an empty group too)
     check_prober(prober_path)
     check_out(out)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    executor = make_executor(executor_config, model)
-    try:
+    with executor:
         path = run_heads(
             loaded, prober, generations, out, config, labels=labels, overwrite=overwrite, executor=executor
         )
-    finally:
-        executor.close()
     click.echo(f"wrote {path}")
     click.echo(f"wrote {path.with_name('heads.png')}")

@@ -12,6 +12,7 @@ from .options import (
     check_out,
     config_file_option,
     config_options,
+    executor_from,
     load_model_from,
     model_options,
     out_option,
@@ -36,23 +37,18 @@ from .options import (
 def layers_command(harmful, harmless, out, overwrite, config_file, **options):
     """Layer-wise study (Figure 5, left): a prober per layer, every example traced at every layer;
     writes OUT/layer_KK/prober.* and OUT/layerwise.json."""
-    from ..executors import check_executor, make_executor
     from ..probe import check_probe_runs
     from ..studies import run_layers
 
     config = resolve(LayersConfig, options)
     model = resolve(ModelConfig, options)
-    executor_config = resolve(ExecutorConfig, options)
-    check_executor(executor_config)  # before any loading
+    executor = executor_from(options, model)  # before any loading
     check_probe_runs(harmful, harmless)
     check_layers(config.layers, model)
     check_out(out)
     loaded = load_model_from(model)
-    executor = make_executor(executor_config, model)
-    try:
+    with executor:
         probers = run_layers(loaded, harmful, harmless, out, config, overwrite=overwrite, executor=executor)
-    finally:
-        executor.close()
     for layer, prober in sorted(probers.items()):
         click.echo(
             f"layer {layer:>3}: validation accuracy {prober.metadata['metrics']['val_accuracy']:.3f} "

@@ -227,6 +227,19 @@ def load_model_from(config: ModelConfig, require_chat_template: bool = True):
     )
 
 
+def executor_from(options: dict, model: ModelConfig | None):
+    """The executor the command's --executor flags name (`executors.make_executor`), checked first
+    (`executors.check_executor`: Ray installed, address reachable, GPUs there), so call it before any
+    loading. Nothing starts until it is used; use it as `with executor:` to release it afterwards.
+    `model`: how Ray workers load the model."""
+    from ..config import ExecutorConfig
+    from ..executors import check_executor, make_executor
+
+    config = resolve(ExecutorConfig, options)
+    check_executor(config)
+    return make_executor(config, model)
+
+
 def load_judge(judge: str | None, device: str = "auto"):
     """A `labeling.ModelJudge` for a judge model id, or None."""
     if not judge:

@@ -11,6 +11,7 @@ from .options import (
     check_prober,
     config_file_option,
     config_options,
+    executor_from,
     load_model_from,
     model_options,
     out_option,
@@ -42,24 +43,19 @@ def probe_group():
 @overwrite_option
 def _probe_train_command(harmful, harmless, ood, out, overwrite, config_file, **options):
     """Train the prober on last-token activations; writes OUT/prober.safetensors and OUT/prober.json."""
-    from ..executors import check_executor, make_executor
     from ..probe import check_probe_runs, run_probe_train
 
     config = resolve(ProbeConfig, options)
     model = resolve(ModelConfig, options)
-    executor_config = resolve(ExecutorConfig, options)
-    check_executor(executor_config)  # before any loading
+    executor = executor_from(options, model)  # before any loading
     check_probe_runs(harmful, harmless, ood)
     check_layers(config.layer, model)  # negative layers count from the end
     check_out(out)
     loaded = load_model_from(model)
-    executor = make_executor(executor_config, model)
-    try:
+    with executor:
         result = run_probe_train(
             loaded, harmful, harmless, out, config, ood_runs=ood, overwrite=overwrite, executor=executor
         )
-    finally:
-        executor.close()
     if result.reused:
         click.echo(f"up to date: {result.path} (same inputs and settings)")
         return

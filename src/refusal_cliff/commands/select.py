@@ -10,6 +10,7 @@ from .options import (
     check_prober,
     config_file_option,
     config_options,
+    executor_from,
     load_judge,
     load_model_from,
     model_options,
@@ -45,7 +46,6 @@ from .options import (
 def select_command(prober_path, candidates, out, overwrite, config_file, **options):
     """Score candidates by their refusal cliff and select k of them as SFT data."""
     from ..backends import check_backend
-    from ..executors import check_executor, make_executor
     from ..probe import load_prober
     from ..selection import load_candidates, resolve_k, run_select
 
@@ -54,9 +54,8 @@ def select_command(prober_path, candidates, out, overwrite, config_file, **optio
     score = resolve(ScoreConfig, options, generation=generation)
     model = resolve(ModelConfig, options)
     backend = resolve(BackendConfig, options)
-    executor_config = resolve(ExecutorConfig, options)
     check_backend(backend)
-    check_executor(executor_config)  # before any loading
+    executor = executor_from(options, model)  # before any loading
     rows = load_candidates(candidates, config.limit)
     resolve_k(config.k, len(rows))  # fail before loading the model
     check_prober(prober_path)
@@ -66,8 +65,7 @@ def select_command(prober_path, candidates, out, overwrite, config_file, **optio
     check_out(out, estimate_bytes(len(rows), tokens, 8))
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
-    executor = make_executor(executor_config, model)
-    try:
+    with executor:
         result = run_select(
             loaded,
             prober,
@@ -81,8 +79,6 @@ def select_command(prober_path, candidates, out, overwrite, config_file, **optio
             backend=backend,
             executor=executor,
         )
-    finally:
-        executor.close()
     click.echo(f"scored:    {result.n_candidates} candidates -> {result.scores_path}")
     click.echo(f"selected:  {result.n_selected} by {config.method} -> {result.selection_path}")
     for kind, path in result.exports.items():

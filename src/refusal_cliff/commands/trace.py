@@ -12,6 +12,7 @@ from .options import (
     check_prober,
     config_file_option,
     config_options,
+    executor_from,
     load_model_from,
     model_options,
     out_option,
@@ -70,14 +71,12 @@ def trace_command(
 ):
     """Score every token of each probing sequence; writes OUT/traces.parquet, OUT/cliff.jsonl, OUT/curves.json."""
     from ..errors import UserError
-    from ..executors import check_executor, make_executor
     from ..probe import load_direction, load_prober
     from ..trace import TraceInput, load_trace_inputs, run_trace
 
     config = resolve(TraceConfig, options)
     model = resolve(ModelConfig, options)
-    executor_config = resolve(ExecutorConfig, options)
-    check_executor(executor_config)  # Ray installed, address reachable, GPUs there: before any loading
+    executor = executor_from(options, model)  # Ray installed, address reachable, GPUs there: before loading
     inputs = [TraceInput(Path(g), True, [Path(p) for p in labels] or None) for g in generations]
     inputs += [TraceInput(Path(g), False) for g in harmless_generations]
     records, _ = load_trace_inputs(inputs)  # fail before loading the model
@@ -98,13 +97,10 @@ def trace_command(
     if direction_path is not None:
         layer = prober.layer if config.direction_layer is None else config.direction_layer
         direction = load_direction(direction_path, loaded, layer)
-    executor = make_executor(executor_config, model)
-    try:
+    with executor:
         result = run_trace(
             loaded, prober, inputs, out, config, overwrite=overwrite, direction=direction, executor=executor
         )
-    finally:
-        executor.close()
     click.echo(
         f"traced {result.written} new examples ({result.n_examples} in all): {Path(out) / 'cliff.jsonl'}, "
         f"{Path(out) / 'traces.parquet'}, {Path(out) / 'curves.json'}"
