@@ -647,7 +647,7 @@ class RayExecutor(_Executor):
         mapped = dataset.map_batches(
             _ShardWorker,
             batch_size=1,
-            concurrency=min(self.config.workers, len(items)),
+            compute=ray.data.ActorPoolStrategy(size=min(self.config.workers, len(items))),
             num_cpus=1 if gpus == 0 else 0,
             num_gpus=gpus or None,
             fn_constructor_kwargs=self._worker_kwargs(loaded, job, shard_dir),
