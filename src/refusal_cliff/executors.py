@@ -224,12 +224,17 @@ def _trace_read(path: Path, score_columns: dict[int, str]) -> list:
 def trace_job(prober, batch_size: int, direction=None, name: str = "trace") -> ShardJob:
     """`trace`'s shards: `trace.trace_records` per shard, parquet files of (id, position, token, score).
     `evaluate`'s final scores use it too (`name` "final_score")."""
-    columns = {prober.layer: "score"}
+    compute = partial(_trace_compute, prober=prober, batch_size=batch_size, direction=direction)
+    return _traces_job(name, compute, {prober.layer: "score"})
+
+
+def _traces_job(name: str, compute, score_columns: dict[int, str]) -> ShardJob:
+    """A job whose results are `TraceResult`s, kept as parquet with one score column per layer."""
     return ShardJob(
         name,
-        partial(_trace_compute, prober=prober, batch_size=batch_size, direction=direction),
-        partial(_trace_write, score_columns=columns),
-        partial(_trace_read, score_columns=columns),
+        compute,
+        partial(_trace_write, score_columns=score_columns),
+        partial(_trace_read, score_columns=score_columns),
         lambda result: str(result.id),
         ".parquet",
     )
@@ -245,13 +250,8 @@ def layerwise_job(probers, batch_size: int) -> ShardJob:
     """`layers`' traces: `trace.trace_records_layerwise` per shard, parquet files with a `score_L`
     column per prober layer L."""
     columns = {prober.layer: f"score_{prober.layer}" for prober in probers}
-    return ShardJob(
-        "layerwise",
-        partial(_layerwise_compute, probers=probers, batch_size=batch_size),
-        partial(_trace_write, score_columns=columns),
-        partial(_trace_read, score_columns=columns),
-        lambda result: str(result.id),
-        ".parquet",
+    return _traces_job(
+        "layerwise", partial(_layerwise_compute, probers=probers, batch_size=batch_size), columns
     )
 
 
