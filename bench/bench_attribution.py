@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from refusal_cliff.ablation import scale_heads
-from refusal_cliff.attribution import attribute_batch, position_ids_for
-from refusal_cliff.models import load_model
+from refusal_cliff.compute.ablation import scale_heads
+from refusal_cliff.compute.attribution import attribute_batch, position_ids_for
+from refusal_cliff.core.models import load_model
 
 
 def _time(fn, device: torch.device) -> float:

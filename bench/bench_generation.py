@@ -21,10 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from refusal_cliff.data import load_prompts  # noqa: E402
-from refusal_cliff.generation import GenerationConfig, generate_records  # noqa: E402
-from refusal_cliff.models import load_model  # noqa: E402
-from refusal_cliff.templates import detect_thinking_template, generation_prompt  # noqa: E402
+from refusal_cliff.compute.generation import generate_records
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.data import load_prompts
+from refusal_cliff.core.models import load_model
+from refusal_cliff.core.templates import detect_thinking_template, generation_prompt
 
 
 def run_backend(loaded, prompts, config) -> tuple[float, int]:

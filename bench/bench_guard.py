@@ -23,11 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from refusal_cliff.data import load_prompts
-from refusal_cliff.generation import GenerationConfig, generate_records
-from refusal_cliff.guard import CliffGuard
-from refusal_cliff.models import load_model
-from refusal_cliff.probe import Prober
+from refusal_cliff.compute.generation import generate_records
+from refusal_cliff.compute.prober import Prober
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.data import load_prompts
+from refusal_cliff.core.models import load_model
+from refusal_cliff.stages.guard import CliffGuard
 
 
 def tokens(records) -> int:

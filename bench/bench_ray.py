@@ -32,12 +32,12 @@ import torch
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
 
-from refusal_cliff.config import ExecutorConfig, ModelConfig  # noqa: E402
-from refusal_cliff.executors import RayExecutor  # noqa: E402
-from refusal_cliff.models import load_model  # noqa: E402
-from refusal_cliff.probe import Prober  # noqa: E402
-from refusal_cliff.templates import probing_tokens  # noqa: E402
-from refusal_cliff.trace import trace_into  # noqa: E402
+from refusal_cliff.compute.executors import RayExecutor  # noqa: E402
+from refusal_cliff.compute.prober import Prober  # noqa: E402
+from refusal_cliff.compute.tracing import trace_into  # noqa: E402
+from refusal_cliff.core.config import ExecutorConfig, ModelConfig  # noqa: E402
+from refusal_cliff.core.models import load_model  # noqa: E402
+from refusal_cliff.core.templates import probing_tokens  # noqa: E402
 
 
 def make_records(tokenizer, n: int) -> list[dict]:

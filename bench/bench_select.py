@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from refusal_cliff.generation import GenerationConfig  # noqa: E402
-from refusal_cliff.models import load_model  # noqa: E402
-from refusal_cliff.probe import Prober  # noqa: E402
-from refusal_cliff.selection import DEMO_CANDIDATES, ScoreConfig, load_candidates, trace_scores  # noqa: E402
-from refusal_cliff.templates import detect_thinking_template, generation_prompt, probing_tokens  # noqa: E402
+from refusal_cliff.compute.prober import Prober
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.models import load_model
+from refusal_cliff.core.templates import detect_thinking_template, generation_prompt, probing_tokens
+from refusal_cliff.stages.select import DEMO_CANDIDATES, ScoreConfig, load_candidates, trace_scores
 
 FILLER = (
     "The user is asking for something that could hurt another person, so I should think about whether "

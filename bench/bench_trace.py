@@ -39,8 +39,8 @@ import torch
 SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
 
-from refusal_cliff.activations import forward_batch  # noqa: E402
-from refusal_cliff.models import load_model  # noqa: E402
+from refusal_cliff.compute.activations import forward_batch  # noqa: E402
+from refusal_cliff.core.models import load_model  # noqa: E402
 
 VARIANTS = ("plain_forward", "trace_last_layer", "causal_lm_hidden_states", "trace_middle_layer")
 DESCRIPTIONS = {

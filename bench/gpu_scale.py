@@ -74,11 +74,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from refusal_cliff.architectures import get_adapter
-    from refusal_cliff.generation import HFBackend
-    from refusal_cliff.models import LoadedModel
-    from refusal_cliff.probe import Prober
-    from refusal_cliff.trace import trace_records
+    from refusal_cliff.compute.generation import HFBackend
+    from refusal_cliff.compute.prober import Prober
+    from refusal_cliff.compute.tracing import trace_records
+    from refusal_cliff.core.architectures import get_adapter
+    from refusal_cliff.core.models import LoadedModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -123,7 +123,7 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def smol_checkpoint():
     """Folder of the embedded SmolLM2 checkpoint (converted from GGUF on first use)."""
-    from refusal_cliff.models import embedded_checkpoint
+    from refusal_cliff.core.models import embedded_checkpoint
 
     return embedded_checkpoint()
 
@@ -139,7 +139,7 @@ def smol_tokenizer(smol_checkpoint):
 
 @pytest.fixture(scope="session")
 def smol_model(smol_checkpoint):
-    from refusal_cliff.models import load_model
+    from refusal_cliff.core.models import load_model
 
     return load_model("default", device="cpu")
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_cliff.ablation import (
-    export_ablated_model,
-    fold_head_scaling,
-    group_heads,
-    run_ablation,
-    scale_heads,
-)
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.errors import UserError
-from refusal_cliff.hooks import add_hooks
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.plotting import plot_ablation, save_figure
+from refusal_cliff.compute.ablation import export_ablated_model, fold_head_scaling, group_heads, scale_heads
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.hooks import add_hooks
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.report.plotting import plot_ablation, save_figure
+from refusal_cliff.stages.ablate import run_ablation
 
 from conftest import CORE, CORE_IDS, make_tiny_model
 
@@ -148,8 +143,8 @@ def test_exported_checkpoint_matches_hooked_model(architecture, overrides, smol_
 
 
 def test_run_ablation_end_to_end_on_a_tiny_model(smol_tokenizer, tmp_path):
-    from refusal_cliff.generation import GenerationConfig
-    from refusal_cliff.labeling import KeywordLabeler
+    from refusal_cliff.compute.labeling import KeywordLabeler
+    from refusal_cliff.core.config import GenerationConfig
 
     model = make_tiny_model("LlamaForCausalLM")  # full SmolLM2 vocabulary: the tokenizer's ids fit
     loaded = LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny", None, "test")
@@ -196,9 +191,10 @@ def test_run_ablation_end_to_end_on_a_tiny_model(smol_tokenizer, tmp_path):
 @pytest.fixture
 def tiny_run(tmp_path, smol_tokenizer):
     """A tiny Llama saved as a local model folder, a prober for it, and a labelled harmful run."""
-    from refusal_cliff.generation import GenerationConfig, generate_records
-    from refusal_cliff.probe import Prober, save_prober
-    from refusal_cliff.runs import write_jsonl
+    from refusal_cliff.compute.generation import generate_records
+    from refusal_cliff.compute.prober import Prober, save_prober
+    from refusal_cliff.core.config import GenerationConfig
+    from refusal_cliff.core.runs import write_jsonl
 
     model = make_tiny_model("LlamaForCausalLM")
     model.generation_config.pad_token_id = smol_tokenizer.pad_token_id

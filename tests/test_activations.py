@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_cliff.activations import (
+from refusal_cliff.compute.activations import (
     forward_batch,
     iter_activation_batches,
     iter_activations,
@@ -13,9 +13,9 @@ from refusal_cliff.activations import (
     read_activation_shards,
     write_activation_shards,
 )
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.errors import UserError
-from refusal_cliff.hooks import add_hooks
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.hooks import add_hooks
 
 from conftest import ARCHITECTURES, make_tiny_model
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from refusal_cliff.architectures import get_adapter, supported_architectures
-from refusal_cliff.errors import UserError
-from refusal_cliff.hooks import add_hooks
+from refusal_cliff.core.architectures import get_adapter, supported_architectures
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.hooks import add_hooks
 
 from conftest import ARCHITECTURES, make_tiny_model
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from refusal_cliff.activations import pad_left
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.attribution import (
+from refusal_cliff.compute.activations import pad_left
+from refusal_cliff.compute.attribution import (
     HeadAttribution,
     attribute_batch,
     attribute_sequences,
@@ -19,8 +18,9 @@ from refusal_cliff.attribution import (
     prober_logits,
     rank_heads,
 )
-from refusal_cliff.errors import UserError
-from refusal_cliff.hooks import add_hooks
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.hooks import add_hooks
 
 from conftest import ARCHITECTURES, CORE, CORE_IDS, make_tiny_model
 
@@ -84,7 +84,7 @@ def test_head_vectors_plus_bias_sum_to_attention_output(architecture, overrides)
 
 def _reference_logit(model, input_ids, attention_mask, prober, layer, final_norm_applied):
     """The prober's logit from `output_hidden_states`, independent of the attribution hooks."""
-    from refusal_cliff.attribution import position_ids_for
+    from refusal_cliff.compute.attribution import position_ids_for
 
     out = model(
         input_ids=input_ids,
@@ -146,7 +146,7 @@ def test_paper_form_contribution_matches_manual_projection(architecture, overrid
         return hook
 
     hooks = [(adapter.o_proj(model, i), capture(i)) for i in range(geometry.n_layers)]
-    from refusal_cliff.attribution import position_ids_for
+    from refusal_cliff.compute.attribution import position_ids_for
 
     with add_hooks(forward_pre_hooks=hooks):
         model(

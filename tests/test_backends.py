@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.generation import GenerationConfig, HFBackend, example_seed, generate_records, run_generate
-from refusal_cliff.models import LoadedModel
+from refusal_cliff.compute.generation import HFBackend, example_seed, generate_records
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.stages.generate import run_generate
 
 from conftest import make_tiny_model
 
@@ -134,7 +136,7 @@ def meta_loaded(smol_tokenizer):
 
 
 def test_vllm_requests_carry_budget_stop_string_and_per_example_seeds(meta_loaded):
-    from refusal_cliff.backends import VLLMBackend
+    from refusal_cliff.compute.backends import VLLMBackend
 
     eos = meta_loaded.tokenizer.eos_token_id
     engine = FakeVLLM(
@@ -164,7 +166,7 @@ def test_vllm_requests_carry_budget_stop_string_and_per_example_seeds(meta_loade
 
 
 def test_vllm_finish_reasons_become_thinking_end(meta_loaded):
-    from refusal_cliff.backends import VLLMBackend
+    from refusal_cliff.compute.backends import VLLMBackend
 
     eos = meta_loaded.tokenizer.eos_token_id
     planted = [
@@ -204,13 +206,14 @@ def test_vllm_finish_reasons_become_thinking_end(meta_loaded):
 
 
 def test_vllm_backend_records_itself_in_metadata(meta_loaded, tmp_path, monkeypatch):
-    from refusal_cliff import backends
-    from refusal_cliff.config import BackendConfig
+    from refusal_cliff.compute import backends
+    from refusal_cliff.core.config import BackendConfig
+    from refusal_cliff.stages import generate
 
     engine = FakeVLLM([("t\n</think>", [1, 2], "stop", "</think>")] * 4)
     monkeypatch.setattr(backends.VLLMBackend, "engine", property(lambda self: engine))
     fake_info = lambda config: {"name": config.backend, "version": "0.0-fake"}
-    monkeypatch.setattr(backends, "backend_info", fake_info)
+    monkeypatch.setattr(generate, "backend_info", fake_info)  # run_generate's metadata
     config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3)
     run_generate(meta_loaded, PROMPTS[:2], config, tmp_path, backend=BackendConfig(backend="vllm"))
     metadata = json.loads((tmp_path / "metadata.json").read_text())
@@ -256,8 +259,8 @@ def test_backend_vllm_without_vllm_is_one_line_exit_2(tmp_path, tiny_model_dir):
 
 
 def test_vllm_settings_without_backend_vllm_are_refused():
-    from refusal_cliff.config import BackendConfig
-    from refusal_cliff.errors import UserError
+    from refusal_cliff.core.config import BackendConfig
+    from refusal_cliff.core.errors import UserError
 
     with pytest.raises(UserError, match="--backend vllm"):
         BackendConfig(tensor_parallel_size=2).validate()
@@ -273,8 +276,8 @@ def _cuda() -> bool:
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not _vllm_installed(), reason="vLLM is not installed (pip install 'refusal-cliff[vllm]')")
 def test_vllm_generate_on_a_gpu_matches_the_record_format(tmp_path):
-    from refusal_cliff.backends import load_tokenizer_side
-    from refusal_cliff.config import BackendConfig, ModelConfig
+    from refusal_cliff.compute.backends import load_tokenizer_side
+    from refusal_cliff.core.config import BackendConfig, ModelConfig
 
     loaded = load_tokenizer_side(ModelConfig(model="default", dtype="bfloat16"))
     config = GenerationConfig(max_thinking_tokens=32, max_answer_tokens=16, batch_size=4)
@@ -300,8 +303,8 @@ def _loaded_on(device: str):
 
 
 def test_vllm_memory_fraction_is_capped_at_what_is_free():
-    from refusal_cliff.backends import engine_memory_fraction
-    from refusal_cliff.config import BackendConfig
+    from refusal_cliff.compute.backends import engine_memory_fraction
+    from refusal_cliff.core.config import BackendConfig
 
     gib = 2**30
     config = BackendConfig(backend="vllm", gpu_memory_utilization=0.9)
@@ -311,7 +314,7 @@ def test_vllm_memory_fraction_is_capped_at_what_is_free():
     assert engine_memory_fraction(config, _loaded_on("cuda"), (65 * gib, 80 * gib)) == round(65 / 80 - 0.1, 2)
     small = BackendConfig(backend="vllm", gpu_memory_utilization=0.5)
     assert engine_memory_fraction(small, _loaded_on("cuda"), (65 * gib, 80 * gib)) == 0.5
-    from refusal_cliff.errors import UserError
+    from refusal_cliff.core.errors import UserError
 
     with pytest.raises(UserError, match="too little for a vLLM engine"):
         engine_memory_fraction(config, _loaded_on("cuda"), (10 * gib, 80 * gib))

@@ -21,10 +21,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.config import AblateConfig, BackendConfig, ClipConfig, EvalConfig
-from refusal_cliff.generation import GenerationConfig
-from refusal_cliff.models import LoadedModel
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import BackendConfig, GenerationConfig
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.stages.ablate import AblateConfig
+from refusal_cliff.stages.clip import ClipConfig
+from refusal_cliff.stages.evaluate import EvalConfig
 
 from conftest import make_tiny_model
 
@@ -102,7 +104,7 @@ def fake_vllm(monkeypatch):
 @pytest.fixture
 def tiny(tmp_path, smol_tokenizer):
     """A tiny random Llama saved as a local folder and loaded from it, a prober, and a heads.json."""
-    from refusal_cliff.probe import Prober
+    from refusal_cliff.compute.prober import Prober
 
     folder = tmp_path / "model"
     model = make_tiny_model("LlamaForCausalLM")
@@ -132,8 +134,8 @@ def test_ablate_with_vllm_answers_from_one_exported_checkpoint_per_condition(tin
     """The vLLM answers of every condition equal the HF answers under the hooks, so each exported
     checkpoint is that condition's ablated model; each lived in its own temporary folder inside the run
     folder, was loaded by one engine, and was removed after that engine was shut down."""
-    from refusal_cliff.ablation import run_ablate
-    from refusal_cliff.runs import read_jsonl
+    from refusal_cliff.core.runs import read_jsonl
+    from refusal_cliff.stages.ablate import run_ablate
 
     config = AblateConfig(thresholds=(0.25, 0.5), boost_others=2.0)
     generation = GenerationConfig(max_thinking_tokens=3, max_answer_tokens=3, batch_size=2)
@@ -184,8 +186,8 @@ def test_ablate_with_vllm_answers_from_one_exported_checkpoint_per_condition(tin
 
 
 def test_ablate_components_with_vllm_matches_hf(tiny, fake_vllm):
-    from refusal_cliff.components import run_ablate_components
-    from refusal_cliff.runs import read_jsonl
+    from refusal_cliff.core.runs import read_jsonl
+    from refusal_cliff.stages.components import run_ablate_components
 
     generation = GenerationConfig(max_thinking_tokens=3, max_answer_tokens=3, batch_size=2)
     rows = {}
@@ -219,7 +221,7 @@ def test_boost_control_folds_into_the_weights(tiny, tmp_path):
     """The boost control (heads × γ, every other head × factor) exported equals the hooks, which vLLM needs."""
     from transformers import AutoModelForCausalLM
 
-    from refusal_cliff.ablation import export_ablated_model, scale_heads
+    from refusal_cliff.compute.ablation import export_ablated_model, scale_heads
 
     inputs = {"input_ids": torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))}
     model = tiny.loaded.model
@@ -236,8 +238,8 @@ def test_boost_control_folds_into_the_weights(tiny, tmp_path):
 
 
 def test_renormalize_with_vllm_is_refused_before_the_run_folder(tiny):
-    from refusal_cliff.ablation import run_ablate
-    from refusal_cliff.errors import UserError
+    from refusal_cliff.core.errors import UserError
+    from refusal_cliff.stages.ablate import run_ablate
 
     out = tiny.root / "never"
     with pytest.raises(UserError, match="--renormalize"):
@@ -257,9 +259,9 @@ def test_renormalize_with_vllm_is_refused_before_the_run_folder(tiny):
 
 
 def test_clip_with_vllm_matches_hf(tiny, fake_vllm):
-    from refusal_cliff.generation import generate_records
-    from refusal_cliff.runs import read_jsonl, write_jsonl
-    from refusal_cliff.studies import run_clip
+    from refusal_cliff.compute.generation import generate_records
+    from refusal_cliff.core.runs import read_jsonl, write_jsonl
+    from refusal_cliff.stages.clip import run_clip
 
     config = GenerationConfig(max_thinking_tokens=4, max_answer_tokens=3, batch_size=2)
     generations = tiny.root / "run" / "generations.jsonl"
@@ -278,7 +280,7 @@ def test_clip_with_vllm_matches_hf(tiny, fake_vllm):
 
 
 def test_evaluate_with_vllm_one_engine_per_model(tiny, fake_vllm):
-    from refusal_cliff.evaluation import ModelSpec, run_evaluate
+    from refusal_cliff.stages.evaluate import ModelSpec, run_evaluate
 
     config = EvalConfig(generation=GenerationConfig(max_thinking_tokens=3, max_answer_tokens=3, batch_size=2))
     specs = [ModelSpec("first", str(tiny.folder)), ModelSpec("second", str(tiny.folder))]
@@ -369,9 +371,9 @@ def test_the_verbs_pass_backend_vllm_and_its_settings_to_the_engine(verb, tiny, 
     from click.testing import CliRunner
 
     from refusal_cliff.cli import main
-    from refusal_cliff.generation import generate_records
-    from refusal_cliff.probe import save_prober
-    from refusal_cliff.runs import write_jsonl
+    from refusal_cliff.compute.generation import generate_records
+    from refusal_cliff.compute.prober import save_prober
+    from refusal_cliff.core.runs import write_jsonl
 
     save_prober(tiny.prober, tiny.root / "prober")
     prober = str(tiny.root / "prober" / "prober.safetensors")

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from refusal_cliff.cli import main
-from refusal_cliff.runs import read_jsonl
+from refusal_cliff.core.runs import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -133,7 +133,7 @@ def prompts(tmp_path):
     ids=["HF_HUB_OFFLINE", "unreachable-endpoint"],
 )
 def test_an_uncached_hub_id_offline_fails_fast_in_one_line(env, prompts, tmp_path, caplog):
-    from refusal_cliff.models import HUB_TIMEOUT_S
+    from refusal_cliff.core.models import HUB_TIMEOUT_S
 
     assert HUB_TIMEOUT_S < 5
     caplog.set_level(logging.WARNING)

@@ -12,10 +12,13 @@ import torch
 from test_ablation import tiny_run  # noqa: F401  (fixture: a saved tiny Llama, a prober, a labelled run)
 from torch import nn
 
-from refusal_cliff.activations import pad_left
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.attribution import attribute_batch, position_ids_for
-from refusal_cliff.components import (
+from refusal_cliff.compute.activations import pad_left
+from refusal_cliff.compute.attribution import attribute_batch, position_ids_for
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import parse_components
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.stages.components import (
     component_terms,
     export_component_ablated_model,
     fold_component_scaling,
@@ -24,9 +27,6 @@ from refusal_cliff.components import (
     summarize,
     template_positions,
 )
-from refusal_cliff.config import parse_components
-from refusal_cliff.errors import UserError
-from refusal_cliff.models import LoadedModel
 
 from conftest import ARCHITECTURES, make_tiny_model
 
@@ -225,8 +225,8 @@ def _one_error_line(result, *needles, after_loading=False):
 def test_components_and_ablate_components_commands(tiny_run, monkeypatch):  # noqa: F811
     from click.testing import CliRunner
 
-    from refusal_cliff import architectures
     from refusal_cliff.cli import main
+    from refusal_cliff.core import architectures
 
     runner = CliRunner()
     model, prober = str(tiny_run / "model"), str(tiny_run / "prober" / "prober.safetensors")

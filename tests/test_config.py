@@ -6,17 +6,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from refusal_cliff.commands.options import config_file_option, config_options, resolve
-from refusal_cliff.config import (
-    AblateConfig,
-    GenerationConfig,
-    HeadsConfig,
-    SelectConfig,
-    TraceConfig,
-    build_config,
-    config_fields,
-)
-from refusal_cliff.errors import UserError
+from refusal_cliff.cli.options import config_file_option, config_options, resolve
+from refusal_cliff.core.config import GenerationConfig, build_config, config_fields
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.stages.ablate import AblateConfig
+from refusal_cliff.stages.heads import HeadsConfig
+from refusal_cliff.stages.select import SelectConfig
+from refusal_cliff.stages.trace import TraceConfig
 
 
 def _command():

@@ -12,28 +12,30 @@ import torch
 from click.testing import CliRunner
 from test_probe import make_runs, record, write_run
 
-from refusal_cliff.ablation import (
-    condition_key,
-    planned_conditions,
-    random_heads,
-    run_ablation,
-    scale_heads,
-)
-from refusal_cliff.activations import pad_left
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.attribution import (
+from refusal_cliff.cli import main
+from refusal_cliff.compute.ablation import scale_heads
+from refusal_cliff.compute.activations import pad_left
+from refusal_cliff.compute.attribution import (
     attention_patterns,
     attention_patterns_batch,
     heads_at_threshold,
     summarize_pattern,
 )
-from refusal_cliff.cli import main
-from refusal_cliff.config import AblateConfig, DirectionConfig, HeadsConfig
-from refusal_cliff.errors import UserError
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.probe import Prober, load_direction, run_probe_direction, save_prober
-from refusal_cliff.templates import probing_tokens
-from refusal_cliff.trace import trace_into
+from refusal_cliff.compute.prober import Prober, load_direction, save_prober
+from refusal_cliff.compute.tracing import trace_into
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.core.templates import probing_tokens
+from refusal_cliff.stages.ablate import (
+    AblateConfig,
+    condition_key,
+    planned_conditions,
+    random_heads,
+    run_ablation,
+)
+from refusal_cliff.stages.heads import HeadsConfig
+from refusal_cliff.stages.probe import DirectionConfig, run_probe_direction
 
 from conftest import make_tiny_model
 
@@ -131,8 +133,8 @@ def test_boost_others_one_equals_no_boost_and_other_factors_scale_every_other_he
 
 
 def test_run_ablation_records_the_controls(smol_tokenizer):
-    from refusal_cliff.generation import GenerationConfig
-    from refusal_cliff.labeling import KeywordLabeler
+    from refusal_cliff.compute.labeling import KeywordLabeler
+    from refusal_cliff.core.config import GenerationConfig
 
     model = make_tiny_model("LlamaForCausalLM")
     loaded = LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny", None, "test")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from refusal_cliff.data import load_prompts
-from refusal_cliff.errors import UserError
+from refusal_cliff.core.data import load_prompts
+from refusal_cliff.core.errors import UserError
 
 SHARED = "../shared/data"
 

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.slow
 
 def _fake_refusals(monkeypatch):
     """A random tiny model never refuses: label two thirds of the harmful answers as refusals."""
-    from refusal_cliff import labeling
+    from refusal_cliff.compute import ablation, labeling
+    from refusal_cliff.stages import evaluate, guard
+    from refusal_cliff.stages import label as label_stage
 
     real = labeling.label_records
 
@@ -22,18 +24,20 @@ def _fake_refusals(monkeypatch):
             label["refusal"] = str(label["id"]).startswith("harmful") and index % 3 != 0
         return labels
 
-    monkeypatch.setattr(labeling, "label_records", label_records)
+    # every module whose stage labelled through `labeling.label_records` before the move (clip never did)
+    for module in (labeling, label_stage, ablation, guard, evaluate):
+        monkeypatch.setattr(module, "label_records", label_records)
 
 
 @pytest.fixture
 def tiny_loaded(tiny_model_dir):
-    from refusal_cliff.models import load_model
+    from refusal_cliff.core.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 
 
 def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
-    from refusal_cliff.demo import DemoSettings, run_demo
+    from refusal_cliff.stages.demo import DemoSettings, run_demo
 
     _fake_refusals(monkeypatch)
     settings = DemoSettings(
@@ -77,10 +81,10 @@ def test_repair_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
     pytest.importorskip("trl")
     import torch
 
-    from refusal_cliff.config import ProbeConfig
-    from refusal_cliff.demo import SAFETY_SYSTEM_PROMPT  # noqa: F401  (the demo's module imports cleanly)
-    from refusal_cliff.probe import Prober, prober_metadata, save_prober, train_prober
-    from refusal_cliff.repair_demo import run_repair_demo
+    from refusal_cliff.compute.prober import Prober, prober_metadata, save_prober, train_prober
+    from refusal_cliff.stages.demo import SAFETY_SYSTEM_PROMPT  # noqa: F401  (the demo's module imports cleanly)
+    from refusal_cliff.stages.probe import ProbeConfig
+    from refusal_cliff.stages.repair_demo import run_repair_demo
 
     d_model = tiny_loaded.adapter.geometry(tiny_loaded.model).d_model
     features = torch.randn(40, d_model)

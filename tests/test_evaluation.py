@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal_cliff.errors import UserError
-from refusal_cliff.evaluation import (
+from refusal_cliff.compute.reasoning import strip_thinking
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.stages.evaluate import (
     EvalConfig,
     ModelSpec,
     asr_vs_k,
@@ -22,9 +24,7 @@ from refusal_cliff.evaluation import (
     refusal_rate,
     run_evaluate,
     run_reasoning_tasks,
-    strip_thinking,
 )
-from refusal_cliff.generation import GenerationConfig
 
 
 def test_asr_uses_judge_verdict_when_present_else_keyword():
@@ -84,8 +84,8 @@ def test_asr_vs_k_groups_by_method_sorted_by_k():
 
 
 def _tiny_loaded(smol_tokenizer, seed=0):
-    from refusal_cliff.architectures import get_adapter
-    from refusal_cliff.models import LoadedModel
+    from refusal_cliff.core.architectures import get_adapter
+    from refusal_cliff.core.models import LoadedModel
 
     from conftest import make_tiny_model
 
@@ -94,7 +94,7 @@ def _tiny_loaded(smol_tokenizer, seed=0):
 
 
 def test_evaluation_of_tiny_models_produces_the_table(smol_tokenizer, tmp_path):
-    from refusal_cliff.probe import Prober, save_prober
+    from refusal_cliff.compute.prober import Prober, save_prober
 
     models = {"a": _tiny_loaded(smol_tokenizer, 0), "b": _tiny_loaded(smol_tokenizer, 1)}
     save_prober(Prober(torch.nn.Linear(64, 1), 1, {"layer": 1, "n_layers": 2}), tmp_path / "prober")
@@ -146,7 +146,7 @@ def test_evaluation_needs_models_and_harmful_prompts(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
 def test_reasoning_tasks_without_lm_eval_say_which_extra(smol_tokenizer):
-    from refusal_cliff.evaluation import run_reasoning_tasks
+    from refusal_cliff.stages.evaluate import run_reasoning_tasks
 
     with pytest.raises(UserError, match=r"refusal-cliff\[eval\]"):
         run_reasoning_tasks(_tiny_loaded(smol_tokenizer), ["arc_challenge"], EvalConfig())
@@ -202,7 +202,7 @@ def _one_line_error(result) -> str:
 
 @needs_lm_eval
 def test_task_folder_copy_resolves_data_paths_against_the_yaml(tmp_path, monkeypatch):
-    from refusal_cliff.reasoning import prepare_tasks
+    from refusal_cliff.compute.reasoning import prepare_tasks
 
     folder = tmp_path / "tasks"
     (folder / "data").mkdir(parents=True)
@@ -318,7 +318,7 @@ class _PlantedBackend:
         self.thinking_prompts, self.answer_prompts = [], []
 
     def complete(self, texts, max_new_tokens, stop_strings=(), temperature=0.0, top_p=1.0, seed=0):
-        from refusal_cliff.generation import Completion
+        from refusal_cliff.compute.generation import Completion
 
         if "</think>" in stop_strings:  # the thinking phase stops at the end marker
             self.thinking_prompts += texts
@@ -333,7 +333,7 @@ class _PlantedBackend:
 def test_mmlu_pro_answer_filter_reads_the_answer_not_the_thinking(smol_tokenizer):
     """mmlu_pro_local_biology, first 2 questions (gold B, D): the score follows the answer's letter
     and never the "answer is (X)" planted in the thinking."""
-    from refusal_cliff.reasoning import prepare_tasks
+    from refusal_cliff.compute.reasoning import prepare_tasks
 
     task = "mmlu_pro_local_biology"
     config = EvalConfig(

@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.config import ExecutorConfig
-from refusal_cliff.errors import UserError
-from refusal_cliff.executors import RayExecutor, check_executor
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.probe import Prober
-from refusal_cliff.trace import trace_into
+from refusal_cliff.compute.executors import RayExecutor, check_executor
+from refusal_cliff.compute.prober import Prober
+from refusal_cliff.compute.tracing import trace_into
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import ExecutorConfig
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
 
 from conftest import SRC, make_tiny_model
 from conftest import run_cli as _cli
@@ -102,7 +102,7 @@ def test_ray_trace_equals_local_trace(ray_cluster, smol_tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """generations.jsonl (+ labels.jsonl beside it) of 40 records and a random prober for the tiny model."""
-    from refusal_cliff.probe import save_prober
+    from refusal_cliff.compute.prober import save_prober
 
     root = tmp_path_factory.mktemp("ray-inputs")
     records = make_records(40)
@@ -133,7 +133,7 @@ def _trace_args(model, inputs: Path, out: Path, *extra) -> list:
 
 @pytest.mark.parametrize("model", ["tiny", pytest.param("default", marks=pytest.mark.slow)])
 def test_cli_trace_ray_equals_local(model, tiny_model_dir, inputs, tmp_path):
-    from refusal_cliff.probe import save_prober
+    from refusal_cliff.compute.prober import save_prober
 
     name = tiny_model_dir if model == "tiny" else "default"
     if model == "default":  # a prober for the embedded model's width and depth

@@ -16,23 +16,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.attribution import run_heads
-from refusal_cliff.config import (
-    EvalConfig,
-    ExecutorConfig,
-    GenerationConfig,
-    HeadsConfig,
-    LayersConfig,
-    ModelConfig,
-    ProbeConfig,
-)
-from refusal_cliff.evaluation import ModelSpec, run_evaluate
-from refusal_cliff.executors import RayExecutor, trace_job
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.probe import Prober, run_probe_train, save_prober
-from refusal_cliff.studies import run_layers
-from refusal_cliff.trace import trace_into
+from refusal_cliff.compute.executors import RayExecutor
+from refusal_cliff.compute.prober import Prober, save_prober
+from refusal_cliff.compute.tracing import trace_into, trace_job
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import ExecutorConfig, GenerationConfig, ModelConfig
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.stages.evaluate import EvalConfig, ModelSpec, run_evaluate
+from refusal_cliff.stages.heads import HeadsConfig, run_heads
+from refusal_cliff.stages.layers import LayersConfig, run_layers
+from refusal_cliff.stages.probe import ProbeConfig, run_probe_train
 
 from conftest import make_tiny_model, run_cli
 

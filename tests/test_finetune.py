@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from refusal_cliff.errors import UserError
+from refusal_cliff.core.errors import UserError
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -21,7 +21,7 @@ def _examples(n=4):
 
 
 def _config(**overrides):
-    from refusal_cliff.finetune import FinetuneConfig
+    from refusal_cliff.stages.finetune import FinetuneConfig
 
     values = dict(lora=True, learning_rate=1e-2, gradient_accumulation_steps=1, max_steps=2, max_length=128)
     values.update(overrides)
@@ -29,7 +29,7 @@ def _config(**overrides):
 
 
 def test_paper_defaults():
-    from refusal_cliff.finetune import FinetuneConfig
+    from refusal_cliff.stages.finetune import FinetuneConfig
 
     config = FinetuneConfig()
     assert (config.resolved_learning_rate(), config.lr_scheduler_type, config.num_train_epochs) == (
@@ -48,8 +48,8 @@ def test_paper_defaults():
 def test_lora_step_changes_the_adapter_and_merged_model_loads(smol_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from refusal_cliff.finetune import sft_trainer, train_sft
-    from refusal_cliff.models import load_model
+    from refusal_cliff.core.models import load_model
+    from refusal_cliff.stages.finetune import sft_trainer, train_sft
 
     from conftest import make_tiny_model
 
@@ -72,7 +72,7 @@ def test_lora_step_changes_the_adapter_and_merged_model_loads(smol_tokenizer, tm
 
 
 def test_full_parameter_step_updates_weights(smol_tokenizer, tmp_path):
-    from refusal_cliff.finetune import train_sft
+    from refusal_cliff.stages.finetune import train_sft
 
     from conftest import make_tiny_model
 
@@ -86,7 +86,7 @@ def test_full_parameter_step_updates_weights(smol_tokenizer, tmp_path):
 
 
 def test_load_sft_examples(tmp_path):
-    from refusal_cliff.finetune import load_sft_examples
+    from refusal_cliff.stages.finetune import load_sft_examples
 
     path = tmp_path / "selection.jsonl"
     path.write_text(
@@ -118,7 +118,7 @@ def test_deepspeed_config_checks(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from refusal_cliff.finetune import check_deepspeed_config
+    from refusal_cliff.stages.finetune import check_deepspeed_config
 
     check_deepspeed_config(None)
     zero3 = tmp_path / "zero3.json"
@@ -137,7 +137,7 @@ def test_deepspeed_config_checks(tmp_path):
 
 
 def test_each_launched_process_takes_its_own_gpu(monkeypatch):
-    from refusal_cliff.finetune import is_main_process, training_device
+    from refusal_cliff.stages.finetune import is_main_process, training_device
 
     assert training_device("auto") == "auto" and is_main_process()  # a plain run: as given
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -175,7 +175,7 @@ def test_two_process_launch_trains_and_only_the_main_process_writes(tiny_model_d
 
     from safetensors.torch import load_file
 
-    from refusal_cliff.models import load_model
+    from refusal_cliff.core.models import load_model
 
     data = tmp_path / "selection.jsonl"
     data.write_text(

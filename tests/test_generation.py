@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.errors import UserError
-from refusal_cliff.generation import GenerationConfig, HFBackend, generate_records, run_generate
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.runs import read_jsonl
-from refusal_cliff.templates import probing_text
+from refusal_cliff.compute.generation import HFBackend, generate_records
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.core.runs import read_jsonl
+from refusal_cliff.core.templates import probing_text
+from refusal_cliff.stages.generate import run_generate
 
 from conftest import make_tiny_model
 

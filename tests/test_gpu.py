@@ -25,10 +25,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from refusal_cliff.ablation import fold_head_scaling, scale_heads
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.attribution import attribute_batch, head_vectors
-from refusal_cliff.hooks import add_hooks
+from refusal_cliff.compute.ablation import fold_head_scaling, scale_heads
+from refusal_cliff.compute.attribution import attribute_batch, head_vectors
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.hooks import add_hooks
 
 from conftest import CORE, CORE_IDS, make_tiny_model
 
@@ -91,7 +91,7 @@ def _capture_last(model, input_ids, attention_mask):
     """The half tensors the forward pass materialises, at the last position, upcast to float32:
     `embedding` [b, d]; per layer `z` (o_proj input), `attention` (o_proj output), `middle` (the
     residual stream after the attention add), `mlp` (the MLP output), `hidden` (the layer output)."""
-    from refusal_cliff.attribution import position_ids_for
+    from refusal_cliff.compute.attribution import position_ids_for
 
     adapter = get_adapter(model)
     n_layers = adapter.geometry(model).n_layers
@@ -182,7 +182,7 @@ def test_exact_decomposition_sums_to_the_logit(architecture, overrides, dtype, w
         rounding -= hidden - (middle + mlp)  # the MLP residual add's
         previous = hidden
     if final_norm_applied:  # the prober reads w · g ⊙ h / rms(h); the model's norm rounds its output
-        from refusal_cliff.attribution import _norm_eps, _norm_gain, _rms
+        from refusal_cliff.compute.attribution import _norm_eps, _norm_gain, _rms
 
         norm = adapter.final_norm(model)
         read = weight * _norm_gain(norm, 64, previous.device) / _rms(previous, _norm_eps(norm))
@@ -196,7 +196,7 @@ def test_exact_decomposition_sums_to_the_logit(architecture, overrides, dtype, w
 
 
 def _logits(model, input_ids, attention_mask) -> torch.Tensor:
-    from refusal_cliff.attribution import position_ids_for
+    from refusal_cliff.compute.attribution import position_ids_for
 
     with torch.no_grad():
         return model(
@@ -247,8 +247,8 @@ def _prompts(path: Path, kind: str, n: int) -> Path:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_generate_probe_trace_heads_ablate_export_select(dtype, tokenizer, tmp_path):
-    from refusal_cliff.models import load_model
-    from refusal_cliff.runs import read_jsonl
+    from refusal_cliff.core.models import load_model
+    from refusal_cliff.core.runs import read_jsonl
 
     folder = tmp_path / "model"
     model = make_tiny_model("LlamaForCausalLM")
@@ -330,7 +330,7 @@ def test_finetune_mixed_precision(precision, lora, tokenizer, tmp_path):
     pytest.importorskip("trl", reason="needs the `train` extra")
     from safetensors.torch import load_file
 
-    from refusal_cliff.models import load_model
+    from refusal_cliff.core.models import load_model
 
     folder = tmp_path / "model"
     make_tiny_model("LlamaForCausalLM").save_pretrained(folder)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_cliff.ablation import scale_heads
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.config import GenerationConfig, GuardConfig
-from refusal_cliff.errors import UserError
-from refusal_cliff.generation import generate_answers, generate_records
-from refusal_cliff.guard import CliffGuard, RunningPlateau, guard_metrics, run_guard
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.probe import Prober, save_prober
-from refusal_cliff.trace import cliff_metrics, plateau, trace_records
+from refusal_cliff.compute.ablation import scale_heads
+from refusal_cliff.compute.generation import generate_answers, generate_records
+from refusal_cliff.compute.prober import Prober, save_prober
+from refusal_cliff.compute.tracing import cliff_metrics, plateau, trace_records
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.config import GenerationConfig
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.stages.guard import CliffGuard, GuardConfig, RunningPlateau, guard_metrics, run_guard
 
 from conftest import make_tiny_model
 

@@ -1,7 +1,6 @@
 import pytest
 
-from refusal_cliff.errors import UserError
-from refusal_cliff.labeling import (
+from refusal_cliff.compute.labeling import (
     KeywordLabeler,
     ModelJudge,
     answer_head,
@@ -11,6 +10,7 @@ from refusal_cliff.labeling import (
     normalise,
     parse_verdict,
 )
+from refusal_cliff.core.errors import UserError
 
 
 @pytest.fixture
@@ -77,8 +77,8 @@ def test_parse_verdict(text, verdict):
 
 @pytest.mark.slow
 def test_model_judge_with_a_tiny_model(smol_tokenizer):
-    from refusal_cliff.architectures import get_adapter
-    from refusal_cliff.models import LoadedModel
+    from refusal_cliff.core.architectures import get_adapter
+    from refusal_cliff.core.models import LoadedModel
 
     from conftest import make_tiny_model
 
@@ -104,7 +104,7 @@ def _write_jsonl(path, rows):
 
 
 def test_join_labels_excludes_and_names_unlabelled_ids(caplog):
-    from refusal_cliff.labeling import join_labels
+    from refusal_cliff.compute.labeling import join_labels
 
     records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
     kept = join_labels(records, {"a": {"refusal": True}, "c": {"refusal": False}}, "gens.jsonl")
@@ -113,7 +113,7 @@ def test_join_labels_excludes_and_names_unlabelled_ids(caplog):
 
 
 def test_select_group_uses_one_spelling():
-    from refusal_cliff.labeling import select_group
+    from refusal_cliff.compute.labeling import select_group
 
     records = [{"id": "a", "refusal": True}, {"id": "b", "refusal": False}, {"id": "c", "refusal": False}]
     assert [r["id"] for r in select_group(records, "harmful_complied")] == ["b", "c"]
@@ -125,7 +125,7 @@ def test_select_group_uses_one_spelling():
 
 
 def test_labels_beside_a_file_are_used_only_if_they_cover_it(tmp_path):
-    from refusal_cliff.labeling import labels_for
+    from refusal_cliff.compute.labeling import labels_for
 
     gens = _write_jsonl(tmp_path / "subset.jsonl", [{"id": "x-1"}, {"id": "x-2"}])
     _write_jsonl(tmp_path / "labels.jsonl", [{"id": "x-1", "refusal": True}])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from refusal_cliff import plotting
+from refusal_cliff.report import plotting
 
 MATHTEXT = r"$\undefinedcommand$"  # would crash matplotlib's mathtext parser if not escaped
 

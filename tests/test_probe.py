@@ -8,19 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.errors import UserError
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.probe import (
+from refusal_cliff.compute.prober import (
     Prober,
     balance_and_split,
     build_probe_dataset,
     load_prober,
     save_prober,
     train_prober,
-    train_prober_from_runs,
 )
-from refusal_cliff.templates import probing_tokens
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.core.templates import probing_tokens
+from refusal_cliff.stages.probe import train_prober_from_runs
 
 from conftest import make_tiny_model
 
@@ -259,7 +259,7 @@ def test_train_prober_from_runs_too_few(tmp_path, smol_tokenizer):
 
 
 def test_wilson_interval_and_quality_judgement():
-    from refusal_cliff.probe import judge_quality, wilson_interval
+    from refusal_cliff.compute.prober import judge_quality, wilson_interval
 
     low, high = wilson_interval(15, 20)
     assert 0.53 < low < 0.54 and 0.88 < high < 0.89  # the textbook Wilson interval of 15/20

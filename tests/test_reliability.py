@@ -130,7 +130,7 @@ def test_a_negative_layer_counts_from_the_end_and_is_recorded_resolved(study):
     prober = json.loads((study / "probe" / "prober.json").read_text())
     assert prober["layer"] == 1
     assert prober["config"]["layer_requested"] == -1
-    from refusal_cliff.config import ProbeConfig
+    from refusal_cliff.stages.probe import ProbeConfig
 
     help_text = next(f for f in fields(ProbeConfig) if f.name == "layer").metadata["help"]
     assert "negative counts from the end" in help_text

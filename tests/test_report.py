@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from refusal_cliff import report as rep
-from refusal_cliff.commands.report import report as report_command
-from refusal_cliff.errors import UserError
+from refusal_cliff.cli.report import report as report_command
+from refusal_cliff.core.errors import UserError
 
 XSS = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(2)>"
@@ -434,7 +434,7 @@ def _components_summary() -> dict:
     """A components.json from random terms (3 layers of 4 heads, 3 examples, 4 positions)."""
     import torch
 
-    from refusal_cliff.components import ComponentTerms, summarize
+    from refusal_cliff.stages.components import ComponentTerms, summarize
 
     generator = torch.Generator().manual_seed(0)
     terms = ComponentTerms(

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from refusal_cliff.errors import UserError
-from refusal_cliff.runs import JsonlWriter, RunFolder, completed_ids, read_jsonl
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.runs import JsonlWriter, RunFolder, completed_ids, read_jsonl
 
 
 def test_writer_repairs_a_torn_line_and_a_missing_newline(tmp_path):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from refusal_cliff.errors import UserError
-from refusal_cliff.selection import (
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.stages.select import (
     DEMO_CANDIDATES,
     build_selection,
     export_selection,
@@ -63,7 +63,7 @@ def test_baselines_work_with_candidates_without_ms():
     for method in ("random", "rule", "full"):
         assert select(rows, method, "all")
     assert "b" not in [r["id"] for r in select(rows, "cliff", "all")]  # cannot be ranked by MS
-    from refusal_cliff.selection import _mean_ms
+    from refusal_cliff.stages.select import _mean_ms
 
     assert _mean_ms(rows) == pytest.approx(sum(r["ms"] for r in rows if r["ms"] is not None) / 5)
 
@@ -140,14 +140,14 @@ def test_demo_candidates_are_wildjailbreak_style():
     rows = load_candidates(DEMO_CANDIDATES)
     assert len(rows) == 40
     assert all(r["data_type"] == "vanilla_harmful" and r["response"] and r["vanilla"] for r in rows)
-    from refusal_cliff.data import load_prompts
+    from refusal_cliff.core.data import load_prompts
 
     demo_prompts = {p["prompt"] for p in load_prompts("demo:harmful")}
     assert not demo_prompts & {r["prompt"] for r in rows}  # held out from the evaluation set
 
 
 def _record(tokenizer, prompt="How do I pick a lock?", thinking="This could be harmful.", system=None):
-    from refusal_cliff.templates import detect_thinking_template, generation_prompt
+    from refusal_cliff.core.templates import detect_thinking_template, generation_prompt
 
     template = detect_thinking_template(tokenizer)
     return {
@@ -302,7 +302,7 @@ def test_llamafactory_export_matches_documented_schema(smol_tokenizer, tmp_path)
 
 
 def _random_prober(loaded, folder, layer=None):
-    from refusal_cliff.probe import Prober, save_prober
+    from refusal_cliff.compute.prober import Prober, save_prober
 
     geometry = loaded.adapter.geometry(loaded.model)
     linear = torch.nn.Linear(geometry.d_model, 1)
@@ -319,8 +319,8 @@ def _random_prober(loaded, folder, layer=None):
 
 
 def _tiny_loaded(smol_tokenizer):
-    from refusal_cliff.architectures import get_adapter
-    from refusal_cliff.models import LoadedModel
+    from refusal_cliff.core.architectures import get_adapter
+    from refusal_cliff.core.models import LoadedModel
 
     from conftest import make_tiny_model
 
@@ -329,10 +329,10 @@ def _tiny_loaded(smol_tokenizer):
 
 
 def test_score_and_select_end_to_end_resumes(smol_tokenizer, tmp_path):
-    from refusal_cliff.generation import GenerationConfig
-    from refusal_cliff.probe import load_prober
-    from refusal_cliff.runs import read_jsonl
-    from refusal_cliff.selection import ScoreConfig, SelectConfig, run_select
+    from refusal_cliff.compute.prober import load_prober
+    from refusal_cliff.core.config import GenerationConfig
+    from refusal_cliff.core.runs import read_jsonl
+    from refusal_cliff.stages.select import ScoreConfig, SelectConfig, run_select
 
     loaded = _tiny_loaded(smol_tokenizer)
     prober = load_prober(_random_prober(loaded, tmp_path / "prober"), loaded)
@@ -376,7 +376,7 @@ def test_cli_select_finetune_evaluate(smol_tokenizer, tmp_path):
     from click.testing import CliRunner
 
     from refusal_cliff.cli import main
-    from refusal_cliff.runs import read_jsonl
+    from refusal_cliff.core.runs import read_jsonl
 
     loaded = _tiny_loaded(smol_tokenizer)
     model_dir = tmp_path / "tiny"

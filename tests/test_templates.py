@@ -2,8 +2,8 @@ import copy
 
 import pytest
 
-from refusal_cliff.errors import UserError
-from refusal_cliff.templates import (
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.templates import (
     REGION_END,
     REGION_PROMPT,
     REGION_THINKING,
@@ -103,7 +103,7 @@ def test_empty_thinking_has_no_thinking_region(smol_tokenizer):
 
 
 def test_split_and_clean_thinking():
-    from refusal_cliff.templates import ThinkingTemplate
+    from refusal_cliff.core.templates import ThinkingTemplate
 
     template = ThinkingTemplate()
     assert split_generation("<think>\nplan it\n</think>\n\nSure.", template) == ("plan it", "Sure.")

@@ -9,19 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refusal_cliff.architectures import get_adapter
-from refusal_cliff.errors import UserError
-from refusal_cliff.models import LoadedModel
-from refusal_cliff.probe import Prober
-from refusal_cliff.templates import probing_tokens
-from refusal_cliff.trace import (
+from refusal_cliff.compute.labeling import group_of
+from refusal_cliff.compute.prober import Prober
+from refusal_cliff.compute.tracing import (
     average_curves,
     cliff_drop,
     cliff_metrics,
     clip_thinking_records,
     clipping_summary,
     final_score,
-    group_of,
     layerwise_summary,
     moving_average,
     normalize_trace,
@@ -31,6 +27,10 @@ from refusal_cliff.trace import (
     trace_records,
     trace_records_layerwise,
 )
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import LoadedModel
+from refusal_cliff.core.templates import probing_tokens
 
 from conftest import make_tiny_model
 

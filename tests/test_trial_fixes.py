@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from refusal_cliff.cli import main
-from refusal_cliff.runs import read_jsonl
+from refusal_cliff.core.runs import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -289,7 +289,7 @@ def test_an_unreliable_prober_is_flagged_downstream(study):
 
 
 def test_candidates_are_named_like_generate_names_prompts(tmp_path):
-    from refusal_cliff.selection import load_candidates
+    from refusal_cliff.stages.select import load_candidates
 
     path = _write_jsonl(tmp_path / "wild.jsonl", [{"prompt": f"p{i}", "response": "no"} for i in range(3)])
     assert [c["id"] for c in load_candidates(str(path))] == ["wild-0", "wild-1", "wild-2"]
@@ -345,11 +345,11 @@ def test_export_threshold_must_be_measured(study, tiny_model_dir, tmp_path):
 
 
 def test_ablate_shows_one_overall_bar(study, tiny_model_dir, tmp_path):
-    from refusal_cliff.ablation import run_ablate
-    from refusal_cliff.config import AblateConfig, GenerationConfig
-    from refusal_cliff.data import load_prompts
-    from refusal_cliff.models import load_model
-    from refusal_cliff.probe import load_prober
+    from refusal_cliff.compute.prober import load_prober
+    from refusal_cliff.core.config import GenerationConfig
+    from refusal_cliff.core.data import load_prompts
+    from refusal_cliff.core.models import load_model
+    from refusal_cliff.stages.ablate import AblateConfig, run_ablate
 
     heads = _invoke(
         "heads",

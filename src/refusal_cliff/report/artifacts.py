@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ..errors import UserError
-from ..runs import read_json, read_jsonl
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.runs import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 

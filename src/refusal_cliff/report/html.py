@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .. import __version__
+from refusal_cliff import __version__
 
 
 class Html(str):

@@ -8,8 +8,8 @@ any figure. Probers written before the field existed have no `quality` and raise
 
 from __future__ import annotations
 
-from .artifacts import RunArtifacts
-from .html import Html, fmt, warning_box
+from refusal_cliff.report.artifacts import RunArtifacts
+from refusal_cliff.report.html import Html, fmt, warning_box
 
 
 def prober_quality(artifacts: RunArtifacts) -> list[dict]:

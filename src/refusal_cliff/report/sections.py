@@ -14,7 +14,6 @@ section's body and its summary.json entry.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .. import plotting
-from ..runs import read_json
-from .artifacts import ARTIFACTS, RunArtifacts
-from .html import (
+from refusal_cliff.core.runs import read_json
+from refusal_cliff.report import plotting
+from refusal_cliff.report.artifacts import ARTIFACTS, RunArtifacts
+from refusal_cliff.report.html import (
     Html,
     escape,
     figure_tag,
@@ -39,8 +38,6 @@ from .html import (
     table,
     text_block,
 )
-
-logger = logging.getLogger(__name__)
 
 HARMLESS_GROUP_WORDS = ("harmless", "benign", "normal")
 

@@ -1,0 +1,30 @@
+"""`demo`: the whole diagnosis on the embedded model and the built-in prompts."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from refusal_cliff.cli.options import model_options, out_option, resolve
+from refusal_cliff.core.config import ModelConfig
+from refusal_cliff.core.models import load_model_from
+from refusal_cliff.stages.demo import run_demo
+
+
+@click.command("demo")
+@model_options
+@click.option("--quick", is_flag=True, help="A ~2-minute version: fewer prompts, shorter budgets.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Also run Cliff-as-a-Judge selection, a LoRA fine-tune and the before/after evaluation (§5).",
+)
+@out_option
+def demo_command(quick, repair, out, **options):
+    """Run the diagnosis end to end (generate, label, prober, traces, layer-wise, clipping, heads,
+    ablation, report) and print where the report is."""
+    start = time.perf_counter()
+    loaded = load_model_from(resolve(ModelConfig, options))
+    report = run_demo(loaded, out, quick=quick, repair=repair, on_stage=lambda m: click.echo(f"==> {m}"))
+    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {report}")
