@@ -26,10 +26,12 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/refusal-cliff demo --quick --out $(DEMO_OUT)-quick $(DEMO_FLAGS)
 
-# ruff (settings in pyproject.toml): lint rules, and the formatting `ruff format` gives.
+# ruff (settings in pyproject.toml): lint rules, and the formatting `ruff format` gives; import-linter:
+# the contracts in pyproject.toml (imports only run down the layers, the library never imports cli).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 
 # pytest exits 5 when it collects no tests: that is a failure here, not a pass.
 test: $(STAMP)
@@ -53,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_ray.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .import_linter_cache
