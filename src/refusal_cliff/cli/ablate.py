@@ -1,4 +1,4 @@
-"""`refusal-cliff ablate`: scale the suppression heads and measure (stage: `ablation.run_ablate`)."""
+"""`refusal-cliff ablate`: scale the suppression heads and measure (stage: `ablate.run_ablate`)."""
 
 from __future__ import annotations
 

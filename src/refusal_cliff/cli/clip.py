@@ -1,4 +1,4 @@
-"""`refusal-cliff clip`: the thinking-clipping study, Figure 5 right (stage: `studies.run_clip`)."""
+"""`refusal-cliff clip`: the thinking-clipping study, Figure 5 right (stage: `clip.run_clip`)."""
 
 from __future__ import annotations
 

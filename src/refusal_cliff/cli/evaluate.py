@@ -1,5 +1,5 @@
 """`refusal-cliff evaluate`: ASR, over-refusal, final-token score and reasoning accuracy side by side
-(stage: `evaluation.run_evaluate`)."""
+(stage: `evaluate.run_evaluate`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`refusal-cliff generate`: answers with thinking (stage: `generation.run_generate`)."""
+"""`refusal-cliff generate`: answers with thinking (stage: `generate.run_generate`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`refusal-cliff heads`: the refusal suppression heads at t_cliff (stage: `attribution.run_heads`)."""
+"""`refusal-cliff heads`: the refusal suppression heads at t_cliff (stage: `heads.run_heads`)."""
 
 from __future__ import annotations
 

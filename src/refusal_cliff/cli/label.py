@@ -1,4 +1,4 @@
-"""`refusal-cliff label`: refusal labels on the answers (stage: `labeling.run_label`)."""
+"""`refusal-cliff label`: refusal labels on the answers (stage: `label.run_label`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`refusal-cliff layers`: the layer-wise study, Figure 5 left (stage: `studies.run_layers`)."""
+"""`refusal-cliff layers`: the layer-wise study, Figure 5 left (stage: `layers.run_layers`)."""
 
 from __future__ import annotations
 

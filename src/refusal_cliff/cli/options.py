@@ -1,4 +1,5 @@
-"""Click flags built from the typed configs of `config.py`, `--config FILE`, and the shared flags.
+"""Click flags built from the typed configs (`core/config.py`, each stage's own), `--config FILE`, and the
+shared flags.
 
 `config_options(GenerationConfig)` adds one flag per field (help and default from the field);
 `resolve(GenerationConfig, kwargs)` pops those flags out of a command's kwargs and builds the

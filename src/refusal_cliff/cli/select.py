@@ -1,4 +1,4 @@
-"""`refusal-cliff select`: Cliff-as-a-Judge data selection (stage: `selection.run_select`)."""
+"""`refusal-cliff select`: Cliff-as-a-Judge data selection (stage: `select.run_select`)."""
 
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ to its original norm (Zhang et al. 2024, to avoid generation collapse).
 
 Without renormalisation the same edit is linear in the weights: `W_O[:, slice_h] · (γ z_h) =
 (γ W_O[:, slice_h]) · z_h`, so it folds into the `o_proj` weight columns and the repaired model
-is an ordinary checkpoint that any inference engine serves. `run_ablation` measures, per
-threshold of suppression heads, the final refusal score, the attack success rate of
-regenerated answers and the refusal rate on benign prompts (paper Figure 8).
+is an ordinary checkpoint that any inference engine serves. `evaluate_condition` measures one
+scaling: the final refusal score, the attack success rate of regenerated answers and the refusal
+rate on benign prompts. The `ablate` stage (`stages/ablate.py`) runs it per threshold of suppression
+heads (paper Figure 8); `components` and `guard` scale heads with the same hooks.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from refusal_cliff.compute.executors import ShardJob, read_tensor_shard, run_job, write_tensor_shard
 from refusal_cliff.core.architectures import ArchitectureAdapter
@@ -200,8 +202,6 @@ def iter_activation_batches(
         sort_window: sequences sorted by length together (default 32 batches); bounds memory.
         desc: show a progress bar with this description (None: no bar).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     _check_sequences(sequences)
@@ -342,8 +342,6 @@ def write_activation_shards(
     Each shard holds tensors `layer_{k}` [m, d_model] (float32) and `index` [m] (int64, input order);
     `activations.json` in the folder lists the layers, shards and ids. Memory is bounded by one shard.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_layers = len(adapter.layers(model))
@@ -387,8 +385,6 @@ def write_activation_shards(
 
 def read_activation_shards(folder: str | Path) -> dict[int, torch.Tensor]:
     """Read shards written by `write_activation_shards`: layer -> [n, d_model] in input order."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     manifest_path = folder / "activations.json"
     if not manifest_path.is_file():

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from refusal_cliff.compute.activations import last_token_activations, pad_left
 from refusal_cliff.compute.executors import ShardJob, read_tensor_shard, write_tensor_shard
@@ -336,8 +337,6 @@ def attribute_sequences(
     parts: list[tuple[list[int], HeadAttribution]] = []
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="attributing heads", unit="batch")
     for start in starts:
         chunk = order[start : start + batch_size]

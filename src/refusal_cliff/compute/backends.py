@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.metadata
 import logging
 import shutil
 import tempfile
@@ -67,8 +68,6 @@ def check_backend(config: BackendConfig, models: Sequence[str | None] = ()) -> N
 
 def backend_info(config: BackendConfig | None) -> dict:
     """What `metadata.json` records about the backend: its name, version and engine settings."""
-    import importlib.metadata
-
     config = config or BackendConfig()
     package = "vllm" if config.backend == "vllm" else "transformers"
     try:

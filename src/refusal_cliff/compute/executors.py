@@ -27,6 +27,7 @@ optional extra (`pip install 'refusal-cliff[ray]'`), imported only here.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -36,6 +37,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from refusal_cliff.core.config import ExecutorConfig, ModelConfig
 from refusal_cliff.core.errors import MissingExtraError, UserError
@@ -152,8 +157,6 @@ def write_rows_shard(path: Path, rows) -> None:
 
 def write_tensor_shard(path: Path, tensors: dict, ids: list[str], extra: dict | None = None) -> None:
     """A safetensors shard: `tensors` (first dimension: one row per id) and the ids in its metadata."""
-    from safetensors.torch import save_file
-
     metadata = {"ids": json.dumps(ids), **{key: json.dumps(value) for key, value in (extra or {}).items()}}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=metadata)
@@ -162,8 +165,6 @@ def write_tensor_shard(path: Path, tensors: dict, ids: list[str], extra: dict | 
 
 def read_tensor_shard(path: Path) -> tuple[dict, list[str], dict]:
     """(tensors, ids, the other metadata) of a shard written by `write_tensor_shard`."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = {key: json.loads(value) for key, value in handle.metadata().items()}
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
@@ -304,8 +305,6 @@ class RayExecutor(_Executor):
         self._cluster = cluster or _Cluster(config)
 
     def info(self) -> dict:
-        import importlib.metadata
-
         return {
             "name": "ray",
             "version": importlib.metadata.version("ray"),
@@ -397,8 +396,6 @@ class RayExecutor(_Executor):
     def _compute(
         self, loaded, job: ShardJob, shards: list[tuple[int, list[dict]]], shard_dir: Path, progress: bool
     ) -> None:
-        from tqdm.auto import tqdm
-
         ray = self._cluster.connect()
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on the console
         context = ray.data.DataContext.get_current()

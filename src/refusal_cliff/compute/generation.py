@@ -12,7 +12,7 @@ sequence will hold:
 Models without a thinking mode (e.g. the embedded SmolLM2) run the same way in
 "reasoning mode": the prompt opens a thinking block and the end template is
 appended after the budget. The backend is an interface (`complete`): `HFBackend` here,
-`vllm_backend.VLLMBackend` for vLLM. Sampling is seeded per example (`example_seed`), so a
+`backends.VLLMBackend` for vLLM. Sampling is seeded per example (`example_seed`), so a
 resumed sampled run equals an uninterrupted one whatever the batches.
 """
 

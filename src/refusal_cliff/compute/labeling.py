@@ -8,6 +8,7 @@ answer to a classifier through its chat template and decodes greedily.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import unicodedata
@@ -223,8 +224,6 @@ def label_hint(generations: str | Path) -> str:
 
 def generation_model_id(generations: str | Path) -> str | None:
     """The model id recorded in the `metadata.json` of the run a generations file belongs to, if any."""
-    import json
-
     meta = Path(generations).with_name("metadata.json")
     try:
         return json.loads(meta.read_text()).get("config", {}).get("model") if meta.is_file() else None

@@ -17,6 +17,7 @@ safetensors.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from refusal_cliff.compute.activations import final_norm_applied, resolve_layers
@@ -96,8 +99,6 @@ class Prober:
 
     def fingerprint(self) -> str:
         """A digest of what the prober computes: its layer, final-norm flag and weights."""
-        import hashlib
-
         weights = torch.cat([self.weight.reshape(-1), self.bias.reshape(-1)]).float().cpu().numpy()
         digest = hashlib.sha256(weights.tobytes()).hexdigest()[:16]
         return f"layer{self.layer}-norm{int(self.final_norm_applied)}-{digest}"
@@ -450,8 +451,6 @@ def prober_metadata(
 
 def save_prober(prober: Prober, folder: str | Path) -> Path:
     """Write `prober.safetensors` and `prober.json` into `folder`; returns the safetensors path."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -477,9 +476,6 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
         loaded_model: optional `LoadedModel`; if given, the prober must match its d_model,
             architecture and number of layers.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     weights_path = path / PROBER_WEIGHTS if path.is_dir() else path
     if not weights_path.is_file():
@@ -576,8 +572,6 @@ class Direction:
         return (hidden.float() @ unit - self.projection_mean) / self.projection_std
 
     def fingerprint(self) -> str:
-        import hashlib
-
         digest = hashlib.sha256(self.vector.float().cpu().numpy().tobytes()).hexdigest()[:16]
         return f"layer{self.layer}-{digest}"
 
@@ -588,9 +582,6 @@ def load_direction(path: str | Path, loaded_model=None, layer: int | None = None
     With `loaded_model`, the directions must come from that model (same id, architecture, d_model and
     layers): a direction is a difference of that model's own activations.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     weights_path = path / DIRECTIONS_WEIGHTS if path.is_dir() else path
     metadata_path = weights_path.with_name(DIRECTIONS_METADATA)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from refusal_cliff.compute.activations import iter_activations
 from refusal_cliff.compute.executors import ShardJob, run_job
@@ -46,7 +47,6 @@ def _trace_compute(loaded, records, progress=False, *, prober, batch_size, direc
 
 def _trace_write(path: Path, results, score_columns: dict[int, str]) -> None:
     """One parquet row per token; `score_columns`: prober layer -> its score column."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -80,7 +80,6 @@ def _trace_write(path: Path, results, score_columns: dict[int, str]) -> None:
 
 
 def _trace_read(path: Path, score_columns: dict[int, str]) -> list:
-    import numpy as np
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -110,7 +109,7 @@ def _trace_read(path: Path, score_columns: dict[int, str]) -> list:
 
 
 def trace_job(prober, batch_size: int, direction=None, name: str = "trace") -> ShardJob:
-    """`trace`'s shards: `trace.trace_records` per shard, parquet files of (id, position, token, score).
+    """`trace`'s shards: `tracing.trace_records` per shard, parquet files of (id, position, token, score).
     `evaluate`'s final scores use it too (`name` "final_score")."""
     compute = partial(_trace_compute, prober=prober, batch_size=batch_size, direction=direction)
     return _traces_job(name, compute, {prober.layer: "score"})
@@ -133,7 +132,7 @@ def _layerwise_compute(loaded, records, progress=False, *, probers, batch_size):
 
 
 def layerwise_job(probers, batch_size: int) -> ShardJob:
-    """`layers`' traces: `trace.trace_records_layerwise` per shard, parquet files with a `score_L`
+    """`layers`' traces: `tracing.trace_records_layerwise` per shard, parquet files with a `score_L`
     column per prober layer L."""
     columns = {prober.layer: f"score_{prober.layer}" for prober in probers}
     return _traces_job(
@@ -436,12 +435,12 @@ def trace_records_layerwise(
     """Trace every position of each record's probing sequence with one prober per layer, in one
     pass per batch stopped at the deepest prober's layer. Yields results in input order.
 
-    With `direction` (a `probe.Direction`), its standardised projection is computed in the same
+    With `direction` (a `prober.Direction`), its standardised projection is computed in the same
     pass (inside the hook of its layer) and returned as `direction_scores`.
 
     Args:
         loaded: a `models.LoadedModel`.
-        probers: `probe.Prober`s, at distinct layers.
+        probers: `prober.Prober`s, at distinct layers.
         records: generation records (generations.jsonl lines); may be a generator.
         batch_size: sequences per forward pass.
         sort_window: records tokenised, length-sorted and held together (default 32 batches).
@@ -690,7 +689,7 @@ def trace_into(
         records: generation records with unique ids; `groups` maps id -> averaging group.
         part_size: examples per `traces.parquet/part-*.parquet` file, the unit of resumption
             (default 8 batches).
-        direction: a `probe.Direction` scored in the same pass (`direction_score` column,
+        direction: a `prober.Direction` scored in the same pass (`direction_score` column,
             `direction_curves.json`).
 
     Returns the number of examples traced in this call (0 when everything was done already).
@@ -708,8 +707,6 @@ def trace_into(
     todo = [r for r in records if str(r["id"]) not in done]
     if done:
         logger.info("resuming: %d of %d examples already traced", len(records) - len(todo), len(records))
-    from tqdm.auto import tqdm
-
     with tqdm(
         total=len(records), initial=len(records) - len(todo), desc="trace", unit="ex", disable=not progress
     ) as bar:

@@ -1,8 +1,10 @@
-"""One typed config per verb: every field's default and help are written here, once.
+"""Typed configs: the machinery every verb's config is built with, and the configs several stages share.
 
-The CLI builds its flags from these dataclasses (`commands/options.py`), `--config FILE`
-(TOML or YAML) fills them, an explicit flag overrides the file, and each stage records the
-resolved config in its `metadata.json`. Library users build them directly:
+Each verb's own config (`TraceConfig`, `AblateConfig`...) lives in its stage module (`stages/<verb>.py`);
+the model, generation, backend and executor settings that several stages take are here. Every field's
+default and help are written once, in its dataclass. The CLI builds its flags from these dataclasses
+(`cli/options.py`), `--config FILE` (TOML or YAML) fills them, an explicit flag overrides the file,
+and each stage records the resolved config in its `metadata.json`. Library users build them directly:
 
     run_trace(loaded, prober, inputs, "runs/trace", TraceConfig(batch_size=16))
 
@@ -13,6 +15,7 @@ Fields that name inputs (files, runs) are not here: they are arguments of `run_<
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -69,8 +72,6 @@ COMPONENT_SPEC_HELP = "mlp:LAYER or head:LAYER.HEAD"
 def parse_components(text: str | Any) -> tuple[str, ...]:
     """'mlp:5, head:3.1' -> ('mlp:5', 'head:3.1'): components to scale (syntax only; layers are
     checked against the model by `components.resolve_components`)."""
-    import re
-
     parts = text.split(",") if isinstance(text, str) else list(text)
     specs = []
     for part in (str(p).strip().lower() for p in parts):
@@ -181,7 +182,7 @@ class BackendConfig(Config):
 
 @dataclass
 class ExecutorConfig(Config):
-    """Where the forward-only stages run their forward passes (`executors.py`)."""
+    """Where the forward-only stages run their forward passes (`compute/executors.py`)."""
 
     executor: str = option(
         "local",

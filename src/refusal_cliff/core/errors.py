@@ -6,6 +6,11 @@ with status 2, without a traceback. Library code raises it; it never calls
 `sys.exit` itself.
 """
 
+import errno
+import importlib
+import io
+import os
+
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and what to do."""
@@ -20,8 +25,6 @@ class MissingExtraError(UserError):
 
 def require(module: str, extra: str):
     """Import an optional heavy dependency lazily, or raise a MissingExtraError."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -51,9 +54,6 @@ def _path_in_traceback(exc: BaseException) -> str | None:
 
     An `OSError` usually carries its filename; one raised on a write (disk full) or a
     `UnicodeDecodeError` does not, so look for an open file or a path variable instead."""
-    import io
-    import os
-
     frames = []
     tb = exc.__traceback__
     while tb is not None:
@@ -73,8 +73,6 @@ def _path_in_traceback(exc: BaseException) -> str | None:
 
 def describe_file_error(exc: OSError | UnicodeDecodeError) -> str:
     """One line for an `OSError` or `UnicodeDecodeError` on a user's file: `<path>: <cause>; <what to do>`."""
-    import errno
-
     if isinstance(exc, UnicodeDecodeError):
         path = _path_in_traceback(exc)
         cause = f"not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start})"

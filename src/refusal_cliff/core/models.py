@@ -19,6 +19,8 @@ import importlib.metadata
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +118,6 @@ def hub_unreachable_reason() -> str | None:
     Honours `HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`; otherwise one HEAD request to
     `HF_ENDPOINT` (default https://huggingface.co) with a short timeout. Any HTTP answer,
     even an error status, means reachable."""
-    import urllib.error
-    import urllib.request
-
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(name, "").strip().lower() in _TRUE:
             return f"{name} is set"

@@ -10,6 +10,7 @@ overwritten unless the user asks (`--overwrite`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -116,8 +117,6 @@ def check_out_dir(out: str | Path, expected_bytes: int = 0) -> None:
     """Raise UserError unless `out` can be a run folder: a folder (or a path to create) on a writable
     file system with room for about `expected_bytes` of artifacts. Writes nothing, so every verb calls
     it before loading a model; a conservative `expected_bytes` (see `estimate_bytes`) is enough."""
-    import errno
-
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory; pass a folder (it is created if missing)")
@@ -430,8 +429,6 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 def fingerprint_ids(items: Iterable) -> str:
     """A short digest of an ordered collection of ids (part of a stage's fingerprint)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for item in items:
         digest.update(str(item).encode() + b"\n")

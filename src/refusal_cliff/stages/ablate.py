@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from torch import nn
+from tqdm.auto import tqdm
 
 from refusal_cliff.compute.ablation import (
     Head,
@@ -64,8 +66,6 @@ def random_heads(
     Deterministic per (seed, number of heads): the same seed draws the same heads for the same
     count, whatever the other thresholds. Returns (layer, head) pairs sorted.
     """
-    import numpy as np
-
     n_total = n_layers * n_heads
     ranked = set(heads_at_threshold(ranking, fraction, n_total))
     pool = [
@@ -154,7 +154,7 @@ def run_ablation(
         ranking: `heads.json` entries (`layer`, `head`, `rank`).
         thresholds: fractions of all n_layers × n_heads heads.
         harmful_prompts, benign_prompts: dicts with `id` and `prompt`.
-        generation_config: a `generation.GenerationConfig`.
+        generation_config: a `config.GenerationConfig`.
         labeler: a `labeling.KeywordLabeler` (default keywords if None).
         judge: an optional `labeling.ModelJudge` that replaces the keyword ASR.
         baseline: also measure the unablated model (threshold 0, no heads) first.
@@ -284,9 +284,9 @@ def run_ablate(
     exported repaired model. A killed run resumes after the last finished threshold.
 
     Args:
-        prober: a loaded `probe.Prober`.
+        prober: a loaded `prober.Prober`.
         heads_path: heads.json written by `heads` on this model.
-        config: a `config.AblateConfig` (thresholds, gamma, renormalize, baseline, export threshold).
+        config: a `ablate.AblateConfig` (thresholds, gamma, renormalize, baseline, export threshold).
         generation_config: a `config.GenerationConfig` for the regenerated answers.
         export_dir: also write a repaired checkpoint with the heads of `config.export_threshold`
             (default: the largest threshold) folded into the o_proj weights.
@@ -295,8 +295,6 @@ def run_ablate(
 
     Returns the paths written, by name.
     """
-    from tqdm.auto import tqdm
-
     config = config or AblateConfig()
     generation_config = generation_config or GenerationConfig()
     config.validate()

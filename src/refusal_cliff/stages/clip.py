@@ -1,5 +1,9 @@
-"""The `clip` stage: the thinking of harmful examples cut to fractions of its tokens, the end template
-appended, the answer regenerated and re-traced: does the cliff move with the end of thinking?"""
+"""The `clip` stage, the cliff's second property (paper §3, Figure 5, right): thinking clipping.
+
+The thinking of harmful examples cut to fractions of its tokens, the end template appended (the
+paper's "thinking clipping"), the answer regenerated, labelled and traced (does less thinking mean a
+smaller cliff and more refusals?). The layer-wise study is `stages/layers.py`.
+"""
 
 from __future__ import annotations
 

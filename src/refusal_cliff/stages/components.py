@@ -30,10 +30,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from refusal_cliff.compute.ablation import evaluate_condition, fold_head_scaling, scale_heads
 from refusal_cliff.compute.activations import pad_left
@@ -170,8 +172,6 @@ def component_terms(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="decomposing", unit="batch")
     parts: dict[str, list[torch.Tensor]] = {
         key: [] for key in ("head", "o_proj_bias", "mlp", "embedding", "logit")
@@ -468,9 +468,9 @@ def run_components(
     thinking-end template, for one group; writes components.json + components.png.
 
     Args:
-        prober: a loaded `probe.Prober` (any layer; components after its layer cannot reach it).
+        prober: a loaded `prober.Prober` (any layer; components after its layer cannot reach it).
         generations: a generations.jsonl of harmful prompts (exactly that file is read).
-        config: a `config.ComponentsConfig` (group, top, batch size).
+        config: a `components.ComponentsConfig` (group, top, batch size).
         labels: its labels.jsonl (default: the one beside `generations`, if it covers every id).
 
     Returns the path of components.json.
@@ -600,16 +600,12 @@ def run_ablate_components(
 
     Args:
         conditions: {name: component specs} (e.g. {"top 3 MLPs": ["mlp:20", ...]}).
-        config: a `config.AblateConfig` (gamma, baseline; thresholds are not used here).
+        config: a `ablate.AblateConfig` (gamma, baseline; thresholds are not used here).
         backend: a `config.BackendConfig` for the regenerated answers. With vLLM each condition's
             components are folded into a checkpoint in a temporary folder of the run folder
             (`export_component_ablated_model`) that the engine generates from; the final refusal
             scores come from the hooked model either way.
     """
-    from functools import partial
-
-    from tqdm.auto import tqdm
-
     config = config or AblateConfig()
     generation_config = generation_config or GenerationConfig()
     config.validate()

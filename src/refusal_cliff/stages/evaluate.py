@@ -254,7 +254,7 @@ def evaluate_model(
 
     Args:
         harmful, benign: prompt sets by name (each a list of `{id, prompt}`).
-        prober: a `probe.Prober`; without it the final-token score is None.
+        prober: a `prober.Prober`; without it the final-token score is None.
         judge: a `labeling.ModelJudge`; without it the ASR uses the keyword judge.
         out_dir: where the model's generations and labels are written (optional).
         prepared: the checked lm-eval tasks of `config.tasks` (see `reasoning.prepare_tasks`).

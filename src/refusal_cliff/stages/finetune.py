@@ -8,7 +8,7 @@ Those are the defaults here; LoRA is offered for small machines.
 The training data is TRL's prompt-completion format with *text* prompts: the
 prompt is the rendered chat template up to the assistant header, the completion
 is the thinking block + end template + safe response + end of turn (see
-`selection.sft_example`). This trains on exactly the token sequence the model
+`select.sft_example`). This trains on exactly the token sequence the model
 sees at inference with any chat template (no `{% generation %}` markers needed),
 and TRL's `completion_only_loss` puts the loss on the assistant part only.
 
@@ -20,6 +20,7 @@ barrier, so no process sees a half-prepared or half-written folder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -158,8 +159,6 @@ def check_deepspeed_config(path: str | Path | None) -> None:
             f"the DeepSpeed config {path}: ZeRO stage {stage!r} is not supported; use stage 2 "
             "(configs/deepspeed_zero2.json, the paper's setting)"
         )
-    import importlib.util
-
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError(
             f"the DeepSpeed config {path} needs DeepSpeed, which is not installed: pip install deepspeed"

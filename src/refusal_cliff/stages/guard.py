@@ -8,9 +8,9 @@ at the thinking-end template. The guard therefore
    (prompt + thinking + end template) in the forward pass that `model.generate` runs anyway to
    condition the answer (its prefill): one dot product per token, no second forward. The thinking's
    plateau is kept on the fly (`RunningPlateau`: the max of the 8-token moving average, exactly
-   `trace.plateau`), the final score is the score at the last end-template token, and
+   `tracing.plateau`), the final score is the score at the last end-template token, and
    `MS = plateau - final`. The positions scored are the tokens of exactly the text `trace`
-   tokenises, so the numbers equal `trace.cliff_metrics` on the same generation (tested to 1e-5).
+   tokenises, so the numbers equal `tracing.cliff_metrics` on the same generation (tested to 1e-5).
    The thinking's own decoding steps are not used: the text re-tokenised may split differently
    from the tokens sampled, and `trace` (like the answer) reads the re-tokenised text.
 2. **flags** an example when `MS > tau` (rule `ms`), or when `plateau > tau_plateau` and
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from refusal_cliff.compute.ablation import group_heads, read_ranking, scale_heads
 from refusal_cliff.compute.activations import final_norm_applied
@@ -110,8 +111,6 @@ class GuardConfig(Config):
     column: str | None = option(None, "Prompt column (detected when omitted).", type=str)
 
     def validate(self) -> None:
-        import math
-
         if not self.taus or any(math.isnan(t) or not 0.0 <= t <= 1.0 for t in self.taus):
             raise UserError(f"--taus must be thresholds in [0, 1], got {list(self.taus)}")
         if not 0.0 <= self.tau_plateau <= 1.0:
@@ -141,7 +140,7 @@ ANSWER_SOURCES = {
 class RunningPlateau:
     """The max of the `window`-token moving average of a stream of scores, kept in O(window) memory.
 
-    Equals `trace.plateau(..., method="max")` over the same scores: a stream shorter than the
+    Equals `tracing.plateau(..., method="max")` over the same scores: a stream shorter than the
     window gives its mean, an empty one NaN.
     """
 
@@ -230,7 +229,7 @@ class CliffGuard:
 
     Args:
         loaded: a `models.LoadedModel`.
-        prober: a `probe.Prober` for this model (its layer is monitored).
+        prober: a `prober.Prober` for this model (its layer is monitored).
         heads: (layer, head) pairs scaled by `gamma` under `action="ablate"`.
         tau: the MS threshold (rule `ms`) or the final-score threshold (rule `final`), in [0, 1].
         action: "ablate", "steer" or "refuse".
@@ -530,14 +529,12 @@ def run_guard(
     `guard.json` (the unguarded row, then one row per tau) and `guard.png`.
 
     Args:
-        prober: a `probe.Prober` of this model.
+        prober: a `prober.Prober` of this model.
         harmful_prompts, benign_prompts: dicts with `id` and `prompt`.
-        config: a `config.GuardConfig`.
+        config: a `guard.GuardConfig`.
         generation_config: a `config.GenerationConfig` (budgets, batch size, system prompt).
         heads_path: heads.json of this model (needed by `--action ablate`).
     """
-    from tqdm.auto import tqdm
-
     config = config or GuardConfig()
     generation_config = generation_config or GenerationConfig()
     config.validate()

@@ -44,9 +44,9 @@ def run_heads(
     """The `heads` stage: attribute the group's examples, rank the heads, write heads.json + heads.png.
 
     Args:
-        prober: a loaded `probe.Prober`.
+        prober: a loaded `prober.Prober`.
         generations: a generations.jsonl of harmful prompts (exactly that file is read).
-        config: a `config.HeadsConfig` (group, thresholds, rank_by, batch size).
+        config: a `heads.HeadsConfig` (group, thresholds, rank_by, batch size).
         labels: its labels.jsonl (default: the one beside `generations`, if it covers every id).
         executor: where the attribution runs (`executors.make_executor`; default this process); Ray
             workers call the same `attribute_records` on shards of the examples (`out_dir/shards/heads/`).

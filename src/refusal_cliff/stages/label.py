@@ -55,7 +55,7 @@ def run_label(
 
     Args:
         generations: a generations.jsonl (read, never rewritten).
-        config: a `config.LabelConfig` (keywords, judge...).
+        config: a `label.LabelConfig` (keywords, judge...).
         tokenizer: the tokenizer that counts the 32 answer tokens (None: the first 32 words).
         judge: an optional loaded `ModelJudge`.
 

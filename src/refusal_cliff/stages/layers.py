@@ -1,10 +1,8 @@
-"""The cliff's properties (paper §3, Figure 5): the layer-wise study and the thinking-clipping study.
+"""The `layers` stage, the cliff's first property (paper §3, Figure 5, left): the layer-wise study.
 
-Layer-wise: one prober per chosen layer, trained from one activation pass, then one
-trace pass scoring every chosen layer (does the cliff deepen with depth?).
-Clipping: the thinking of harmful examples cut to fractions of its tokens, the end
-template appended (the paper's "thinking clipping"), the answer regenerated, labelled
-and traced (does less thinking mean a smaller cliff and more refusals?).
+One prober per chosen layer, trained from one activation pass, then one trace pass scoring every
+chosen layer (does the cliff deepen with depth?). The thinking-clipping study (Figure 5, right) is
+`stages/clip.py`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from refusal_cliff.compute.activations import capture_last_tokens, last_token_activations, resolve_layers
 from refusal_cliff.compute.prober import (
@@ -289,8 +290,6 @@ def run_probe_direction(
 
     Returns the path of directions.json.
     """
-    from safetensors.torch import save_file
-
     config = config or DirectionConfig()
     config.validate()
     counts = check_direction_classes(harmful_run, harmless_run)

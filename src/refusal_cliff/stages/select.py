@@ -33,6 +33,8 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from refusal_cliff.compute.backends import backend_info, make_backend
 from refusal_cliff.compute.executors import ShardJob, run_job, write_rows_shard
 from refusal_cliff.compute.generation import generate_answers, generate_records
@@ -106,7 +108,7 @@ def _score_compute(loaded, records, progress=False, *, prober, config):
 
 
 def score_job(prober, config) -> ShardJob:
-    """`select`'s scoring shards: `selection.trace_scores` per shard, JSONL files of score rows."""
+    """`select`'s scoring shards: `select.trace_scores` per shard, JSONL files of score rows."""
     return ShardJob(
         "score",
         partial(_score_compute, prober=prober, config=config),
@@ -253,7 +255,7 @@ def _generate(loaded, candidates: Sequence[dict], config: ScoreConfig, backend=N
 
 def trace_scores(loaded, prober, records: Sequence[dict], config: ScoreConfig) -> Iterator[dict]:
     """`{id, plateau, final, ms, t_cliff, drop}` of each generation record, by tracing its probing
-    sequence with the prober (trace.py does the forward passes)."""
+    sequence with the prober (`tracing.trace_records` does the forward passes)."""
     for result in trace_records(loaded, prober, list(records), batch_size=config.generation.batch_size):
         metrics = cliff_metrics(result.scores, result.regions, plateau_method=config.plateau)
         yield {
@@ -292,7 +294,7 @@ def score_candidates(
 
     Args:
         loaded: the model being repaired (`models.LoadedModel`).
-        prober: a loaded prober (`probe.load_prober`).
+        prober: a loaded prober (`prober.load_prober`).
         candidates: from `load_candidates`.
         judge: optional `labeling.ModelJudge` for the judge baseline.
         backend: a `config.BackendConfig`: what generates the thinking and answers (default HF).
@@ -368,8 +370,6 @@ def _score_into(
     if executor is not None and not executor.local:
         _score_distributed(loaded, prober, candidates, run, config, judge, progress, backend, executor)
         return
-    from tqdm.auto import tqdm
-
     resumed = run.resumed
     scores_path, generations_path = run.path("scores.jsonl"), run.path("generations.jsonl")
     done = completed_ids(scores_path) if resumed else set()
@@ -773,10 +773,10 @@ def run_select(
     """The `select` stage: score (resumable), select, write `selection.jsonl` and the exports.
 
     Args:
-        prober: a loaded `probe.Prober`.
+        prober: a loaded `prober.Prober`.
         candidates: from `load_candidates`.
-        config: a `config.SelectConfig` (method, k); checked against the candidates before scoring.
-        score_config: a `config.ScoreConfig` (generation budgets, chunk size, plateau).
+        config: a `select.SelectConfig` (method, k); checked against the candidates before scoring.
+        score_config: a `select.ScoreConfig` (generation budgets, chunk size, plateau).
 
     Scores depend on the model, candidates and scoring settings only, so re-running with another
     method or k in the same folder reuses them. The latest selection is `out_dir/selection.jsonl`

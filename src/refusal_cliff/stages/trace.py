@@ -66,10 +66,10 @@ def run_trace(
     writes `traces.parquet/`, `cliff.jsonl`, `curves.json` and `metadata.json` (resumable by id).
 
     Args:
-        prober: a loaded `probe.Prober` (checked against the model by `load_prober`).
+        prober: a loaded `prober.Prober` (checked against the model by `load_prober`).
         inputs: the generations files to trace (`TraceInput`), read exactly as given.
-        config: a `config.TraceConfig`.
-        direction: a `probe.Direction` (`probe.load_direction`) of this model: its standardised
+        config: a `trace.TraceConfig`.
+        direction: a `prober.Direction` (`prober.load_direction`) of this model: its standardised
             projection is scored in the same pass (traces' `direction_score`, `direction_curves.json`).
         executor: where the forward passes run (`executors.make_executor`; default this process).
     """
