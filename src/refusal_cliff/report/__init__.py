@@ -34,9 +34,17 @@ from refusal_cliff import __version__
 from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.runs import atomic_write_text, write_json
 from refusal_cliff.report.artifacts import RunArtifacts, load_run
-from refusal_cliff.report.html import Html, page
+from refusal_cliff.report.html import Html, page, truncate_text
 from refusal_cliff.report.quality import prober_quality, quality_warning
-from refusal_cliff.report.sections import FIGURE_NAMES, SECTIONS, Context, Skip, missing_reason
+from refusal_cliff.report.sections import (
+    FIGURE_NAMES,
+    SECTIONS,
+    Context,
+    Section,
+    Skip,
+    is_harmless_group,
+    missing_reason,
+)
 
 logger = logging.getLogger(__name__)
 
