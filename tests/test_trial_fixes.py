@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -379,7 +380,15 @@ def test_ablate_shows_one_overall_bar(study, tiny_model_dir, tmp_path):
             if not kwargs.get("disable"):
                 bars.append(self)
 
+    # the package imports tqdm at the top of each module that shows a bar: replace every binding
+    bound = [
+        m
+        for n, m in list(sys.modules.items())
+        if n.startswith("refusal_cliff") and getattr(m, "tqdm", None) is original
+    ]
     tqdm.auto.tqdm = Recording
+    for module in bound:
+        module.tqdm = Recording
     try:
         run_ablate(
             loaded,
@@ -393,6 +402,8 @@ def test_ablate_shows_one_overall_bar(study, tiny_model_dir, tmp_path):
         )
     finally:
         tqdm.auto.tqdm = original
+        for module in bound:
+            module.tqdm = original
     shown = bars  # a closed bar reads disable=True: the bars shown were recorded when created
     assert len(shown) == 1
     assert (
