@@ -41,6 +41,27 @@ def _curve(shape: np.ndarray, n: int) -> dict:
     }
 
 
+def _write_traces(path: Path) -> None:
+    """traces.parquet as `trace` writes it (a folder of parts): the harmful examples 0, 1, 2, each a prompt,
+    a thinking whose score stays high and an end template where it falls; example 0 has a hostile token."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"id": [], "position": [], "token_id": [], "token": [], "region": [], "score": []}
+    for example in ("0", "1", "2"):
+        tokens = [("User", "prompt", 0.2)] + [(f" step{i}", "thinking", 0.9) for i in range(60)]
+        tokens += [
+            (XSS if example == "0" else " done", "thinking", 0.85),
+            ("\n</think>", "end_template", 0.4),
+        ]
+        tokens += [("\n\n", "end_template", 0.05)]
+        for position, (token, region, score) in enumerate(tokens):
+            for key, value in zip(rows, (example, position, position, token, region, score)):
+                rows[key].append(value)
+    path.mkdir(parents=True)
+    pq.write_table(pa.table(rows), path / "part-00000.parquet")
+
+
 def _make_run(root: Path) -> Path:
     """A demo-like run folder with every artifact, hostile text in prompts, answers and names."""
     x = np.linspace(0, 1, 101)
@@ -175,6 +196,7 @@ def _make_run(root: Path) -> Path:
             },
         ],
     )
+    _write_traces(root / "trace" / "traces.parquet")
     _write_json(
         root / "trace" / "layerwise.json",
         {
@@ -496,6 +518,18 @@ def test_full_report_renders_every_section_escaped(rendered: tuple[Path, Path]):
     # Header facts.
     assert "org/tiny-reasoner" in page and "abc123" in page and rep.__version__ in page
 
+    # The token view: the thinking's tail and the end template, each token shaded, scored on hover,
+    # the end template boxed; a token is model text, escaped like any other.
+    tokens = page.split('<section id="tokens">', 1)[1].split("</section>", 1)[0]
+    assert tokens.count('<div class="tokens">') == 3
+    assert (
+        'class="tok end" style="background:rgba(207,34,46,0.050)" title="0.050 · end_template · position 63"'
+        in tokens
+    )
+    assert 'style="background:rgba(207,34,46,0.900)"' in tokens and " step59" in tokens
+    assert " step0<" not in tokens  # only the last thinking tokens are shown, after a "…"
+    assert html.escape(XSS) in tokens and "↵" in tokens
+
 
 def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
     run_dir, _ = rendered
@@ -512,6 +546,8 @@ def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
     assert cliff["harmful"]["ms_mean"] == pytest.approx((0.85 + 0.1 + 0.5) / 3)
     assert cliff["harmless"]["plateau_mean"] == pytest.approx(0.135)
 
+    assert [e["id"] for e in summary["tokens"]] == ["0", "2", "1"]
+    assert summary["tokens"][0]["n_tokens_shown"] == rep.sections.TOKEN_VIEW_THINKING + 2
     examples = summary["examples"]
     assert [e["id"] for e in examples] == ["0", "2", "1"]  # sorted by MS, derived ms for id 2
     assert examples[1]["ms"] == pytest.approx(0.5)
@@ -583,7 +619,17 @@ def test_partial_run_skips_only_missing_sections(run_dir: Path):
         "guard",
     }
     assert "scores.jsonl" in summary["skipped"]["selection"]
-    kept = ["notes", "traces", "cliff", "examples", "plateau", "direction", "patterns", "components"]
+    kept = [
+        "notes",
+        "traces",
+        "cliff",
+        "tokens",
+        "examples",
+        "plateau",
+        "direction",
+        "patterns",
+        "components",
+    ]
     assert summary["sections"] == [section.name for section in rep.SECTIONS if section.name in kept]
     assert not (run_dir / "fig_ablation.png").exists()  # a stale figure is not left behind
 

@@ -767,6 +767,61 @@ def load_select_metadata(path: Path) -> SelectMetadata:
 # -- where artifacts are --------------------------------------------------------------------
 
 
+# -- traces.parquet: checked whole, read per example ------------------------------------------
+
+TRACE_COLUMNS = ("id", "position", "token", "region", "score")
+
+
+class TraceToken(TypedDict):
+    position: int
+    token: str
+    region: str
+    score: float
+
+
+def load_traces(path: Path) -> Path:
+    """traces.parquet (a file, or a folder of parquet parts as `trace` writes it): its schema is
+    checked here; its rows (one per token of every example, millions in a large run) are read only
+    for the examples a section shows, by `read_trace_tokens`."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        names = set(ds.dataset(path, format="parquet").schema.names)
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(
+            f"{path}: not a readable parquet file ({exc}); re-run `refusal-cliff trace`"
+        ) from None
+    missing = [name for name in TRACE_COLUMNS if name not in names]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(missing)}; re-run `refusal-cliff trace`")
+    return path
+
+
+def read_trace_tokens(path: Path, ids: list[str]) -> dict[str, list[TraceToken]]:
+    """{id: its tokens in position order} for `ids` (an id the file lacks is absent)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=list(TRACE_COLUMNS), filters=[("id", "in", list(ids))])
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(
+            f"{path}: not a readable parquet file ({exc}); re-run `refusal-cliff trace`"
+        ) from None
+    tokens: dict[str, list[TraceToken]] = {}
+    for row in table.to_pylist():
+        score = _num(row["score"], f"{path}: score of {row['id']} at {row['position']}", optional=True)
+        tokens.setdefault(str(row["id"]), []).append(
+            TraceToken(
+                position=int(row["position"]), token=str(row["token"]), region=str(row["region"]), score=score
+            )
+        )
+    for rows in tokens.values():
+        rows.sort(key=lambda token: token["position"])
+    return tokens
+
+
 @dataclass(frozen=True)
 class Artifact:
     """An artifact the report reads: its file name, loader, the command that writes it, and how
@@ -777,6 +832,7 @@ class Artifact:
     load: Callable[[Path], Any]
     command: str
     depth: int = 1
+    folder: bool = False  # may be a folder (a parquet dataset of parts)
 
 
 ARTIFACTS: dict[str, Artifact] = {
@@ -786,6 +842,7 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("prober.json", load_prober, "refusal-cliff probe train"),
         Artifact("curves.json", load_curves, "refusal-cliff trace"),
         Artifact("cliff.jsonl", load_cliff, "refusal-cliff trace"),
+        Artifact("traces.parquet", load_traces, "refusal-cliff trace", folder=True),
         Artifact("layerwise.json", load_layerwise, "refusal-cliff layers"),
         Artifact("clipping.json", load_clipping, "refusal-cliff clip"),
         Artifact("heads.json", load_heads, "refusal-cliff heads"),
@@ -805,12 +862,16 @@ ARTIFACTS: dict[str, Artifact] = {
 PROBER_SEARCH_DEPTH = 2  # every prober.json this deep is checked for its quality (layer-study probers too)
 
 
-def find_artifacts(run_dir: Path, name: str, depth: int = 1) -> list[Path]:
+def find_artifacts(run_dir: Path, name: str, depth: int = 1, folder_ok: bool = False) -> list[Path]:
     """Every `name` in `run_dir` and the sub-folders up to `depth` levels below, shallowest first
-    (then by folder name)."""
+    (then by folder name); a folder of that name counts when `folder_ok`."""
     found, folders = [], [run_dir]
     for _ in range(depth + 1):
-        found += [folder / name for folder in folders if (folder / name).is_file()]
+        found += [
+            folder / name
+            for folder in folders
+            if (folder / name).is_file() or (folder_ok and (folder / name).is_dir())
+        ]
         folders = [
             sub
             for folder in folders
@@ -852,7 +913,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     run_dir = Path(run_dir)
     artifacts = RunArtifacts(run_dir)
     for artifact in ARTIFACTS.values():
-        paths = find_artifacts(run_dir, artifact.name, artifact.depth)
+        paths = find_artifacts(run_dir, artifact.name, artifact.depth, artifact.folder)
         if len(paths) > 1:
             logger.warning("several %s found; using %s", artifact.name, paths[0])
         if paths:

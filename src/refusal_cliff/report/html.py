@@ -134,6 +134,9 @@ table.examples td{max-width:340px}table.notes td{max-width:800px}
 font-size:.85em;max-height:22em;overflow:auto}
 figure{margin:10px 0}figure img{max-width:100%;height:auto;border:1px solid #eaeef2}
 figcaption{font-size:.88em;color:#57606a}.muted{color:#6e7781;font-size:.85em}
+.tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;white-space:pre-wrap;
+word-break:break-word;line-height:1.9;border:1px solid #eaeef2;padding:6px 8px;margin:4px 0 12px}
+.tok{padding:1px 0;border-radius:2px}.tok.end{outline:2px solid #0969da;outline-offset:-1px}
 """
 
 

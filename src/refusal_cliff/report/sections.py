@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from refusal_cliff.core.runs import read_json
 from refusal_cliff.report import plotting
-from refusal_cliff.report.artifacts import ARTIFACTS, RunArtifacts
+from refusal_cliff.report.artifacts import ARTIFACTS, RunArtifacts, TraceToken, read_trace_tokens
 from refusal_cliff.report.html import (
     Html,
     escape,
@@ -47,6 +47,8 @@ THINKING_CHARS = 1200
 ANSWER_CHARS = 600
 NOTE_CHARS = 2000
 SELECTED_SHOWN = 10  # selected candidates listed in the Cliff-as-a-Judge section
+TOKEN_VIEW_EXAMPLES = 5  # examples of the token view (the largest MS first)
+TOKEN_VIEW_THINKING = 48  # thinking tokens the token view shows before the end template
 
 
 class Skip(Exception):
@@ -343,6 +345,60 @@ def render_examples(ctx: Context) -> Rendered:
         intro, note, table(headers, table_rows, "examples"), ctx.source_note(cliff_path, *sorted(sources))
     )
     return body, summary_rows
+
+
+def _token_span(token: TraceToken) -> Html:
+    """One token, shaded by its refusal score (white 0 → red 1), the score and region on hover."""
+    score = token["score"]
+    shade = 0.0 if score is None or not np.isfinite(score) else min(max(score, 0.0), 1.0)
+    text = token["token"].replace("\n", "↵\n")  # a newline shows as ↵ and still breaks the line
+    css = "tok end" if token["region"] == "end_template" else "tok"
+    hover = f"{fmt(score)} · {token['region']} · position {token['position']}"
+    return Html(
+        f'<span class="{css}" style="background:rgba(207,34,46,{shade:.3f})" '
+        f'title="{escape(hover)}">{escape(text)}</span>'
+    )
+
+
+def render_tokens(ctx: Context) -> Rendered:
+    """The tail of the thinking and the end template of the top examples, token by token."""
+    chosen = _top_examples(ctx.get("cliff.jsonl"), min(TOKEN_VIEW_EXAMPLES, ctx.top_examples))
+    _require(chosen, "no example in cliff.jsonl has a misalignment score")
+    path = ctx.path("traces.parquet")
+    ctx.sources["traces.parquet"] = [ctx.rel(path)]
+    tokens = read_trace_tokens(path, [row["id"] for row in chosen])
+    _require(tokens, f"{ctx.rel(path)} holds none of the examples of cliff.jsonl")
+    blocks, summary = [], []
+    for row in chosen:
+        example = tokens.get(row["id"])
+        if not example:
+            continue
+        thinking = [i for i, token in enumerate(example) if token["region"] == "thinking"]
+        start = max(thinking[-1] - TOKEN_VIEW_THINKING + 1, 0) if thinking else len(example)
+        shown = [t for t in example[start:] if t["region"] in ("thinking", "end_template")]
+        caption = (
+            f"{row['id']} ({row['group']}): plateau I = {fmt(row['plateau'])}, final I' = {fmt(row['final'])}, "
+            f"MS = {fmt(row['ms'])}; the last {len(shown)} tokens"
+        )
+        blocks.append(
+            join(
+                paragraph(caption),
+                Html('<div class="tokens">'),
+                Html("…" if start > 0 else ""),
+                *(_token_span(token) for token in shown),
+                Html("</div>"),
+            )
+        )
+        summary.append(
+            {"id": row["id"], "group": row["group"], "ms": row["ms"], "n_tokens_shown": len(shown)}
+        )
+    _require(blocks, f"{ctx.rel(path)} holds none of the examples of cliff.jsonl")
+    intro = paragraph(
+        f"The tail of the thinking and the thinking-end template (boxed) of the {len(blocks)} examples with "
+        "the largest MS, each token shaded by the refusal score the prober reads at it (white 0, red 1; "
+        "hover for the score). A cliff shows as red thinking that turns white in the end template."
+    )
+    return join(intro, *blocks, ctx.sources_of("cliff.jsonl", "traces.parquet")), summary
 
 
 def _preferred_group(groups: Sequence[str]) -> str | None:
@@ -1022,6 +1078,12 @@ SECTIONS: tuple[Section, ...] = (
     Section("prober", "Refusal prober (Figure 3)", ("prober.json",), render_prober, "fig_prober.png"),
     Section("traces", "Refusal-score traces (Figure 4)", ("curves.json",), render_traces, "fig_traces.png"),
     Section("cliff", "Cliff metrics per group", ("cliff.jsonl",), render_cliff),
+    Section(
+        "tokens",
+        "The cliff token by token",
+        ("cliff.jsonl", "traces.parquet"),
+        render_tokens,
+    ),
     Section("examples", "Examples with the largest misalignment score", ("cliff.jsonl",), render_examples),
     Section(
         "layerwise",
