@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -113,6 +114,42 @@ def _seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def non_strict_metadata(folder: Path) -> list[str]:
+    """Every `metadata*.json` under `folder` that a strict JSON parser refuses (a bare NaN or Infinity)."""
+    bad = []
+    for path in sorted(folder.rglob("metadata*.json")) if folder.is_dir() else ():
+        try:
+            json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        except (ValueError, OSError) as exc:
+            bad.append(f"{path}: {exc}")
+    return bad
+
+
+@pytest.fixture(autouse=True)
+def _metadata_is_strict_json(request):
+    """Every metadata.json a test writes under its tmp_path is strict JSON (no NaN, no Infinity)."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is not None:
+        bad = non_strict_metadata(folder)
+        assert not bad, "metadata.json is not strict JSON:\n" + "\n".join(bad)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The same check over every folder of the session (tmp_path_factory's too): a failure fails the run."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or getattr(factory, "_basetemp", None) is None:
+        return
+    bad = non_strict_metadata(factory.getbasetemp())
+    if bad:
+        sys.stderr.write("metadata.json is not strict JSON:\n" + "\n".join(bad) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(params=ARCHITECTURES)

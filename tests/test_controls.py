@@ -489,7 +489,7 @@ def test_bad_input_is_one_line_and_damages_nothing(model_runs, smol_tokenizer):
         root / "heads",
     )
     before = {p.name: p.read_bytes() for p in (root / "heads").iterdir() if p.is_file()}
-    for value, needle in (("0", "--patterns must be"), ("9", "the model has 8 heads")):
+    for value, needle in (("0", "--patterns 0: must be at least 1"), ("9", "the model has 8 heads")):
         result = _invoke(
             "heads",
             "--model",

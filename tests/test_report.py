@@ -583,14 +583,12 @@ def test_summary_holds_the_numbers(rendered: tuple[Path, Path]):
     assert summary["figures"]["fig_heads.png"] == "heads"
 
 
-def test_empty_folder_lists_every_section_as_skipped(tmp_path: Path):
-    # Decision: an empty folder is not an error; the report says that every section was skipped.
-    page = rep.render_report(tmp_path).read_text()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["sections"] == []
-    assert set(summary["skipped"]) == {section.name for section in rep.SECTIONS}
-    assert "Skipped sections" in page and "no curves.json" in page
-    assert "<section id=" not in page
+def test_a_folder_without_stage_artifacts_is_refused(tmp_path: Path):
+    # Issue 21: a report over a folder with no stage artifact is refused (it was a page of skipped sections).
+    (tmp_path / "notes.txt").write_text("not an artifact")
+    with pytest.raises(UserError, match="holds no stage artifacts"):
+        rep.render_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
 
 
 def test_partial_run_skips_only_missing_sections(run_dir: Path):

@@ -3,7 +3,9 @@ shared flags.
 
 `config_options(GenerationConfig)` adds one flag per field (help and default from the field);
 `resolve(GenerationConfig, kwargs)` pops those flags out of a command's kwargs and builds the
-config with the precedence explicit flag > `--config` file > the field's default.
+config with the precedence explicit flag > `--config` file > the field's default. Click only parses a
+flag's text (its base type, or its choices); the range and finiteness checks are the config's own
+(`core/config.py`, `check_field`), the same for a flag, a `--config` value and a default.
 """
 
 from __future__ import annotations
@@ -22,15 +24,34 @@ from refusal_cliff.compute.executors import check_executor, make_executor
 from refusal_cliff.compute.labeling import ModelJudge
 from refusal_cliff.compute.prober import load_prober
 from refusal_cliff.core.architectures import get_adapter
-from refusal_cliff.core.config import Config, ExecutorConfig, ModelConfig, build_config, config_fields
+from refusal_cliff.core.config import (
+    ExecutorConfig,
+    ModelConfig,
+    build_config,
+    config_fields,
+    field_default,
+    flag_name,
+    suggest,
+)
+from refusal_cliff.core.errors import UserError, describe_file_error, require_regular_file
 from refusal_cliff.core.models import DEFAULT_MODEL, embedded_checkpoint, load_model
 from refusal_cliff.core.runs import check_out_dir
 
 _CONFIG_KEY = "refusal_cliff.config_file"
 
 
+class FieldOption(click.Option):
+    """A flag built from a config field: it remembers the field and its config class, so that the
+    `--config` file's keys and the tests can enumerate every verb's settings from the commands."""
+
+    def __init__(self, *args, config_field=None, config_class=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_field = config_field
+        self.config_class = config_class
+
+
 def _flag_name(field) -> str:
-    return field.metadata.get("flag") or field.name.replace("_", "-")
+    return flag_name(field)
 
 
 def _base_type(field) -> type | None:
@@ -41,20 +62,17 @@ def _base_type(field) -> type | None:
 
 
 def _click_type(field, base: type):
-    low, high = field.metadata.get("min"), field.metadata.get("max")
+    """How click parses the flag's text; its range is checked by the config (`check_field`)."""
     if "choices" in field.metadata:
         return click.Choice(field.metadata["choices"])
-    if base is int and (low is not None or high is not None):
-        return click.IntRange(min=low, max=high)
-    if base is float and (low is not None or high is not None):
-        return click.FloatRange(min=low, max=high)
     if field.metadata.get("path"):
         return click.Path(dir_okay=False)
     return base
 
 
-def _option_for(field) -> typing.Callable:
+def _option_for(field, cls) -> typing.Callable:
     help_text = field.metadata.get("help", "")
+    extra = {"cls": FieldOption, "config_field": field, "config_class": cls}
     name = _flag_name(field)
     default = field.default if field.default is not MISSING else None
     if "parse" in field.metadata:  # list-valued: typed as text, parsed by the config
@@ -62,15 +80,15 @@ def _option_for(field) -> typing.Callable:
             "show", ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (default or ()))
         )
         return click.option(
-            f"--{name}", field.name, default=text or None, show_default=bool(text), help=help_text
+            f"--{name}", field.name, default=text or None, show_default=bool(text), help=help_text, **extra
         )
     if field.metadata.get("multiple"):
-        return click.option(f"--{name}", field.name, multiple=True, help=help_text)
+        return click.option(f"--{name}", field.name, multiple=True, help=help_text, **extra)
     base = _base_type(field)
     if base is bool:
         decl = f"--{name}" if "/" not in name else "--" + name.replace("/", "/--")
         return click.option(
-            decl, field.name, is_flag=True, default=default, help=help_text, show_default="/" in name
+            decl, field.name, is_flag=True, default=default, help=help_text, show_default="/" in name, **extra
         )
     return click.option(
         f"--{name}",
@@ -79,6 +97,7 @@ def _option_for(field) -> typing.Callable:
         default=default,
         show_default=default is not None,
         help=help_text,
+        **extra,
     )
 
 
@@ -91,9 +110,9 @@ def config_options(*classes, exclude: tuple[str, ...] = ()):
             for field in config_fields(cls):
                 if field.name not in seen:
                     seen.add(field.name)
-                    chosen.append(field)
-        for field in reversed(chosen):
-            func = _option_for(field)(func)
+                    chosen.append((field, cls))
+        for field, cls in reversed(chosen):
+            func = _option_for(field, cls)(func)
         return func
 
     return decorator
@@ -103,9 +122,13 @@ def _read_config_file(ctx: click.Context, param, value: str | None) -> str | Non
     if not value:
         return value
     path = Path(value)
-    if not path.is_file():
-        raise click.BadParameter(f"file not found: {value}", ctx=ctx, param=param)
-    text = path.read_text(encoding="utf-8")
+    try:
+        require_regular_file(path)
+        text = path.read_text(encoding="utf-8")
+    except UserError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(describe_file_error(exc), ctx=ctx, param=param) from None
     try:
         if path.suffix.lower() == ".toml":
             import tomllib
@@ -141,74 +164,83 @@ config_file_option = click.option(
 )
 
 
-def _known_settings() -> set[str]:
-    """Every setting any verb reads from a --config file: the fields of every config class."""
-    names, classes = set(), list(Config.__subclasses__())
-    while classes:  # every stage's config (the CLI imports every stage) and their subclasses
-        cls = classes.pop()
-        classes += cls.__subclasses__()
-        names.update(f.name for f in config_fields(cls))
+def _verb_names(ctx: click.Context) -> set[str]:
+    """Every verb's table name a --config file may hold: `trace`, `probe`, `probe_train`, `train`..."""
+    names: set[str] = set()
+    stack = [("", ctx.find_root().command)]
+    while stack:
+        prefix, command = stack.pop()
+        for name, sub in getattr(command, "commands", {}).items():
+            names.update({name, f"{prefix}{name}"})
+            stack.append((f"{prefix}{name}_", sub))
     return names
 
 
-def _check_file_keys(ctx: click.Context, source: str, data: dict, verb: str) -> None:
-    """A misspelt setting is an error, not silently ignored: top-level keys must be some verb's setting
-    (one file may serve several verbs), keys of this verb's table must be flags of this verb."""
-    known = _known_settings()
-    own = {p.name for p in ctx.command.params}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if isinstance(value, dict):
-            if key in (ctx.info_name, verb):
-                unknown = sorted(k for k in value if str(k).replace("-", "_") not in own)
-                if unknown:
-                    raise click.UsageError(
-                        f"{source}: [{key}] sets {', '.join(unknown)}, which "
-                        f"`{ctx.command_path}` does not have",
-                        ctx=ctx,
-                    )
-        elif name not in known:
-            raise click.UsageError(
-                f"{source}: unknown setting {key!r} (settings are flag names, e.g. max_thinking_tokens)",
-                ctx=ctx,
-            )
+def _settings(ctx: click.Context) -> dict[str, str]:
+    """The settings this verb reads from a --config file: each field's name and flag -> the field's name."""
+    keys: dict[str, str] = {}
+    for param in ctx.command.params:
+        if isinstance(param, FieldOption):
+            spec = param.config_field
+            for key in (spec.name, flag_name(spec).split("/")[0].replace("-", "_")):
+                keys[key] = spec.name
+    return keys
 
 
-def _file_values(ctx: click.Context) -> dict:
+def _file_values(ctx: click.Context) -> tuple[dict, str | None]:
+    """The settings of the --config file that apply to this verb (its top level, then its own table), by
+    field name, and the file's name. A key this verb does not use is an error naming the verb and the key
+    (never silently ignored); a table named after another verb is that verb's and is skipped."""
     source, data = ctx.meta.get(_CONFIG_KEY, (None, {}))
     if not data:
-        return {}
+        return {}, source
     verb = ctx.command_path.split(" ", 1)[-1].replace(" ", "_") if ctx.command_path else ""
-    _check_file_keys(ctx, source, data, verb)
-    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    for key in (ctx.info_name, verb):
-        if key and isinstance(data.get(key), dict):
-            flat.update(data[key])
-    return {str(k).replace("-", "_"): v for k, v in flat.items()}
+    own_tables = {key for key in (ctx.info_name, verb) if key}
+    settings, verbs = _settings(ctx), _verb_names(ctx)
+    values: dict[str, Any] = {}
+    for table, items in [(None, data)] + [(k, data[k]) for k in data if k in own_tables]:
+        for key, value in items.items():
+            name = str(key).replace("-", "_")
+            if table is None and isinstance(value, dict) and (key in verbs or key in own_tables):
+                continue  # a verb's table: this verb's is read below, another verb's is not ours
+            if name not in settings:
+                where = f"[{table}] " if table else ""
+                hint = suggest(name, settings) or (
+                    f" (a [{key}] table must name a verb)" if isinstance(value, dict) else ""
+                )
+                raise click.UsageError(
+                    f"{source}: `refusal-cliff {verb.replace('_', ' ')}` does not use the setting "
+                    f"{where}{key!r}{hint}; "
+                    "settings another verb uses go in a table named after that verb, e.g. [trace]",
+                    ctx=ctx,
+                )
+            if table is not None or settings[name] not in values:  # the verb's table wins
+                values[settings[name]] = value
+    return values, source
 
 
 def resolve(cls, kwargs: dict, **overrides) -> Any:
     """Build `cls` from a command's kwargs (flag > --config file > default); kwargs are left as they are, so a
-    flag shared by two configs fills both."""
+    flag shared by two configs fills both. Every value is checked by the config (`core/config.py`), and one
+    from the file is named by its key and the file."""
     ctx = click.get_current_context()
-    from_file = _file_values(ctx)
+    from_file, source = _file_values(ctx)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for field in config_fields(cls):
         if field.name not in kwargs:
             continue
         value = kwargs[field.name]
-        source = ctx.get_parameter_source(field.name)
-        explicit = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        origin = ctx.get_parameter_source(field.name)
+        explicit = origin in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
         if not explicit and field.name in from_file:
             value = from_file[field.name]
-        if value is None and "parse" in field.metadata:
-            if field.default is not MISSING:
-                value = field.default
-            elif field.default_factory is not MISSING:  # type: ignore[misc]
-                value = field.default_factory()  # type: ignore[misc]
+            sources[field.name] = str(source)
+        elif value is None and "parse" in field.metadata:
+            value = field_default(field)
         values[field.name] = value
     values.update(overrides)
-    return build_config(cls, values)
+    return build_config(cls, values, sources)
 
 
 def model_options(func):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.errors import UserError, require_regular_file
 from refusal_cliff.core.runs import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -183,15 +183,11 @@ def group_of(harmful: bool, refusal: bool | None) -> str:
 def read_generations(path: str | Path, fields: Sequence[str] = GENERATION_FIELDS) -> list[dict]:
     """The records of exactly this generations.jsonl (never a sibling file), checked for `fields`."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; pass its generations.jsonl")
-    if not path.is_file():
-        raise UserError(
-            f"file not found: {path}; pass a generations.jsonl written by `refusal-cliff generate`"
-        )
+    require_regular_file(path, "pass a generations.jsonl written by `refusal-cliff generate`")
     records = read_jsonl(path)
     if not records:
         raise UserError(f"{path} holds no generations; run `refusal-cliff generate` first")
+    check_text_fields(path, records, [key for key in TEXT_FIELDS if key in fields])
     missing = [key for key in fields if key not in records[0]]
     if missing:
         raise UserError(
@@ -204,6 +200,26 @@ def read_generations(path: str | Path, fields: Sequence[str] = GENERATION_FIELDS
             f"{path} has duplicate ids (first: {duplicate!r}); regenerate it or drop the duplicates"
         )
     return records
+
+
+TEXT_FIELDS = ("prompt", "thinking", "answer")  # text a stage reads: never null, never a number
+
+
+def check_text_fields(path: str | Path, records: Sequence, keys: Sequence[str]) -> None:
+    """Raise UserError naming the id and line of the first record that is not an object, or whose `keys`
+    hold something other than text (a null answer is not a compliance: it is a damaged file)."""
+    lines = [n for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1) if raw.strip()]
+    for index, record in enumerate(records):
+        line = lines[index] if index < len(lines) else index + 1
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {line} is not a JSON object; fix the file or regenerate it")
+        for key in keys:
+            if key in record and not isinstance(record[key], str):
+                raise UserError(
+                    f"{path}: line {line} (id {record.get('id')!r}) has a {key!r} that is "
+                    f"{'null' if record[key] is None else type(record[key]).__name__}, not text; "
+                    "fix the file or regenerate it"
+                )
 
 
 def read_labels(path: str | Path) -> dict[str, dict]:

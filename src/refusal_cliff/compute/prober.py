@@ -499,7 +499,18 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
     d_model = weight.shape[1]
     if "layer" not in metadata:
         raise UserError(f"{metadata_path} is missing or has no 'layer'; keep prober.json next to the weights")
-    layer = int(metadata["layer"])
+    layer, n_layers = metadata["layer"], metadata.get("n_layers")
+    for key, value in (("layer", layer), ("n_layers", n_layers)):
+        if (value is not None or key == "layer") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(
+                f"{metadata_path} names {key} {value!r}, which is not a whole number; the prober.json is damaged "
+                "or edited: retrain with `refusal-cliff probe train`"
+            )
+    if n_layers is not None and not 0 <= layer < n_layers:
+        raise UserError(
+            f"{metadata_path} names layer {layer}, but its model has {n_layers} layers (0..{n_layers - 1}); the "
+            "prober.json is damaged or edited: retrain with `refusal-cliff probe train`"
+        )
     if loaded_model is not None:
         geometry = loaded_model.adapter.geometry(loaded_model.model)
         model_desc = (
@@ -511,7 +522,6 @@ def load_prober(path: str | Path, loaded_model=None) -> Prober:
             f"{metadata.get('n_layers', '?')} layers)"
         )
         architecture = metadata.get("architecture")
-        n_layers = metadata.get("n_layers")
         if not 0 <= layer < geometry.n_layers and d_model == geometry.d_model:
             raise UserError(
                 f"{metadata_path} names layer {layer}, but {loaded_model.model_id} has {geometry.n_layers} layers "

@@ -11,13 +11,25 @@ and each stage records the resolved config in its `metadata.json`. Library users
 A field's `metadata` holds its `help` and, where the CLI needs it, a `flag` name, a `parse`
 function for list-valued flags, `choices`, or `cli=False` for fields that are not flags.
 Fields that name inputs (files, runs) are not here: they are arguments of `run_<verb>`.
+
+Every value is checked once, in one place (`check_field`, run by `Config.__post_init__` for every field
+of every config, then the config's own cross-field `validate`), whatever its source: a library default, a
+`--config` file, a flag. The checks come from the field's type annotation (int, float, bool, str, a tuple
+of those, Optional) and its metadata: `min`, `max` (inclusive bounds; on a tuple, of every element),
+`above` (an exclusive lower bound), `choices`, and finiteness: a float is refused when it is NaN or
+infinite unless its metadata says what those mean (`allow_nonfinite="..."`). Integers must fit in 64
+bits. `build_config` names the source of a bad value (the flag, or the key and the file).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from refusal_cliff.core.errors import UserError
@@ -91,15 +103,165 @@ def _unescape(text: str | None) -> str | None:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+INT64_MAX = 2**63 - 1
+
+
+SEED_BOUNDS = {"min": 0, "max": 2**32 - 1}  # what numpy, torch and python's random all accept
+
+
+class FieldError(UserError):
+    """A value one field cannot take: `problem` says why; the message names the flag."""
+
+    def __init__(self, name: str, flag: str, value: Any, problem: str):
+        self.name, self.flag, self.value, self.problem = name, flag, value, problem
+        super().__init__(f"--{flag} {_show(value)}: {problem}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value) if not value or value != value.strip() or " " in value else value
+    if isinstance(value, tuple):
+        return ",".join(_show(v) for v in value)
+    return repr(value)
+
+
+def flag_name(spec: Field) -> str:
+    """The CLI flag of a config field (without the leading dashes)."""
+    return spec.metadata.get("flag") or spec.name.replace("_", "-")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); anything else -> (annotation, False)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError("must be a whole number")
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+    if abs(value) > INT64_MAX:
+        raise ValueError("is too large (it must fit in 64 bits)")
+    return value
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("must be a number")
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise ValueError("must be a number") from None
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("must be true or false")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("must be text")
+    return value if isinstance(value, str) else str(value)
+
+
+_CONVERTERS: dict[Any, Callable[[Any], Any]] = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
+
+
+def _check_scalar(kind: Any, value: Any, meta: typing.Mapping) -> Any:
+    """Convert one scalar to `kind` and check it against the field's bounds; ValueError says why not."""
+    converter = _CONVERTERS.get(kind)
+    if converter is None:  # a nested config (EvalConfig.generation) or another object: its own checks ran
+        if isinstance(kind, type) and not isinstance(value, kind):
+            raise ValueError(f"must be a {kind.__name__}")
+        return value
+    value = converter(value)
+    if kind is float and not math.isfinite(value) and not meta.get("allow_nonfinite"):
+        raise ValueError("must be a finite number (not NaN or infinity)")
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if above is not None and not value > above:
+        raise ValueError(
+            f"must be more than {above:g}" if high is None else f"must lie in ({above:g}, {high:g}]"
+        )
+    if low is not None and value < low:
+        raise ValueError(f"must be at least {low:g}" if high is None else f"must lie in [{low:g}, {high:g}]")
+    if high is not None and value > high:
+        raise ValueError(f"must be at most {high:g}" if low is None else f"must lie in [{low:g}, {high:g}]")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"must be one of {', '.join(map(str, meta['choices']))}")
+    return value
+
+
+def check_field(cls: type, spec: Field, value: Any) -> Any:
+    """`value` converted to the type `spec` declares and checked against its metadata (the one place a
+    config value is checked). Raises FieldError naming the flag."""
+    meta = spec.metadata
+    annotation, optional = _unwrap(_hints(cls)[spec.name])
+    try:
+        if value is None:
+            if optional:
+                return None
+            raise ValueError("needs a value")
+        if "parse" in meta and isinstance(value, (str, list)):
+            value = meta["parse"](value)
+        if typing.get_origin(annotation) is tuple:
+            (element, *_) = typing.get_args(annotation) or (str,)
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                value = (value,)
+            if not isinstance(value, (tuple, list)):
+                raise ValueError("must be a list of values")
+            return tuple(_check_scalar(element, item, meta) for item in value)
+        return _check_scalar(annotation, value, meta)
+    except UserError as exc:  # a parse function's own message
+        if isinstance(exc, FieldError):
+            raise
+        raise FieldError(spec.name, flag_name(spec), value, str(exc)) from None
+    except ValueError as exc:
+        raise FieldError(spec.name, flag_name(spec), value, str(exc)) from None
+
+
 class Config:
-    """Shared behaviour of the configs: a JSON-able dict, validation."""
+    """Shared behaviour of the configs: every field checked on construction, a JSON-able dict."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, spec.name, check_field(type(self), spec, getattr(self, spec.name)))
+        self.validate()
 
     def to_dict(self) -> dict:
         data = asdict(self)  # type: ignore[call-overload]
         return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
 
     def validate(self) -> None:
-        """Raise UserError on a value no stage can use (called before any model is loaded)."""
+        """Raise UserError on a combination of values no stage can use (each value alone has been checked
+        by `check_field`); runs on construction, before any model is loaded."""
 
 
 @dataclass
@@ -134,8 +296,10 @@ class GenerationConfig(Config):
     batch_size: int = option(8, "Prompts per batch.", min=1)
     system_prompt: str | None = option(None, "Optional system message.", type=str)
     temperature: float = option(0.0, "0 = greedy decoding.", min=0.0)
-    top_p: float = option(1.0, "Nucleus sampling (with --temperature > 0).", min=0.0, max=1.0)
-    seed: int = option(0, "Sampling seed (per example: seed + hash of its id; the answer uses seed + 1).")
+    top_p: float = option(1.0, "Nucleus sampling (with --temperature > 0).", above=0.0, max=1.0)
+    seed: int = option(
+        0, "Sampling seed (per example: seed + hash of its id; the answer uses seed + 1).", **SEED_BOUNDS
+    )
     end_template: str | None = option(
         None,
         "Override the thinking-end template (default: read from the chat "
@@ -208,10 +372,6 @@ class ExecutorConfig(Config):
     )
 
     def validate(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {self.workers}")
-        if self.gpus_per_worker < 0:
-            raise UserError(f"--gpus-per-worker must be 0 (CPU) or more, got {self.gpus_per_worker:g}")
         if self.executor == "local" and (self.ray_address or self.gpus_per_worker):
             raise UserError("--ray-address and --gpus-per-worker are Ray settings: add --executor ray")
 
@@ -219,9 +379,13 @@ class ExecutorConfig(Config):
 THRESHOLDS_HELP = "Comma-separated fractions of all n_layers × n_heads heads (1%, 3%, 10% in the paper)."
 
 
+THRESHOLDS_BOUNDS = {"above": 0.0, "max": 1.0}  # each threshold is a fraction in (0, 1]
+
+
 def check_thresholds(thresholds) -> None:
-    if not thresholds or any(not 0 < t <= 1 for t in thresholds):
-        raise UserError(f"--thresholds must be fractions in (0, 1], got {list(thresholds)}")
+    """At least one threshold (each one's range is the field's `THRESHOLDS_BOUNDS`)."""
+    if not thresholds:
+        raise UserError("--thresholds is empty: give fractions of all heads in (0, 1], e.g. 0.01,0.03,0.1")
 
 
 def config_fields(cls) -> list:
@@ -229,22 +393,40 @@ def config_fields(cls) -> list:
     return [f for f in fields(cls) if f.metadata.get("cli", True)]
 
 
-def build_config(cls, values: dict) -> Any:
-    """An instance of `cls` from a dict of field values (unknown keys are an error), converted and validated."""
+def suggest(name: str, known: typing.Iterable[str]) -> str:
+    """' (did you mean x?)' for the closest of `known`, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def build_config(cls, values: dict, sources: dict[str, str] | None = None) -> Any:
+    """An instance of `cls` from a dict of field values (unknown keys are an error), converted and checked
+    by the config itself (`Config.__post_init__`). `sources` maps a field to the `--config` file it came
+    from, so that a bad value from a file names its key and the file as well as the flag."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise UserError(f"unknown {cls.__name__} settings: {', '.join(unknown)}; known: {', '.join(known)}")
-    converted = {}
-    for name, value in values.items():
-        meta = known[name].metadata
-        if "parse" in meta and value is not None and not isinstance(value, tuple):
-            value = meta["parse"](value)
-        if meta.get("multiple") and isinstance(value, (list, str)):  # from a config file
-            value = (value,) if isinstance(value, str) else tuple(value)
-        if "convert" in meta:
-            value = meta["convert"](value)
-        converted[name] = value
-    config = cls(**converted)
-    config.validate()
-    return config
+        raise UserError(
+            f"unknown {cls.__name__} settings: {', '.join(unknown)}{suggest(unknown[0], known)}; "
+            f"known: {', '.join(known)}"
+        )
+    for name, value in values.items():  # text typed by a user: escapes such as \\n read
+        if "convert" in known[name].metadata and isinstance(value, str):
+            values = {**values, name: known[name].metadata["convert"](value)}
+    try:
+        return cls(**values)
+    except FieldError as exc:
+        source = (sources or {}).get(exc.name)
+        if source is None:
+            raise
+        shown = repr(exc.value) if isinstance(exc.value, str) else _show(exc.value)
+        raise UserError(f"{source}: {exc.name} = {shown} (--{exc.flag}): {exc.problem}") from None
+
+
+def field_default(spec: Field) -> Any:
+    """A field's default value (None if it has none)."""
+    if spec.default is not MISSING:
+        return spec.default
+    if spec.default_factory is not MISSING:  # type: ignore[misc]
+        return spec.default_factory()  # type: ignore[misc]
+    return None

@@ -13,20 +13,56 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from refusal_cliff.core.errors import UserError, require
+from refusal_cliff.core.errors import UserError, describe_file_error, require, require_regular_file
 
 PROMPT_COLUMNS = ("prompt", "goal", "instruction", "forbidden_prompt", "question", "vanilla", "adversarial")
 DEMO_SETS = ("demo:harmful", "demo:harmless")
 
 
+_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a comma-separated UTF-8 file with a header of distinct column names; a file separated by
+    semicolons or tabs, or a header that names a column twice, is refused with what is wrong (never read
+    from the wrong column)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise UserError(f"{path} is empty; pass a file holding prompts")
+    header = [name.strip() for name in rows[0]]
+    if len(header) == 1:
+        for delimiter, name in _DELIMITERS.items():
+            if delimiter in rows[0][0]:
+                raise UserError(
+                    f"{path}: the columns are separated by {name}, not commas; save it as a comma-separated "
+                    "CSV (or as .jsonl)"
+                )
+    seen = set()
+    for name in header:
+        if name.lower() in seen:
+            raise UserError(f"{path}: the header names the column {name!r} twice; rename or remove one")
+        seen.add(name.lower())
+    records = []
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) > len(header):
+            raise UserError(
+                f"{path}: line {number} has {len(row)} fields but the header has {len(header)}; quote fields "
+                'that hold commas ("a, b")'
+            )
+        if row:  # a blank line (as csv.DictReader skips it)
+            records.append(dict(zip(rows[0], row + [""] * (len(header) - len(row)))))
+    return records
+
+
 def read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
+    require_regular_file(path, "pass a prompt file (.csv, .json, .jsonl, .parquet, .txt)")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; pass a file holding prompts")
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as handle:
-                return [dict(row) for row in csv.DictReader(handle)]
+            return read_csv(path)
         if suffix == ".jsonl":
             rows = []
             with open(path, encoding="utf-8-sig") as handle:
@@ -61,7 +97,9 @@ def read_rows(path: Path) -> list[dict]:
         raise
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON (line {exc.lineno}); fix the file") from None
-    except (UnicodeDecodeError, csv.Error, OSError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UserError(describe_file_error(exc)) from None
+    except (csv.Error, OSError, ValueError) as exc:
         raise UserError(
             f"could not read {path} ({type(exc).__name__}); is it a valid {suffix[1:]} file?"
         ) from None
@@ -122,8 +160,6 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if source in DEMO_SETS:
         rows = demo_rows(source)
     elif path.exists():
-        if path.is_dir():
-            raise UserError(f"{source} is a folder; pass a prompt file (.csv, .json, .jsonl, .parquet, .txt)")
         rows = read_rows(path)
     elif (
         "/" in source

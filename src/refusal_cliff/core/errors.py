@@ -85,3 +85,15 @@ def describe_file_error(exc: OSError | UnicodeDecodeError) -> str:
         cause = (exc.strerror or type(exc).__name__).rstrip(".").lower()
         advice = _OS_ADVICE.get(name, "check the path, or re-run with --debug to see where it failed")
     return f"{path}: {cause}; {advice}" if path else f"{cause}; {advice}"
+
+
+def require_regular_file(path: str | os.PathLike, hint: str = "check the path") -> None:
+    """Raise UserError unless `path` is a regular file (or a link to one): a missing path, a folder, a FIFO
+    or a device (/dev/zero) each get their own message, never "empty" or "not found" for the wrong reason."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"file not found: {path}; {hint}")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a file; {hint}")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a regular file (a FIFO, socket or device); {hint}")

@@ -5,16 +5,21 @@ records the schema version, the resolved config, package versions, the model id
 and revision, and the seed. A stage re-run with the same fingerprint (inputs +
 config) reuses finished work; a stage interrupted part-way resumes from the last
 complete example; a folder holding a run with a *different* fingerprint is never
-overwritten unless the user asks (`--overwrite`).
+overwritten unless the user asks (`--overwrite`). One run at a time writes a folder: `RunFolder.start`
+takes a lock on it (`filelock`, an fcntl lock that dies with its process, so a killed run never blocks the
+next) before anything is moved or written, and a second writer is refused at once, naming the first.
+`metadata.json` is strict JSON: a NaN or infinity never reaches it (they are written as null).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -26,7 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from refusal_cliff.core.errors import UserError
+from filelock import FileLock, Timeout
+
+from refusal_cliff.core.errors import UserError, require_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +98,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(path: str | Path, obj: Any, strict: bool = False) -> None:
+    """Write `obj` as indented JSON. `strict`: NaN and infinity become null, so that any JSON parser reads
+    the file (`metadata.json` is always written strict)."""
+    if strict:
+        obj = finite_json(obj)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=not strict)
+    atomic_write_text(path, text + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (dicts, lists and tuples walked)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(value) for value in obj]
+    return obj
 
 
 def read_json(path: str | Path) -> Any:
@@ -152,6 +175,48 @@ def estimate_bytes(n_examples: int, tokens_per_example: int, bytes_per_token: in
 
 
 BACKUP_PREFIX = ".replaced-"
+LOCK_NAME = ".refusal-cliff.lock"  # beside it, LOCK_NAME + ".pid" holds the holder's pid
+
+_HELD: dict[str, list] = {}  # folder -> [its FileLock, how many RunFolders of this process hold it]
+
+
+def lock_folder(root: str | Path) -> None:
+    """Take the write lock of `root` for this process (again, if a stage of this process holds it already).
+
+    Raises UserError at once, naming the holder's pid, if another process holds it. The lock is an fcntl
+    lock: the operating system drops it when its process dies, so a killed run never blocks the next."""
+    key = str(Path(root).resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    lock = FileLock(os.path.join(key, LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = Path(key, LOCK_NAME + ".pid").read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise UserError(
+            f"{root} is being written by another refusal-cliff run (pid {holder}); wait for it to finish, "
+            "or pass another --out"
+        ) from None
+    atomic_write_text(Path(key, LOCK_NAME + ".pid"), f"{os.getpid()}\n")
+    _HELD[key] = [lock, 1]
+
+
+def unlock_folder(root: str | Path) -> None:
+    """Give back one hold of `root`'s write lock (the lock itself when the last one is given back)."""
+    key = str(Path(root).resolve())
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            Path(key, LOCK_NAME + ".pid").unlink()
+        held[0].release()
 
 
 def accelerator() -> str:
@@ -199,6 +264,7 @@ class RunFolder:
         self.resumed = False
         self._backup: Path | None = None
         self._finished = False
+        self._locked = False
 
     @property
     def metadata_path(self) -> Path:
@@ -261,6 +327,22 @@ class RunFolder:
         if artifacts is not None:
             self.artifacts = list(artifacts)
         self.root.mkdir(parents=True, exist_ok=True)
+        if not self._locked:  # before anything is moved or written; held until finish() or an error
+            lock_folder(self.root)
+            self._locked = True
+        try:
+            return self._start(model_id, revision, seed, extra)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def unlock(self) -> None:
+        """Give back the folder's write lock (done by `finish` and on an error; idempotent)."""
+        if self._locked:
+            self._locked = False
+            unlock_folder(self.root)
+
+    def _start(self, model_id, revision, seed, extra) -> RunFolder:
         self.resumed = self.check()
         previous = self.previous()
         if not self.resumed:
@@ -287,7 +369,7 @@ class RunFolder:
         }
         if self.resumed and previous:
             self.metadata["started"] = previous.get("started", self.metadata["started"])
-        write_json(self.metadata_path, self.metadata)
+        write_json(self.metadata_path, self.metadata, strict=True)
         return self
 
     def rollback(self) -> None:
@@ -311,8 +393,11 @@ class RunFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not self._finished:
-            self.rollback()
+        try:
+            if exc_type is not None and not self._finished:
+                self.rollback()
+        finally:
+            self.unlock()
 
     def is_finished(self) -> bool:
         previous = self.previous()
@@ -322,13 +407,14 @@ class RunFolder:
         self.metadata["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if extra:
             self.metadata.update(extra)
-        write_json(self.metadata_path, self.metadata)
+        write_json(self.metadata_path, self.metadata, strict=True)
         self._finished = True
         if self._backup is not None:
             shutil.rmtree(self._backup, ignore_errors=True)
             self._backup = None
         for stale in self.root.glob(f"{BACKUP_PREFIX}{self.stage}-*"):  # left by a killed --overwrite run
             shutil.rmtree(stale, ignore_errors=True)
+        self.unlock()
 
 
 # -- JSONL streams ----------------------------------------------------------------------
@@ -340,8 +426,7 @@ _WARNED_TORN: set[tuple[str, int]] = set()
 def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
     """Read a JSONL file. A torn last line (a killed writer) is dropped, and cut off if `repair`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
+    require_regular_file(path)
     data = path.read_bytes()
     records, offset = [], 0
     lines = data.split(b"\n")

@@ -33,7 +33,7 @@ import numpy as np
 from refusal_cliff import __version__
 from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.runs import atomic_write_text, write_json
-from refusal_cliff.report.artifacts import RunArtifacts, load_run
+from refusal_cliff.report.artifacts import ARTIFACTS, RunArtifacts, load_run
 from refusal_cliff.report.html import Html, page, truncate_text
 from refusal_cliff.report.quality import prober_quality, quality_warning
 from refusal_cliff.report.sections import (
@@ -148,6 +148,11 @@ def render_report(run_dir: str | Path, top_examples: int = 10) -> Path:
     if top_examples < 1:
         raise UserError("the number of examples to show must be at least 1")
     artifacts = load_run(run_dir)  # every malformed artifact fails here, before anything is written
+    if not (artifacts.paths or artifacts.probers or artifacts.generations):
+        raise UserError(
+            f"{run_dir} holds no stage artifacts (no {', '.join(list(ARTIFACTS)[:3])}, ...) in it or its "
+            "sub-folders; pass the --out folder of a stage (generate, trace, heads...)"
+        )
     for name in FIGURE_NAMES:  # figures of sections that may now be skipped
         (run_dir / name).unlink(missing_ok=True)
     ctx = Context(artifacts, top_examples=top_examples)

@@ -28,6 +28,8 @@ from refusal_cliff.compute.generation import prompts_digest
 from refusal_cliff.compute.prober import warn_if_unreliable
 from refusal_cliff.core.config import (
     COMPONENT_SPEC_HELP,
+    SEED_BOUNDS,
+    THRESHOLDS_BOUNDS,
     THRESHOLDS_HELP,
     Config,
     GenerationConfig,
@@ -443,7 +445,9 @@ def run_ablate(
 class AblateConfig(Config):
     """Head ablation by scaling (paper §4.2, Figure 8)."""
 
-    thresholds: tuple[float, ...] = option((0.01, 0.03, 0.1), THRESHOLDS_HELP, parse=parse_floats)
+    thresholds: tuple[float, ...] = option(
+        (0.01, 0.03, 0.1), THRESHOLDS_HELP, parse=parse_floats, **THRESHOLDS_BOUNDS
+    )
     gamma: float = option(0.0, "Scale of the chosen heads' outputs: 0 removes them, >1 amplifies them.")
     renormalize: bool = option(
         False, "Rescale each token's o_proj input back to its original norm (cannot be exported)."
@@ -469,13 +473,17 @@ class AblateConfig(Config):
         choices=("none", "random"),
     )
     control_seeds: tuple[int, ...] = option(
-        (0, 1, 2), "Seeds of the random control (one draw per threshold and seed).", parse=parse_ints
+        (0, 1, 2),
+        "Seeds of the random control (one draw per threshold and seed).",
+        parse=parse_ints,
+        **SEED_BOUNDS,
     )
     boost_others: float | None = option(
         None,
         "Boosting control: also measure each threshold with its heads "
         "scaled by γ and every OTHER head scaled by FACTOR.",
         type=float,
+        min=0.0,
     )
     components: tuple[str, ...] = option(
         (),
@@ -507,7 +515,3 @@ class AblateConfig(Config):
                     "--control random draws as many heads from OUTSIDE the ranked ones, so every "
                     f"threshold must be at most 0.5, got {','.join(f'{t:g}' for t in self.thresholds)}"
                 )
-        if self.boost_others is not None and (
-            self.boost_others < 0 or self.boost_others != self.boost_others
-        ):
-            raise UserError(f"--boost-others must be a factor of at least 0, got {self.boost_others}")

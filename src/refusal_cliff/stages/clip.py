@@ -28,14 +28,16 @@ class ClipConfig(Config):
         (0.0, 0.25, 0.5, 0.75, 1.0),
         "Fractions of the thinking's tokens kept before the end template is appended.",
         parse=parse_floats,
+        min=0.0,
+        max=1.0,
     )
     limit: int | None = option(None, "Use the first N examples.", type=int, min=1)
     max_answer_tokens: int = option(96, "Answer budget of the regenerated answers.", min=1)
     batch_size: int = option(8, "Sequences per batch.", min=1)
 
     def validate(self) -> None:
-        if not self.fractions or any(not 0.0 <= f <= 1.0 for f in self.fractions):
-            raise UserError(f"--fractions must lie in [0, 1], got {list(self.fractions)}")
+        if not self.fractions:
+            raise UserError("--fractions is empty: give fractions of the thinking in [0, 1], e.g. 0,0.5,1")
 
 
 def run_clip(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from refusal_cliff.core.config import Config, option
+from refusal_cliff.core.config import SEED_BOUNDS, Config, option
 from refusal_cliff.core.errors import UserError, require
 from refusal_cliff.core.models import forget_gguf_origin
 from refusal_cliff.core.runs import RunFolder, file_digest, read_jsonl, write_json
@@ -42,12 +42,18 @@ class FinetuneConfig(Config):
 
     lora: bool = option(False, "Train LoRA adapters (saved, and merged into OUT/model).")
     learning_rate: float | None = option(
-        None, "Learning rate (default 5e-6 full-parameter as in the paper, 1e-4 LoRA).", type=float, flag="lr"
+        None,
+        "Learning rate (default 5e-6 full-parameter as in the paper, 1e-4 LoRA).",
+        type=float,
+        flag="lr",
+        above=0.0,
     )
     lr_scheduler_type: str = option("linear", "Learning-rate schedule.")
     warmup_ratio: float = option(0.0, "Fraction of steps of linear warm-up.", min=0.0, max=1.0)
-    num_train_epochs: float = option(1.0, "Passes over the selected set.", flag="epochs")
-    max_steps: int = option(-1, "Stop after N optimizer steps (-1: run the epochs).")
+    num_train_epochs: float = option(
+        1.0, "Passes over the selected set (more than 0; --max-steps overrides it).", flag="epochs", above=0.0
+    )
+    max_steps: int = option(-1, "Stop after N optimizer steps (-1: run the epochs).", min=-1)
     per_device_train_batch_size: int = option(
         1, "Examples per device per step.", flag="per-device-batch-size", min=1
     )
@@ -67,7 +73,7 @@ class FinetuneConfig(Config):
     lora_alpha: int = option(32, "LoRA scaling numerator.", min=1)
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", min=0.0, max=1.0)
     lora_target_modules: str = option("all-linear", "Modules that get adapters (comma list or 'all-linear').")
-    seed: int = option(0, "Data order and initialisation seed.")
+    seed: int = option(0, "Data order and initialisation seed.", **SEED_BOUNDS)
     logging_steps: int = option(1, "Log the loss every this many steps.", min=1)
     deepspeed: str | None = option(
         None,
@@ -75,6 +81,10 @@ class FinetuneConfig(Config):
         type=str,
         path=True,
     )
+
+    def validate(self) -> None:
+        if self.max_steps == 0:
+            raise UserError("--max-steps 0 trains nothing: give a number of steps, or -1 to run --epochs")
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -271,6 +281,10 @@ def train_sft(
         raise UserError("no training examples; the selection is empty")
     trainer = sft_trainer(model, tokenizer, examples, Path(out_dir) / "trainer", config)
     output = trainer.train()
+    if int(output.global_step) < 1:  # never save an untrained model as the fine-tuned one
+        raise UserError(
+            f"training ran 0 optimizer steps on {len(examples)} examples; raise --epochs or --max-steps"
+        )
     return save_trained(trainer, output, tokenizer, len(examples), out_dir, config)
 
 

@@ -97,10 +97,12 @@ class GuardConfig(Config):
         "Comma-separated thresholds in [0, 1] swept by one "
         "run (the thinking is generated once and reused for all).",
         parse=parse_floats,
+        min=0.0,
+        max=1.0,
     )
     tau_plateau: float = option(0.5, "Plateau threshold of --rule final.", min=0.0, max=1.0)
     threshold: float = option(
-        0.03, "Fraction of all heads scaled by --action ablate (the top of heads.json).", min=0.0, max=1.0
+        0.03, "Fraction of all heads scaled by --action ablate (the top of heads.json).", above=0.0, max=1.0
     )
     gamma: float = option(0.0, "Scale of those heads under --action ablate: 0 removes them.")
     alpha: float = option(4.0, "Steering strength under --action steer (residual-stream units along w/|w|).")
@@ -111,14 +113,8 @@ class GuardConfig(Config):
     column: str | None = option(None, "Prompt column (detected when omitted).", type=str)
 
     def validate(self) -> None:
-        if not self.taus or any(math.isnan(t) or not 0.0 <= t <= 1.0 for t in self.taus):
-            raise UserError(f"--taus must be thresholds in [0, 1], got {list(self.taus)}")
-        if not 0.0 <= self.tau_plateau <= 1.0:
-            raise UserError(f"--tau-plateau must lie in [0, 1], got {self.tau_plateau}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise UserError(f"--threshold must be a fraction of all heads in (0, 1], got {self.threshold}")
-        if not (math.isfinite(self.gamma) and math.isfinite(self.alpha)):
-            raise UserError("--gamma and --alpha must be finite numbers")
+        if not self.taus:
+            raise UserError("--taus is empty: give thresholds in [0, 1], e.g. 0.05,0.1,0.2")
 
 
 ACTIONS = ("ablate", "steer", "refuse")
@@ -261,8 +257,6 @@ class CliffGuard:
             raise UserError(f"--rule must be one of {', '.join(RULES)}, not {rule!r}")
         check_tau(tau, "tau")
         check_tau(tau_plateau, "tau_plateau")
-        if not math.isfinite(alpha) or not math.isfinite(gamma):
-            raise UserError("--alpha and --gamma must be finite numbers")
         geometry = loaded.adapter.geometry(loaded.model)
         if prober.d_model != geometry.d_model:
             raise UserError(

@@ -19,7 +19,14 @@ from refusal_cliff.compute.attribution import (
 from refusal_cliff.compute.executors import run_job
 from refusal_cliff.compute.labeling import check_group, group_name
 from refusal_cliff.compute.prober import warn_if_unreliable
-from refusal_cliff.core.config import THRESHOLDS_HELP, Config, check_thresholds, option, parse_floats
+from refusal_cliff.core.config import (
+    THRESHOLDS_BOUNDS,
+    THRESHOLDS_HELP,
+    Config,
+    check_thresholds,
+    option,
+    parse_floats,
+)
 from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.runs import RunFolder, file_digest, write_json
 from refusal_cliff.report import plotting
@@ -175,7 +182,7 @@ class HeadsConfig(Config):
         choices=("harmful_complied", "harmful_refused", "all", "harmful-complied", "harmful-refused"),
     )  # the old spelling is still read
     thresholds: tuple[float, ...] = option(
-        (0.01, 0.03, 0.1), THRESHOLDS_HELP + " Marked in heads.png.", parse=parse_floats
+        (0.01, 0.03, 0.1), THRESHOLDS_HELP + " Marked in heads.png.", parse=parse_floats, **THRESHOLDS_BOUNDS
     )
     rank_by: str = option(
         "contribution",
@@ -188,9 +195,8 @@ class HeadsConfig(Config):
         "Also save the attention weights of the top K suppression heads at t_cliff "
         "(patterns.json: top source tokens and mass per region).",
         type=int,
+        min=1,
     )
 
     def validate(self) -> None:
         check_thresholds(self.thresholds)
-        if self.patterns is not None and self.patterns < 1:
-            raise UserError(f"--patterns must be a number of heads of at least 1, got {self.patterns}")

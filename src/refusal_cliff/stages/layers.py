@@ -24,7 +24,7 @@ from refusal_cliff.compute.prober import (
     train_prober,
 )
 from refusal_cliff.compute.tracing import LAYERWISE, TraceInput, layerwise_summary, load_trace_inputs
-from refusal_cliff.core.config import Config, option, parse_layers
+from refusal_cliff.core.config import SEED_BOUNDS, Config, option, parse_layers
 from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.runs import RunFolder, file_digest, write_json
 
@@ -41,7 +41,7 @@ class LayersConfig(Config):
         show="auto",
     )
     epochs: int = option(5, "Prober epochs per layer.", min=1)
-    seed: int = option(0, "Seed of the probers' balancing, split and initialisation.")
+    seed: int = option(0, "Seed of the probers' balancing, split and initialisation.", **SEED_BOUNDS)
     batch_size: int = option(8, "Sequences per forward pass.", min=1)
 
 

@@ -36,7 +36,7 @@ from refusal_cliff.compute.prober import (
     train_prober,
     warn_if_unreliable,
 )
-from refusal_cliff.core.config import Config, option, parse_layers
+from refusal_cliff.core.config import SEED_BOUNDS, Config, option, parse_layers
 from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.runs import RunFolder, file_digest, publish, write_json
 
@@ -51,13 +51,13 @@ class ProbeConfig(Config):
         "Default: the last layer, final norm applied.",
         type=int,
     )
-    lr: float = option(1e-3, "Adam learning rate.", min=0.0)
+    lr: float = option(1e-3, "Adam learning rate.", above=0.0)
     train_batch_size: int = option(256, "Prober training mini-batch size.", min=1)
     epochs: int = option(5, "Training epochs (the best validation epoch is kept).", min=1)
     val_fraction: float = option(
         0.2, "Fraction of the balanced set held out for validation.", min=0.01, max=0.99
     )
-    seed: int = option(0, "Seed of balancing, split and initialisation.")
+    seed: int = option(0, "Seed of balancing, split and initialisation.", **SEED_BOUNDS)
     batch_size: int = option(8, "Sequences per forward pass when capturing activations.", min=1)
 
 

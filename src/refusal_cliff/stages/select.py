@@ -42,7 +42,7 @@ from refusal_cliff.compute.labeling import KeywordLabeler
 from refusal_cliff.compute.tracing import cliff_metrics, trace_records
 from refusal_cliff.core.config import Config, GenerationConfig, option
 from refusal_cliff.core.data import read_rows
-from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.errors import UserError, require_regular_file
 from refusal_cliff.core.runs import (
     SCHEMA_VERSION,
     JsonlWriter,
@@ -138,10 +138,7 @@ def _candidate_rows(source: str) -> list[dict]:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"candidate file not found: {source}; pass a .jsonl/.json/.csv/.parquet file or {DEMO_CANDIDATES}"
-        )
+    require_regular_file(path, f"pass a .jsonl/.json/.csv/.parquet candidate file or {DEMO_CANDIDATES}")
     return read_rows(path)
 
 
