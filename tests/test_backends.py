@@ -165,6 +165,24 @@ def test_vllm_requests_carry_budget_stop_string_and_per_example_seeds(meta_loade
     assert all(p.temperature == 0.0 and p.seed is None and p.stop == [] for p in greedy)
 
 
+@pytest.mark.parametrize("stop_reason", ["none", "eos id"])
+def test_vllm_text_that_ran_to_eos_does_not_end_in_the_eos_text(meta_loaded, stop_reason):
+    """A real vLLM engine with skip_special_tokens=False returns "...prime number.<|im_end|>" when the model
+    stops on EOS (stop_reason None for the tokenizer's EOS, the id for one given in stop_token_ids); the
+    thinking and the answer must end where HFBackend's end, before the EOS token's text."""
+    from refusal_cliff.compute.backends import VLLMBackend
+
+    tokenizer = meta_loaded.tokenizer
+    eos = tokenizer.eos_token_id
+    body = " two is the only even prime number."
+    ids = tokenizer(body, add_special_tokens=False)["input_ids"] + [eos]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.endswith("<|im_end|>")  # what the engine returns
+    planted = [(text, ids, "stop", None if stop_reason == "none" else eos)]
+    (completion,) = VLLMBackend(meta_loaded, engine=FakeVLLM(planted)).complete(["q"], 16)
+    assert (completion.text, completion.finish, completion.n_tokens) == (body, "eos", len(ids) - 1)
+
+
 def test_vllm_finish_reasons_become_thinking_end(meta_loaded):
     from refusal_cliff.compute.backends import VLLMBackend
 

@@ -278,6 +278,11 @@ class VLLMBackend:
         else:  # EOS (stop_reason None) or one of the EOS ids given as stop_token_ids
             finish = "eos"
             if ids and ids[-1] in self.eos_ids:
+                # with skip_special_tokens=False vLLM's text ends in the EOS token's own text
+                # ("<|im_end|>"); HFBackend's text stops before it, and so must this one
+                eos_text = self.tokenizer.decode([ids[-1]], skip_special_tokens=False)
+                if eos_text and text.endswith(eos_text):
+                    text = text[: -len(eos_text)]
                 ids = ids[:-1]
         for stop in stop_strings:  # a stop string inside text that ran to EOS or the budget
             if finish != "stop" and stop in text:
