@@ -6,6 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from refusal_cliff.cli import main
 from refusal_cliff.cli.options import config_file_option, config_options, resolve
 from refusal_cliff.core.config import GenerationConfig, build_config, config_fields
 from refusal_cliff.core.errors import UserError
@@ -69,3 +70,47 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     bad.write_text("batch_size = [")
     result = CliRunner().invoke(_command(), ["--config", str(bad)])
     assert result.exit_code == 2 and "cannot be parsed" in result.output
+
+
+def test_a_value_is_checked_the_same_from_a_flag_a_file_and_the_library(tmp_path):
+    """Issue 21: one check per field (its annotation and metadata), whatever the source."""
+    runner = CliRunner()
+    generate = ["generate", "--prompts", "demo:harmful", "--out", str(tmp_path / "o")]
+    flag = runner.invoke(main, [*generate, "--batch-size", "0"])
+    assert flag.exit_code == 2 and "--batch-size 0: must be at least 1" in flag.output
+    path = tmp_path / "settings.toml"
+    path.write_text("batch_size = 0\n")
+    from_file = runner.invoke(main, [*generate, "--config", str(path)])
+    assert from_file.exit_code == 2
+    assert f"{path}: batch_size = 0 (--batch-size): must be at least 1" in from_file.output
+    with pytest.raises(UserError, match="--batch-size 0: must be at least 1"):
+        TraceConfig(batch_size=0)
+    for bad in (float("nan"), float("inf"), "abc"):
+        with pytest.raises(UserError, match="--temperature"):
+            GenerationConfig(temperature=bad)
+    path.write_text('batch_size = "abc"\n')
+    assert (
+        "batch_size = 'abc' (--batch-size): must be a whole number"
+        in runner.invoke(main, [*generate, "--config", str(path)]).output
+    )
+    assert GenerationConfig(batch_size="3").batch_size == 3  # text that is a number is converted
+
+
+def test_a_key_the_verb_does_not_use_is_an_error_naming_the_verb(tmp_path):
+    path = tmp_path / "settings.toml"
+    for text, needles in (
+        ("epochs = 3\n", ["`refusal-cliff trace` does not use the setting 'epochs'"]),
+        ("bach_size = 3\n", ["'bach_size' (did you mean batch_size?)"]),
+        ("[trace]\nlimit = 3\n", ["[trace] 'limit'"]),
+    ):
+        path.write_text(text)
+        result = CliRunner().invoke(_command(), ["--config", str(path)])
+        assert result.exit_code == 2, result.output
+        assert all(needle in result.output for needle in needles), result.output
+    label = ["label", "--generations", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]
+    path.write_text("[bogus]\nx = 1\n")
+    result = CliRunner().invoke(main, [*label, "--config", str(path)])
+    assert "'bogus' (a [bogus] table must name a verb)" in result.output
+    path.write_text("only_keywords = false\n[generate]\nmax_thinking_tokens = 3\n")  # another verb's table
+    result = CliRunner().invoke(main, [*label, "--config", str(path)])
+    assert result.exit_code == 2 and "file not found" in result.output  # the settings were fine

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -102,3 +103,33 @@ def test_csv_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "p.csv"
     path.write_bytes("\ufeffprompt,x\nhello,1\n".encode("utf-8"))
     assert load_prompts(str(path))[0]["prompt"] == "hello"
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"id,prompt,prompt\n1,first,second\n", "names the column 'prompt' twice"),
+        (b"id,Prompt,prompt\n1,first,second\n", "twice"),
+        (b"id;prompt\n1;hello\n", "separated by semicolons, not commas"),
+        (b"id\tprompt\n1\thello\n", "separated by tabs, not commas"),
+        ("prompt\ncaf\u00e9\n".encode("latin-1"), "not UTF-8 text"),
+        (b"id,prompt\n1,hello, world\n", "line 2 has 3 fields but the header has 2"),
+    ],
+)
+def test_a_csv_read_wrong_is_refused_with_the_real_problem(tmp_path, content, needle):
+    """Issue 21: never read from the last of two columns, never told to pass --column for a delimiter."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=needle):
+        load_prompts(str(path))
+
+
+def test_a_special_file_is_not_called_empty_or_missing(tmp_path):
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(UserError, match="is not a regular file"):
+            load_prompts(str(path))
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        load_prompts(str(tmp_path / "d.csv"))

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from refusal_cliff.compute.labeling import (
@@ -9,6 +11,7 @@ from refusal_cliff.compute.labeling import (
     load_keywords,
     normalise,
     parse_verdict,
+    read_generations,
 )
 from refusal_cliff.core.errors import UserError
 
@@ -136,3 +139,21 @@ def test_labels_beside_a_file_are_used_only_if_they_cover_it(tmp_path):
     assert set(labels_for(gens, None)) == {f"x-{i}" for i in range(5)}
     other = _write_jsonl(tmp_path / "other.jsonl", [{"id": "x-2", "refusal": False}])
     assert set(labels_for(gens, other)) == {"x-2"}
+
+
+@pytest.mark.parametrize("key, value", [("answer", None), ("thinking", 3), ("prompt", ["a"])])
+def test_a_null_or_non_text_field_is_refused_with_its_id_and_line(tmp_path, key, value):
+    """Issue 21: a null answer was labelled as compliance, which raised the attack success rate."""
+    record = {
+        "id": "x",
+        "prompt": "p",
+        "generation_prompt": "g",
+        "thinking": "t",
+        "end_template": "e",
+        "answer": "a",
+    }
+    path = tmp_path / "generations.jsonl"
+    path.write_text(json.dumps(record) + "\n\n" + json.dumps({**record, "id": "y", key: value}) + "\n")
+    kind = "null" if value is None else type(value).__name__
+    with pytest.raises(UserError, match=f"line 3 \\(id 'y'\\) has a '{key}' that is {kind}, not text"):
+        read_generations(path)

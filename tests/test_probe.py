@@ -272,3 +272,14 @@ def test_wilson_interval_and_quality_judgement():
     small = {"n_val": 2, "val_accuracy": 0.5, "majority_rate": 0.5}
     quality, reasons = judge_quality(small)
     assert quality == "unreliable" and len(reasons) == 2
+
+
+@pytest.mark.parametrize("layer", [float("nan"), "1", 1.5, None, True, 99])
+def test_a_prober_json_whose_layer_is_not_a_layer_is_one_clear_error(tmp_path, layer):
+    """Issue 21: layer NaN (or text, or a fraction) gets the same clear message as layer 99, not a traceback."""
+    linear, _, _ = train_prober(*separable(20, 20))
+    save_prober(Prober(linear, layer=1, metadata={"n_layers": 2}), tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "prober.json").read_text())
+    (tmp_path / "p" / "prober.json").write_text(json.dumps({**meta, "layer": layer}))
+    with pytest.raises(UserError, match="prober.json is damaged or edited"):
+        load_prober(tmp_path / "p")

@@ -1,9 +1,14 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from refusal_cliff.core.errors import UserError
-from refusal_cliff.core.runs import JsonlWriter, RunFolder, completed_ids, read_jsonl
+from refusal_cliff.core.runs import LOCK_NAME, JsonlWriter, RunFolder, completed_ids, read_jsonl
 
 
 def test_writer_repairs_a_torn_line_and_a_missing_newline(tmp_path):
@@ -96,3 +101,61 @@ def test_second_stage_in_a_folder_gets_its_own_metadata(tmp_path):
     RunFolder(tmp_path, "label", {"b": 1}).start()
     assert json.loads((tmp_path / "metadata.json").read_text())["stage"] == "generate"
     assert json.loads((tmp_path / "metadata.label.json").read_text())["stage"] == "label"
+
+
+def test_metadata_json_is_strict_json_even_when_a_value_is_nan(tmp_path):
+    run = RunFolder(tmp_path, "probe", {"lr": float("nan")})
+    with run.start(extra={"score": float("inf")}):
+        run.finish(extra={"accuracy": float("nan")})
+    text = (tmp_path / "metadata.json").read_text()
+    metadata = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metadata.json"))
+    assert metadata["config"]["lr"] is None and metadata["score"] is None and metadata["accuracy"] is None
+
+
+_HOLDER = """
+import sys, time
+from refusal_cliff.core.runs import RunFolder
+RunFolder(sys.argv[1], "label", {"a": 1}, overwrite=True).start()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(folder):
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path, overwrite):
+    first = _holder(tmp_path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(
+            UserError, match=f"being written by another refusal-cliff run \\(pid {first.pid}\\)"
+        ):
+            RunFolder(tmp_path, "label", {"a": 2}, overwrite=overwrite).start()
+        assert time.monotonic() - started < 5  # at once, not after a wait
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
+    first = _holder(tmp_path)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (tmp_path / LOCK_NAME).exists()  # the file is left behind; its fcntl lock died with the process
+    with RunFolder(tmp_path, "label", {"a": 1}, overwrite=True).start() as run:
+        run.finish()
+    assert json.loads((tmp_path / "metadata.json").read_text())["finished"]
+
+
+def test_stages_of_one_process_share_the_folder_lock(tmp_path):
+    outer = RunFolder(tmp_path, "generate", {"a": 1}).start()
+    with RunFolder(tmp_path, "label", {"b": 1}).start() as inner:  # nested in the same process: allowed
+        inner.finish()
+    outer.finish()

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from refusal_cliff.cli.options import model_options, out_option, resolve
+from refusal_cliff.cli.options import config_file_option, model_options, out_option, resolve
 from refusal_cliff.core.config import ModelConfig
 from refusal_cliff.core.models import load_model_from
 from refusal_cliff.stages.demo import run_demo
@@ -20,8 +20,9 @@ from refusal_cliff.stages.demo import run_demo
     is_flag=True,
     help="Also run Cliff-as-a-Judge selection, a LoRA fine-tune and the before/after evaluation (§5).",
 )
+@config_file_option
 @out_option
-def demo_command(quick, repair, out, **options):
+def demo_command(quick, repair, out, config_file, **options):
     """Run the diagnosis end to end (generate, label, prober, traces, layer-wise, clipping, heads,
     ablation, report) and print where the report is."""
     start = time.perf_counter()

@@ -229,15 +229,21 @@ def check_field(cls: type, spec: Field, value: Any) -> Any:
             if optional:
                 return None
             raise ValueError("needs a value")
-        if "parse" in meta and isinstance(value, (str, list)):
-            value = meta["parse"](value)
         if typing.get_origin(annotation) is tuple:
             (element, *_) = typing.get_args(annotation) or (str,)
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            parsed = "parse" in meta and isinstance(value, str)
+            if parsed:  # a flag's text ("0.01,0.03"): split by the field's parse function
+                value = meta["parse"](value)
+                if value is None:  # "auto"
+                    return check_field(cls, spec, None)
+            elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 value = (value,)
             if not isinstance(value, (tuple, list)):
                 raise ValueError("must be a list of values")
-            return tuple(_check_scalar(element, item, meta) for item in value)
+            items = tuple(_check_scalar(element, item, meta) for item in value)
+            if "parse" in meta and element is str and not parsed:  # a list's texts get the same syntax check
+                items = meta["parse"](items)
+            return items
         return _check_scalar(annotation, value, meta)
     except UserError as exc:  # a parse function's own message
         if isinstance(exc, FieldError):
