@@ -198,7 +198,8 @@ def _file_values(ctx: click.Context) -> tuple[dict, str | None]:
     own_tables = {key for key in (ctx.info_name, verb) if key}
     settings, verbs = _settings(ctx), _verb_names(ctx)
     values: dict[str, Any] = {}
-    for table, items in [(None, data)] + [(k, data[k]) for k in data if k in own_tables and isinstance(data[k], dict)]:
+    tables = [(key, data[key]) for key in data if key in own_tables and isinstance(data[key], dict)]
+    for table, items in [(None, data), *tables]:
         for key, value in items.items():
             name = str(key).replace("-", "_")
             if table is None and isinstance(value, dict) and (key in verbs or key in own_tables):
