@@ -336,3 +336,43 @@ def test_vllm_memory_fraction_is_capped_at_what_is_free():
 
     with pytest.raises(UserError, match="too little for a vLLM engine"):
         engine_memory_fraction(config, _loaded_on("cuda"), (10 * gib, 80 * gib))
+
+
+def test_max_model_len_shorter_than_prompt_and_budgets_is_refused_before_the_engine_starts(meta_loaded):
+    from refusal_cliff.compute.backends import VLLMBackend
+    from refusal_cliff.core.config import BackendConfig
+    from refusal_cliff.core.errors import UserError
+
+    class NeverStarted(VLLMBackend):
+        @property
+        def engine(self):
+            raise AssertionError("the engine was started")
+
+    backend = NeverStarted(meta_loaded, BackendConfig(backend="vllm", max_model_len=40))
+    config = GenerationConfig(max_thinking_tokens=16, max_answer_tokens=16)
+    with pytest.raises(UserError, match=r"exceeds --max-model-len of 40: raise --max-model-len"):
+        list(generate_records(meta_loaded, PROMPTS[:2], config, backend=backend, progress=False))
+    roomy = NeverStarted(meta_loaded, BackendConfig(backend="vllm", max_model_len=4096))
+    with pytest.raises(AssertionError, match="engine was started"):  # it fits: the engine is asked for
+        list(generate_records(meta_loaded, PROMPTS[:2], config, backend=roomy, progress=False))
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_vllm_logs_only_under_debug(meta_loaded, monkeypatch, tmp_path, debug):
+    """vLLM configures its logging from VLLM_LOGGING_LEVEL when it is imported: ERROR unless --debug."""
+    from refusal_cliff.compute import backends
+    from refusal_cliff.core.config import BackendConfig
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            seen["level"] = os.environ.get("VLLM_LOGGING_LEVEL")
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, __version__="0.0-fake"))
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.setenv("REFUSAL_CLIFF_DEBUG", "1" if debug else "0")
+    monkeypatch.setattr(backends, "engine_memory_fraction", lambda config, loaded: 0.5)
+    backend = backends.VLLMBackend(meta_loaded, BackendConfig(backend="vllm"), model_path=tmp_path)
+    assert isinstance(backend.engine, LLM)
+    assert seen["level"] == (None if debug else "ERROR")

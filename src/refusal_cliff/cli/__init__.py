@@ -32,7 +32,7 @@ from refusal_cliff.cli import (
     select,
     trace,
 )
-from refusal_cliff.core.errors import UserError, describe_file_error
+from refusal_cliff.core.errors import DEBUG_ENV, UserError, debug_enabled, describe_file_error
 
 # One module per verb, in help order. Each module defines the click command of its verb; a module that
 # fails to import is an error, never a silently missing verb.
@@ -57,11 +57,7 @@ _COMMAND_MODULES = [
 
 
 def _debug(ctx) -> bool:
-    return bool(ctx.params.get("debug")) or os.environ.get("REFUSAL_CLIFF_DEBUG", "").lower() in (
-        "1",
-        "true",
-        "yes",
-    )
+    return bool(ctx.params.get("debug")) or debug_enabled()
 
 
 class _Group(click.Group):
@@ -103,6 +99,8 @@ class _Group(click.Group):
 )
 def main(verbose: int, quiet: bool, debug: bool) -> None:
     """Diagnose and repair the refusal cliff of reasoning models (arXiv 2510.06036)."""
+    if debug:  # seen by the library too: it lets the engines it starts (vLLM) log
+        os.environ[DEBUG_ENV] = "1"
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "httpx2", "urllib3", "matplotlib", "huggingface_hub"):

@@ -28,6 +28,7 @@ import contextlib
 import gc
 import importlib.metadata
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +38,7 @@ from typing import Any
 from refusal_cliff.compute.generation import Completion, HFBackend, row_seeds
 from refusal_cliff.core.architectures import get_adapter
 from refusal_cliff.core.config import BackendConfig
-from refusal_cliff.core.errors import MissingExtraError, UserError
+from refusal_cliff.core.errors import MissingExtraError, UserError, debug_enabled
 from refusal_cliff.core.models import (
     DEFAULT_MODEL,
     EMBEDDED_NAME,
@@ -176,9 +177,16 @@ class VLLMBackend:
         self._owns_engine = engine is None
 
     @property
+    def context_limit(self) -> int | None:
+        """The context the engine is given (`--max-model-len`), checked before it starts."""
+        return self.config.max_model_len or None
+
+    @property
     def engine(self):
         if self._engine is None:
             check_backend(self.config)
+            if not debug_enabled():  # vLLM logs ~180 INFO/WARNING lines per engine; --debug shows them
+                os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             import vllm
 
             dtype = str(next(self.loaded.model.parameters()).dtype).replace("torch.", "")

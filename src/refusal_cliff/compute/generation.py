@@ -200,21 +200,38 @@ class HFBackend:
         return completions
 
 
-def check_lengths(loaded, prompts: Sequence[dict], texts: Sequence[str], config: GenerationConfig) -> None:
-    """Reject a prompt that cannot fit the model's context with the budgets (before any work)."""
+def check_lengths(
+    loaded,
+    prompts: Sequence[dict],
+    texts: Sequence[str],
+    config: GenerationConfig,
+    backend_context: int | None = None,
+) -> None:
+    """Reject a prompt that cannot fit the model's context with the budgets (before any work).
+
+    `backend_context`: a shorter context the backend was given (vLLM's `--max-model-len`); it is
+    checked here, before the engine starts, rather than by the engine halfway through a run.
+    """
     for prompt in prompts:
         if not str(prompt.get("prompt", "")).strip():
             raise UserError(f"prompt {prompt['id']!r} is empty; drop it from the prompt file")
-    context = getattr(loaded.model.config, "max_position_embeddings", None)
-    if not context:
+    model_context = getattr(loaded.model.config, "max_position_embeddings", None)
+    limits = [
+        (c, what)
+        for c, what in ((model_context, "the model's context"), (backend_context, "--max-model-len"))
+    ]
+    limits = [(c, what) for c, what in limits if c]
+    if not limits:
         return
+    context, what = min(limits)
     budget = config.max_thinking_tokens + config.max_answer_tokens + 16
     for prompt, text in zip(prompts, texts):
         n = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
         if n + budget > context:
+            fix = "raise --max-model-len" if what == "--max-model-len" else "shorten or drop it"
             raise UserError(
                 f"prompt {prompt['id']!r} has {n} tokens; with the thinking and answer budgets "
-                f"({budget - 16}) it exceeds the model's context of {context}. Shorten or drop it, or lower "
+                f"({budget - 16}) and the end template it exceeds {what} of {context}: {fix}, or lower "
                 "--max-thinking-tokens / --max-answer-tokens"
             )
 
@@ -257,7 +274,7 @@ def generate_records(
     )
     backend = backend or HFBackend(loaded)
     texts = [generation_prompt(tokenizer, template, p["prompt"], config.system_prompt) for p in prompts]
-    check_lengths(loaded, prompts, texts, config)
+    check_lengths(loaded, prompts, texts, config, getattr(backend, "context_limit", None))
     # longest first: less padding per batch, and an out-of-memory error shows up at once
     order = sorted(range(len(prompts)), key=lambda i: -len(texts[i]))
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress)

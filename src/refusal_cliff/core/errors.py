@@ -97,3 +97,11 @@ def require_regular_file(path: str | os.PathLike, hint: str = "check the path") 
         raise UserError(f"{path} is a folder, not a file; {hint}")
     if not os.path.isfile(path):
         raise UserError(f"{path} is not a regular file (a FIFO, socket or device); {hint}")
+
+
+DEBUG_ENV = "REFUSAL_CLIFF_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """`--debug` or REFUSAL_CLIFF_DEBUG=1: tracebacks, and the logs of the engines we start (vLLM)."""
+    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
