@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +38,9 @@ class Case:
     needles: tuple[str, ...] = ()
     files: dict = field(default_factory=dict)  # name (under {tmp}) -> content
     env: dict = field(default_factory=dict)
-    mount: str | None = None  # "ro": {tmp}/ro read-only; "disk": {tmp}/disk a 64 KB tmpfs; "torn": {tmp}/torn
+    # "ro": {tmp}/ro read-only; "disk": {tmp}/disk a 64 KB tmpfs; "torn": {tmp}/torn; or a context manager
+    # function of ctx (a FIFO, an edited prober, a second writer holding --out)
+    mount: str | Callable | None = None
     exit: int = 2
     max_seconds: float | None = None
 
@@ -46,7 +51,11 @@ class Case:
             path = Path(ctx["tmp"]) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        mount = {"ro": _read_only_out, "disk": _tiny_disk, "torn": _torn_copy, None: _nothing}[self.mount]
+        mount = (
+            self.mount
+            if callable(self.mount)
+            else {"ro": _read_only_out, "disk": _tiny_disk, "torn": _torn_copy, None: _nothing}[self.mount]
+        )
         with mount(ctx):
             yield dict(self.env)
 
@@ -130,6 +139,60 @@ def _torn_copy(ctx):
     with open(run / "generations.jsonl", "ab") as handle:
         handle.write(b'{"id": "harmful-torn", "prompt": "a write killed mid-li')
     yield {}
+
+
+@contextlib.contextmanager
+def _fifo(ctx):
+    """{tmp}/p.jsonl is a FIFO (reading it would block forever)."""
+    os.mkfifo(Path(ctx["tmp"]) / "p.jsonl")
+    yield {}
+
+
+def _prober_layer(value):
+    """{tmp}/probe: the study's prober with `layer` edited to `value` in prober.json."""
+
+    @contextlib.contextmanager
+    def setup(ctx):
+        folder = Path(ctx["tmp"]) / "probe"
+        folder.mkdir()
+        for name in ("prober.safetensors", "prober.json"):
+            (folder / name).write_bytes((Path(ctx["root"]) / "probe" / name).read_bytes())
+        meta = json.loads((folder / "prober.json").read_text())
+        (folder / "prober.json").write_text(json.dumps({**meta, "layer": value}))
+        yield {}
+
+    return setup
+
+
+_HOLDER = (
+    "import sys, time\n"
+    "from refusal_cliff.core.runs import lock_folder\n"
+    "lock_folder(sys.argv[1])\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+@contextlib.contextmanager
+def _second_writer(ctx):
+    """Another run holds the lock of {out} for the length of the case (issue 21: two writers, one folder)."""
+    out = Path(ctx["out"])
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield {}
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def _config(text: str) -> dict:
+    return _named(p__jsonl=PROMPTS_OK, c__toml=text)
+
+
+GEN_CONFIG = ["generate", *M, "--prompts", "{tmp}/p.jsonl", "--config", "{tmp}/c.toml", *OUT]
+LATIN1_CSV = "id,prompt\n1,caf\u00e9 au lait\n".encode("latin-1")
 
 
 def _k(value: str, *needles: str) -> Case:
@@ -689,4 +752,207 @@ CASES: dict[str, Case] = {
         "evaluate", ["evaluate", "--model", "{model}", "--harmful", "{tmp}/nope.jsonl", *OUT], ("nope.jsonl",)
     ),
     "report missing run folder": Case("report", ["report", "--run", "{tmp}/no-run"], ("no-run",)),
+    # -- issue 21: values from --config get the flag's checks ----------------------------------------------
+    "generate --config batch_size 0": Case(
+        "generate",
+        GEN_CONFIG,
+        ("batch_size", "--batch-size", "at least 1"),
+        files=_config("batch_size = 0\n"),
+    ),
+    "generate --config batch_size text": Case(
+        "generate", GEN_CONFIG, ("batch_size", "whole number"), files=_config('batch_size = "eight"\n')
+    ),
+    "generate --config a key of another verb": Case(
+        "generate", GEN_CONFIG, ("generate", "'epochs'"), files=_config("epochs = 3\n")
+    ),
+    "generate --config [generate] temperature inf": Case(
+        "generate", GEN_CONFIG, ("temperature", "finite"), files=_config("[generate]\ntemperature = inf\n")
+    ),
+    "probe train --config lr nan (YAML)": Case(
+        "probe train",
+        [
+            "probe",
+            "train",
+            *M,
+            "--harmful",
+            "{root}/harmful",
+            "--harmless",
+            "{root}/harmless",
+            "--config",
+            "{tmp}/c.yaml",
+            *OUT,
+        ],
+        ("lr", "--lr", "finite"),
+        files=_named(c__yaml="lr: .nan\n"),
+    ),
+    "finetune --config epochs 0": Case(
+        "finetune",
+        ["finetune", *M, "--data", "{tmp}/d.jsonl", "--config", "{tmp}/c.toml", *OUT],
+        ("epochs", "more than 0"),
+        files=_named(d__jsonl=_jsonl({"prompt": "p", "completion": "c"}), c__toml="[finetune]\nepochs = 0\n"),
+    ),
+    # -- issue 21: NaN and infinity are not numbers a user means ---------------------------------------------
+    "generate --temperature nan": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.jsonl", "--temperature", "nan", *OUT],
+        ("--temperature", "finite"),
+        files=_named(p__jsonl=PROMPTS_OK),
+    ),
+    "ablate --gamma nan": Case(
+        "ablate",
+        [
+            "ablate",
+            *M,
+            "--prober",
+            PROBER,
+            "--heads",
+            HEADS,
+            "--prompts",
+            "{root}/harmful.jsonl",
+            "--gamma",
+            "nan",
+            *OUT,
+        ],
+        ("--gamma", "finite"),
+    ),
+    "probe train --lr nan": Case(
+        "probe train",
+        [
+            "probe",
+            "train",
+            *M,
+            "--harmful",
+            "{root}/harmful",
+            "--harmless",
+            "{root}/harmless",
+            "--lr",
+            "nan",
+            *OUT,
+        ],
+        ("--lr", "finite"),
+    ),
+    "guard --alpha -inf": Case(
+        "guard",
+        [
+            "guard",
+            *M,
+            "--prober",
+            PROBER,
+            "--prompts",
+            "{root}/harmful.jsonl",
+            "--action",
+            "steer",
+            "--alpha",
+            "-inf",
+            *OUT,
+        ],
+        ("--alpha", "finite"),
+    ),
+    "clip --fractions nan": Case(
+        "clip",
+        ["clip", *M, "--prober", PROBER, "--generations", GEN, "--fractions", "0,nan", *OUT],
+        ("--fractions", "finite"),
+    ),
+    "heads --thresholds inf": Case(
+        "heads",
+        ["heads", *M, "--prober", PROBER, "--generations", GEN, "--thresholds", "inf", *OUT],
+        ("--thresholds",),
+    ),
+    "finetune --epochs 0": Case(
+        "finetune",
+        ["finetune", *M, "--data", "{tmp}/d.jsonl", "--epochs", "0", *OUT],
+        ("--epochs", "more than 0"),
+        files=_named(d__jsonl=_jsonl({"prompt": "p", "completion": "c"})),
+    ),
+    "finetune --max-steps 0": Case(
+        "finetune",
+        ["finetune", *M, "--data", "{tmp}/d.jsonl", "--max-steps", "0", *OUT],
+        ("--max-steps 0",),
+        files=_named(d__jsonl=_jsonl({"prompt": "p", "completion": "c"})),
+    ),
+    "generate --seed huge": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.jsonl", "--seed", str(10**30), *OUT],
+        ("--seed",),
+        files=_named(p__jsonl=PROMPTS_OK),
+    ),
+    # -- issue 21: data that cannot be read right is refused, not guessed ---------------------------------
+    "generate CSV with prompt twice": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.csv", *OUT],
+        ("'prompt' twice",),
+        files=_named(p__csv="id,prompt,prompt\n1,first,second\n"),
+    ),
+    "select CSV candidates with response twice": Case(
+        "select",
+        ["select", *M, "--prober", PROBER, "--candidates", "{tmp}/c.csv", *OUT],
+        ("'response' twice",),
+        files=_named(c__csv="prompt,response,response\nhow?,no,sure\n"),
+    ),
+    "label null answer": Case(
+        "label",
+        ["label", "--generations", "{tmp}/g.jsonl", *OUT],
+        ("g.jsonl", "line 1", "'g1'", "'answer'", "null"),
+        files=_named(g__jsonl=_jsonl({**GENERATION, "answer": None})),
+    ),
+    "trace non-string thinking": Case(
+        "trace",
+        ["trace", *M, "--prober", PROBER, "--generations", "{tmp}/g.jsonl", *OUT],
+        ("line 2", "'g2'", "'thinking'", "int"),
+        files=_named(g__jsonl=_jsonl(GENERATION, {**GENERATION, "id": "g2", "thinking": 7})),
+    ),
+    "report folder without stage artifacts": Case(
+        "report", ["report", "--run", "{tmp}/empty"], ("no stage artifacts",), files={"empty/notes.txt": "x"}
+    ),
+    # -- issue 21: the message says the real problem, for CSV as for JSONL ------------------------------------
+    "generate semicolon CSV": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.csv", *OUT],
+        ("semicolons",),
+        files=_named(p__csv="id;prompt\n1;hello there\n"),
+    ),
+    "generate tab-separated CSV": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.csv", *OUT],
+        ("tabs",),
+        files=_named(p__csv="id\tprompt\n1\thello there\n"),
+    ),
+    "generate latin-1 CSV": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.csv", *OUT],
+        ("p.csv", "not UTF-8", "save it as UTF-8"),
+        files=_named(p__csv=LATIN1_CSV),
+    ),
+    "generate latin-1 --config": Case(
+        "generate", GEN_CONFIG, ("c.toml", "UTF-8"), files=_named(p__jsonl=PROMPTS_OK, c__toml=b"# caf\xe9\n")
+    ),
+    "generate FIFO prompts": Case(
+        "generate", ["generate", *M, "--prompts", "{tmp}/p.jsonl", *OUT], ("not a regular file",), mount=_fifo
+    ),
+    "generate /dev/zero prompts": Case(
+        "generate", ["generate", *M, "--prompts", "/dev/zero", *OUT], ("/dev/zero", "not a regular file")
+    ),
+    "label FIFO generations": Case(
+        "label", ["label", "--generations", "{tmp}/p.jsonl", *OUT], ("not a regular file",), mount=_fifo
+    ),
+    "trace prober.json layer NaN": Case(
+        "trace",
+        ["trace", *M, "--prober", "{tmp}/probe", "--generations", GEN, *OUT],
+        ("prober.json", "layer nan", "damaged or edited"),
+        mount=_prober_layer(float("nan")),
+    ),
+    "trace prober.json layer text": Case(
+        "trace",
+        ["trace", *M, "--prober", "{tmp}/probe", "--generations", GEN, *OUT],
+        ("prober.json", "layer '1'", "damaged or edited"),
+        mount=_prober_layer("1"),
+    ),
+    # -- issue 21: two runs into one folder ----------------------------------------------------------------
+    "label --overwrite while another run writes --out": Case(
+        "label",
+        ["label", "--generations", GEN, "--overwrite", *OUT],
+        ("being written by another refusal-cliff run", "pid"),
+        mount=_second_writer,
+        max_seconds=10,
+    ),
 }

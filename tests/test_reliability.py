@@ -120,6 +120,22 @@ def test_the_catalogue_covers_every_verb_and_the_issue_cases():
         "heads empty --group",
         "label torn last line",
         "trace torn last line",
+        # issue 21: one of each class
+        "generate --config batch_size 0",
+        "generate --config a key of another verb",
+        "ablate --gamma nan",
+        "generate --temperature nan",
+        "probe train --lr nan",
+        "generate CSV with prompt twice",
+        "label null answer",
+        "finetune --epochs 0",
+        "report folder without stage artifacts",
+        "generate semicolon CSV",
+        "generate FIFO prompts",
+        "generate /dev/zero prompts",
+        "generate latin-1 CSV",
+        "trace prober.json layer NaN",
+        "label --overwrite while another run writes --out",
     ):
         assert must in CASES, must
 
