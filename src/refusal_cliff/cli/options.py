@@ -34,7 +34,7 @@ from refusal_cliff.core.config import (
     suggest,
 )
 from refusal_cliff.core.errors import UserError, describe_file_error, require_regular_file
-from refusal_cliff.core.models import DEFAULT_MODEL, embedded_checkpoint, load_model
+from refusal_cliff.core.models import BUILTIN_MODELS, DEFAULT_MODEL, embedded_checkpoint, load_model
 from refusal_cliff.core.runs import check_out_dir
 
 _CONFIG_KEY = "refusal_cliff.config_file"
@@ -294,7 +294,12 @@ def model_n_layers(config: ModelConfig) -> int | None:
     """The number of decoder layers of a local folder or the embedded model, from its config.json alone (no
     weights loaded); None for a hub id or a .gguf file (those are checked once loaded)."""
     model = config.model or "default"
-    folder = embedded_checkpoint() if model in ("default", DEFAULT_MODEL) else Path(model).expanduser()
+    if model in BUILTIN_MODELS:  # not made yet: checked once loaded, never built for a check
+        folder = BUILTIN_MODELS[model].cached()
+        if folder is None:
+            return None
+    else:
+        folder = embedded_checkpoint() if model in ("default", DEFAULT_MODEL) else Path(model).expanduser()
     if not (folder / "config.json").is_file():
         return None
     from transformers import AutoConfig

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from refusal_cliff.core.config import ExecutorConfig, ModelConfig
 from refusal_cliff.core.errors import MissingExtraError, UserError
-from refusal_cliff.core.models import load_model_from
+from refusal_cliff.core.models import BUILTIN_MODELS, load_model_from
 from refusal_cliff.core.runs import atomic_write_text, chunked, fingerprint_ids, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,9 @@ def worker_model(model: ModelConfig, loaded) -> ModelConfig:
     (not "auto": a CPU worker would pick fp32 under a bf16 GPU driver) and a local path made absolute
     (a worker's working directory is not the driver's)."""
     source = model.model
-    if source and source != "default" and Path(source).expanduser().exists():
+    if source in BUILTIN_MODELS:  # made by the driver already; a worker need not know the stage that made it
+        source = str(BUILTIN_MODELS[source].folder())
+    elif source and source != "default" and Path(source).expanduser().exists():
         source = str(Path(source).expanduser().resolve())
     dtype = model_dtype(loaded)
     return replace(

