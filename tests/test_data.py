@@ -133,3 +133,13 @@ def test_a_special_file_is_not_called_empty_or_missing(tmp_path):
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(UserError, match="is a folder, not a file"):
         load_prompts(str(tmp_path / "d.csv"))
+
+
+@pytest.mark.parametrize("value, needle", [(None, "is null"), (42, "is int 42, not text"), (["a"], "is list")])
+def test_a_null_or_non_text_prompt_is_named_by_id_and_record(tmp_path, value, needle):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps({"id": "a", "prompt": "hi"}) + "\n" + json.dumps({"id": "b", "prompt": value}) + "\n"
+    )
+    with pytest.raises(UserError, match=f"id 'b' \\(record 2\\) {needle}"):
+        load_prompts(str(path))

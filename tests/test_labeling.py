@@ -12,6 +12,7 @@ from refusal_cliff.compute.labeling import (
     normalise,
     parse_verdict,
     read_generations,
+    read_labels,
 )
 from refusal_cliff.core.errors import UserError
 
@@ -157,3 +158,12 @@ def test_a_null_or_non_text_field_is_refused_with_its_id_and_line(tmp_path, key,
     kind = "null" if value is None else type(value).__name__
     with pytest.raises(UserError, match=f"line 3 \\(id 'y'\\) has a '{key}' that is {kind}, not text"):
         read_generations(path)
+
+
+def test_a_label_whose_refusal_is_not_a_boolean_is_refused(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text(
+        json.dumps({"id": "a", "refusal": True}) + "\n" + json.dumps({"id": "b", "refusal": None}) + "\n"
+    )
+    with pytest.raises(UserError, match="id 'b' has refusal None, not true or false"):
+        read_labels(path)

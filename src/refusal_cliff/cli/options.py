@@ -204,6 +204,13 @@ def _file_values(ctx: click.Context) -> tuple[dict, str | None]:
             name = str(key).replace("-", "_")
             if table is None and isinstance(value, dict) and (key in verbs or key in own_tables):
                 continue  # a verb's table: this verb's is read below, another verb's is not ours
+            flags = {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+            if name not in settings and name in flags:  # an input or a run flag, not a setting
+                raise click.UsageError(
+                    f"{source}: {key!r} is not a setting a --config file can give; pass {flags[name]} on the "
+                    "command line",
+                    ctx=ctx,
+                )
             if name not in settings:
                 where = f"[{table}] " if table else ""
                 hint = suggest(name, settings) or (

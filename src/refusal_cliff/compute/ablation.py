@@ -282,4 +282,12 @@ def read_ranking(path: str | Path) -> list[dict]:
         or not all(isinstance(item, dict) and {"layer", "head", "rank"} <= set(item) for item in ranking)
     ):
         raise UserError(f"{path} is not a heads.json written by `refusal-cliff heads`")
+    for index, item in enumerate(ranking):
+        for key in ("layer", "head", "rank"):
+            value = item[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(
+                    f"{path}: entry {index} has {key} {value!r}, not a whole number of at least 0; the file is "
+                    "damaged or edited: re-run `refusal-cliff heads`"
+                )
     return ranking

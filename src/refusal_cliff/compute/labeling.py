@@ -228,6 +228,11 @@ def read_labels(path: str | Path) -> dict[str, dict]:
     for label in read_jsonl(path):
         if "id" not in label or "refusal" not in label:
             raise UserError(f"{path} is not a labels.jsonl (needs id and refusal); run `refusal-cliff label`")
+        if not isinstance(label["refusal"], bool):  # a null is not a compliance
+            raise UserError(
+                f"{path}: the label of id {label['id']!r} has refusal {label['refusal']!r}, not true or false; "
+                "re-run `refusal-cliff label`"
+            )
         labels[str(label["id"])] = label
     return labels
 

@@ -185,6 +185,11 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     for index, row in enumerate(rows):
         text = row.get(key)
         identifier = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{index}"
+        if not isinstance(text, str) and (not limit or index < limit):  # null, a number, a list
+            kind = "null" if text is None else f"{type(text).__name__} {text!r:.40}, not text"
+            raise UserError(
+                f"{source}: the prompt with id {identifier!r} (record {index + 1}) is {kind}; fix the file"
+            )
         if not isinstance(text, str) or not text.strip():  # an error, never a silent skip (issue 13)
             if not limit or index < limit:  # rows past --limit are not used
                 empty.append(identifier)

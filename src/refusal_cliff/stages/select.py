@@ -127,12 +127,15 @@ PROMPT_COLUMNS = ("prompt", "vanilla", "instruction", "question", "goal")
 # Only columns that hold a SAFE reference response. AdvBench's `target` ("Sure, here is ...") is an
 # attack target and must never become a fine-tuning response, so it is not on this list.
 RESPONSE_COLUMNS = ("completion", "response", "safe_response", "refusal")
+# columns that must hold text where they hold anything ("refusal" may be another dataset's boolean)
+TEXT_COLUMNS = {*PROMPT_COLUMNS, "adversarial", "completion", "response", "safe_response", "thinking"}
 _SENTINEL = "\x01ASSISTANT\x01"
 
 # -- candidates ------------------------------------------------------------------------
 
 
 def _candidate_rows(source: str) -> list[dict]:
+    """The raw records of a candidate file (or the built-in set)."""
     if source == DEMO_CANDIDATES:
         text = resources.files("refusal_cliff.resources").joinpath("demo_candidates.jsonl").read_text("utf-8")
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -186,6 +189,12 @@ def load_candidates(source: str, limit: int | None = None) -> list[dict]:
     prefix = source.split(":", 1)[-1] if source == DEMO_CANDIDATES else Path(source).stem
     candidates, skipped = [], 0
     for index, row in enumerate(rows):
+        for key, value in row.items():  # a number or a list in a text column is refused, never skipped
+            if str(key).lower().strip() in TEXT_COLUMNS and value is not None and not isinstance(value, str):
+                raise UserError(
+                    f"{source}: record {index + 1} (id {row.get('id', index)!r}) has a {key!r} that is a "
+                    f"{type(value).__name__}, not text; fix the file"
+                )
         prompt = _first_present(row, lowered, ("adversarial", *PROMPT_COLUMNS))
         response = _first_present(row, lowered, RESPONSE_COLUMNS)
         if prompt is None or response is None:
