@@ -47,8 +47,7 @@ def read_keyword_lines(lines: Iterable[str]) -> list[str]:
 
 def load_keywords(path: str | Path) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"keyword file not found: {path}")
+    require_regular_file(path, "pass a keyword file (one keyword per line)")
     keywords = read_keyword_lines(path.read_text(encoding="utf-8").splitlines())
     if not keywords:
         raise UserError(f"{path} holds no keywords (one per line, # for comments)")

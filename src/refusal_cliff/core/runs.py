@@ -120,8 +120,7 @@ def finite_json(obj: Any) -> Any:
 
 def read_json(path: str | Path) -> Any:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
+    require_regular_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
