@@ -951,6 +951,18 @@ CASES: dict[str, Case] = {
         ("h.json", "layer nan"),
         files=_named(h__json='[{"layer": NaN, "head": 0, "rank": 0}]'),
     ),
+    "generate JSONL prompt too long for the model": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.jsonl", *OUT],
+        ("'long'", "context"),
+        files=_named(p__jsonl=_jsonl({"id": "a", "prompt": "hi"}, {"id": "long", "prompt": "word " * 700})),
+    ),
+    "generate CSV prompt too long for the model": Case(
+        "generate",
+        ["generate", *M, "--prompts", "{tmp}/p.csv", *OUT],
+        ("'long'", "context"),
+        files=_named(p__csv="id,prompt\na,hi\nlong," + "word " * 700 + "\n"),
+    ),
     "report folder without stage artifacts": Case(
         "report", ["report", "--run", "{tmp}/empty"], ("no stage artifacts",), files={"empty/notes.txt": "x"}
     ),

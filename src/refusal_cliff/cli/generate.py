@@ -6,6 +6,7 @@ import click
 
 from refusal_cliff.cli.options import (
     check_out,
+    check_prompts_fit_before_loading,
     config_file_option,
     config_options,
     model_options,
@@ -44,6 +45,7 @@ def generate_command(prompts, column, limit, out, overwrite, config_file, **opti
     prompt_set = load_prompts(prompts, column=column, limit=limit)
 
     check_out(out, estimate_bytes(len(prompt_set), config.max_thinking_tokens + config.max_answer_tokens, 8))
+    check_prompts_fit_before_loading(model, [prompt_set], config)
     # with vLLM only the tokenizer is loaded here (the weights are vLLM's): the GPU is the engine's
     loaded = load_tokenizer_side(model) if backend.backend == "vllm" else load_model_from(model)
     path = run_generate(loaded, prompt_set, config, out, overwrite=overwrite, source=prompts, backend=backend)

@@ -10,6 +10,7 @@ import click
 from refusal_cliff.cli.options import (
     check_out,
     check_prober,
+    check_prompts_fit_before_loading,
     config_file_option,
     config_options,
     model_options,
@@ -69,6 +70,7 @@ def guard_command(prober_path, heads_path, prompts, benign_prompts, out, overwri
     benign = load_prompts(benign_prompts, column=config.column, limit=config.limit) if benign_prompts else []
     check_prober(prober_path)
     check_out(out)
+    check_prompts_fit_before_loading(model, [harmful, benign], generation)
     loaded = load_model_from(model)
     prober = load_prober(prober_path, loaded)
     paths = run_guard(

@@ -20,7 +20,9 @@ import click
 from click.core import ParameterSource
 
 from refusal_cliff.compute.activations import resolve_layers
+from refusal_cliff.compute.backends import load_tokenizer_side
 from refusal_cliff.compute.executors import check_executor, make_executor
+from refusal_cliff.compute.generation import check_prompts_fit
 from refusal_cliff.compute.labeling import ModelJudge
 from refusal_cliff.compute.prober import load_prober
 from refusal_cliff.core.architectures import get_adapter
@@ -322,6 +324,16 @@ def check_layers(layers, config: ModelConfig) -> None:
     n_layers = model_n_layers(config)
     if n_layers is not None:
         resolve_layers(list(layers) if not isinstance(layers, int) else layers, n_layers)
+
+
+def check_prompts_fit_before_loading(config: ModelConfig, prompt_sets, generation) -> None:
+    """Every prompt fits the model's context with the budgets, from its tokenizer and config alone (no
+    weights) for a local folder or the embedded model; a hub id or a .gguf file is checked once loaded."""
+    if model_n_layers(config) is None:  # not a local folder with a config.json
+        return
+    side = load_tokenizer_side(config)
+    for prompts in prompt_sets:
+        check_prompts_fit(side, prompts, generation)
 
 
 def check_prober(path) -> None:

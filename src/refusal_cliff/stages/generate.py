@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from refusal_cliff.compute.backends import backend_info, make_backend
-from refusal_cliff.compute.generation import check_lengths, generate_records, prompts_digest
+from refusal_cliff.compute.generation import check_prompts_fit, generate_records, prompts_digest
 from refusal_cliff.core.config import GenerationConfig
 from refusal_cliff.core.runs import JsonlWriter, RunFolder, completed_ids, read_jsonl, write_jsonl
-from refusal_cliff.core.templates import detect_thinking_template, generation_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +44,7 @@ def run_generate(
         backend is not None and backend.backend != "hf"
     ):  # only then, so that earlier runs keep their fingerprint
         stage_config["backend"] = backend.backend
-    template = detect_thinking_template(
-        loaded.tokenizer, config.start_marker, config.end_marker, config.end_template
-    )
-    texts = [
-        generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts
-    ]
-    check_lengths(loaded, prompts, texts, config)  # before anything is written
+    template = check_prompts_fit(loaded, prompts, config)  # before anything is written
     run = RunFolder(
         out_dir,
         "generate",

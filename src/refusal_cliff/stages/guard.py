@@ -45,7 +45,7 @@ from refusal_cliff.compute.activations import final_norm_applied
 from refusal_cliff.compute.attribution import heads_at_threshold
 from refusal_cliff.compute.generation import (
     HFBackend,
-    check_lengths,
+    check_prompts_fit,
     generate_answers,
     generate_records,
     prompts_digest,
@@ -67,8 +67,6 @@ from refusal_cliff.core.runs import (
 from refusal_cliff.core.templates import (
     REGION_END,
     REGION_THINKING,
-    detect_thinking_template,
-    generation_prompt,
     probing_text,
     probing_tokens,
 )
@@ -562,18 +560,8 @@ def run_guard(
     if len(set(ids)) != len(ids):
         raise UserError("prompt ids repeat within a prompt set; give each prompt a distinct id")
 
-    template = detect_thinking_template(
-        loaded.tokenizer,
-        generation_config.start_marker,
-        generation_config.end_marker,
-        generation_config.end_template,
-    )
-    for prompts in (harmful_prompts, benign_prompts):
-        texts = [
-            generation_prompt(loaded.tokenizer, template, p["prompt"], generation_config.system_prompt)
-            for p in prompts
-        ]
-        check_lengths(loaded, prompts, texts, generation_config)
+    template = check_prompts_fit(loaded, harmful_prompts, generation_config)
+    check_prompts_fit(loaded, benign_prompts, generation_config)
     stage_config = {
         "model": loaded.model_id,
         "revision": loaded.revision,
