@@ -110,6 +110,14 @@ def ray_cluster():
 
 
 @pytest.fixture(autouse=True)
+def _no_debug_from_an_earlier_test(monkeypatch):
+    """`--debug` sets REFUSAL_CLIFF_DEBUG in os.environ for the library (one command per process in real
+    use); in-process CLI tests would otherwise leak it into every later test and its subprocesses, which
+    then show tracebacks instead of one-line errors."""
+    monkeypatch.delenv("REFUSAL_CLIFF_DEBUG", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
     np.random.seed(0)

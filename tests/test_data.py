@@ -135,7 +135,9 @@ def test_a_special_file_is_not_called_empty_or_missing(tmp_path):
         load_prompts(str(tmp_path / "d.csv"))
 
 
-@pytest.mark.parametrize("value, needle", [(None, "is null"), (42, "is int 42, not text"), (["a"], "is list")])
+@pytest.mark.parametrize(
+    "value, needle", [(None, "is null"), (42, "is int 42, not text"), (["a"], "is list")]
+)
 def test_a_null_or_non_text_prompt_is_named_by_id_and_record(tmp_path, value, needle):
     path = tmp_path / "p.jsonl"
     path.write_text(

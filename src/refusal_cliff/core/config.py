@@ -171,7 +171,9 @@ def _to_float(value: Any) -> float:
         raise ValueError("must be a number")
     try:
         return float(value.strip() if isinstance(value, str) else value)
-    except (ValueError, OverflowError):
+    except OverflowError:
+        raise ValueError("is too large for a floating-point number") from None
+    except ValueError:
         raise ValueError("must be a number") from None
 
 
@@ -248,9 +250,9 @@ def check_field(cls: type, spec: Field, value: Any) -> Any:
     except UserError as exc:  # a parse function's own message
         if isinstance(exc, FieldError):
             raise
-        raise FieldError(spec.name, flag_name(spec), value, str(exc)) from None
+        raise FieldError(spec.name, flag_name(spec).split("/")[0], value, str(exc)) from None
     except ValueError as exc:
-        raise FieldError(spec.name, flag_name(spec), value, str(exc)) from None
+        raise FieldError(spec.name, flag_name(spec).split("/")[0], value, str(exc)) from None
 
 
 class Config:
