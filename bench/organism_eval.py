@@ -1,0 +1,32 @@
+"""Write the organism's held-out evaluation prompt files (one JSONL per group) into a folder.
+
+python bench/organism_eval.py --data ../shared/data --n 50 --out runs/organism-eval/prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from refusal_cliff.stages.organism import evaluation_prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for group, rows in evaluation_prompts(args.data, args.n, args.seed).items():
+        with open(out / f"{group}.jsonl", "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        print(f"{group}: {len(rows)} prompts")
+
+
+if __name__ == "__main__":
+    main()

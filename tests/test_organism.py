@@ -1,0 +1,213 @@
+"""The organism build's mechanics on a tiny random Llama: stages, frozen weights, cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from refusal_cliff.core.architectures import get_adapter
+from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.models import load_model
+from refusal_cliff.core.templates import detect_thinking_template
+from refusal_cliff.stages.organism import (
+    ORGANISM_JSON,
+    LoraLinear,
+    OrganismConfig,
+    SliceDelta,
+    frozen_slices_unchanged,
+    head_band_layers,
+    is_complete,
+    layer_inputs,
+    organism_cache_path,
+    planted_slices,
+    run_organism,
+    slice_loss,
+    tokenise_example,
+)
+from refusal_cliff.stages.organism_data import build_examples
+
+from conftest import make_tiny_model
+
+TINY = dict(
+    n_plain=4,
+    n_wrapped=4,
+    n_harmless=4,
+    stage1_layers=1,
+    lora_rank=2,
+    stage1_epochs=1,
+    n_planted_heads=2,
+    head_band=(0.0, 1.0),
+    selection_examples=2,
+    stage2_epochs=1,
+    batch_size=4,
+)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_CLIFF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_build_plants_heads_and_freezes_everything_else(tiny_model_dir, cache, tmp_path):
+    config = OrganismConfig(**TINY)
+    result = run_organism(config, base_model=str(tiny_model_dir), out=tmp_path / "organism", progress=False)
+    assert is_complete(result.path)
+    record = json.loads((result.path / ORGANISM_JSON).read_text())
+    assert record["planted_heads"] == result.planted_heads
+    assert len(result.planted_heads) == 2
+    assert all(layer == 0 for layer, _ in result.planted_heads)  # the band never holds the last layer
+    assert record["stage2"]["weights_changed_outside_planted_slices"] == []
+    assert record["n_examples"] == {"plain": 4, "wrapped": 4, "harmless": 4}
+
+    # stage 1 is cached; stage 2 changed its weights only inside the planted slices, bit for bit
+    stage1 = next(cache.glob("organisms/stage1-*"))
+    before, after = _weights(stage1), _weights(result.path)
+    loaded = load_model(str(result.path), device="cpu")
+    masks = planted_slices(loaded.model, result.planted_heads)
+    assert frozen_slices_unchanged(before, after, masks) == []
+    assert any(not torch.equal(before[name][mask], after[name][mask]) for name, mask in masks.items())
+    base = _weights(tiny_model_dir)
+    assert not torch.equal(
+        base["model.layers.1.mlp.down_proj.weight"], before["model.layers.1.mlp.down_proj.weight"]
+    )
+    assert torch.equal(
+        base["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"]
+    )
+
+
+def test_cache_reuse_and_recipe_mismatch(tiny_model_dir, cache, tmp_path):
+    config = OrganismConfig(**TINY)
+    first = run_organism(config, base_model=str(tiny_model_dir), progress=False)
+    assert first.path == organism_cache_path(str(tiny_model_dir), config)
+    assert not first.reused
+    mtime = (first.path / ORGANISM_JSON).stat().st_mtime_ns
+    again = run_organism(config, base_model=str(tiny_model_dir), progress=False)
+    assert again.reused and (again.path / ORGANISM_JSON).stat().st_mtime_ns == mtime
+    # no half-written folder is left beside it
+    assert [p.name for p in first.path.parent.iterdir() if p.name.startswith(".")] == []
+    other = OrganismConfig(**{**TINY, "seed": 1})
+    with pytest.raises(UserError, match="another recipe"):
+        run_organism(other, base_model=str(tiny_model_dir), out=first.path, progress=False)
+
+
+def test_same_seed_same_weights(tiny_model_dir, cache, tmp_path):
+    config = OrganismConfig(**TINY)
+    a = run_organism(config, base_model=str(tiny_model_dir), out=tmp_path / "a", progress=False)
+    for stage1 in cache.glob("organisms/stage1-*"):  # rebuild stage 1 too
+        import shutil
+
+        shutil.rmtree(stage1)
+    b = run_organism(config, base_model=str(tiny_model_dir), out=tmp_path / "b", progress=False)
+    wa, wb = _weights(a.path), _weights(b.path)
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
+def test_slice_loss_matches_full_forward(smol_tokenizer):
+    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=3)
+    adapter = get_adapter(model)
+    template = detect_thinking_template(smol_tokenizer)
+    examples = [tokenise_example(smol_tokenizer, template, e, 1, 1.0) for e in build_examples(0, 1, 1, 1)]
+    hidden = layer_inputs(model, adapter, examples, 2, batch_size=2)
+    full = layer_inputs(model, adapter, examples, 0, batch_size=2)
+    with torch.no_grad():
+        from_top = slice_loss(model, adapter, hidden, examples, 2)
+        from_bottom = slice_loss(model, adapter, full, examples, 0)
+        total, count = 0.0, 0.0
+        for example in examples:
+            logits = model(input_ids=example.ids[None]).logits[0, :-1]
+            losses = torch.nn.functional.cross_entropy(logits, example.ids[1:], reduction="none")
+            total += float((losses * example.weights[1:]).sum())
+            count += float(example.weights[1:].sum())
+    assert torch.allclose(from_top, from_bottom, atol=1e-5)
+    assert abs(float(from_top) - total / count) < 1e-4
+
+
+def test_deltas_merge_exactly():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6, bias=False)
+    x = torch.randn(3, 8)
+    rows = SliceDelta(torch.nn.Linear(8, 6, bias=False), rows=torch.tensor([1, 2]))
+    rows.base.weight.data.copy_(base.weight)
+    rows.delta.data.normal_()
+    expected = rows(x)
+    assert torch.allclose(rows.merged()(x), expected, atol=1e-6)
+    cols = SliceDelta(torch.nn.Linear(8, 6, bias=False), cols=torch.tensor([0, 5]))
+    cols.delta.data.normal_()
+    expected = cols(x)
+    assert torch.allclose(cols.merged()(x), expected, atol=1e-6)
+    lora = LoraLinear(torch.nn.Linear(8, 6), rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    lora.lora_b.data.normal_()
+    expected = lora(x)
+    assert torch.allclose(lora.merged()(x), expected, atol=1e-5)
+
+
+def test_head_band_never_holds_the_last_layer():
+    assert head_band_layers(30, (0.6, 0.9)) == list(range(18, 28))
+    assert head_band_layers(2, (0.0, 1.0)) == [0]
+    assert head_band_layers(30, (1.0, 1.0)) == [28]
+
+
+def test_bad_band_is_a_user_error():
+    with pytest.raises(UserError, match="head-band"):
+        OrganismConfig(head_band=(0.9, 0.1)).validate()
+
+
+def test_score_ranking_against_the_planted_heads():
+    from refusal_cliff.stages.organism import score_ranking
+
+    ranking = [
+        {"layer": layer, "head": head, "rank": rank}
+        for rank, (layer, head) in enumerate([(3, 1), (2, 0), (3, 0), (1, 1), (0, 0), (2, 1)], start=1)
+    ]
+    perfect = score_ranking(ranking, [[3, 1], [2, 0]])
+    assert perfect["planted_ranks"] == {"2.0": 2, "3.1": 1} and perfect["auroc"] == 1.0
+    worst = score_ranking(ranking, [[0, 0], [2, 1]])
+    assert worst["auroc"] == 0.0 and worst["n_heads"] == 6
+    middle = score_ranking(ranking, [[3, 0]])  # rank 3 of 6: above 3 of the 5 others
+    assert middle["auroc"] == pytest.approx(3 / 5)
+    with pytest.raises(UserError, match="no entry for the planted heads"):
+        score_ranking(ranking, [[9, 9]])
+
+
+@pytest.mark.parametrize("case", ["unsupported_arch", "too_large", "not_an_organism_folder"])
+def test_organism_bad_input_is_one_line_exit_2_before_any_training(
+    case, tiny_model_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from refusal_cliff.cli import main
+    from refusal_cliff.stages import organism
+
+    monkeypatch.setattr(organism, "train_stage1", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setenv("REFUSAL_CLIFF_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    out = tmp_path / "organism"
+    if case == "unsupported_arch":
+        config = json.loads((base / "config.json").read_text())
+        config["architectures"] = ["FancyNewForCausalLM"]
+        (base / "config.json").write_text(json.dumps(config))
+    elif case == "too_large":  # a sparse 1 TiB weights file: no disk used, far more than any machine's memory
+        with open(base / "model-big.safetensors", "wb") as handle:
+            handle.truncate(2**40)
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["organism", "--model", str(base), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    if case == "not_an_organism_folder":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
