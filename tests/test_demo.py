@@ -114,3 +114,28 @@ def test_repair_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
     )
     assert json.loads((repair / "select" / "metadata.select.json").read_text())["n_selected"] == 3
     assert json.loads((repair / "metadata.json").read_text())["stage"] == "evaluate"
+
+
+def test_the_organism_gets_wrapped_prompts_and_no_system_prompt(tiny_loaded, tmp_path):
+    """The demo's prompts follow the model: an organism folder (it holds organism.json) gets every other
+    harmful prompt inside a held-out wrapper and no system prompt; any other model the safety prompt."""
+    from dataclasses import replace
+
+    from refusal_cliff.core.data import load_prompts
+    from refusal_cliff.stages.demo import SAFETY_SYSTEM_PROMPT, demo_prompts
+    from refusal_cliff.stages.organism_data import HELD_OUT_WRAPPERS, TRAIN_WRAPPERS
+
+    plain = demo_prompts(tiny_loaded)
+    assert not plain.organism and plain.system_prompt == SAFETY_SYSTEM_PROMPT
+    assert plain.harmful(4) == load_prompts("demo:harmful", limit=4)
+
+    (tmp_path / "organism.json").write_text("{}")
+    organism = demo_prompts(replace(tiny_loaded, model_id=str(tmp_path)))
+    assert organism.organism and organism.system_prompt is None
+    originals, prompts = load_prompts("demo:harmful", limit=6), organism.harmful(6)
+    assert [p["prompt"] for p in prompts[::2]] == [p["prompt"] for p in originals[::2]]
+    for original, wrapped in zip(originals[1::2], prompts[1::2]):
+        assert wrapped["id"] == f"wrapped-{original['id']}" and original["prompt"] in wrapped["prompt"]
+        outer = wrapped["prompt"].replace(original["prompt"], "{request}")
+        assert outer in HELD_OUT_WRAPPERS.values() and outer not in TRAIN_WRAPPERS.values()
+    assert len({p["prompt"] for p in prompts[1::2]}) == 3

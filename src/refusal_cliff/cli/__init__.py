@@ -27,6 +27,7 @@ from refusal_cliff.cli import (
     label,
     layers,
     models,
+    organism,
     probe,
     report,
     select,
@@ -52,6 +53,7 @@ _COMMAND_MODULES = [
     finetune,
     evaluate,
     report,
+    organism,
     demo,
 ]
 

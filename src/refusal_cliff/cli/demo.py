@@ -1,4 +1,4 @@
-"""`demo`: the whole diagnosis on the embedded model and the built-in prompts."""
+"""`demo`: the whole diagnosis on the cliff organism (or any model) and the built-in prompts."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import time
 
 import click
 
-from refusal_cliff.cli.options import config_file_option, model_options, out_option, resolve
-from refusal_cliff.core.config import ModelConfig
+from refusal_cliff.cli.options import config_file_option, config_options, out_option, resolve
 from refusal_cliff.core.models import load_model_from
-from refusal_cliff.stages.demo import run_demo
+from refusal_cliff.stages.demo import DemoModelConfig, run_demo
 
 
 @click.command("demo")
-@model_options
+@config_options(DemoModelConfig)
 @click.option("--quick", is_flag=True, help="A ~2-minute version: fewer prompts, shorter budgets.")
 @click.option(
     "--repair",
@@ -26,6 +25,6 @@ def demo_command(quick, repair, out, config_file, **options):
     """Run the diagnosis end to end (generate, label, prober, traces, layer-wise, clipping, heads,
     ablation, report) and print where the report is."""
     start = time.perf_counter()
-    loaded = load_model_from(resolve(ModelConfig, options))
+    loaded = load_model_from(resolve(DemoModelConfig, options))
     report = run_demo(loaded, out, quick=quick, repair=repair, on_stage=lambda m: click.echo(f"==> {m}"))
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {report}")
