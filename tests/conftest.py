@@ -114,7 +114,9 @@ def _no_debug_from_an_earlier_test(monkeypatch):
     """`--debug` sets REFUSAL_CLIFF_DEBUG in os.environ for the library (one command per process in real
     use); in-process CLI tests would otherwise leak it into every later test and its subprocesses, which
     then show tracebacks instead of one-line errors."""
-    monkeypatch.delenv("REFUSAL_CLIFF_DEBUG", raising=False)
+    # setenv, not delenv: delenv of an absent variable records nothing to undo, so a value set during the
+    # test would outlive it; setenv's undo removes it
+    monkeypatch.setenv("REFUSAL_CLIFF_DEBUG", "")
 
 
 @pytest.fixture(autouse=True)

@@ -376,3 +376,15 @@ def test_vllm_logs_only_under_debug(meta_loaded, monkeypatch, tmp_path, debug):
     backend = backends.VLLMBackend(meta_loaded, BackendConfig(backend="vllm"), model_path=tmp_path)
     assert isinstance(backend.engine, LLM)
     assert seen["level"] == (None if debug else "ERROR")
+
+
+def test_debug_is_set_for_one_command_only(monkeypatch):
+    """--debug reaches the library through REFUSAL_CLIFF_DEBUG while its command runs, and not after: an
+    in-process run (a test, a notebook) must not leave every later command showing tracebacks."""
+    from click.testing import CliRunner
+
+    from refusal_cliff.cli import main
+
+    monkeypatch.delenv("REFUSAL_CLIFF_DEBUG", raising=False)
+    result = CliRunner().invoke(main, ["--debug", "models"])
+    assert result.exit_code == 0 and "REFUSAL_CLIFF_DEBUG" not in os.environ

@@ -64,6 +64,20 @@ def _debug(ctx) -> bool:
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        # --debug is seen by the library too (the engines it starts, vLLM, log); set for this command only
+        # and restored after it, so that a command run in-process (tests, notebooks) does not leak it
+        previous = os.environ.get(DEBUG_ENV)
+        if ctx.params.get("debug"):
+            os.environ[DEBUG_ENV] = "1"
+        try:
+            return self._invoke(ctx)
+        finally:
+            if previous is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = previous
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as exc:
@@ -101,8 +115,6 @@ class _Group(click.Group):
 )
 def main(verbose: int, quiet: bool, debug: bool) -> None:
     """Diagnose and repair the refusal cliff of reasoning models (arXiv 2510.06036)."""
-    if debug:  # seen by the library too: it lets the engines it starts (vLLM) log
-        os.environ[DEBUG_ENV] = "1"
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "httpx2", "urllib3", "matplotlib", "huggingface_hub"):
