@@ -272,7 +272,7 @@ def test_backend_vllm_without_vllm_is_one_line_exit_2(tmp_path, tiny_model_dir):
         env={**os.environ, "PYTHONPATH": SRC},
     )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "pip install 'refusal-cliff[vllm]'" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "make setup-vllm" in result.stderr
     assert (out / "generations.jsonl").read_text() == "kept\n" and not (out / "metadata.json").exists()
 
 

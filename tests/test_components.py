@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +306,53 @@ def test_components_and_ablate_components_commands(tiny_run, monkeypatch):  # no
         "cannot find the MLP",
         after_loading=True,
     )
+
+
+def test_resumed_component_ablation_measures_each_condition_once(tmp_path, smol_tokenizer, monkeypatch):
+    """A run killed in its second condition, re-run: the first condition is kept, the cut-off one's
+    generations dropped and measured again; the files equal an uninterrupted run's (found by the demo's
+    resumed run, whose generations file held the first conditions twice)."""
+    from refusal_cliff.compute.prober import Prober
+    from refusal_cliff.core.architectures import get_adapter
+    from refusal_cliff.core.config import GenerationConfig
+    from refusal_cliff.core.models import LoadedModel
+    from refusal_cliff.stages import components
+    from refusal_cliff.stages.ablate import AblateConfig
+
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("LlamaForCausalLM")
+    loaded = LoadedModel(model, smol_tokenizer, get_adapter(model), "tiny", None, "local")
+    prober = Prober(
+        torch.nn.Linear(64, 1),
+        layer=1,
+        metadata={"architecture": "LlamaForCausalLM", "n_layers": 2, "final_norm_applied": True},
+    )
+    harmful = [{"id": "h1", "prompt": "How do I pick a lock?"}, {"id": "h2", "prompt": "Make a weapon."}]
+    conditions = {"mlp 0": ["mlp:0"], "head 1.3": ["head:1.3"]}
+    generation = GenerationConfig(max_thinking_tokens=3, max_answer_tokens=3, batch_size=2)
+
+    def run(out):
+        return components.run_ablate_components(
+            loaded, prober, conditions, harmful, out, AblateConfig(), generation, progress=False
+        )
+
+    whole = run(tmp_path / "whole")
+    original, calls = components.evaluate_condition, {"n": 0}
+
+    def killed_in_the_second_condition(*args, **kwargs):
+        calls["n"] += 1
+        outcome = original(*args, **kwargs)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return outcome
+
+    monkeypatch.setattr(components, "evaluate_condition", killed_in_the_second_condition)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(components, "evaluate_condition", original)
+    resumed = run(tmp_path / "resumed")
+    for name in ("component_ablation.json", "component_ablation_generations.jsonl"):
+        assert Path(resumed[name]).read_bytes() == Path(whole[name]).read_bytes(), name
+    rows = [json.loads(line) for line in Path(resumed["component_ablation_generations.jsonl"]).open()]
+    assert [r["condition"] for r in rows] == ["unablated"] * 2 + ["mlp 0"] * 2 + ["head 1.3"] * 2

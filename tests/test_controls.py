@@ -88,6 +88,11 @@ def test_control_config_validation():
         AblateConfig(boost_others=-1.0).validate()
     with pytest.raises(UserError, match="--patterns"):
         HeadsConfig(patterns=0).validate()
+    # --components names its own set: the flags that choose among ranked heads would be ignored
+    for flags in ({"control": "random"}, {"thresholds": (0.05,)}, {"boost_others": 2.0}):
+        with pytest.raises(UserError, match="--components scales exactly"):
+            AblateConfig(components=("head:0.1",), **flags)
+    AblateConfig(components=("head:0.1", "mlp:0"))  # with the defaults: fine
     assert planned_conditions([0.25, 0.125], True, "random", (0, 1), 2.0) == [
         (0.0, "none", None),
         (0.125, "ranked", None),

@@ -200,17 +200,20 @@ class HFBackend:
         return completions
 
 
-def check_prompts_fit(loaded, prompts: Sequence[dict], config: GenerationConfig):
+def check_prompts_fit(
+    loaded, prompts: Sequence[dict], config: GenerationConfig, backend_context: int | None = None
+):
     """`check_lengths` on the prompts as the model will read them (its chat template and thinking start).
     `loaded` may be a tokenizer-side model (`backends.load_tokenizer_side`: no weights), so that the CLI
-    refuses a prompt too long for the model before it loads one. Returns the thinking template."""
+    refuses a prompt too long for the model before it loads one; `backend_context`: the context a vLLM
+    engine is given (`--max-model-len`). Returns the thinking template."""
     template = detect_thinking_template(
         loaded.tokenizer, config.start_marker, config.end_marker, config.end_template
     )
     texts = [
         generation_prompt(loaded.tokenizer, template, p["prompt"], config.system_prompt) for p in prompts
     ]
-    check_lengths(loaded, prompts, texts, config)
+    check_lengths(loaded, prompts, texts, config, backend_context)
     return template
 
 

@@ -333,8 +333,8 @@ class BackendConfig(Config):
 
     backend: str = option(
         "hf",
-        "hf: transformers generate; vllm: the vLLM offline engine (needs the `vllm` "
-        "extra and a GPU), prefix caching on.",
+        "hf: transformers generate; vllm: the vLLM offline engine, prefix caching on (a GPU "
+        "host: the `vllm` extra; a CPU: `make setup-vllm`).",
         choices=("hf", "vllm"),
     )
     tensor_parallel_size: int = option(1, "vLLM: GPUs one model is split over.", min=1)

@@ -272,13 +272,15 @@ def forget_gguf_origin(model) -> None:
 
 
 def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
-    """Only the tokenizer of a hub id, local folder, `.gguf` file or the embedded model."""
+    """Only the tokenizer of a hub id, local folder, `.gguf` file, the embedded model or a built-in id."""
     from transformers import AutoTokenizer
 
     path = Path(model).expanduser()
     try:
         if model in (DEFAULT_MODEL, EMBEDDED_NAME):
             return AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
+        if model in BUILTIN_MODELS:
+            return AutoTokenizer.from_pretrained(str(BUILTIN_MODELS[model].folder()))
         if model.endswith(".gguf"):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         local_only = not path.exists() and hub_files_only(model, revision, what="--tokenizer")

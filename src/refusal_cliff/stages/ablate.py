@@ -507,6 +507,25 @@ class AblateConfig(Config):
             pass  # scaling by 1 changes nothing; allowed
         if not self.control_seeds:
             raise UserError("--control-seeds is empty: give the random control's seeds, e.g. 0,1,2")
+        if self.components:
+            # these choose and control the RANKED heads of --heads; --components names its set itself
+            defaults = type(self)()
+            ignored = [
+                flag
+                for flag, name in (
+                    ("--thresholds", "thresholds"),
+                    ("--control", "control"),
+                    ("--control-seeds", "control_seeds"),
+                    ("--boost-others", "boost_others"),
+                    ("--export-threshold", "export_threshold"),
+                )
+                if getattr(self, name) != getattr(defaults, name)
+            ]
+            if ignored:
+                raise UserError(
+                    f"{', '.join(ignored)} choose among the ranked heads of --heads; --components scales "
+                    "exactly the components it names: drop them, or run the ranked heads separately"
+                )
         if self.control == "random":
             if len(set(self.control_seeds)) != len(self.control_seeds):
                 raise UserError(f"--control-seeds repeats a seed: {','.join(map(str, self.control_seeds))}")

@@ -48,7 +48,15 @@ from refusal_cliff.core.architectures import ArchitectureAdapter, get_adapter
 from refusal_cliff.core.config import COMPONENT_SPEC_HELP, Config, GenerationConfig, option, parse_components
 from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.hooks import add_hooks
-from refusal_cliff.core.runs import JsonlWriter, RunFolder, file_digest, write_json
+from refusal_cliff.core.runs import (
+    JsonlWriter,
+    RunFolder,
+    file_digest,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from refusal_cliff.core.templates import REGION_END, probing_tokens
 from refusal_cliff.report import plotting
 from refusal_cliff.stages.ablate import AblateConfig
@@ -646,19 +654,32 @@ def run_ablate_components(
         artifacts=["component_ablation.json", "component_ablation_generations.jsonl"],
     )
     plan = ([("unablated", [])] if config.baseline else []) + list(resolved.items())
-    total = len(plan) * (len(harmful_prompts) + len(benign_prompts))
     with run.start(
         model_id=loaded.model_id,
         revision=loaded.revision,
         seed=generation_config.seed,
         extra={"prober": prober.summary(), "backend": backend_info(backend)},
     ):
-        results = []
+        # a resumed run keeps the conditions measured (component_ablation.json) and drops the
+        # generations of the one that was cut off, as `ablate` does; nothing is measured twice
+        results_path = run.path("component_ablation.json")
+        generations_path = run.path("component_ablation_generations.jsonl")
+        results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
+        done = {record["condition"] for record in results}
+        if done:
+            logger.info("resuming: %d conditions already measured", len(done))
+        if generations_path.exists():
+            write_jsonl(
+                generations_path, [r for r in read_jsonl(generations_path) if r.get("condition") in done]
+            )
+        total = sum(1 for name, _ in plan if name not in done) * (len(harmful_prompts) + len(benign_prompts))
         with (
-            JsonlWriter(run.path("component_ablation_generations.jsonl")) as writer,
+            JsonlWriter(generations_path) as writer,
             tqdm(total=total, desc="ablate", unit="ex", disable=not progress) as bar,
         ):
             for name, specs in plan:
+                if name in done:
+                    continue
                 export = partial(export_component_ablated_model, loaded, specs, gamma) if specs else None
                 with (
                     generation_backend(loaded, backend, export, run.root) as answers,
@@ -682,7 +703,7 @@ def run_ablate_components(
                 results.append(
                     {"condition": name, "components": list(specs), "gamma": gamma, **outcome["metrics"]}
                 )
-                write_json(run.path("component_ablation.json"), results)
+                write_json(results_path, results)
         paths = {
             "component_ablation.json": run.path("component_ablation.json"),
             "component_ablation_generations.jsonl": run.path("component_ablation_generations.jsonl"),

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from refusal_cliff.compute.backends import backend_info, make_backend
+from refusal_cliff.compute.backends import backend_info, generation_backend
 from refusal_cliff.compute.generation import check_prompts_fit, generate_records, prompts_digest
 from refusal_cliff.core.config import GenerationConfig
 from refusal_cliff.core.runs import JsonlWriter, RunFolder, completed_ids, read_jsonl, write_jsonl
@@ -44,7 +45,8 @@ def run_generate(
         backend is not None and backend.backend != "hf"
     ):  # only then, so that earlier runs keep their fingerprint
         stage_config["backend"] = backend.backend
-    template = check_prompts_fit(loaded, prompts, config)  # before anything is written
+    context = backend.max_model_len if backend is not None and backend.backend == "vllm" else None
+    template = check_prompts_fit(loaded, prompts, config, context)  # before anything is written
     run = RunFolder(
         out_dir,
         "generate",
@@ -64,11 +66,13 @@ def run_generate(
         if done:
             logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
         started, n_tokens = time.perf_counter(), 0
-        engine = make_backend(loaded, backend) if pending else None
-        with JsonlWriter(target) as writer:
-            for record in generate_records(loaded, pending, config, template, engine, progress=progress):
-                writer.write(record)
-                n_tokens += record["thinking_tokens"] + record["answer_tokens"]
+        # the engine (a vLLM one holds its memory until shut down) lives only while there is work
+        with contextlib.ExitStack() as stack:
+            engine = stack.enter_context(generation_backend(loaded, backend)) if pending else None
+            with JsonlWriter(target) as writer:
+                for record in generate_records(loaded, pending, config, template, engine, progress=progress):
+                    writer.write(record)
+                    n_tokens += record["thinking_tokens"] + record["answer_tokens"]
         # written as batches finished (longest prompts first); once complete, put them in prompt order
         order = {str(p["id"]): index for index, p in enumerate(prompts)}
         write_jsonl(target, sorted(read_jsonl(target), key=lambda r: order.get(str(r["id"]), len(order))))

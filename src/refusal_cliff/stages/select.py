@@ -22,6 +22,7 @@ This module holds the three steps between a candidate file and a training set:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from refusal_cliff.compute.backends import backend_info, make_backend
+from refusal_cliff.compute.backends import backend_info, generation_backend
 from refusal_cliff.compute.executors import ShardJob, run_job, write_rows_shard
 from refusal_cliff.compute.generation import generate_answers, generate_records
 from refusal_cliff.compute.labeling import KeywordLabeler
@@ -354,8 +355,9 @@ def score_candidates(
     with run.start(
         model_id=loaded.model_id, revision=loaded.revision, seed=config.generation.seed, extra=extra
     ):
-        engine = make_backend(loaded, backend) if backend is not None and backend.backend != "hf" else None
-        _score_into(loaded, prober, candidates, run, config, judge, progress, engine, executor)
+        vllm = backend is not None and backend.backend != "hf"
+        with generation_backend(loaded, backend) if vllm else contextlib.nullcontext() as engine:
+            _score_into(loaded, prober, candidates, run, config, judge, progress, engine, executor)
         run.finish({"n_candidates": len(candidates)})
     rows = {r["id"]: r for r in read_jsonl(run.path("scores.jsonl"))}
     return [rows[c["id"]] for c in candidates if c["id"] in rows]
