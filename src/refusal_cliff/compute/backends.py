@@ -109,14 +109,6 @@ def backend_info(config: BackendConfig | None) -> dict:
     return info
 
 
-def make_backend(loaded, config: BackendConfig | None = None, engine=None):
-    """The `GenerationBackend` a BackendConfig names, for this model (`engine`: a vLLM engine to reuse)."""
-    config = config or BackendConfig()
-    if config.backend == "vllm":
-        return VLLMBackend(loaded, config, engine=engine)
-    return HFBackend(loaded)
-
-
 def engine_model_path(loaded) -> str:
     """What vLLM loads for this model: the folder or hub id transformers loaded from."""
     if loaded.source == "embedded":

@@ -25,7 +25,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -282,6 +282,20 @@ class RunFolder:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def measured_conditions(self, results: str, generations: str, key: Callable[[dict], Any]):
+        """Resume a run that measures conditions one after another (`ablate`, `ablate --components`): the
+        records of `results` (a JSON list, one record per finished condition) if this run resumed, and
+        the set of their `key`s; the rows of `generations` (JSONL) whose `key` is not among them, the
+        cut-off condition's, are dropped, so no condition is measured or written twice."""
+        results_path, generations_path = self.path(results), self.path(generations)
+        records: list[dict] = read_json(results_path) if self.resumed and results_path.is_file() else []
+        done = {key(record) for record in records}
+        if done:
+            logger.info("resuming: %d conditions already measured", len(done))
+        if generations_path.exists():
+            write_jsonl(generations_path, [row for row in read_jsonl(generations_path) if key(row) in done])
+        return records, done
 
     def previous(self) -> dict | None:
         path = self.metadata_path

@@ -44,10 +44,7 @@ from refusal_cliff.core.runs import (
     JsonlWriter,
     RunFolder,
     file_digest,
-    read_json,
-    read_jsonl,
     write_json,
-    write_jsonl,
 )
 from refusal_cliff.report.plotting import plot_ablation, save_figure
 
@@ -362,13 +359,11 @@ def run_ablate(
         extra={"prober": prober.summary(), "backend": backend_info(backend)},
     ):
         results_path, generations_path = run.path("ablation.json"), run.path("ablation_generations.jsonl")
-        results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
-        done = {condition_key(record) for record in results}
-        if done:
-            logger.info("resuming: %d conditions already measured", len(done))
-        if generations_path.exists():  # drop the generations of a condition that was not finished
-            kept = [r for r in read_jsonl(generations_path) if "threshold" in r and condition_key(r) in done]
-            write_jsonl(generations_path, kept)
+        results, done = run.measured_conditions(
+            results_path.name,
+            generations_path.name,
+            key=lambda record: condition_key(record) if "threshold" in record else None,
+        )
         planned = planned_conditions(thresholds, baseline, control, control_seeds, boost_others)
         n_conditions = sum(1 for key in planned if key not in done)
         total = n_conditions * (len(harmful_prompts) + len(benign_prompts))

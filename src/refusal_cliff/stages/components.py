@@ -52,10 +52,7 @@ from refusal_cliff.core.runs import (
     JsonlWriter,
     RunFolder,
     file_digest,
-    read_json,
-    read_jsonl,
     write_json,
-    write_jsonl,
 )
 from refusal_cliff.core.templates import REGION_END, probing_tokens
 from refusal_cliff.report import plotting
@@ -660,18 +657,12 @@ def run_ablate_components(
         seed=generation_config.seed,
         extra={"prober": prober.summary(), "backend": backend_info(backend)},
     ):
-        # a resumed run keeps the conditions measured (component_ablation.json) and drops the
-        # generations of the one that was cut off, as `ablate` does; nothing is measured twice
+        # a resumed run keeps the conditions measured and drops the cut-off one's generations
         results_path = run.path("component_ablation.json")
         generations_path = run.path("component_ablation_generations.jsonl")
-        results: list[dict] = read_json(results_path) if run.resumed and results_path.is_file() else []
-        done = {record["condition"] for record in results}
-        if done:
-            logger.info("resuming: %d conditions already measured", len(done))
-        if generations_path.exists():
-            write_jsonl(
-                generations_path, [r for r in read_jsonl(generations_path) if r.get("condition") in done]
-            )
+        results, done = run.measured_conditions(
+            results_path.name, generations_path.name, key=lambda record: record.get("condition")
+        )
         total = sum(1 for name, _ in plan if name not in done) * (len(harmful_prompts) + len(benign_prompts))
         with (
             JsonlWriter(generations_path) as writer,
@@ -705,8 +696,8 @@ def run_ablate_components(
                 )
                 write_json(results_path, results)
         paths = {
-            "component_ablation.json": run.path("component_ablation.json"),
-            "component_ablation_generations.jsonl": run.path("component_ablation_generations.jsonl"),
+            "component_ablation.json": results_path,
+            "component_ablation_generations.jsonl": generations_path,
         }
         extra: dict = {"n_harmful": len(harmful_prompts), "n_benign": len(benign_prompts)}
         if export_dir is not None:

@@ -45,7 +45,7 @@ def run_generate(
         backend is not None and backend.backend != "hf"
     ):  # only then, so that earlier runs keep their fingerprint
         stage_config["backend"] = backend.backend
-    context = backend.max_model_len if backend is not None and backend.backend == "vllm" else None
+    context = backend.max_model_len if backend is not None else None  # None with hf (BackendConfig checks)
     template = check_prompts_fit(loaded, prompts, config, context)  # before anything is written
     run = RunFolder(
         out_dir,
@@ -67,8 +67,7 @@ def run_generate(
             logger.info("resuming: %d of %d examples already generated", len(done), len(prompts))
         started, n_tokens = time.perf_counter(), 0
         # the engine (a vLLM one holds its memory until shut down) lives only while there is work
-        with contextlib.ExitStack() as stack:
-            engine = stack.enter_context(generation_backend(loaded, backend)) if pending else None
+        with generation_backend(loaded, backend) if pending else contextlib.nullcontext() as engine:
             with JsonlWriter(target) as writer:
                 for record in generate_records(loaded, pending, config, template, engine, progress=progress):
                     writer.write(record)
