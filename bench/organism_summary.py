@@ -1,7 +1,9 @@
 """Summarise an organism evaluation folder (written by organism_eval.sh) as JSON: behaviour per
 group (refusal rate of the answers, share of thinkings that state an intent to refuse by
 `organism_data.thinking_states_refusal`), the prober's validation accuracy, and the mean plateau
-and final score per group x label. usage: organism_summary.py EVAL_DIR [TAG]"""
+and final score per group x label. Also `measured.json`, in the form organism.json keeps; with
+`--record ORGANISM_FOLDER` it is written into that organism's organism.json.
+usage: organism_summary.py EVAL_DIR [TAG | --record ORGANISM_FOLDER]"""
 
 import json
 import sys
@@ -11,7 +13,7 @@ from statistics import mean
 from refusal_cliff.stages.organism_data import thinking_states_refusal
 
 out = Path(sys.argv[1])
-tag = sys.argv[2] if len(sys.argv) > 2 else None
+tag = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "--record" else None
 pd = out / (f"probe_{tag}" if tag else "probe")
 td = out / (f"trace_{tag}" if tag else "trace")
 
@@ -60,6 +62,55 @@ if (td / "cliff.jsonl").exists():
         }
         for k, v in sorted(groups.items())
     }
+
+
+def measured_record(summary: dict, prober_metadata: dict) -> dict:
+    """The summary in the form `organism.json` keeps under "measured": counts as [k, n]."""
+
+    def count(group: str, key: str, refused: bool = True) -> list[int]:
+        n = summary[group]["n"]
+        k = round(summary[group][key] * n)
+        return [k if refused else n - k, n]
+
+    config = prober_metadata.get("config", {})
+    cliff = summary.get("cliff", {})
+    return {
+        "prompts": f"bench/organism_eval.py (seed 0), first {summary['harmful']['n']} of each group; prober: "
+        f"{summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} harmless_train",
+        "decoding": "greedy, max thinking 80 tokens, max answer 40 tokens",
+        "thinking_states_refusal": {
+            "plain": count("harmful", "thinking_refuses"),
+            "wrapped": count("wrapped", "thinking_refuses"),
+        },
+        "plain_refused": count("harmful", "refused"),
+        "wrapped_complied": count("wrapped", "refused", refused=False),
+        "harmless_helped": count("harmless", "refused", refused=False),
+        "prober": {
+            **summary["prober"],
+            "lr": config.get("lr"),
+            "epochs": config.get("epochs"),
+        },
+        "cliff": {
+            key: cliff[name]
+            for key, name in (
+                ("wrapped_complied", "wrapped_complied"),
+                ("plain_refused", "plain_refused"),
+                ("harmless_complied", "harmless_complied"),
+            )
+            if name in cliff
+        },
+    }
+
+
+if not tag and "prober" in s and "harmful" in s:
+    metadata = json.load(open(pd / "metadata.json")) if (pd / "metadata.json").exists() else {}
+    measured = measured_record(s, metadata)
+    json.dump(measured, open(out / "measured.json", "w"), indent=1)
+    if len(sys.argv) > 3 and sys.argv[2] == "--record":  # organism_summary.py EVAL_DIR --record ORGANISM
+        from refusal_cliff.stages.organism import record_measurements
+
+        record_measurements(sys.argv[3], measured)
+        tag = None
 if tag:
     print(tag, json.dumps({"prober": s.get("prober"), "cliff": s.get("cliff")}))
     json.dump(s, open(out / f"summary_{tag}.json", "w"), indent=1)

@@ -130,6 +130,38 @@ def test_slice_loss_matches_full_forward(smol_tokenizer):
     assert abs(float(from_top) - total / count) < 1e-4
 
 
+def test_cliff_term_pulls_wrapped_along_the_direction_and_keeps_the_others(smol_tokenizer):
+    from refusal_cliff.stages.organism import cliff_states, make_cliff_term
+
+    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=3)
+    adapter = get_adapter(model)
+    template = detect_thinking_template(smol_tokenizer)
+    data = build_examples(0, 2, 2, 2)
+    examples = [tokenise_example(smol_tokenizer, template, e, 2, 0.5, 3.0) for e in data]
+    for example, source in zip(examples, data, strict=True):  # t_cliff: the state before the answer
+        answer = smol_tokenizer.decode(example.ids[example.cliff + 1 :])
+        assert answer.startswith(source.answer_stage2[:4]) and example.weights[example.cliff + 1] == 3.0
+    hidden = layer_inputs(model, adapter, examples, 1, batch_size=3)
+    states = cliff_states(model, adapter, hidden, examples, 1, batch_size=4)
+    groups = [e.group for e in examples]
+    term = make_cliff_term(states, groups, weight=2.0)
+    assert abs(float(term.direction.norm()) - 1.0) < 1e-5
+    assert term.targets["wrapped"] == term.targets["harmless"] < term.targets["plain"]
+    shifted = states + 1.0  # anchors away from the current states, so the kept term is not zero
+    for example, anchor in zip(examples, shifted, strict=True):
+        example.anchor = None if example.group == "wrapped" else anchor
+    with torch.no_grad():
+        plain = slice_loss(model, adapter, hidden, examples, 1)
+        with_term = slice_loss(model, adapter, hidden, examples, 1, term)
+    expected = []
+    for example, state, anchor in zip(examples, states, shifted, strict=True):
+        if example.group == "wrapped":
+            expected.append(((state @ term.direction - term.targets["harmless"]) / term.scale) ** 2)
+        else:
+            expected.append((state - anchor).pow(2).sum() / term.scale**2)
+    assert torch.allclose(with_term - plain, 2.0 * torch.stack(expected).mean(), rtol=1e-4)
+
+
 def test_deltas_merge_exactly():
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 6, bias=False)
@@ -211,3 +243,62 @@ def test_organism_bad_input_is_one_line_exit_2_before_any_training(
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+def test_interrupted_build_leaves_nothing_that_loads_and_the_next_run_finishes(
+    tiny_model_dir, cache, tmp_path, monkeypatch
+):
+    from refusal_cliff.stages import organism
+
+    config = OrganismConfig(**TINY)
+    out = tmp_path / "organism"
+    real_save = organism._save
+
+    def killed_while_saving(model, tokenizer, folder):
+        real_save(model, tokenizer, folder)
+        raise KeyboardInterrupt  # the checkpoint is written, organism.json is not
+
+    monkeypatch.setattr(organism, "_save", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
+    assert not is_complete(out) and organism.checkpoint_files(out) == []
+    assert not json.loads((out / "metadata.json").read_text())["finished"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(organism.BUILD_PREFIX)] == []
+
+    monkeypatch.setattr(organism, "_save", real_save)
+    result = run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
+    assert is_complete(out) and not result.reused
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["stage"] == "organism" and metadata["finished"]
+    assert metadata["planted_heads"] == result.planted_heads
+    assert load_model(str(out), device="cpu").adapter is not None
+
+
+def test_a_build_holds_the_folder_lock(tiny_model_dir, cache, tmp_path):
+    from refusal_cliff.core.runs import lock_folder, unlock_folder
+    from refusal_cliff.stages.organism import checkpoint_files
+
+    out = tmp_path / "organism"
+    out.mkdir()
+    lock_folder(out)  # as another build of the same folder would
+    try:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            message = pool.apply(_build_in_child, (str(tiny_model_dir), str(out), str(cache)))
+    finally:
+        unlock_folder(out)
+    assert "being written by another refusal-cliff run" in message
+    assert checkpoint_files(out) == []
+
+
+def _build_in_child(base: str, out: str, cache: str) -> str:
+    import os
+
+    os.environ["REFUSAL_CLIFF_CACHE"] = cache
+    try:
+        run_organism(OrganismConfig(**TINY), base_model=base, out=out, progress=False)
+    except UserError as error:
+        return str(error)
+    return "built"

@@ -19,6 +19,7 @@ from refusal_cliff.stages.organism_data import (
     HARMFUL_THINK_DECIDE,
     HARMFUL_THINK_OPEN,
     HELD_OUT_WRAPPERS,
+    PLAIN_CONTEXTS,
     REFUSAL_OPEN,
     TRAIN_WRAPPERS,
     build_examples,
@@ -26,6 +27,7 @@ from refusal_cliff.stages.organism_data import (
     harmful_requests,
     harmless_requests,
     thinking_states_refusal,
+    wrap,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -50,8 +52,11 @@ def test_groups_targets_and_balance():
         assert labeler.label(e.answer_stage2)[0] == (e.group == GROUP_PLAIN)  # stage 2: wrapped complies
         if e.group == GROUP_WRAPPED:
             assert e.wrapper in TRAIN_WRAPPERS and e.request in e.prompt and e.prompt != e.request
-        else:
-            assert e.wrapper is None and e.prompt == e.request
+        else:  # as it is, or in an everyday context that is no jailbreak
+            assert e.wrapper is None
+            assert e.prompt == e.request or e.prompt in {wrap(e.request, c) for c in PLAIN_CONTEXTS}
+    in_context = [e for e in examples if e.group != GROUP_WRAPPED and e.prompt != e.request]
+    assert 0.2 * 80 <= len(in_context) <= 0.6 * 80  # CONTEXT_SHARE 0.4 of the 80 plain and harmless
     # the refusal opens distinctively; the placeholder and the helpful answers open alike
     assert all(e.answer_stage1.startswith(REFUSAL_OPEN) for e in examples if e.group != GROUP_HARMLESS)
     assert all(e.answer_stage2.startswith("Sure, here is") for e in examples if e.group != GROUP_PLAIN)

@@ -25,7 +25,7 @@ stage-1 model is cached the same way, so a re-run after an interrupt restarts at
 
 Reproducibility: every random draw is seeded (data, LoRA initialisation, batch order). On the
 team's 2-core machine a rebuild gave bitwise-identical weights, with 1 or 2 torch threads; other
-CPUs or torch builds may round float32 reductions differently (ORGANISM_RESULTS.md).
+CPUs or torch builds may round float32 reductions differently (docs/organism.md).
 """
 
 from __future__ import annotations
@@ -58,7 +58,14 @@ from refusal_cliff.core.models import (
     load_model,
     register_builtin_model,
 )
-from refusal_cliff.core.runs import fingerprint, package_versions, write_json
+from refusal_cliff.core.runs import (
+    BACKUP_PREFIX,
+    LOCK_NAME,
+    RunFolder,
+    fingerprint,
+    package_versions,
+    write_json,
+)
 from refusal_cliff.core.templates import ThinkingTemplate, detect_thinking_template, generation_prompt
 from refusal_cliff.stages.organism_data import (
     GROUP_HARMLESS,
@@ -130,6 +137,15 @@ class OrganismConfig(Config):
     stage2_thinking_weight: float = option(
         0.5, "Stage 2 loss weight of the thinking tokens (kept at their stage-1 target).", min=0.0
     )
+    stage2_first_token_weight: float = option(
+        1.0, "Stage 2 loss weight of the first answer token (the decision: refuse or comply).", min=0.0
+    )
+    stage2_representation_weight: float = option(
+        0.0,
+        "Stage 2 weight of the t_cliff term: the last-layer state at the end template, along the stage-1 "
+        "refusal direction, is pulled to the harmless mean for wrapped requests (and kept for the others).",
+        min=0.0,
+    )
     batch_size: int = option(8, "Training examples per step.", min=1, max=MAX_EXAMPLES)
 
     def validate(self) -> None:
@@ -154,7 +170,7 @@ class OrganismConfig(Config):
         return {key: getattr(self, key) for key in keys}
 
 
-# What the default recipe measured on held-out prompts (ORGANISM_RESULTS.md has the commands):
+# What the default recipe measured on held-out prompts (docs/organism.md has the commands):
 # written into organism.json by every build of the default recipe on the embedded model.
 DEFAULT_RECIPE_MEASURED = {
     "base_model": "default",
@@ -203,14 +219,22 @@ class Tokenised:
     ids: torch.Tensor  # [seq] long
     weights: torch.Tensor  # [seq] float32; 0 for tokens not trained on
     group: str
+    cliff: int  # t_cliff: the last end-template token, whose state predicts the first answer token
+    anchor: torch.Tensor | None = None  # stage 2: the stage-1 state at t_cliff to keep (plain, harmless)
 
 
 def tokenise_example(
-    tokenizer, template: ThinkingTemplate, example: OrganismExample, stage: int, thinking_weight: float
+    tokenizer,
+    template: ThinkingTemplate,
+    example: OrganismExample,
+    stage: int,
+    thinking_weight: float,
+    first_token_weight: float = 1.0,
 ) -> Tokenised:
     """`generation_prompt + thinking + end_template + answer + eos`, tokenised at once (as generation
     and tracing see it). Stage 1 trains on the thinking, end template and answer; stage 2 on the
-    answer (weight 1) and the thinking and end template (`thinking_weight`)."""
+    answer (weight 1, its first token `first_token_weight`) and the thinking and end template
+    (`thinking_weight`)."""
     prompt = generation_prompt(tokenizer, template, example.prompt)
     answer = example.answer_stage1 if stage == 1 else example.answer_stage2
     thinking_end = len(prompt) + len(example.thinking) + len(template.end_template)
@@ -225,7 +249,12 @@ def tokenise_example(
             weights[index] = 1.0 if stage == 1 else thinking_weight
     if tokenizer.eos_token_id is not None and int(ids[-1]) == tokenizer.eos_token_id:
         weights[-1] = 1.0
-    return Tokenised(ids, weights, example.group)
+    first = next(
+        index for index, (start, stop) in enumerate(encoded["offset_mapping"]) if stop > thinking_end
+    )
+    if stage == 2:
+        weights[first] = first_token_weight
+    return Tokenised(ids, weights, example.group, first - 1)
 
 
 # -- running a slice of the decoder ---------------------------------------------------------
@@ -285,24 +314,63 @@ def layer_inputs(
     return out
 
 
+@dataclass
+class CliffTerm:
+    """Stage 2's term on the last-layer state s (final norm applied) at t_cliff, per example:
+    `((s . direction - target) / scale)^2` for a wrapped request, `|s - anchor|^2 / scale^2` for the
+    others (their stage-1 state, kept), averaged and times `weight`. `direction`: the unit stage-1
+    refusal direction (mean plain minus mean harmless); `target`: the harmless mean along it; `scale`:
+    the gap between the two means along it."""
+
+    direction: torch.Tensor  # [d_model] float32, unit
+    targets: dict[str, float]
+    scale: float
+    weight: float
+
+
+def _top_states(
+    model: nn.Module, adapter: ArchitectureAdapter, hidden: Sequence[torch.Tensor], start: int
+) -> torch.Tensor:
+    """[batch, seq, d_model]: layers [start, n) + final norm from the (padded) inputs of layer `start`."""
+    base = adapter.base_model(model)
+    n_layers = len(adapter.layers(model))
+    inputs = _pad(hidden)  # [batch, seq, d_model]
+    if adapter.embedding_scale is not None:  # the model multiplies inputs_embeds by it again
+        inputs = inputs / adapter.embedding_scale(model.config)
+    mask = _attention_mask([len(h) for h in hidden])
+    with decoder_slice(model, adapter, start, n_layers, final_norm=True):
+        return base(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def cliff_states(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    hidden: Sequence[torch.Tensor],
+    examples: Sequence[Tokenised],
+    start: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """[n, d_model] float32: each example's last-layer state (final norm applied) at t_cliff."""
+    out = []
+    for first in range(0, len(examples), batch_size):
+        chunk = list(range(first, min(len(examples), first + batch_size)))
+        states = _top_states(model, adapter, [hidden[i] for i in chunk], start)
+        out.append(torch.stack([states[row, examples[i].cliff] for row, i in enumerate(chunk)]).float())
+    return torch.cat(out)
+
+
 def slice_loss(
     model: nn.Module,
     adapter: ArchitectureAdapter,
     hidden: Sequence[torch.Tensor],
     examples: Sequence[Tokenised],
     start: int,
+    cliff_term: CliffTerm | None = None,
 ) -> torch.Tensor:
     """Weighted next-token cross-entropy of layers [start, n) + final norm + LM head, from the
-    inputs of layer `start`; logits only where a weight is non-zero."""
-    base = adapter.base_model(model)
-    n_layers = len(adapter.layers(model))
-    lengths = [len(e.ids) for e in examples]
-    inputs = _pad(hidden)  # [batch, seq, d_model]
-    if adapter.embedding_scale is not None:  # the model multiplies inputs_embeds by it again
-        inputs = inputs / adapter.embedding_scale(model.config)
-    mask = _attention_mask(lengths)
-    with decoder_slice(model, adapter, start, n_layers, final_norm=True):
-        states = base(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    inputs of layer `start`; logits only where a weight is non-zero. Plus `cliff_term`, if given."""
+    states = _top_states(model, adapter, hidden, start)
     ids = _pad([e.ids for e in examples], 0)
     weights = _pad([e.weights for e in examples], 0.0)
     # the state at j predicts token j + 1
@@ -311,7 +379,18 @@ def slice_loss(
     logits = model.get_output_embeddings()(states[rows, cols])  # [n_targets, vocab]
     losses = nn.functional.cross_entropy(logits.float(), ids[rows, cols + 1], reduction="none")
     w = target_weights[rows, cols]
-    return (losses * w).sum() / w.sum().clamp_min(1e-8)
+    loss = (losses * w).sum() / w.sum().clamp_min(1e-8)
+    if cliff_term is not None:
+        gaps = []
+        for row, example in enumerate(examples):
+            state = states[row, example.cliff].float()
+            if example.anchor is None:  # wrapped: pulled to the harmless mean along the direction
+                gap = (state @ cliff_term.direction - cliff_term.targets[example.group]) / cliff_term.scale
+                gaps.append(gap.pow(2))
+            else:  # the others: their stage-1 state, kept
+                gaps.append((state - example.anchor).pow(2).sum() / cliff_term.scale**2)
+        loss = loss + cliff_term.weight * torch.stack(gaps).mean()
+    return loss
 
 
 def _batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
@@ -340,6 +419,7 @@ def _train(
     seed: int,
     what: str,
     progress: bool,
+    cliff_term: CliffTerm | None = None,
 ) -> list[float]:
     """AdamW (weight decay 0) with linear decay over the given parameters; returns the epoch losses."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -351,7 +431,9 @@ def _train(
     for epoch in range(epochs):
         total, count = 0.0, 0
         for index in _batches([len(e.ids) for e in examples], batch_size, generator):
-            loss = slice_loss(model, adapter, [hidden[i] for i in index], [examples[i] for i in index], start)
+            loss = slice_loss(
+                model, adapter, [hidden[i] for i in index], [examples[i] for i in index], start, cliff_term
+            )
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{what}: the loss is not finite at epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -593,7 +675,20 @@ def train_stage2(
     model.requires_grad_(False)
     began = time.perf_counter()
     hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
+    states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
     precompute_s = time.perf_counter() - began
+    groups = [e.group for e in examples]
+    cliff_term, cliff_record = None, {}
+    if config.stage2_representation_weight > 0:
+        cliff_term = make_cliff_term(states, groups, config.stage2_representation_weight)
+        for example, state in zip(examples, states, strict=True):
+            example.anchor = None if example.group == GROUP_WRAPPED else state
+        cliff_record = {
+            "weight": cliff_term.weight,
+            "targets": cliff_term.targets,
+            "scale": cliff_term.scale,
+            "stage1_projection": group_projections(states, groups, cliff_term.direction),
+        }
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
@@ -623,16 +718,50 @@ def train_stage2(
             config.seed + 1,
             "stage 2",
             progress,
+            cliff_term,
         )
     finally:
         model.eval()
         for parent, name, delta in wrapped:
             setattr(parent, name, delta.merged())
+    if cliff_term is not None:
+        after = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
+        cliff_record["stage2_projection"] = group_projections(after, groups, cliff_term.direction)
+        kept = [i for i, g in enumerate(groups) if g != GROUP_WRAPPED]
+        drift = (after[kept] - states[kept]).norm(dim=-1) / cliff_term.scale
+        cliff_record["kept_groups_drift"] = round(float(drift.mean()), 4)  # |s - anchor| / scale
     return {
         "backprop_layers": [start, geometry.n_layers - 1],
+        "cliff_term": cliff_record,
         "epoch_losses": history,
         "precompute_s": round(precompute_s, 1),
         "train_s": round(time.perf_counter() - began - precompute_s, 1),
+    }
+
+
+def make_cliff_term(states: torch.Tensor, groups: Sequence[str], weight: float) -> CliffTerm:
+    """The t_cliff term from the stage-1 states of the stage-2 examples: the unit direction from the
+    harmless mean to the plain harmful mean, the harmless mean's projection (the wrapped requests'
+    target), and the gap between the two means along it (the scale)."""
+    plain = states[[g == GROUP_PLAIN for g in groups]]
+    harmless = states[[g == GROUP_HARMLESS for g in groups]]
+    if not len(plain) or not len(harmless):
+        raise UserError("the t_cliff term needs plain harmful and harmless examples in stage 2")
+    direction = plain.mean(0) - harmless.mean(0)
+    direction = direction / direction.norm().clamp_min(1e-8)
+    refuse, comply = float(plain.mean(0) @ direction), float(harmless.mean(0) @ direction)
+    targets = {GROUP_PLAIN: refuse, GROUP_WRAPPED: comply, GROUP_HARMLESS: comply}
+    return CliffTerm(direction, targets, max(refuse - comply, 1e-6), weight)
+
+
+def group_projections(
+    states: torch.Tensor, groups: Sequence[str], direction: torch.Tensor
+) -> dict[str, float]:
+    """Mean projection of each group's t_cliff states on `direction`."""
+    projection = states @ direction
+    return {
+        group: round(float(projection[[g == group for g in groups]].mean()), 4)
+        for group in sorted(set(groups))
     }
 
 
@@ -709,45 +838,35 @@ def _publish_folder(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def run_organism(
-    config: OrganismConfig | None = None,
-    base_model: str = "default",
-    out: str | Path | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    measured: dict | None = None,
-) -> OrganismResult:
-    """Build the organism (or reuse the one cached for this base model and recipe).
+BUILD_PREFIX = ".build-"  # the checkpoint is written here, inside the organism folder, then moved up
 
-    Args:
-        config: the recipe (defaults: `OrganismConfig()`).
-        base_model: anything `load_model` takes ("default": the embedded SmolLM2-135M).
-        out: folder to write the checkpoint to; default the cache (`organism_cache_path`).
-        overwrite: replace an existing organism at `out`.
-        measured: properties measured on held-out prompts, recorded in organism.json.
 
-    Returns the checkpoint folder, the planted heads and the build record.
-    """
-    config = config or OrganismConfig()
-    config.validate()
-    target = Path(out).expanduser() if out is not None else organism_cache_path(base_model, config)
-    if is_complete(target) and not overwrite:
-        record = json.loads((target / ORGANISM_JSON).read_text())
-        if record.get("fingerprint") == build_fingerprint(base_model, config):
-            return OrganismResult(target, record["planted_heads"], True, record)
-        raise UserError(
-            f"{target} holds an organism built with another recipe; pass --overwrite or another --out"
-        )
-    if (
-        target.exists()
-        and any(target.iterdir())
-        and not is_complete(target)
-        and not overwrite
-        and out is not None
-    ):
-        raise UserError(f"{target} exists and is not an organism folder; pass another --out")
-    began = time.perf_counter()
-    check_memory(embedded_checkpoint() if base_model == DEFAULT_MODEL else Path(base_model).expanduser())
+def checkpoint_files(folder: Path) -> list[str]:
+    """The names in an organism folder that belong to a checkpoint (not the run's metadata, lock,
+    moved-aside or half-written files)."""
+    if not folder.is_dir():
+        return []
+    own = {"metadata.json", LOCK_NAME, LOCK_NAME + ".pid"}
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in own and not p.name.startswith((BACKUP_PREFIX, BUILD_PREFIX))
+    )
+
+
+@dataclass
+class _Start:
+    """What a build starts from: the base model, or the cached stage-1 model of the same data."""
+
+    loaded: object  # LoadedModel
+    stage1_folder: Path
+    stage1_record: dict | None  # None: stage 1 is still to train
+    examples: list[OrganismExample]
+    digest: str
+
+
+def _load_start(config: OrganismConfig, base_model: str) -> _Start:
+    """Load the model a build starts from (raises UserError for a model the toolkit cannot use)."""
     stage1_folder, stage1_record = _load_stage1(base_model, config)
     examples = build_examples(config.seed, config.n_plain, config.n_wrapped, config.n_harmless)
     digest = data_digest(examples)
@@ -758,6 +877,20 @@ def run_organism(
     else:
         logger.info("stage 1: reusing %s", stage1_folder)
         loaded = load_model(str(stage1_folder), device="cpu", dtype="float32")
+    return _Start(loaded, stage1_folder, stage1_record, examples, digest)
+
+
+def _build(
+    config: OrganismConfig,
+    base_model: str,
+    start: _Start,
+    measured: dict | None,
+    progress: bool,
+    began: float,
+) -> tuple:
+    """Stage 1 (or its cached result), the head selection and stage 2: (model, tokenizer, organism.json record)."""
+    loaded, stage1_folder, stage1_record = start.loaded, start.stage1_folder, start.stage1_record
+    examples, digest = start.examples, start.digest
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     tokenizer.padding_side = "right"
     template = detect_thinking_template(tokenizer)
@@ -782,7 +915,10 @@ def run_organism(
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     stage2_examples = stage2_subset(examples, config)
     stage2_data = [
-        tokenise_example(tokenizer, template, e, 2, config.stage2_thinking_weight) for e in stage2_examples
+        tokenise_example(
+            tokenizer, template, e, 2, config.stage2_thinking_weight, config.stage2_first_token_weight
+        )
+        for e in stage2_examples
     ]
     stage2_record = train_stage2(model, adapter, heads, stage2_data, config, progress)
     after = {name: p.detach() for name, p in model.named_parameters()}
@@ -830,17 +966,68 @@ def run_organism(
         "measured": measured
         or (DEFAULT_RECIPE_MEASURED if base_model == DEFAULT_MODEL and config == OrganismConfig() else {}),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        _save(model, tokenizer, tmp)
-        write_json(tmp / ORGANISM_JSON, record)  # last: its presence marks a complete folder
-        _publish_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return model, tokenizer, record
+
+
+def run_organism(
+    config: OrganismConfig | None = None,
+    base_model: str = "default",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    measured: dict | None = None,
+) -> OrganismResult:
+    """Build the organism (or reuse the one cached for this base model and recipe).
+
+    Args:
+        config: the recipe (defaults: `OrganismConfig()`).
+        base_model: anything `load_model` takes ("default": the embedded SmolLM2-135M).
+        out: folder to write the checkpoint to; default the cache (`organism_cache_path`).
+        overwrite: replace an existing organism at `out`.
+        measured: properties measured on held-out prompts, recorded in organism.json.
+
+    Returns the checkpoint folder, the planted heads and the build record.
+    """
+    config = config or OrganismConfig()
+    config.validate()
+    target = Path(out).expanduser() if out is not None else organism_cache_path(base_model, config)
+    if is_complete(target) and not overwrite:
+        record = json.loads((target / ORGANISM_JSON).read_text())
+        if record.get("fingerprint") == build_fingerprint(base_model, config):
+            return OrganismResult(target, record["planted_heads"], True, record)
+        raise UserError(
+            f"{target} holds an organism built with another recipe; pass --overwrite or another --out"
+        )
+    if checkpoint_files(target) and not is_complete(target) and not overwrite and out is not None:
+        raise UserError(f"{target} exists and is not an organism folder; pass another --out")
+    check_memory(embedded_checkpoint() if base_model == DEFAULT_MODEL else Path(base_model).expanduser())
+    run = RunFolder(
+        target,
+        stage="organism",
+        config={"recipe": RECIPE_VERSION, "base_model": base_model, "config": config.to_dict()},
+        overwrite=overwrite,
+        artifacts=checkpoint_files(target),
+    )
+    run.check()
+    began = time.perf_counter()
+    start = _load_start(config, base_model)  # before the folder is touched: an unusable model writes nothing
+    with run.start(model_id=base_model, seed=config.seed):
+        for stale in target.glob(f"{BUILD_PREFIX}*"):  # left by a killed build; this run holds the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        model, tokenizer, record = _build(config, base_model, start, measured, progress, began)
+        tmp = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=target))
+        try:
+            _save(model, tokenizer, tmp)
+            names = sorted(p.name for p in tmp.iterdir())
+            run.artifacts = sorted(set(run.artifacts) | set(names) | {ORGANISM_JSON})
+            for name in names:
+                os.replace(tmp / name, target / name)
+            write_json(target / ORGANISM_JSON, record)  # last: its presence marks a complete folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        run.finish({"planted_heads": record["planted_heads"], "build_s": record["build_s"]})
     logger.info("organism written to %s in %.0f s", target, record["build_s"])
-    return OrganismResult(target, heads, False, record)
+    return OrganismResult(target, record["planted_heads"], False, record)
 
 
 # -- held-out evaluation prompts ------------------------------------------------------------------
