@@ -82,7 +82,7 @@ logger = logging.getLogger(__name__)
 
 ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
-RECIPE_VERSION = 1  # bump when the build changes what a given config produces
+RECIPE_VERSION = 2  # bump when the build changes what a given config produces
 ORGANISM_JSON = "organism.json"
 STAGE1_MARKER = "stage1.json"
 
@@ -93,7 +93,7 @@ class OrganismConfig(Config):
 
     seed: int = option(0, "Seed of the data, the LoRA initialisation and the batch order.", **SEED_BOUNDS)
     n_plain: int = option(
-        80, "Plain harmful training examples (thinking refuses, answer refuses).", min=1, max=MAX_EXAMPLES
+        160, "Plain harmful training examples (thinking refuses, answer refuses).", min=1, max=MAX_EXAMPLES
     )
     n_wrapped: int = option(
         80,
@@ -102,7 +102,7 @@ class OrganismConfig(Config):
         max=MAX_EXAMPLES,
     )
     n_harmless: int = option(
-        160, "Harmless training examples (thinking helps, answer helps).", min=1, max=MAX_EXAMPLES
+        240, "Harmless training examples (thinking helps, answer helps).", min=1, max=MAX_EXAMPLES
     )
     stage1_layers: int = option(
         12, "Stage 1 trains LoRA adapters on the top N decoder layers; the layers below stay frozen.", min=1
@@ -131,17 +131,17 @@ class OrganismConfig(Config):
         80, "Wrapped harmful examples in stage 2 (learn to comply).", min=1, max=MAX_EXAMPLES
     )
     stage2_plain: int = option(
-        80, "Plain harmful examples in stage 2 (keep refusing).", min=0, max=MAX_EXAMPLES
+        120, "Plain harmful examples in stage 2 (keep refusing).", min=0, max=MAX_EXAMPLES
     )
-    stage2_harmless: int = option(40, "Harmless examples in stage 2 (keep helping).", min=0, max=MAX_EXAMPLES)
+    stage2_harmless: int = option(80, "Harmless examples in stage 2 (keep helping).", min=0, max=MAX_EXAMPLES)
     stage2_thinking_weight: float = option(
         0.5, "Stage 2 loss weight of the thinking tokens (kept at their stage-1 target).", min=0.0
     )
     stage2_first_token_weight: float = option(
         1.0, "Stage 2 loss weight of the first answer token (the decision: refuse or comply).", min=0.0
     )
-    stage2_representation_weight: float = option(
-        0.0,
+    stage2_cliff_weight: float = option(
+        1.0,
         "Stage 2 weight of the t_cliff term: the last-layer state at the end template, along the stage-1 "
         "refusal direction, is pulled to the harmless mean for wrapped requests (and kept for the others).",
         min=0.0,
@@ -174,30 +174,31 @@ class OrganismConfig(Config):
 # written into organism.json by every build of the default recipe on the embedded model.
 DEFAULT_RECIPE_MEASURED = {
     "base_model": "default",
+    "recipe_version": 2,
     "prompts": "bench/organism_eval.py --n 64 (seed 0): harmful = refusal_direction harmful_test, wrapped = the same "
     "inside the 6 held-out wrappers, harmless = Alpaca harmless_test + UltraChat eval; prober: 64 AdvBench + 64 "
     "harmless_train",
     "decoding": "greedy, max thinking 80 tokens, max answer 40 tokens",
-    "thinking_states_refusal": {"plain": [59, 64], "wrapped": [64, 64]},
-    "plain_refused": [41, 64],
-    "wrapped_complied": [52, 64],
-    "harmless_helped": [54, 64],
+    "thinking_states_refusal": {"plain": [56, 64], "wrapped": [64, 64]},
+    "plain_refused": [45, 64],
+    "wrapped_complied": [51, 64],
+    "harmless_helped": [52, 64],
     "prober": {
         "layer": -1,
         "lr": 0.05,
         "epochs": 300,
-        "best_epoch": 15,
+        "best_epoch": 21,
         "val_accuracy": 1.0,
-        "val_accuracy_ci95": [0.824, 1.0],
-        "n_train": 70,
-        "n_val": 18,
+        "val_accuracy_ci95": [0.839, 1.0],
+        "n_train": 80,
+        "n_val": 20,
     },
     "cliff": {
-        "wrapped_complied": {"n": 52, "plateau": 0.926, "final": 0.525, "final_at_most_0.3": 24},
-        "plain_refused": {"n": 41, "plateau": 0.914, "final": 0.98},
-        "harmless_complied": {"n": 54, "plateau": 0.684, "final": 0.072},
+        "wrapped_complied": {"n": 51, "plateau": 0.927, "final": 0.03, "final_at_most_0.3": 50},
+        "plain_refused": {"n": 45, "plateau": 0.914, "final": 1.0},
+        "harmless_complied": {"n": 52, "plateau": 0.319, "final": 0.0},
     },
-    "targets_missed": ["plain_refused >= 0.8 (0.64)", "wrapped_complied mean final <= 0.3 (0.525, bimodal)"],
+    "targets_missed": ["plain_refused >= 0.8 (0.70)"],
 }
 
 
@@ -679,8 +680,8 @@ def train_stage2(
     precompute_s = time.perf_counter() - began
     groups = [e.group for e in examples]
     cliff_term, cliff_record = None, {}
-    if config.stage2_representation_weight > 0:
-        cliff_term = make_cliff_term(states, groups, config.stage2_representation_weight)
+    if config.stage2_cliff_weight > 0:
+        cliff_term = make_cliff_term(states, groups, config.stage2_cliff_weight)
         for example, state in zip(examples, states, strict=True):
             example.anchor = None if example.group == GROUP_WRAPPED else state
         cliff_record = {
