@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,24 +255,62 @@ def test_interrupted_build_leaves_nothing_that_loads_and_the_next_run_finishes(
     out = tmp_path / "organism"
     real_save = organism._save
 
-    def killed_while_saving(model, tokenizer, folder):
-        real_save(model, tokenizer, folder)
-        raise KeyboardInterrupt  # the checkpoint is written, organism.json is not
+    real_replace = organism.os.replace
+    saves = []
 
-    monkeypatch.setattr(organism, "_save", killed_while_saving)
+    def save(model, tokenizer, folder):
+        saves.append(folder)
+        real_save(model, tokenizer, folder)
+
+    def killed_after_the_first_move(src, dst):
+        real_replace(src, dst)
+        if Path(src).parent.name.startswith(organism.BUILD_PREFIX):  # a checkpoint file moved in
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(organism, "_save", save)
+    monkeypatch.setattr(organism.os, "replace", killed_after_the_first_move)
     with pytest.raises(KeyboardInterrupt):
         run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
-    assert not is_complete(out) and organism.checkpoint_files(out) == []
+    monkeypatch.setattr(organism.os, "replace", real_replace)
+    assert saves and saves[-1].parent == out  # it was killed while moving the organism's checkpoint in
+    assert not is_complete(out) and not (out / ORGANISM_JSON).exists()
     assert not json.loads((out / "metadata.json").read_text())["finished"]
     assert [p.name for p in out.iterdir() if p.name.startswith(organism.BUILD_PREFIX)] == []
 
-    monkeypatch.setattr(organism, "_save", real_save)
+    # the retry, without --overwrite, resumes in the same folder (stage 1 is cached)
     result = run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
     assert is_complete(out) and not result.reused
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["stage"] == "organism" and metadata["finished"]
     assert metadata["planted_heads"] == result.planted_heads
     assert load_model(str(out), device="cpu").adapter is not None
+
+
+def test_overwrite_of_the_same_recipe_never_leaves_the_old_record_over_new_files(
+    tiny_model_dir, cache, tmp_path, monkeypatch
+):
+    from refusal_cliff.stages import organism
+
+    config = OrganismConfig(**TINY)
+    out = tmp_path / "organism"
+    run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
+    real_replace = organism.os.replace
+
+    def killed_after_the_first_move(src, dst):
+        real_replace(src, dst)
+        if Path(src).parent.name.startswith(organism.BUILD_PREFIX):  # a checkpoint file moved in
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(organism.os, "replace", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        run_organism(config, base_model=str(tiny_model_dir), out=out, overwrite=True, progress=False)
+    assert not is_complete(out)  # neither the old organism nor a mix of old and new files loads
+
+
+def test_stage2_without_plain_or_harmless_needs_the_cliff_term_off():
+    with pytest.raises(UserError, match="stage2-cliff-weight 0"):
+        OrganismConfig(stage2_plain=0).validate()
+    OrganismConfig(stage2_plain=0, stage2_cliff_weight=0.0).validate()
 
 
 def test_a_build_holds_the_folder_lock(tiny_model_dir, cache, tmp_path):

@@ -149,6 +149,11 @@ class OrganismConfig(Config):
     batch_size: int = option(8, "Training examples per step.", min=1, max=MAX_EXAMPLES)
 
     def validate(self) -> None:
+        if self.stage2_cliff_weight > 0 and (self.stage2_plain == 0 or self.stage2_harmless == 0):
+            raise UserError(
+                "the t_cliff term needs plain harmful and harmless examples in stage 2: raise --stage2-plain "
+                "and --stage2-harmless above 0, or pass --stage2-cliff-weight 0"
+            )
         if len(self.head_band) != 2 or not 0.0 <= self.head_band[0] <= self.head_band[1] <= 1.0:
             raise UserError(
                 f"--head-band must be two fractions low,high with 0 <= low <= high <= 1, got {self.head_band}"
@@ -842,6 +847,22 @@ def _publish_folder(tmp: Path, target: Path) -> None:
 BUILD_PREFIX = ".build-"  # the checkpoint is written here, inside the organism folder, then moved up
 
 
+def _organism_run(folder: Path) -> bool:
+    """The folder's metadata.json is an organism build's (finished or not)."""
+    try:
+        return json.loads((folder / "metadata.json").read_text()).get("stage") == "organism"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _reusable(folder: Path, base_model: str, config: OrganismConfig) -> dict | None:
+    """The organism.json record of a complete organism of this recipe in `folder`, or None."""
+    if not is_complete(folder):
+        return None
+    record = json.loads((folder / ORGANISM_JSON).read_text())
+    return record if record.get("fingerprint") == build_fingerprint(base_model, config) else None
+
+
 def checkpoint_files(folder: Path) -> list[str]:
     """The names in an organism folder that belong to a checkpoint (not the run's metadata, lock,
     moved-aside or half-written files)."""
@@ -993,13 +1014,14 @@ def run_organism(
     config.validate()
     target = Path(out).expanduser() if out is not None else organism_cache_path(base_model, config)
     if is_complete(target) and not overwrite:
-        record = json.loads((target / ORGANISM_JSON).read_text())
-        if record.get("fingerprint") == build_fingerprint(base_model, config):
+        record = _reusable(target, base_model, config)
+        if record is not None:
             return OrganismResult(target, record["planted_heads"], True, record)
         raise UserError(
             f"{target} holds an organism built with another recipe; pass --overwrite or another --out"
         )
-    if checkpoint_files(target) and not is_complete(target) and not overwrite and out is not None:
+    foreign = checkpoint_files(target) and not is_complete(target) and not _organism_run(target)
+    if foreign and not overwrite and out is not None:
         raise UserError(f"{target} exists and is not an organism folder; pass another --out")
     check_memory(embedded_checkpoint() if base_model == DEFAULT_MODEL else Path(base_model).expanduser())
     run = RunFolder(
@@ -1013,8 +1035,15 @@ def run_organism(
     began = time.perf_counter()
     start = _load_start(config, base_model)  # before the folder is touched: an unusable model writes nothing
     with run.start(model_id=base_model, seed=config.seed):
+        reused = _reusable(target, base_model, config) if not overwrite else None
+        if reused is not None:  # another process finished the same build while this one loaded its model
+            run.finish({"planted_heads": reused["planted_heads"], "build_s": reused.get("build_s")})
+            return OrganismResult(target, reused["planted_heads"], True, reused)
         for stale in target.glob(f"{BUILD_PREFIX}*"):  # left by a killed build; this run holds the lock
             shutil.rmtree(stale, ignore_errors=True)
+        # from here until organism.json is written last, the folder is not a complete organism (an
+        # --overwrite of the same recipe resumes in place, so the old record must go first)
+        (target / ORGANISM_JSON).unlink(missing_ok=True)
         model, tokenizer, record = _build(config, base_model, start, measured, progress, began)
         tmp = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=target))
         try:
