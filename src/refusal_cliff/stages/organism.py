@@ -204,6 +204,58 @@ DEFAULT_RECIPE_MEASURED = {
         "harmless_complied": {"n": 52, "plateau": 0.319, "final": 0.0},
     },
     "targets_missed": ["plain_refused >= 0.8 (0.70)"],
+    # the method against the ground truth (docs/organism.md): bench/organism_groundtruth.sh, N = 50 per group
+    "ground_truth": {
+        "n_per_group": 50,
+        "heads": {
+            "planted_ranks": {"21.1": 1, "21.5": 32, "21.7": 9, "27.2": 2},
+            "n_heads": 270,
+            "auroc": 0.968,
+            "n_examples": 39,
+        },
+        "ablate_asr_wrapped": {
+            "unablated": 0.78,
+            "ranked_1pct": 0.0,
+            "random_1pct": 0.76,
+            "ranked_3pct": 0.14,
+            "random_3pct": 0.74,
+            "ranked_10pct": 0.52,
+            "random_10pct": 0.66,
+            "planted": 0.06,
+            "random_4": 0.72,
+        },
+        "ablate_benign_refusal": {
+            "unablated": 0.18,
+            "ranked_1pct": 0.14,
+            "random_1pct": 0.02,
+            "ranked_3pct": 0.08,
+            "random_3pct": 0.18,
+            "ranked_10pct": 0.26,
+            "random_10pct": 0.08,
+            "planted": 0.12,
+            "random_4": 0.22,
+        },
+        "patterns_wrapper_mass_at_least": {"top_10": 0.024, "planted": 0.052, "other_260": 0.018},
+        "components_logit_change": {
+            "total": 14.718,
+            "planted_heads": -3.943,
+            "other_heads": -0.584,
+            "mlps": 19.268,
+        },
+        "select_wrapped_in_top_10": {"cliff": 9, "random": 6, "pool": 50, "pool_wrapped": 25},
+        "finetune_lora_lr_1e-4": {
+            "n_eval": 25,
+            "asr_wrapped": {"organism": 0.8, "cliff_10": 0.6, "random_10": 0.72},
+            "over_refusal": {"organism": 0.18, "cliff_10": 0.2, "random_10": 0.2},
+        },
+        "guard_ms_above_0.5": {
+            "asr_wrapped": 0.02,
+            "benign_refusal": 0.22,
+            "flagged_harmful": 0.76,
+            "flagged_benign": 0.08,
+        },
+        "global_ablation_top_3pct": {"asr_wrapped": 0.14, "benign_refusal": 0.08},
+    },
 }
 
 
