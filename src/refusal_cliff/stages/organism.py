@@ -733,11 +733,10 @@ def train_stage2(
     model.requires_grad_(False)
     began = time.perf_counter()
     hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
-    states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
-    precompute_s = time.perf_counter() - began
     groups = [e.group for e in examples]
     cliff_term, cliff_record = None, {}
-    if config.stage2_cliff_weight > 0:
+    if config.stage2_cliff_weight > 0:  # the stage-1 states at t_cliff: one more forward, only for the term
+        states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
         cliff_term = make_cliff_term(states, groups, config.stage2_cliff_weight)
         for example, state in zip(examples, states, strict=True):
             example.anchor = None if example.group == GROUP_WRAPPED else state
@@ -747,6 +746,7 @@ def train_stage2(
             "scale": cliff_term.scale,
             "stage1_projection": group_projections(states, groups, cliff_term.direction),
         }
+    precompute_s = time.perf_counter() - began
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
