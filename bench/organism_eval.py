@@ -1,6 +1,9 @@
 """Write the organism's held-out evaluation prompt files (one JSONL per group) into a folder.
 
 python bench/organism_eval.py --data ../shared/data --n 50 --out runs/organism-eval/prompts
+
+`--skip K` drops the first K prompts of each group of the same draw (`--n` counts the prompts kept):
+`--n 64 --skip 64` is a second sample, disjoint from `--n 64`, for a test set nobody has looked at.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", type=int, default=0, help="drop the first K prompts of each group")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for group, rows in evaluation_prompts(args.data, args.n, args.seed).items():
+    for group, rows in evaluation_prompts(args.data, args.n + args.skip, args.seed).items():
+        rows = rows[args.skip :]
         with open(out / f"{group}.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")

@@ -18,6 +18,7 @@ from refusal_cliff.stages.organism import (
     LoraLinear,
     OrganismConfig,
     SliceDelta,
+    _is_measured_recipe,
     frozen_slices_unchanged,
     head_band_layers,
     is_complete,
@@ -180,6 +181,16 @@ def test_deltas_merge_exactly():
     lora.lora_b.data.normal_()
     expected = lora(x)
     assert torch.allclose(lora.merged()(x), expected, atol=1e-5)
+
+
+def test_measured_figures_go_only_to_the_recipe_they_were_measured_on(monkeypatch):
+    import refusal_cliff.stages.organism as organism
+
+    assert _is_measured_recipe("default", OrganismConfig())
+    assert not _is_measured_recipe("default", OrganismConfig(seed=1))
+    assert not _is_measured_recipe("some/other-model", OrganismConfig())
+    monkeypatch.setattr(organism, "RECIPE_VERSION", organism.RECIPE_VERSION + 1)  # the data changed
+    assert not _is_measured_recipe("default", OrganismConfig())
 
 
 def test_head_band_never_holds_the_last_layer():

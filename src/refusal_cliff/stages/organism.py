@@ -300,16 +300,18 @@ def tokenise_example(
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
     weights = torch.zeros(len(ids), dtype=torch.float32)
+    first = None  # the first answer token (the one t_cliff predicts)
     for index, (start, stop) in enumerate(encoded["offset_mapping"]):
+        if first is None and stop > thinking_end:
+            first = index
         if start >= thinking_end or (stop > thinking_end and start < thinking_end):
             weights[index] = 1.0  # answer (a token straddling the boundary belongs to the answer)
         elif start >= len(prompt):
             weights[index] = 1.0 if stage == 1 else thinking_weight
     if tokenizer.eos_token_id is not None and int(ids[-1]) == tokenizer.eos_token_id:
         weights[-1] = 1.0
-    first = next(
-        index for index, (start, stop) in enumerate(encoded["offset_mapping"]) if stop > thinking_end
-    )
+    if first is None:
+        raise ValueError(f"example {example.id}: no answer token after the end template")
     if stage == 2:
         weights[first] = first_token_weight
     return Tokenised(ids, weights, example.group, first - 1)
@@ -954,6 +956,16 @@ def _load_start(config: OrganismConfig, base_model: str) -> _Start:
     return _Start(loaded, stage1_folder, stage1_record, examples, digest)
 
 
+def _is_measured_recipe(base_model: str, config: OrganismConfig) -> bool:
+    """Whether `DEFAULT_RECIPE_MEASURED` describes this build: the default recipe, on the default model,
+    of the recipe version it was measured on."""
+    return (
+        base_model == DEFAULT_MODEL
+        and config == OrganismConfig()
+        and DEFAULT_RECIPE_MEASURED["recipe_version"] == RECIPE_VERSION
+    )
+
+
 def _build(
     config: OrganismConfig,
     base_model: str,
@@ -1038,7 +1050,7 @@ def _build(
         "threads": torch.get_num_threads(),
         "packages": package_versions(),
         "measured": measured
-        or (DEFAULT_RECIPE_MEASURED if base_model == DEFAULT_MODEL and config == OrganismConfig() else {}),
+        or (DEFAULT_RECIPE_MEASURED if _is_measured_recipe(base_model, config) else {}),
     }
     return model, tokenizer, record
 
