@@ -1049,8 +1049,7 @@ def _build(
         "stage1_s": round(stage1_s, 1),
         "threads": torch.get_num_threads(),
         "packages": package_versions(),
-        "measured": measured
-        or (DEFAULT_RECIPE_MEASURED if _is_measured_recipe(base_model, config) else {}),
+        "measured": measured or (DEFAULT_RECIPE_MEASURED if _is_measured_recipe(base_model, config) else {}),
     }
     return model, tokenizer, record
 
