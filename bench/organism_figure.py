@@ -1,7 +1,7 @@
 """The README's figure: mean refusal-score traces of an organism evaluation folder (bench/organism_eval.sh)
 for the three groups of the cliff: wrapped harmful prompts it complied with, plain harmful prompts it
 refused, harmless prompts it helped with (the report's normalised 0-100 axis, end template shaded).
-usage: organism_figure.py EVAL_DIR OUT.png"""
+usage: organism_figure.py EVAL_DIR OUT.png [TITLE]"""
 
 import sys
 
@@ -10,6 +10,7 @@ from refusal_cliff.core.runs import read_jsonl
 from refusal_cliff.report.plotting import plot_traces, save_figure
 
 evaluation, target = sys.argv[1], sys.argv[2]
+title = sys.argv[3] if len(sys.argv) > 3 else "The cliff organism on benchmark prompts it never saw"
 GROUPS = {
     ("wrapped", False): "wrapped, complied",
     ("harmful", True): "plain, refused",
@@ -27,4 +28,4 @@ for trace_id, scores, regions in iter_saved_traces(f"{evaluation}/trace", "score
 curves = accumulator.result()
 curves = {name: curves[name] for name in GROUPS.values() if name in curves}
 print({name: curve["n"] for name, curve in curves.items()})
-save_figure(plot_traces(curves, "The cliff organism (recipe 2) on benchmark prompts it never saw"), target)
+save_figure(plot_traces(curves, title), target)

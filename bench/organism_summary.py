@@ -36,6 +36,7 @@ for g in ("harmful", "wrapped", "harmless", "prober_harmful", "prober_harmless")
         "n": n,
         "refused": sum(lab.values()) / n,
         "thinking_refuses": sum(thinking_states_refusal(r["thinking"]) for r in gen.values()) / n,
+        "first_index": min(int(i.rsplit("-", 1)[1]) for i in gen),  # > 0: a `--skip` sample
     }
 if (pd / "prober.json").exists():
     m = json.load(open(pd / "prober.json"))
@@ -59,6 +60,7 @@ if (td / "cliff.jsonl").exists():
             "n": len(v),
             "plateau": round(mean(x["plateau"] for x in v), 3),
             "final": round(mean(x["final"] for x in v), 3),
+            "final_at_most_0.3": sum(x["final"] <= 0.3 for x in v),
         }
         for k, v in sorted(groups.items())
     }
@@ -74,9 +76,11 @@ def measured_record(summary: dict, prober_metadata: dict) -> dict:
 
     config = prober_metadata.get("config", {})
     cliff = summary.get("cliff", {})
+    n, skip = summary["harmful"]["n"], summary["harmful"]["first_index"]
     return {
-        "prompts": f"bench/organism_eval.py (seed 0), first {summary['harmful']['n']} of each group; prober: "
-        f"{summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} harmless_train",
+        "prompts": f"bench/organism_eval.py (seed 0), prompts {skip}-{skip + n - 1} of each group (--n {n} --skip "
+        f"{skip}); prober: {summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} "
+        "harmless_train",
         "decoding": "greedy, max thinking 80 tokens, max answer 40 tokens",
         "thinking_states_refusal": {
             "plain": count("harmful", "thinking_refuses"),

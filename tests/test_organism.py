@@ -19,6 +19,7 @@ from refusal_cliff.stages.organism import (
     OrganismConfig,
     SliceDelta,
     _is_measured_recipe,
+    build_fingerprint,
     frozen_slices_unchanged,
     head_band_layers,
     is_complete,
@@ -186,6 +187,9 @@ def test_deltas_merge_exactly():
 def test_measured_figures_go_only_to_the_recipe_they_were_measured_on(monkeypatch):
     import refusal_cliff.stages.organism as organism
 
+    # the shipped figures are those of the default recipe as it is: a change to the recipe needs new ones
+    assert organism.DEFAULT_RECIPE_MEASURED["fingerprint"] == build_fingerprint("default", OrganismConfig())
+    assert organism.DEFAULT_RECIPE_MEASURED["recipe_version"] == organism.RECIPE_VERSION
     assert _is_measured_recipe("default", OrganismConfig())
     assert not _is_measured_recipe("default", OrganismConfig(seed=1))
     assert not _is_measured_recipe("some/other-model", OrganismConfig())

@@ -82,7 +82,7 @@ logger = logging.getLogger(__name__)
 
 ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
-RECIPE_VERSION = 2  # bump when the build changes what a given config produces
+RECIPE_VERSION = 3  # bump when the build changes what a given config produces
 ORGANISM_JSON = "organism.json"
 STAGE1_MARKER = "stage1.json"
 
@@ -110,7 +110,7 @@ class OrganismConfig(Config):
     lora_rank: int = option(16, "Stage 1 LoRA rank.", min=1, max=4096)
     lora_alpha: float = option(32.0, "Stage 1 LoRA alpha (scale alpha / rank).", min=0.0)
     stage1_lr: float = option(2e-3, "Stage 1 AdamW learning rate (weight decay 0), linear decay.", min=0.0)
-    stage1_epochs: int = option(2, "Stage 1 epochs.", min=1, max=1000)
+    stage1_epochs: int = option(3, "Stage 1 epochs.", min=1, max=1000)
     n_planted_heads: int = option(
         4, "Heads whose q_proj rows and o_proj columns stage 2 trains.", min=1, max=4096
     )
@@ -957,13 +957,9 @@ def _load_start(config: OrganismConfig, base_model: str) -> _Start:
 
 
 def _is_measured_recipe(base_model: str, config: OrganismConfig) -> bool:
-    """Whether `DEFAULT_RECIPE_MEASURED` describes this build: the default recipe, on the default model,
-    of the recipe version it was measured on."""
-    return (
-        base_model == DEFAULT_MODEL
-        and config == OrganismConfig()
-        and DEFAULT_RECIPE_MEASURED["recipe_version"] == RECIPE_VERSION
-    )
+    """Whether `DEFAULT_RECIPE_MEASURED` describes this build: the same fingerprint (base model, recipe
+    version and every setting) as the build it was measured on."""
+    return DEFAULT_RECIPE_MEASURED.get("fingerprint") == build_fingerprint(base_model, config)
 
 
 def _build(
