@@ -261,6 +261,22 @@ def test_organism_bad_input_is_one_line_exit_2_before_any_training(
         assert not out.exists()
 
 
+def _kill_after_the_first_checkpoint_move(monkeypatch):
+    """Make the organism's `os.replace` raise KeyboardInterrupt right after it moves the first checkpoint
+    file out of its `.build-*` folder (a kill mid-move); returns the real `os.replace`."""
+    from refusal_cliff.stages import organism
+
+    real_replace = organism.os.replace
+
+    def killed_after_the_first_move(src, dst):
+        real_replace(src, dst)
+        if Path(src).parent.name.startswith(organism.BUILD_PREFIX):  # a checkpoint file moved in
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(organism.os, "replace", killed_after_the_first_move)
+    return real_replace
+
+
 def test_interrupted_build_leaves_nothing_that_loads_and_the_next_run_finishes(
     tiny_model_dir, cache, tmp_path, monkeypatch
 ):
@@ -270,20 +286,14 @@ def test_interrupted_build_leaves_nothing_that_loads_and_the_next_run_finishes(
     out = tmp_path / "organism"
     real_save = organism._save
 
-    real_replace = organism.os.replace
     saves = []
 
     def save(model, tokenizer, folder):
         saves.append(folder)
         real_save(model, tokenizer, folder)
 
-    def killed_after_the_first_move(src, dst):
-        real_replace(src, dst)
-        if Path(src).parent.name.startswith(organism.BUILD_PREFIX):  # a checkpoint file moved in
-            raise KeyboardInterrupt
-
     monkeypatch.setattr(organism, "_save", save)
-    monkeypatch.setattr(organism.os, "replace", killed_after_the_first_move)
+    real_replace = _kill_after_the_first_checkpoint_move(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
     monkeypatch.setattr(organism.os, "replace", real_replace)
@@ -304,19 +314,11 @@ def test_interrupted_build_leaves_nothing_that_loads_and_the_next_run_finishes(
 def test_overwrite_of_the_same_recipe_never_leaves_the_old_record_over_new_files(
     tiny_model_dir, cache, tmp_path, monkeypatch
 ):
-    from refusal_cliff.stages import organism
 
     config = OrganismConfig(**TINY)
     out = tmp_path / "organism"
     run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)
-    real_replace = organism.os.replace
-
-    def killed_after_the_first_move(src, dst):
-        real_replace(src, dst)
-        if Path(src).parent.name.startswith(organism.BUILD_PREFIX):  # a checkpoint file moved in
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(organism.os, "replace", killed_after_the_first_move)
+    _kill_after_the_first_checkpoint_move(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_organism(config, base_model=str(tiny_model_dir), out=out, overwrite=True, progress=False)
     assert not is_complete(out)  # neither the old organism nor a mix of old and new files loads
