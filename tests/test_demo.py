@@ -139,3 +139,59 @@ def test_the_organism_gets_wrapped_prompts_and_no_system_prompt(tiny_loaded, tmp
         outer = wrapped["prompt"].replace(original["prompt"], "{request}")
         assert outer in HELD_OUT_WRAPPERS.values() and outer not in TRAIN_WRAPPERS.values()
     assert len({p["prompt"] for p in prompts[1::2]}) == 3
+
+
+def test_best_ranked_threshold_takes_the_lowest_ranked_asr_and_the_smaller_on_a_tie():
+    from refusal_cliff.stages.demo import best_ranked_threshold
+
+    records = [
+        {"threshold": 0.0, "control": "none", "asr": 0.0},
+        {"threshold": 0.01, "control": "ranked", "asr": 0.25},
+        {"threshold": 0.03, "control": "ranked", "asr": 0.1},
+        {"threshold": 0.03, "control": "random", "asr": 0.0},
+        {"threshold": 0.05, "control": "ranked", "asr": 0.1},
+        {"threshold": 0.1, "control": "ranked", "asr": 0.9},
+    ]
+    assert best_ranked_threshold(records) == 0.03
+
+
+def test_the_demo_guards_an_organism_with_its_probe_prober_and_best_ranked_heads(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """On an organism the guard and components read the probe stage's prober (the last layer, where
+    the cliff was planted), not the layer-wise study's middle layer chosen for SmolLM2, and the guard
+    ablates the ranked heads of the threshold with the lowest ASR."""
+    import shutil
+
+    from refusal_cliff.core.models import load_model
+    from refusal_cliff.stages.demo import DemoSettings, best_ranked_threshold, run_demo
+
+    _fake_refusals(monkeypatch)
+    organism = tmp_path / "organism"
+    shutil.copytree(tiny_model_dir, organism)
+    (organism / "organism.json").write_text(json.dumps({"planted_heads": [[1, 0]]}))
+    loaded = load_model(str(organism), device="cpu")
+    settings = DemoSettings(
+        n_harmful=12,
+        n_harmless=12,
+        thinking=6,
+        answer=3,
+        batch_size=12,
+        layers=(0,),
+        fractions=(0.0, 1.0),
+        n_clip=3,
+        thresholds=(0.25, 0.5),
+        n_ablate=2,
+        control_seeds=(0,),
+        patterns=2,
+    )
+    run_demo(loaded, tmp_path / "demo", settings=settings)
+    demo = tmp_path / "demo"
+    notes = json.loads((demo / "demo.json").read_text())
+    last = loaded.adapter.geometry(loaded.model).n_layers - 1
+    assert "probe stage's prober (layer 1)" in notes["guard prober"] and last == 1
+    assert notes["components layer"].startswith(f"layer {last} prober (probe)")
+    assert "planted heads in the ranking" in notes
+    chosen = best_ranked_threshold(json.loads((demo / "ablate" / "ablation.json").read_text()))
+    guard = json.loads((demo / "guard" / "metadata.json").read_text())["config"]
+    assert guard["threshold"] == chosen and guard["layer"] == last

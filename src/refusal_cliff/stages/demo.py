@@ -188,12 +188,11 @@ DEMO_TOP_COMPONENTS = 3  # MLPs (and as many heads) ablated in the components st
 
 
 def _components_stage(
-    loaded, out: Path, settings: DemoSettings, prompts: DemoPrompts, layer: int, group: str
+    loaded, out: Path, settings: DemoSettings, prompts: DemoPrompts, prober, source: str, group: str
 ) -> dict:
-    """Issue 12 on the embedded model: decompose the drop at `layer` (the guard's: the layer-wise
-    study's non-last layer with the largest mean MS), then ablate its top MLPs vs as many of its top
-    heads (γ=0) on the ablation prompts. Returns the notes for demo.json."""
-    prober = load_prober(out / "layers" / f"layer_{layer:02d}", loaded)
+    """Issue 12: decompose the drop at the guard's prober (`source` names it), then ablate its top MLPs
+    vs as many of its top heads (γ=0) on the ablation prompts. Returns the notes for demo.json."""
+    layer = prober.layer
     summary = read_json(
         run_components(
             loaded,
@@ -228,7 +227,7 @@ def _components_stage(
     for record in read_jsonl(paths["component_ablation_generations.jsonl"]):
         first_answers.setdefault(record["condition"], record.get("answer", "")[:60])
     return {
-        "components layer": f"layer {layer} prober (layers/layer_{layer:02d}), group {group}",
+        "components layer": f"layer {layer} prober ({source}), group {group}",
         "components drop by class": (
             f"prober logit change across the end template "
             f"{summary['logit']['change_mean']:+.3f} = {shares}; most negative: {carrier}"
@@ -241,6 +240,13 @@ def _components_stage(
         ),
         "components ablation first answers": first_answers,
     }
+
+
+def best_ranked_threshold(records: list[dict]) -> float:
+    """The ablation threshold whose ranked heads gave the lowest ASR (the smaller threshold on a tie),
+    from ablation.json's records."""
+    ranked = [r for r in records if r.get("control") == "ranked"]
+    return min(ranked, key=lambda r: (r["asr"], r["threshold"]))["threshold"]
 
 
 def _random_control_note(records: list[dict]) -> str:
@@ -504,27 +510,44 @@ def _run_stages(
     notes["ablation vs random heads"] = _random_control_note(read_json(out / "ablate" / "ablation.json"))
     done("ablate")
 
-    layer = guard_layer(read_json(out / "layers" / "layerwise.json"), n_layers)
-    if layer is not None:
+    if planted is not None:
+        # The organism's cliff shows at the last layer, and ablating too many heads can break it: the
+        # guard reads the prober the heads were ranked with and ablates the ranked set that repaired best.
+        threshold = best_ranked_threshold(read_json(out / "ablate" / "ablation.json"))
+        guard_prober, source = prober, "probe"
+        why = (
+            f"the guard reads the probe stage's prober (layer {prober.layer}), the one the heads were "
+            "ranked with: the organism's cliff was planted at its answer. Flagged examples get the heads "
+            f"of the ablation threshold with the lowest ranked ASR ({threshold:g}) scaled by 0, as the "
+            "global ablation does for every prompt."
+        )
+    else:
+        layer = guard_layer(read_json(out / "layers" / "layerwise.json"), n_layers)
+        threshold, guard_prober, source, why = max(settings.thresholds), None, "", ""
+        if layer is not None:
+            source = f"layers/layer_{layer:02d}"
+            guard_prober = load_prober(out / source, loaded)
+            why = (
+                f"the guard reads the layer-{layer} prober of the layer-wise study ({source}): SmolLM2 "
+                "has no refusal cliff at its last layer, so the last-layer prober would flag nothing; "
+                f"layer {layer} has the largest mean MS of the middle layers on the harmful examples. "
+                f"Flagged examples get the heads of the largest ablation threshold ({threshold:g}) scaled "
+                "by 0, as the global ablation does for every prompt."
+            )
+    if guard_prober is not None:
+        layer = guard_prober.layer
         stage(
             "guard",
             f"guard: cliff guard with the layer-{layer} prober, ablating the same heads on flagged "
             "examples only",
         )
-        notes["guard prober"] = (
-            f"the guard reads the layer-{layer} prober of the layer-wise study (layers/"
-            f"layer_{layer:02d}): SmolLM2 has no refusal cliff at its last layer, so the last-"
-            f"layer prober would flag nothing; layer {layer} has the largest mean MS of the "
-            "middle layers on the harmful examples. Flagged examples get the heads of the largest "
-            f"ablation threshold ({max(settings.thresholds):g}) scaled by 0, as the global "
-            "ablation does for every prompt."
-        )
+        notes["guard prober"] = why
         run_guard(
             loaded,
-            load_prober(out / "layers" / f"layer_{layer:02d}", loaded),
+            guard_prober,
             prompts.harmful(settings.n_ablate),
             out / "guard",
-            GuardConfig(action="ablate", taus=DEMO_GUARD_TAUS, threshold=max(settings.thresholds)),
+            GuardConfig(action="ablate", taus=DEMO_GUARD_TAUS, threshold=threshold),
             ablation_config,
             prompts.harmless(settings.n_ablate),
             heads_path=heads_path,
@@ -533,13 +556,13 @@ def _run_stages(
         )
         done("guard")
 
-    if layer is not None:
+    if guard_prober is not None:
         stage(
             "components",
             f"components: which heads, MLPs and embeddings carry the drop at layer {layer}, and "
             f"ablating its top {DEMO_TOP_COMPONENTS} MLPs vs as many heads",
         )
-        notes.update(_components_stage(loaded, out, settings, prompts, layer, group))
+        notes.update(_components_stage(loaded, out, settings, prompts, guard_prober, source, group))
         done("components")
 
     if repair:
