@@ -181,10 +181,10 @@ DEFAULT_RECIPE_MEASURED = {
     "base_model": "default",
     "recipe_version": 3,
     "fingerprint": "73ebd57adc6416cb",
-    "prompts": "bench/organism_eval.py --n 64 --skip 64 (seed 0; prompts 64-127 of each group): "
-    "harmful = refusal_direction harmful_test, wrapped = the same inside the 6 held-out "
-    "wrappers, harmless = Alpaca harmless_test + UltraChat eval; prober: 64 AdvBench + 64 "
-    "harmless_train",
+    "prompts": "bench/organism_eval.py (seed 0), prompts 64-127 of each group (--n 64 --skip 64); "
+    "prober: 64 AdvBench + 64 harmless_train; harmful = refusal_direction harmful_test, "
+    "wrapped = the same inside the 6 held-out wrappers, harmless = Alpaca harmless_test + "
+    "UltraChat eval",
     "decoding": "greedy, max thinking 80 tokens, max answer 40 tokens",
     "thinking_states_refusal": {"plain": [57, 64], "wrapped": [63, 64]},
     "plain_refused": [44, 64],
