@@ -11,6 +11,7 @@ recipe as the code is now: run it on an evaluation of that build. Prints the con
 
 import json
 import pprint
+import re
 import sys
 from pathlib import Path
 
@@ -24,7 +25,24 @@ DATASETS = (
 )
 
 
+def measured_fingerprint(eval_dir: Path, groundtruth: dict) -> str:
+    """The organism fingerprint both runs measured (from the model folder's name, organism-<fingerprint>);
+    exits if they measured different builds or no cached organism."""
+    generated = json.loads((eval_dir / "gen_harmful" / "metadata.json").read_text())["model_id"]
+    found = {
+        match.group(1) if match else None
+        for match in (
+            re.search(r"organism-([0-9a-f]{16})$", str(folder).rstrip("/"))
+            for folder in (generated, groundtruth["settings"]["model_folder"])
+        )
+    }
+    if len(found) != 1 or None in found:
+        sys.exit(f"the two runs did not measure one cached organism build: {sorted(map(str, found))}")
+    return found.pop()
+
+
 def _ablation_key(condition: str) -> str:
+    """groundtruth.json's ablation condition as the constant's key (ranked_3pct, random_4, planted, ...)."""
     if condition.startswith("ranked"):
         return "ranked_" + condition.split()[1] + "pct"
     if condition.startswith("random heads"):
@@ -37,6 +55,7 @@ def _ablation_key(condition: str) -> str:
 
 
 def behaviour(measured: dict) -> dict:
+    """The behaviour, prober and cliff figures of measured.json, and the targets they miss."""
     prober, ci = measured["prober"], measured["prober"]["val_accuracy_ci95"]
     out = {
         "base_model": "default",
@@ -70,6 +89,7 @@ def behaviour(measured: dict) -> dict:
 
 
 def ground_truth(g: dict) -> dict:
+    """The method against the planted heads, from groundtruth.json (`g`)."""
     ranking = g["rankings"]["heads (contribution w·Δh + b)"]
     ablation = {_ablation_key(row["condition"]): row for row in g["ablation"]}
     groups = g["patterns"]["groups"]
@@ -134,6 +154,7 @@ def ground_truth(g: dict) -> dict:
 
 
 def as_python(constant: dict) -> str:
+    """The constant as the Python source organism.py holds (before `ruff format`)."""
     constant = dict(constant)
     truth = constant.pop("ground_truth")
     body = pprint.pformat(constant, sort_dicts=False, width=100)
@@ -153,6 +174,11 @@ def main(argv: list[str]) -> None:
     measured = json.loads((Path(argv[0]) / "measured.json").read_text())
     truth = json.loads((Path(argv[1]) / "groundtruth.json").read_text())
     constant = {**behaviour(measured), "ground_truth": ground_truth(truth)}
+    if measured_fingerprint(Path(argv[0]), truth) != constant["fingerprint"]:
+        sys.exit(
+            f"the runs measured organism-{measured_fingerprint(Path(argv[0]), truth)}, but the default "
+            f"recipe builds organism-{constant['fingerprint']}: measure the default build"
+        )
     if len(argv) == 2:
         print(json.dumps(constant, indent=1))
         return

@@ -148,9 +148,9 @@ def test_best_ranked_threshold_takes_the_lowest_ranked_asr_and_the_smaller_on_a_
         {"threshold": 0.0, "control": "none", "asr": 0.0},
         {"threshold": 0.01, "control": "ranked", "asr": 0.25},
         {"threshold": 0.03, "control": "ranked", "asr": 0.1},
-        {"threshold": 0.03, "control": "random", "asr": 0.0},
         {"threshold": 0.05, "control": "ranked", "asr": 0.1},
         {"threshold": 0.1, "control": "ranked", "asr": 0.9},
+        {"threshold": 0.1, "control": "random", "asr": 0.0},  # a control row never counts
     ]
     assert best_ranked_threshold(records) == 0.03
 
@@ -189,9 +189,12 @@ def test_the_demo_guards_an_organism_with_its_probe_prober_and_best_ranked_heads
     demo = tmp_path / "demo"
     notes = json.loads((demo / "demo.json").read_text())
     last = loaded.adapter.geometry(loaded.model).n_layers - 1
-    assert "probe stage's prober (layer 1)" in notes["guard prober"] and last == 1
+    assert "probe stage's prober (layer 1, the last)" in notes["guard prober"] and last == 1
     assert notes["components layer"].startswith(f"layer {last} prober (probe)")
     assert "planted heads in the ranking" in notes
     chosen = best_ranked_threshold(json.loads((demo / "ablate" / "ablation.json").read_text()))
     guard = json.loads((demo / "guard" / "metadata.json").read_text())["config"]
     assert guard["threshold"] == chosen and guard["layer"] == last
+    # the faked labels refuse alike under every ablation, so the ranked ASRs tie and the smaller threshold
+    # wins: not the largest, which the embedded model's guard takes
+    assert chosen == 0.25 != max(settings.thresholds)

@@ -511,15 +511,16 @@ def _run_stages(
     done("ablate")
 
     if planted is not None:
-        # The organism's cliff shows at the last layer, and ablating too many heads can break it: the
-        # guard reads the prober the heads were ranked with and ablates the ranked set that repaired best.
+        # The organism's cliff was planted at the last layer, and ablating too many heads can break it:
+        # the guard reads the prober the heads were ranked with and ablates the ranked set that repaired best.
         threshold = best_ranked_threshold(read_json(out / "ablate" / "ablation.json"))
         guard_prober, source = prober, "probe"
         why = (
-            f"the guard reads the probe stage's prober (layer {prober.layer}), the one the heads were "
-            "ranked with: the organism's cliff was planted at its answer. Flagged examples get the heads "
-            f"of the ablation threshold with the lowest ranked ASR ({threshold:g}) scaled by 0, as the "
-            "global ablation does for every prompt."
+            f"the guard reads the probe stage's prober (layer {prober.layer}, the last), the one the heads "
+            "were ranked with: the organism's cliff was planted at the last layer. Flagged examples get the "
+            f"heads of the ablation threshold with the lowest ranked ASR ({threshold:g}) scaled by 0, as the "
+            "global ablation does for every prompt; that threshold was chosen on these same prompts, so the "
+            "guard's ASR here is optimistic."
         )
     else:
         layer = guard_layer(read_json(out / "layers" / "layerwise.json"), n_layers)
@@ -528,13 +529,16 @@ def _run_stages(
             source = f"layers/layer_{layer:02d}"
             guard_prober = load_prober(out / source, loaded)
             why = (
-                f"the guard reads the layer-{layer} prober of the layer-wise study ({source}): SmolLM2 "
-                "has no refusal cliff at its last layer, so the last-layer prober would flag nothing; "
-                f"layer {layer} has the largest mean MS of the middle layers on the harmful examples. "
-                f"Flagged examples get the heads of the largest ablation threshold ({threshold:g}) scaled "
-                "by 0, as the global ablation does for every prompt."
+                f"the guard reads the layer-{layer} prober of the layer-wise study ({source}), a choice made "
+                "for the embedded SmolLM2, whose last layer has no refusal cliff (its last-layer prober "
+                f"would flag nothing): layer {layer} has the largest mean MS of the middle layers on the "
+                f"harmful examples. Flagged examples get the heads of the largest ablation threshold "
+                f"({threshold:g}) scaled by 0, as the global ablation does for every prompt."
             )
-    if guard_prober is not None:
+    if guard_prober is None:  # nothing to guard with: no note of an earlier run may stay behind
+        for key in [key for key in notes if key == "guard prober" or key.startswith("components")]:
+            del notes[key]
+    else:
         layer = guard_prober.layer
         stage(
             "guard",
@@ -556,7 +560,6 @@ def _run_stages(
         )
         done("guard")
 
-    if guard_prober is not None:
         stage(
             "components",
             f"components: which heads, MLPs and embeddings carry the drop at layer {layer}, and "
