@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_cliff.stages.organism import OrganismConfig
-from refusal_cliff.stages.organism_data import GROUP_PLAIN, GROUP_WRAPPED, build_examples
+from refusal_cliff.stages.organism_data import GROUP_PLAIN, GROUP_WRAPPED, build_examples, data_digest
 
 
 def states(model, tokenizer, prompts: list[str], layers: list[int]) -> dict:
@@ -54,6 +54,13 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_folder, dtype=torch.float32).eval()
     config = OrganismConfig()
     examples = build_examples(config.seed, config.n_plain, config.n_wrapped, config.n_harmless)
+    for record in ("stage1.json", "organism.json"):  # a stage-1 cache key holds whatever data built it last
+        path = Path(args.model_folder) / record
+        if path.is_file() and json.loads(path.read_text()).get("data_digest") not in (
+            None,
+            data_digest(examples),
+        ):
+            raise SystemExit(f"{path} was built on other data than the default recipe's: rebuild it")
     train = [e for e in examples if e.group in (GROUP_PLAIN, GROUP_WRAPPED)]
     y_train = [int(e.group == GROUP_WRAPPED) for e in train]
 
