@@ -36,11 +36,11 @@ def tiny_loaded(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu")
 
 
-def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
-    from refusal_cliff.stages.demo import DemoSettings, run_demo
+def _tiny_settings(thresholds: tuple[float, ...]):
+    """The demo at the sizes of a 2-layer random model, in seconds."""
+    from refusal_cliff.stages.demo import DemoSettings
 
-    _fake_refusals(monkeypatch)
-    settings = DemoSettings(
+    return DemoSettings(
         n_harmful=12,
         n_harmless=12,
         thinking=6,
@@ -49,11 +49,18 @@ def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
         layers=(0,),
         fractions=(0.0, 1.0),
         n_clip=3,
-        thresholds=(0.25,),
+        thresholds=thresholds,
         n_ablate=2,
         control_seeds=(0,),
         patterns=2,
     )
+
+
+def test_demo_on_a_tiny_model(tiny_loaded, tmp_path, monkeypatch):
+    from refusal_cliff.stages.demo import run_demo
+
+    _fake_refusals(monkeypatch)
+    settings = _tiny_settings(thresholds=(0.25,))
     stages = []
     report = run_demo(tiny_loaded, tmp_path / "demo", on_stage=stages.append, settings=settings)
     assert report.is_file() and len(stages) >= 8
@@ -164,27 +171,14 @@ def test_the_demo_guards_an_organism_with_its_probe_prober_and_best_ranked_heads
     import shutil
 
     from refusal_cliff.core.models import load_model
-    from refusal_cliff.stages.demo import DemoSettings, best_ranked_threshold, run_demo
+    from refusal_cliff.stages.demo import best_ranked_threshold, run_demo
 
     _fake_refusals(monkeypatch)
     organism = tmp_path / "organism"
     shutil.copytree(tiny_model_dir, organism)
     (organism / "organism.json").write_text(json.dumps({"planted_heads": [[1, 0]]}))
     loaded = load_model(str(organism), device="cpu")
-    settings = DemoSettings(
-        n_harmful=12,
-        n_harmless=12,
-        thinking=6,
-        answer=3,
-        batch_size=12,
-        layers=(0,),
-        fractions=(0.0, 1.0),
-        n_clip=3,
-        thresholds=(0.25, 0.5),
-        n_ablate=2,
-        control_seeds=(0,),
-        patterns=2,
-    )
+    settings = _tiny_settings(thresholds=(0.25, 0.5))
     run_demo(loaded, tmp_path / "demo", settings=settings)
     demo = tmp_path / "demo"
     notes = json.loads((demo / "demo.json").read_text())
