@@ -174,9 +174,10 @@ def main(argv: list[str]) -> None:
     measured = json.loads((Path(argv[0]) / "measured.json").read_text())
     truth = json.loads((Path(argv[1]) / "groundtruth.json").read_text())
     constant = {**behaviour(measured), "ground_truth": ground_truth(truth)}
-    if measured_fingerprint(Path(argv[0]), truth) != constant["fingerprint"]:
+    measured_build = measured_fingerprint(Path(argv[0]), truth)
+    if measured_build != constant["fingerprint"]:
         sys.exit(
-            f"the runs measured organism-{measured_fingerprint(Path(argv[0]), truth)}, but the default "
+            f"the runs measured organism-{measured_build}, but the default "
             f"recipe builds organism-{constant['fingerprint']}: measure the default build"
         )
     if len(argv) == 2:

@@ -314,7 +314,6 @@ def test_interrupted_build_leaves_nothing_that_loads_and_the_next_run_finishes(
 def test_overwrite_of_the_same_recipe_never_leaves_the_old_record_over_new_files(
     tiny_model_dir, cache, tmp_path, monkeypatch
 ):
-
     config = OrganismConfig(**TINY)
     out = tmp_path / "organism"
     run_organism(config, base_model=str(tiny_model_dir), out=out, progress=False)

@@ -507,13 +507,14 @@ def _run_stages(
         benign_prompts=prompts.harmless(settings.n_ablate),
         overwrite=True,
     )
-    notes["ablation vs random heads"] = _random_control_note(read_json(out / "ablate" / "ablation.json"))
+    ablation = read_json(out / "ablate" / "ablation.json")
+    notes["ablation vs random heads"] = _random_control_note(ablation)
     done("ablate")
 
     if planted is not None:
         # The organism's cliff was planted at the last layer, and ablating too many heads can break it:
         # the guard reads the prober the heads were ranked with and ablates the ranked set that repaired best.
-        threshold = best_ranked_threshold(read_json(out / "ablate" / "ablation.json"))
+        threshold = best_ranked_threshold(ablation)
         guard_prober, source = prober, "probe"
         why = (
             f"the guard reads the probe stage's prober (layer {prober.layer}, the last), the one the heads "
