@@ -1,12 +1,14 @@
 """DEFAULT_RECIPE_MEASURED from an organism evaluation and its ground-truth run, so that the figures
 organism.json carries for the default recipe are generated from the measured files, never typed by hand.
 
-usage: organism_constant.py EVAL_DIR GROUNDTRUTH_DIR [--write]
+usage: organism_constant.py EVAL_DIR GROUNDTRUTH_DIR [--also EVAL_DIR ...] [--write]
 
 EVAL_DIR holds measured.json (bench/organism_summary.py), GROUNDTRUTH_DIR groundtruth.json
-(bench/organism_groundtruth_summary.py). The recipe version and fingerprint are those of the default
-recipe as the code is now: run it on an evaluation of that build. Prints the constant as JSON; with
---write it replaces DEFAULT_RECIPE_MEASURED in src/refusal_cliff/stages/organism.py (then `ruff format`).
+(bench/organism_groundtruth_summary.py). Each `--also EVAL_DIR` is a measurement of the same build on another
+sample; its behaviour, prober and cliff figures go into `further_samples`. The recipe version and
+fingerprint are those of the default recipe as the code is now: run it on an evaluation of that build.
+Prints the constant as JSON; with --write it replaces DEFAULT_RECIPE_MEASURED in
+src/refusal_cliff/stages/organism.py (then `ruff format`).
 """
 
 import json
@@ -25,17 +27,20 @@ DATASETS = (
 )
 
 
+def _build_of(folder: str) -> str | None:
+    """The fingerprint in a cached organism folder's name (organism-<fingerprint>), or None."""
+    match = re.search(r"organism-([0-9a-f]{16})$", str(folder).rstrip("/"))
+    return match.group(1) if match else None
+
+
+def _evaluated_folder(eval_dir: Path) -> str:
+    return json.loads((eval_dir / "gen_harmful" / "metadata.json").read_text())["model_id"]
+
+
 def measured_fingerprint(eval_dir: Path, groundtruth: dict) -> str:
     """The organism fingerprint both runs measured (from the model folder's name, organism-<fingerprint>);
     exits if they measured different builds or no cached organism."""
-    generated = json.loads((eval_dir / "gen_harmful" / "metadata.json").read_text())["model_id"]
-    found = {
-        match.group(1) if match else None
-        for match in (
-            re.search(r"organism-([0-9a-f]{16})$", str(folder).rstrip("/"))
-            for folder in (generated, groundtruth["settings"]["model_folder"])
-        )
-    }
+    found = {_build_of(_evaluated_folder(eval_dir)), _build_of(groundtruth["settings"]["model_folder"])}
     if len(found) != 1 or None in found:
         sys.exit(f"the two runs did not measure one cached organism build: {sorted(map(str, found))}")
     return found.pop()
@@ -168,19 +173,35 @@ def as_python(constant: dict) -> str:
     )
 
 
+def further_sample(eval_dir: Path, fingerprint: str) -> dict:
+    """The figures of one more measurement of the same build (`--also`): prompts, behaviour, prober, cliff."""
+    if _build_of(_evaluated_folder(eval_dir)) != fingerprint:
+        sys.exit(f"{eval_dir} measured another build than organism-{fingerprint}")
+    figures = behaviour(json.loads((eval_dir / "measured.json").read_text()))
+    keep = ("prompts", "thinking_states_refusal", *TARGETS, "prober", "cliff", "targets_missed")
+    return {key: figures[key] for key in keep}
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] != "--write"):
+    write = "--write" in argv
+    argv = [arg for arg in argv if arg != "--write"]
+    also = [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == "--also"]
+    argv = [arg for i, arg in enumerate(argv) if arg != "--also" and (i == 0 or argv[i - 1] != "--also")]
+    if len(argv) != 2:
         sys.exit(__doc__)
     measured = json.loads((Path(argv[0]) / "measured.json").read_text())
     truth = json.loads((Path(argv[1]) / "groundtruth.json").read_text())
-    constant = {**behaviour(measured), "ground_truth": ground_truth(truth)}
+    constant = behaviour(measured)
     measured_build = measured_fingerprint(Path(argv[0]), truth)
     if measured_build != constant["fingerprint"]:
         sys.exit(
             f"the runs measured organism-{measured_build}, but the default "
             f"recipe builds organism-{constant['fingerprint']}: measure the default build"
         )
-    if len(argv) == 2:
+    if also:
+        constant["further_samples"] = [further_sample(folder, measured_build) for folder in also]
+    constant["ground_truth"] = ground_truth(truth)
+    if not write:
         print(json.dumps(constant, indent=1))
         return
     source = Path(__file__).resolve().parents[1] / "src" / "refusal_cliff" / "stages" / "organism.py"
