@@ -183,12 +183,23 @@ def further_sample(eval_dir: Path, fingerprint: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    write = "--write" in argv
-    argv = [arg for arg in argv if arg != "--write"]
-    also = [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == "--also"]
-    argv = [arg for i, arg in enumerate(argv) if arg != "--also" and (i == 0 or argv[i - 1] != "--also")]
-    if len(argv) != 2:
+    write, also, positional = False, [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--write":
+            write = True
+        elif arg == "--also":
+            folder = next(args, None)
+            if folder is None or folder.startswith("--"):
+                sys.exit(__doc__)
+            also.append(Path(folder))
+        else:
+            positional.append(arg)
+    if len(positional) != 2 or len({Path(positional[0]).resolve(), *(p.resolve() for p in also)}) != 1 + len(
+        also
+    ):
         sys.exit(__doc__)
+    argv = positional
     measured = json.loads((Path(argv[0]) / "measured.json").read_text())
     truth = json.loads((Path(argv[1]) / "groundtruth.json").read_text())
     constant = behaviour(measured)
