@@ -11,6 +11,7 @@ Prints the constant as JSON; with --write it replaces DEFAULT_RECIPE_MEASURED in
 src/refusal_cliff/stages/organism.py (then `ruff format`).
 """
 
+import argparse
 import json
 import pprint
 import re
@@ -183,36 +184,31 @@ def further_sample(eval_dir: Path, fingerprint: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    write, also, positional = False, [], []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--write":
-            write = True
-        elif arg == "--also":
-            folder = next(args, None)
-            if folder is None or folder.startswith("--"):
-                sys.exit(__doc__)
-            also.append(Path(folder))
-        else:
-            positional.append(arg)
-    if len(positional) != 2 or len({Path(positional[0]).resolve(), *(p.resolve() for p in also)}) != 1 + len(
-        also
-    ):
-        sys.exit(__doc__)
-    argv = positional
-    measured = json.loads((Path(argv[0]) / "measured.json").read_text())
-    truth = json.loads((Path(argv[1]) / "groundtruth.json").read_text())
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("eval_dir", type=Path)
+    parser.add_argument("groundtruth_dir", type=Path)
+    parser.add_argument("--also", type=Path, action="append", default=[], metavar="EVAL_DIR")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    if len({folder.resolve() for folder in (args.eval_dir, *args.also)}) != 1 + len(args.also):
+        parser.error(
+            "each --also folder must be another measurement than EVAL_DIR and the other --also folders"
+        )
+    measured = json.loads((args.eval_dir / "measured.json").read_text())
+    truth = json.loads((args.groundtruth_dir / "groundtruth.json").read_text())
     constant = behaviour(measured)
-    measured_build = measured_fingerprint(Path(argv[0]), truth)
+    measured_build = measured_fingerprint(args.eval_dir, truth)
     if measured_build != constant["fingerprint"]:
         sys.exit(
             f"the runs measured organism-{measured_build}, but the default "
             f"recipe builds organism-{constant['fingerprint']}: measure the default build"
         )
-    if also:
-        constant["further_samples"] = [further_sample(folder, measured_build) for folder in also]
+    if args.also:
+        constant["further_samples"] = [further_sample(folder, measured_build) for folder in args.also]
     constant["ground_truth"] = ground_truth(truth)
-    if not write:
+    if not args.write:
         print(json.dumps(constant, indent=1))
         return
     source = Path(__file__).resolve().parents[1] / "src" / "refusal_cliff" / "stages" / "organism.py"
