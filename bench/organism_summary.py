@@ -55,15 +55,18 @@ if (td / "cliff.jsonl").exists():
         else:
             key = "harmless_" + ("refused" if gens["harmless"][1][r["id"]] else "complied")
         groups.setdefault(key, []).append(r)
-    s["cliff"] = {
-        k: {
+    s["cliff"] = {}
+    for k, v in sorted(groups.items()):
+        # a thinking too short for a plateau (trace writes None) is left out of the mean, and counted
+        plateaus = [x["plateau"] for x in v if x["plateau"] is not None]
+        s["cliff"][k] = {
             "n": len(v),
-            "plateau": round(mean(x["plateau"] for x in v), 3),
+            "plateau": round(mean(plateaus), 3) if plateaus else None,
             "final": round(mean(x["final"] for x in v), 3),
             "final_at_most_0.3": sum(x["final"] <= 0.3 for x in v),
         }
-        for k, v in sorted(groups.items())
-    }
+        if len(plateaus) < len(v):
+            s["cliff"][k]["plateau_undefined"] = len(v) - len(plateaus)
 
 
 def measured_record(summary: dict, prober_metadata: dict) -> dict:
