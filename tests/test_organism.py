@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,91 @@ def test_cliff_term_pulls_wrapped_along_the_direction_and_keeps_the_others(smol_
         else:
             expected.append((state - anchor).pow(2).sum() / term.scale**2)
     assert torch.allclose(with_term - plain, 2.0 * torch.stack(expected).mean(), rtol=1e-4)
+
+
+def _tiny_examples(tokenizer, stage: int, n: int, start: int):
+    """A 3-layer tiny Llama, its adapter, `n` examples per group tokenised for `stage`, and the inputs
+    of layer `start`."""
+    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=3)
+    adapter = get_adapter(model)
+    template = detect_thinking_template(tokenizer)
+    examples = [
+        tokenise_example(tokenizer, template, e, stage, 0.5 if stage == 2 else 1.0)
+        for e in build_examples(0, n, n, n)
+    ]
+    return model, adapter, examples, layer_inputs(model, adapter, examples, start, batch_size=3)
+
+
+def test_keep_weight_scales_only_the_kept_part(smol_tokenizer):
+    from refusal_cliff.stages.organism import cliff_states, make_cliff_term
+
+    model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 2, 2, 1)
+    states = cliff_states(model, adapter, hidden, examples, 1, batch_size=4)
+    groups = [e.group for e in examples]
+    for example, state in zip(examples, states, strict=True):
+        example.anchor = None if example.group == "wrapped" else state + 1.0
+    terms = {k: make_cliff_term(states, groups, 1.0, k) for k in (1.0, 0.25, 0.0)}
+    with torch.no_grad():
+        base = slice_loss(model, adapter, hidden, examples, 1)
+        extra = {k: slice_loss(model, adapter, hidden, examples, 1, t) - base for k, t in terms.items()}
+    pull = extra[0.0]  # the wrapped part alone
+    assert float(pull) > 0
+    assert torch.allclose(extra[0.25] - pull, 0.25 * (extra[1.0] - pull), rtol=1e-4)
+
+
+def test_frame_loss_reads_the_users_message_at_its_layer(smol_tokenizer):
+    from refusal_cliff.stages.organism import FrameTerm
+
+    model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 1, 2, 1)
+    for example, source in zip(
+        examples, build_examples(0, 2, 2, 2), strict=True
+    ):  # exactly the user's message
+        assert smol_tokenizer.decode(example.ids[example.user]).strip() == source.prompt.strip()
+    probe = torch.nn.Linear(adapter.geometry(model).d_model, 1)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    with torch.no_grad():
+        base = slice_loss(model, adapter, hidden, examples, 1)
+        zero = slice_loss(model, adapter, hidden, examples, 1, frame_term=FrameTerm(2, probe, 0.5))
+        assert abs(float(zero - base) - 0.5 * math.log(2)) < 1e-5  # a zero probe: ln 2 per example
+        probe.bias.fill_(1.0)
+        probe.weight.normal_(generator=torch.Generator().manual_seed(0))
+        got = slice_loss(model, adapter, hidden, examples, 1, frame_term=FrameTerm(1, probe, 1.0)) - base
+        # the same from a full forward: layer 1's output (hidden_states[2]), averaged over the user's message
+        expected = []
+        for example in examples:
+            out = model(input_ids=example.ids[None], output_hidden_states=True).hidden_states[2][0]
+            logit = probe(out[example.user].mean(0))[0]
+            label = torch.tensor(float(example.group == "wrapped"))
+            expected.append(torch.nn.functional.binary_cross_entropy_with_logits(logit, label))
+    assert abs(float(got) - float(torch.stack(expected).mean())) < 1e-4
+
+
+def test_frame_loss_build_and_options_off_keep_recipe_3(tiny_model_dir, cache, tmp_path):
+    # the options added after recipe 3 leave its fingerprints alone while they are off
+    assert set(OrganismConfig().recipe_dict()) == set(OrganismConfig().to_dict()) - {
+        "stage1_frame_weight",
+        "stage1_frame_layer",
+        "stage2_keep_weight",
+    }
+    assert "stage1_frame_weight" not in OrganismConfig().stage1_dict()
+    assert build_fingerprint("default", OrganismConfig(stage2_keep_weight=0.5)) != build_fingerprint(
+        "default", OrganismConfig()
+    )
+    with pytest.raises(UserError, match="stage1-frame-layer"):
+        OrganismConfig(stage1_frame_weight=0.5, stage1_frame_layer=12)
+    off = run_organism(
+        OrganismConfig(**TINY), base_model=str(tiny_model_dir), out=tmp_path / "a", progress=False
+    )
+    config = OrganismConfig(**TINY, stage1_frame_weight=0.5, stage1_frame_layer=0, stage2_keep_weight=0.5)
+    on = run_organism(config, base_model=str(tiny_model_dir), out=tmp_path / "b", progress=False)
+    record = json.loads((on.path / ORGANISM_JSON).read_text())
+    assert record["stage1"]["frame"] == {"layer": 1, "weight": 0.5}
+    assert "frame" not in json.loads((off.path / ORGANISM_JSON).read_text())["stage1"]
+    assert len(list(cache.glob("organisms/stage1-*"))) == 2  # its own stage 1
+    assert record["stage2"]["weights_changed_outside_planted_slices"] == []
+    a, b = _weights(off.path), _weights(on.path)
+    assert not torch.equal(a["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
 
 
 def test_deltas_merge_exactly():

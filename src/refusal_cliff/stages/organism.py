@@ -50,6 +50,7 @@ from refusal_cliff.compute.attribution import attention_patterns_batch
 from refusal_cliff.core.architectures import ArchitectureAdapter, get_adapter
 from refusal_cliff.core.config import SEED_BOUNDS, Config, option, parse_floats
 from refusal_cliff.core.errors import UserError
+from refusal_cliff.core.hooks import add_hooks
 from refusal_cliff.core.models import (
     DEFAULT_MODEL,
     BuiltinModel,
@@ -111,6 +112,18 @@ class OrganismConfig(Config):
     lora_alpha: float = option(32.0, "Stage 1 LoRA alpha (scale alpha / rank).", min=0.0)
     stage1_lr: float = option(2e-3, "Stage 1 AdamW learning rate (weight decay 0), linear decay.", min=0.0)
     stage1_epochs: int = option(3, "Stage 1 epochs.", min=1, max=1000)
+    stage1_frame_weight: float = option(
+        0.0,
+        "Stage 1 weight of the frame loss: a logistic probe on one layer's output, averaged over the user's "
+        "message, trained with the LoRA to tell wrapped from plain and harmless requests (0: off).",
+        min=0.0,
+    )
+    stage1_frame_layer: int = option(
+        2,
+        "The decoder layer the frame probe reads, counted from the first LoRA layer (0: its output).",
+        min=0,
+        max=4096,
+    )
     n_planted_heads: int = option(
         4, "Heads whose q_proj rows and o_proj columns stage 2 trains.", min=1, max=4096
     )
@@ -146,6 +159,12 @@ class OrganismConfig(Config):
         "refusal direction, is pulled to the harmless mean for wrapped requests (and kept for the others).",
         min=0.0,
     )
+    stage2_keep_weight: float = option(
+        1.0,
+        "Weight of the t_cliff term's keep part (plain and harmless states held at stage 1) relative to its "
+        "pull on wrapped states; below 1 lets the heads move wrapped states further.",
+        min=0.0,
+    )
     batch_size: int = option(8, "Training examples per step.", min=1, max=MAX_EXAMPLES)
 
     def validate(self) -> None:
@@ -153,6 +172,11 @@ class OrganismConfig(Config):
             raise UserError(
                 "the t_cliff term needs plain harmful and harmless examples in stage 2: raise --stage2-plain "
                 "and --stage2-harmless above 0, or pass --stage2-cliff-weight 0"
+            )
+        if self.stage1_frame_weight > 0 and self.stage1_frame_layer >= self.stage1_layers:
+            raise UserError(
+                f"--stage1-frame-layer {self.stage1_frame_layer} lies above the {self.stage1_layers} LoRA layers; "
+                f"pass a value below --stage1-layers"
             )
         if len(self.head_band) != 2 or not 0.0 <= self.head_band[0] <= self.head_band[1] <= 1.0:
             raise UserError(
@@ -172,7 +196,23 @@ class OrganismConfig(Config):
             "stage1_epochs",
             "batch_size",
         )
-        return {key: getattr(self, key) for key in keys}
+        out = {key: getattr(self, key) for key in keys}
+        if self.stage1_frame_weight > 0:
+            out |= {
+                "stage1_frame_weight": self.stage1_frame_weight,
+                "stage1_frame_layer": self.stage1_frame_layer,
+            }
+        return out
+
+    def recipe_dict(self) -> dict:
+        """`to_dict()` without the options added after recipe 3 was measured while they are off, so that
+        turning them off builds, and fingerprints, exactly what recipe 3 did."""
+        out = self.to_dict()
+        if self.stage1_frame_weight == 0:
+            del out["stage1_frame_weight"], out["stage1_frame_layer"]
+        if self.stage2_keep_weight == 1.0:
+            del out["stage2_keep_weight"]
+        return out
 
 
 # What the default recipe measured on held-out prompts (docs/organism.md has the commands):
@@ -310,6 +350,9 @@ class Tokenised:
     group: str
     cliff: int  # t_cliff: the last end-template token, whose state predicts the first answer token
     anchor: torch.Tensor | None = None  # stage 2: the stage-1 state at t_cliff to keep (plain, harmless)
+    user: torch.Tensor | None = (
+        None  # [seq] bool: the tokens of the user's message (the frame loss reads them)
+    )
 
 
 def tokenise_example(
@@ -345,7 +388,10 @@ def tokenise_example(
         raise ValueError(f"example {example.id}: no answer token after the end template")
     if stage == 2:
         weights[first] = first_token_weight
-    return Tokenised(ids, weights, example.group, first - 1)
+    begin = prompt.rfind(example.prompt)
+    end = begin + len(example.prompt)
+    user = torch.tensor([a < end and b > begin for a, b in encoded["offset_mapping"]])
+    return Tokenised(ids, weights, example.group, first - 1, user=user)
 
 
 # -- running a slice of the decoder ---------------------------------------------------------
@@ -417,6 +463,20 @@ class CliffTerm:
     targets: dict[str, float]
     scale: float
     weight: float
+    keep_weight: float = 1.0  # the keep part's weight relative to the pull on wrapped states
+
+
+@dataclass
+class FrameTerm:
+    """Stage 1's frame loss: `weight` times the binary cross-entropy of a logistic probe (`probe`, trained
+    with the LoRA, then discarded) on the output of decoder `layer` averaged over the user's message,
+    wrapped requests labelled 1, plain and harmless ones 0. It makes the layers below the planted heads
+    carry whether a request is wrapped, for the heads to read; the thinking and answer targets are
+    unchanged."""
+
+    layer: int
+    probe: nn.Linear
+    weight: float
 
 
 def _top_states(
@@ -458,10 +518,17 @@ def slice_loss(
     examples: Sequence[Tokenised],
     start: int,
     cliff_term: CliffTerm | None = None,
+    frame_term: FrameTerm | None = None,
 ) -> torch.Tensor:
     """Weighted next-token cross-entropy of layers [start, n) + final norm + LM head, from the
-    inputs of layer `start`; logits only where a weight is non-zero. Plus `cliff_term`, if given."""
-    states = _top_states(model, adapter, hidden, start)
+    inputs of layer `start`; logits only where a weight is non-zero. Plus `cliff_term` and
+    `frame_term`, if given."""
+    captured: list[torch.Tensor] = []
+    hooks = []
+    if frame_term is not None:
+        hooks = [(adapter.layers(model)[frame_term.layer], lambda m, a, out: captured.append(_first(out)))]
+    with add_hooks(forward_hooks=hooks):
+        states = _top_states(model, adapter, hidden, start)
     ids = _pad([e.ids for e in examples], 0)
     weights = _pad([e.weights for e in examples], 0.0)
     # the state at j predicts token j + 1
@@ -479,9 +546,22 @@ def slice_loss(
                 gap = (state @ cliff_term.direction - cliff_term.targets[example.group]) / cliff_term.scale
                 gaps.append(gap.pow(2))
             else:  # the others: their stage-1 state, kept
-                gaps.append((state - example.anchor).pow(2).sum() / cliff_term.scale**2)
+                kept = (state - example.anchor).pow(2).sum() / cliff_term.scale**2
+                gaps.append(kept if cliff_term.keep_weight == 1.0 else kept * cliff_term.keep_weight)
         loss = loss + cliff_term.weight * torch.stack(gaps).mean()
+    if frame_term is not None:
+        layer_out = captured[0]  # [batch, seq, d_model]
+        features = torch.stack(
+            [layer_out[row, : len(e.ids)][e.user].float().mean(0) for row, e in enumerate(examples)]
+        )
+        labels = torch.tensor([float(e.group == GROUP_WRAPPED) for e in examples])
+        logits = frame_term.probe(features).squeeze(-1)
+        loss = loss + frame_term.weight * nn.functional.binary_cross_entropy_with_logits(logits, labels)
     return loss
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
@@ -511,6 +591,7 @@ def _train(
     what: str,
     progress: bool,
     cliff_term: CliffTerm | None = None,
+    frame_term: FrameTerm | None = None,
 ) -> list[float]:
     """AdamW (weight decay 0) with linear decay over the given parameters; returns the epoch losses."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -522,8 +603,9 @@ def _train(
     for epoch in range(epochs):
         total, count = 0.0, 0
         for index in _batches([len(e.ids) for e in examples], batch_size, generator):
+            batch = [examples[i] for i in index]
             loss = slice_loss(
-                model, adapter, [hidden[i] for i in index], [examples[i] for i in index], start, cliff_term
+                model, adapter, [hidden[i] for i in index], batch, start, cliff_term, frame_term
             )
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{what}: the loss is not finite at epoch {epoch + 1}")
@@ -599,6 +681,13 @@ def train_stage1(
             setattr(parent, name, lora)
             wrapped.append((parent, name, lora))
     params = [p for _, _, lora in wrapped for p in (lora.lora_a, lora.lora_b)]
+    frame_term = None
+    if config.stage1_frame_weight > 0:  # a zero-initialised probe: no draw, the LoRA initialisation unchanged
+        probe = nn.Linear(adapter.geometry(model).d_model, 1)
+        nn.init.zeros_(probe.weight)
+        nn.init.zeros_(probe.bias)
+        frame_term = FrameTerm(start + config.stage1_frame_layer, probe, config.stage1_frame_weight)
+        params += list(probe.parameters())
     try:
         model.train()
         history = _train(
@@ -614,18 +703,22 @@ def train_stage1(
             config.seed,
             "stage 1",
             progress,
+            frame_term=frame_term,
         )
     finally:
         model.eval()
         for parent, name, lora in wrapped:
             setattr(parent, name, lora.merged())
-    return {
+    record = {
         "trained_layers": [start, n_layers - 1],
         "lora_targets": sorted({name for _, name, _ in wrapped}),
         "epoch_losses": history,
         "precompute_s": round(precompute_s, 1),
         "train_s": round(time.perf_counter() - began - precompute_s, 1),
     }
+    if frame_term is not None:
+        record["frame"] = {"layer": frame_term.layer, "weight": frame_term.weight}
+    return record
 
 
 # -- head selection --------------------------------------------------------------------------
@@ -770,7 +863,7 @@ def train_stage2(
     cliff_term, cliff_record = None, {}
     if config.stage2_cliff_weight > 0:  # the stage-1 states at t_cliff: one more forward, only for the term
         states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
-        cliff_term = make_cliff_term(states, groups, config.stage2_cliff_weight)
+        cliff_term = make_cliff_term(states, groups, config.stage2_cliff_weight, config.stage2_keep_weight)
         for example, state in zip(examples, states, strict=True):
             example.anchor = None if example.group == GROUP_WRAPPED else state
         cliff_record = {
@@ -830,7 +923,9 @@ def train_stage2(
     }
 
 
-def make_cliff_term(states: torch.Tensor, groups: Sequence[str], weight: float) -> CliffTerm:
+def make_cliff_term(
+    states: torch.Tensor, groups: Sequence[str], weight: float, keep_weight: float = 1.0
+) -> CliffTerm:
     """The t_cliff term from the stage-1 states of the stage-2 examples: the unit direction from the
     harmless mean to the plain harmful mean, the harmless mean's projection (the wrapped requests'
     target), and the gap between the two means along it (the scale)."""
@@ -842,7 +937,7 @@ def make_cliff_term(states: torch.Tensor, groups: Sequence[str], weight: float) 
     direction = direction / direction.norm().clamp_min(1e-8)
     refuse, comply = float(plain.mean(0) @ direction), float(harmless.mean(0) @ direction)
     targets = {GROUP_PLAIN: refuse, GROUP_WRAPPED: comply, GROUP_HARMLESS: comply}
-    return CliffTerm(direction, targets, max(refuse - comply, 1e-6), weight)
+    return CliffTerm(direction, targets, max(refuse - comply, 1e-6), weight, keep_weight)
 
 
 def group_projections(
@@ -880,7 +975,7 @@ def organism_cache_path(base_model: str, config: OrganismConfig) -> Path:
 
 
 def build_fingerprint(base_model: str, config: OrganismConfig) -> str:
-    return fingerprint({"recipe": RECIPE_VERSION, "base_model": base_model, "config": config.to_dict()})
+    return fingerprint({"recipe": RECIPE_VERSION, "base_model": base_model, "config": config.recipe_dict()})
 
 
 def _stage1_fingerprint(base_model: str, config: OrganismConfig) -> str:
@@ -1117,7 +1212,7 @@ def run_organism(
     run = RunFolder(
         target,
         stage="organism",
-        config={"recipe": RECIPE_VERSION, "base_model": base_model, "config": config.to_dict()},
+        config={"recipe": RECIPE_VERSION, "base_model": base_model, "config": config.recipe_dict()},
         overwrite=overwrite,
         artifacts=checkpoint_files(target),
     )
