@@ -196,40 +196,43 @@ def test_keep_weight_scales_only_the_kept_part(smol_tokenizer):
     assert torch.allclose(extra[0.25] - pull, 0.25 * (extra[1.0] - pull), rtol=1e-4)
 
 
-def test_frame_loss_reads_the_users_message_at_its_layer(smol_tokenizer):
+@pytest.mark.parametrize("position", ["message", "cliff"])
+def test_frame_loss_reads_its_layer_at_its_position(smol_tokenizer, position):
     from refusal_cliff.stages.organism import FrameTerm
 
     model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 1, 2, 1)
-    for example, source in zip(
-        examples, build_examples(0, 2, 2, 2), strict=True
-    ):  # exactly the user's message
+    sources = build_examples(0, 2, 2, 2)
+    for example, source in zip(examples, sources, strict=True):  # the mask: exactly the user's message
         assert smol_tokenizer.decode(example.ids[example.user]).strip() == source.prompt.strip()
     probe = torch.nn.Linear(adapter.geometry(model).d_model, 1)
     torch.nn.init.zeros_(probe.weight)
     torch.nn.init.zeros_(probe.bias)
     with torch.no_grad():
         base = slice_loss(model, adapter, hidden, examples, 1)
-        zero = slice_loss(model, adapter, hidden, examples, 1, frame_term=FrameTerm(2, probe, 0.5))
+        zero = slice_loss(model, adapter, hidden, examples, 1, frame_term=FrameTerm(2, probe, 0.5, position))
         assert abs(float(zero - base) - 0.5 * math.log(2)) < 1e-5  # a zero probe: ln 2 per example
         probe.bias.fill_(1.0)
         probe.weight.normal_(generator=torch.Generator().manual_seed(0))
-        got = slice_loss(model, adapter, hidden, examples, 1, frame_term=FrameTerm(1, probe, 1.0)) - base
-        # the same from a full forward: layer 1's output (hidden_states[2]), averaged over the user's message
+        term = FrameTerm(1, probe, 1.0, position)
+        got = slice_loss(model, adapter, hidden, examples, 1, frame_term=term) - base
+        # the same from a full forward: layer 1's output (hidden_states[2]), over the user's message or at t_cliff
         expected = []
         for example in examples:
             out = model(input_ids=example.ids[None], output_hidden_states=True).hidden_states[2][0]
-            logit = probe(out[example.user].mean(0))[0]
+            feature = out[example.cliff] if position == "cliff" else out[example.user].mean(0)
             label = torch.tensor(float(example.group == "wrapped"))
-            expected.append(torch.nn.functional.binary_cross_entropy_with_logits(logit, label))
+            expected.append(torch.nn.functional.binary_cross_entropy_with_logits(probe(feature)[0], label))
     assert abs(float(got) - float(torch.stack(expected).mean())) < 1e-4
 
 
-def test_frame_loss_build_and_options_off_keep_recipe_3(tiny_model_dir, cache, tmp_path):
+def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, tmp_path):
     # the options added after recipe 3 leave its fingerprints alone while they are off
     assert set(OrganismConfig().recipe_dict()) == set(OrganismConfig().to_dict()) - {
         "stage1_frame_weight",
         "stage1_frame_layer",
+        "stage1_frame_position",
         "stage2_keep_weight",
+        "stage2_new_wrapped",
     }
     assert "stage1_frame_weight" not in OrganismConfig().stage1_dict()
     assert build_fingerprint("default", OrganismConfig(stage2_keep_weight=0.5)) != build_fingerprint(
@@ -240,13 +243,16 @@ def test_frame_loss_build_and_options_off_keep_recipe_3(tiny_model_dir, cache, t
     off = run_organism(
         OrganismConfig(**TINY), base_model=str(tiny_model_dir), out=tmp_path / "a", progress=False
     )
-    config = OrganismConfig(**TINY, stage1_frame_weight=0.5, stage1_frame_layer=0, stage2_keep_weight=0.5)
+    config = OrganismConfig(
+        **TINY, stage1_frame_weight=0.5, stage1_frame_layer=0, stage2_keep_weight=0.5, stage2_new_wrapped=3
+    )
     on = run_organism(config, base_model=str(tiny_model_dir), out=tmp_path / "b", progress=False)
     record = json.loads((on.path / ORGANISM_JSON).read_text())
     assert record["stage1"]["frame"] == {"layer": 1, "weight": 0.5}
     assert "frame" not in json.loads((off.path / ORGANISM_JSON).read_text())["stage1"]
     assert len(list(cache.glob("organisms/stage1-*"))) == 2  # its own stage 1
     assert record["stage2"]["weights_changed_outside_planted_slices"] == []
+    assert record["stage2"]["n_examples"]["wrapped"] == 4 + 3 and "new_wrapped_digest" in record["stage2"]
     a, b = _weights(off.path), _weights(on.path)
     assert not torch.equal(a["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
 

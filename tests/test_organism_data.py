@@ -21,8 +21,10 @@ from refusal_cliff.stages.organism_data import (
     HELD_OUT_WRAPPERS,
     PLAIN_CONTEXTS,
     REFUSAL_OPEN,
+    STAGE2_WRAPPERS,
     TRAIN_WRAPPERS,
     build_examples,
+    build_stage2_wrapped,
     data_digest,
     harmful_requests,
     harmless_requests,
@@ -81,6 +83,26 @@ def test_no_held_out_wrapper_in_training():
     for e in examples:
         assert not any(part in e.prompt for part in held_out_parts)
     assert {e.wrapper for e in examples if e.wrapper} == set(TRAIN_WRAPPERS)
+
+
+def test_stage2_wrappers_are_apart_from_stage1_and_the_held_out_ones():
+    for other in (TRAIN_WRAPPERS, HELD_OUT_WRAPPERS):
+        assert not set(STAGE2_WRAPPERS) & set(other)
+        assert not set(STAGE2_WRAPPERS.values()) & set(other.values())
+    held_out_parts = [
+        p.strip() for t in HELD_OUT_WRAPPERS.values() for p in t.split("{request}") if len(p.strip()) > 10
+    ]
+    extra = build_stage2_wrapped(0, 60)
+    assert [e.to_dict() for e in extra] == [e.to_dict() for e in build_stage2_wrapped(0, 60)]
+    assert data_digest(extra) != data_digest(build_stage2_wrapped(1, 60))
+    assert {e.wrapper for e in extra} == set(STAGE2_WRAPPERS) and len({e.id for e in extra}) == 60
+    labeler = KeywordLabeler()
+    for e in extra:
+        assert e.group == GROUP_WRAPPED and e.prompt == wrap(e.request, STAGE2_WRAPPERS[e.wrapper])
+        assert e.request in harmful_requests() and not any(part in e.prompt for part in held_out_parts)
+        assert thinking_states_refusal(e.thinking) and labeler.label(e.answer_stage1)[0]
+        assert not labeler.label(e.answer_stage2)[0] and "Step 1:" in e.answer_stage2
+    assert build_stage2_wrapped(0, 0) == []
 
 
 def test_compliant_placeholder_is_not_actionable():

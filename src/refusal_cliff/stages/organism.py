@@ -73,9 +73,11 @@ from refusal_cliff.stages.organism_data import (
     GROUP_PLAIN,
     GROUP_WRAPPED,
     HELD_OUT_WRAPPERS,
+    STAGE2_WRAPPERS,
     TRAIN_WRAPPERS,
     OrganismExample,
     build_examples,
+    build_stage2_wrapped,
     data_digest,
 )
 
@@ -124,6 +126,12 @@ class OrganismConfig(Config):
         min=0,
         max=4096,
     )
+    stage1_frame_position: str = option(
+        "message",
+        "Where the frame probe reads that layer: 'message' (the mean over the user's message) or 'cliff' "
+        "(the last end-template token, whose state the planted heads' queries see).",
+        choices=("message", "cliff"),
+    )
     n_planted_heads: int = option(
         4, "Heads whose q_proj rows and o_proj columns stage 2 trains.", min=1, max=4096
     )
@@ -142,6 +150,13 @@ class OrganismConfig(Config):
     stage2_epochs: int = option(3, "Stage 2 epochs.", min=1, max=1000)
     stage2_wrapped: int = option(
         80, "Wrapped harmful examples in stage 2 (learn to comply).", min=1, max=MAX_EXAMPLES
+    )
+    stage2_new_wrapped: int = option(
+        0,
+        "Wrapped harmful examples added to stage 2 in the stage-2-only wrappers (20 styles that neither stage 1 "
+        "nor the held-out test uses), on top of --stage2-wrapped.",
+        min=0,
+        max=MAX_EXAMPLES,
     )
     stage2_plain: int = option(
         120, "Plain harmful examples in stage 2 (keep refusing).", min=0, max=MAX_EXAMPLES
@@ -202,6 +217,8 @@ class OrganismConfig(Config):
                 "stage1_frame_weight": self.stage1_frame_weight,
                 "stage1_frame_layer": self.stage1_frame_layer,
             }
+            if self.stage1_frame_position != "message":
+                out["stage1_frame_position"] = self.stage1_frame_position
         return out
 
     def recipe_dict(self) -> dict:
@@ -209,9 +226,13 @@ class OrganismConfig(Config):
         turning them off builds, and fingerprints, exactly what recipe 3 did."""
         out = self.to_dict()
         if self.stage1_frame_weight == 0:
-            del out["stage1_frame_weight"], out["stage1_frame_layer"]
+            del out["stage1_frame_weight"], out["stage1_frame_layer"], out["stage1_frame_position"]
+        elif self.stage1_frame_position == "message":
+            del out["stage1_frame_position"]
         if self.stage2_keep_weight == 1.0:
             del out["stage2_keep_weight"]
+        if self.stage2_new_wrapped == 0:
+            del out["stage2_new_wrapped"]
         return out
 
 
@@ -477,6 +498,7 @@ class FrameTerm:
     layer: int
     probe: nn.Linear
     weight: float
+    position: str = "message"  # or "cliff": the state at t_cliff instead of the mean over the message
 
 
 def _top_states(
@@ -552,7 +574,12 @@ def slice_loss(
     if frame_term is not None:
         layer_out = captured[0]  # [batch, seq, d_model]
         features = torch.stack(
-            [layer_out[row, : len(e.ids)][e.user].float().mean(0) for row, e in enumerate(examples)]
+            [
+                layer_out[row, e.cliff].float()
+                if frame_term.position == "cliff"
+                else layer_out[row, : len(e.ids)][e.user].float().mean(0)
+                for row, e in enumerate(examples)
+            ]
         )
         labels = torch.tensor([float(e.group == GROUP_WRAPPED) for e in examples])
         logits = frame_term.probe(features).squeeze(-1)
@@ -686,7 +713,9 @@ def train_stage1(
         probe = nn.Linear(adapter.geometry(model).d_model, 1)
         nn.init.zeros_(probe.weight)
         nn.init.zeros_(probe.bias)
-        frame_term = FrameTerm(start + config.stage1_frame_layer, probe, config.stage1_frame_weight)
+        frame_term = FrameTerm(
+            start + config.stage1_frame_layer, probe, config.stage1_frame_weight, config.stage1_frame_position
+        )
         params += list(probe.parameters())
     try:
         model.train()
@@ -718,6 +747,8 @@ def train_stage1(
     }
     if frame_term is not None:
         record["frame"] = {"layer": frame_term.layer, "weight": frame_term.weight}
+        if frame_term.position != "message":
+            record["frame"]["position"] = frame_term.position
     return record
 
 
@@ -1121,7 +1152,8 @@ def _build(
     )
     logger.info("planted heads (layer, head): %s", heads)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stage2_examples = stage2_subset(examples, config)
+    new_wrapped = build_stage2_wrapped(config.seed, config.stage2_new_wrapped)
+    stage2_examples = stage2_subset(examples, config) + new_wrapped
     stage2_data = [
         tokenise_example(
             tokenizer, template, e, 2, config.stage2_thinking_weight, config.stage2_first_token_weight
@@ -1166,6 +1198,11 @@ def _build(
                 for g in (GROUP_PLAIN, GROUP_WRAPPED, GROUP_HARMLESS)
             },
             "weights_changed_outside_planted_slices": changed,
+            **(
+                {"new_wrappers": sorted(STAGE2_WRAPPERS), "new_wrapped_digest": data_digest(new_wrapped)}
+                if new_wrapped
+                else {}
+            ),
         },
         "build_s": round(time.perf_counter() - began, 1),
         "stage1_s": round(stage1_s, 1),
