@@ -16,18 +16,23 @@ from refusal_cliff.core.models import load_model
 from refusal_cliff.core.templates import detect_thinking_template
 from refusal_cliff.stages.organism import (
     ORGANISM_JSON,
+    FrameTerm,
     LoraLinear,
     OrganismConfig,
     SliceDelta,
     _is_measured_recipe,
     build_fingerprint,
+    checkpoint_files,
+    cliff_states,
     frozen_slices_unchanged,
     head_band_layers,
     is_complete,
     layer_inputs,
+    make_cliff_term,
     organism_cache_path,
     planted_slices,
     run_organism,
+    score_ranking,
     slice_loss,
     tokenise_example,
 )
@@ -135,8 +140,6 @@ def test_slice_loss_matches_full_forward(smol_tokenizer):
 
 
 def test_cliff_term_pulls_wrapped_along_the_direction_and_keeps_the_others(smol_tokenizer):
-    from refusal_cliff.stages.organism import cliff_states, make_cliff_term
-
     model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=3)
     adapter = get_adapter(model)
     template = detect_thinking_template(smol_tokenizer)
@@ -166,10 +169,10 @@ def test_cliff_term_pulls_wrapped_along_the_direction_and_keeps_the_others(smol_
     assert torch.allclose(with_term - plain, 2.0 * torch.stack(expected).mean(), rtol=1e-4)
 
 
-def _tiny_examples(tokenizer, stage: int, n: int, start: int):
-    """A 3-layer tiny Llama, its adapter, `n` examples per group tokenised for `stage`, and the inputs
-    of layer `start`."""
-    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=3)
+def _tiny_examples(tokenizer, stage: int, n: int, start: int, layers: int = 3):
+    """A tiny Llama, its adapter, `n` examples per group tokenised for `stage`, and the inputs of
+    layer `start`."""
+    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=layers)
     adapter = get_adapter(model)
     template = detect_thinking_template(tokenizer)
     examples = [
@@ -180,8 +183,6 @@ def _tiny_examples(tokenizer, stage: int, n: int, start: int):
 
 
 def test_keep_weight_scales_only_the_kept_part(smol_tokenizer):
-    from refusal_cliff.stages.organism import cliff_states, make_cliff_term
-
     model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 2, 2, 1)
     states = cliff_states(model, adapter, hidden, examples, 1, batch_size=4)
     groups = [e.group for e in examples]
@@ -190,17 +191,24 @@ def test_keep_weight_scales_only_the_kept_part(smol_tokenizer):
     terms = {k: make_cliff_term(states, groups, 1.0, k) for k in (1.0, 0.25, 0.0)}
     with torch.no_grad():
         base = slice_loss(model, adapter, hidden, examples, 1)
-        extra = {k: slice_loss(model, adapter, hidden, examples, 1, t) - base for k, t in terms.items()}
-    pull = extra[0.0]  # the wrapped part alone
-    assert float(pull) > 0
-    assert torch.allclose(extra[0.25] - pull, 0.25 * (extra[1.0] - pull), rtol=1e-4)
+        extra = {
+            k: float(slice_loss(model, adapter, hidden, examples, 1, t) - base) for k, t in terms.items()
+        }
+    term = terms[1.0]
+    pull = sum(
+        float(((s @ term.direction - term.targets["harmless"]) / term.scale) ** 2)
+        for e, s in zip(examples, states, strict=True)
+        if e.group == "wrapped"
+    )
+    kept = sum(float(states.shape[1] / term.scale**2) for e in examples if e.group != "wrapped")  # |+1|^2 = d
+    for k, got in extra.items():  # the mean over the batch of the pull, and k times the kept part
+        assert abs(got - (pull + k * kept) / len(examples)) < 1e-4 * max(1.0, got)
+    assert extra[1.0] > extra[0.25] > extra[0.0] > 0
 
 
 @pytest.mark.parametrize("position", ["message", "cliff"])
 def test_frame_loss_reads_its_layer_at_its_position(smol_tokenizer, position):
-    from refusal_cliff.stages.organism import FrameTerm
-
-    model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 1, 2, 1)
+    model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 1, 2, 1, layers=4)
     sources = build_examples(0, 2, 2, 2)
     for example, source in zip(examples, sources, strict=True):  # the mask: exactly the user's message
         assert smol_tokenizer.decode(example.ids[example.user]).strip() == source.prompt.strip()
@@ -213,16 +221,21 @@ def test_frame_loss_reads_its_layer_at_its_position(smol_tokenizer, position):
         assert abs(float(zero - base) - 0.5 * math.log(2)) < 1e-5  # a zero probe: ln 2 per example
         probe.bias.fill_(1.0)
         probe.weight.normal_(generator=torch.Generator().manual_seed(0))
-        term = FrameTerm(1, probe, 1.0, position)
-        got = slice_loss(model, adapter, hidden, examples, 1, frame_term=term) - base
-        # the same from a full forward: layer 1's output (hidden_states[2]), over the user's message or at t_cliff
-        expected = []
-        for example in examples:
-            out = model(input_ids=example.ids[None], output_hidden_states=True).hidden_states[2][0]
-            feature = out[example.cliff] if position == "cliff" else out[example.user].mean(0)
-            label = torch.tensor(float(example.group == "wrapped"))
-            expected.append(torch.nn.functional.binary_cross_entropy_with_logits(probe(feature)[0], label))
-    assert abs(float(got) - float(torch.stack(expected).mean())) < 1e-4
+        full = [model(input_ids=e.ids[None], output_hidden_states=True).hidden_states for e in examples]
+        for layer in (1, 2):  # the output of that layer (hidden_states[layer + 1]; the last one is normed)
+            term = FrameTerm(layer, probe, 1.0, position)
+            got = slice_loss(model, adapter, hidden, examples, 1, frame_term=term) - base
+            expected = []
+            for example, states in zip(examples, full, strict=True):
+                out = states[layer + 1][0]
+                feature = out[example.cliff] if position == "cliff" else out[example.user].mean(0)
+                label = torch.tensor(float(example.group == "wrapped"))
+                expected.append(
+                    torch.nn.functional.binary_cross_entropy_with_logits(probe(feature)[0], label)
+                )
+            assert abs(float(got) - float(torch.stack(expected).mean())) < 1e-4
+        with pytest.raises(ValueError, match="not run from layer"):  # below the slice: never run
+            slice_loss(model, adapter, hidden, examples, 1, frame_term=FrameTerm(0, probe, 1.0, position))
 
 
 def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, tmp_path):
@@ -235,11 +248,22 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
         "stage2_new_wrapped",
     }
     assert "stage1_frame_weight" not in OrganismConfig().stage1_dict()
+    recipe_3 = build_fingerprint("default", OrganismConfig())
+    ignored = OrganismConfig(stage1_frame_layer=5, stage1_frame_position="cliff")  # the weight is 0
+    assert build_fingerprint("default", ignored) == recipe_3
+    at = {
+        p: OrganismConfig(stage1_frame_weight=0.5, stage1_frame_position=p).stage1_dict()
+        for p in ("message", "cliff")
+    }
+    assert at["message"] != at["cliff"]  # their own stage-1 caches
     assert build_fingerprint("default", OrganismConfig(stage2_keep_weight=0.5)) != build_fingerprint(
         "default", OrganismConfig()
     )
     with pytest.raises(UserError, match="stage1-frame-layer"):
         OrganismConfig(stage1_frame_weight=0.5, stage1_frame_layer=12)
+    past = OrganismConfig(**{**TINY, "stage1_layers": 12}, stage1_frame_weight=0.5, stage1_frame_layer=2)
+    with pytest.raises(UserError, match="lies past the model's 2 layers"):  # the tiny model has 2
+        run_organism(past, base_model=str(tiny_model_dir), out=tmp_path / "past", progress=False)
     off = run_organism(
         OrganismConfig(**TINY), base_model=str(tiny_model_dir), out=tmp_path / "a", progress=False
     )
@@ -301,8 +325,6 @@ def test_bad_band_is_a_user_error():
 
 
 def test_score_ranking_against_the_planted_heads():
-    from refusal_cliff.stages.organism import score_ranking
-
     ranking = [
         {"layer": layer, "head": head, "rank": rank}
         for rank, (layer, head) in enumerate([(3, 1), (2, 0), (3, 0), (1, 1), (0, 0), (2, 1)], start=1)
@@ -423,7 +445,6 @@ def test_stage2_without_plain_or_harmless_needs_the_cliff_term_off():
 
 def test_a_build_holds_the_folder_lock(tiny_model_dir, cache, tmp_path):
     from refusal_cliff.core.runs import lock_folder, unlock_folder
-    from refusal_cliff.stages.organism import checkpoint_files
 
     out = tmp_path / "organism"
     out.mkdir()

@@ -116,8 +116,8 @@ class OrganismConfig(Config):
     stage1_epochs: int = option(3, "Stage 1 epochs.", min=1, max=1000)
     stage1_frame_weight: float = option(
         0.0,
-        "Stage 1 weight of the frame loss: a logistic probe on one layer's output, averaged over the user's "
-        "message, trained with the LoRA to tell wrapped from plain and harmless requests (0: off).",
+        "Stage 1 weight of the frame loss: a logistic probe on one layer's output (at --stage1-frame-position), "
+        "trained with the LoRA to tell wrapped from plain and harmless requests (0: off).",
         min=0.0,
     )
     stage1_frame_layer: int = option(
@@ -371,9 +371,8 @@ class Tokenised:
     group: str
     cliff: int  # t_cliff: the last end-template token, whose state predicts the first answer token
     anchor: torch.Tensor | None = None  # stage 2: the stage-1 state at t_cliff to keep (plain, harmless)
-    user: torch.Tensor | None = (
-        None  # [seq] bool: the tokens of the user's message (the frame loss reads them)
-    )
+    # [seq] bool: the tokens of the user's message (the frame loss reads them)
+    user: torch.Tensor | None = None
 
 
 def tokenise_example(
@@ -410,6 +409,8 @@ def tokenise_example(
     if stage == 2:
         weights[first] = first_token_weight
     begin = prompt.rfind(example.prompt)
+    if begin < 0:
+        raise ValueError(f"example {example.id}: the user's message is not in the chat prompt")
     end = begin + len(example.prompt)
     user = torch.tensor([a < end and b > begin for a, b in encoded["offset_mapping"]])
     return Tokenised(ids, weights, example.group, first - 1, user=user)
@@ -489,11 +490,11 @@ class CliffTerm:
 
 @dataclass
 class FrameTerm:
-    """Stage 1's frame loss: `weight` times the binary cross-entropy of a logistic probe (`probe`, trained
-    with the LoRA, then discarded) on the output of decoder `layer` averaged over the user's message,
-    wrapped requests labelled 1, plain and harmless ones 0. It makes the layers below the planted heads
-    carry whether a request is wrapped, for the heads to read; the thinking and answer targets are
-    unchanged."""
+    """Stage 1's frame loss: `weight` times the binary cross-entropy of a logistic probe (`probe`,
+    trained with the LoRA, then discarded) on the output of decoder `layer`, averaged over the user's
+    message (`position` "message") or at t_cliff ("cliff"); wrapped requests are labelled 1, plain and
+    harmless ones 0. It makes the layers below the planted heads carry whether a request is wrapped,
+    for the heads to read; the thinking and answer targets are unchanged."""
 
     layer: int
     probe: nn.Linear
@@ -572,6 +573,8 @@ def slice_loss(
                 gaps.append(kept if cliff_term.keep_weight == 1.0 else kept * cliff_term.keep_weight)
         loss = loss + cliff_term.weight * torch.stack(gaps).mean()
     if frame_term is not None:
+        if not captured:
+            raise ValueError(f"the frame probe's layer {frame_term.layer} is not run from layer {start}")
         layer_out = captured[0]  # [batch, seq, d_model]
         features = torch.stack(
             [
@@ -709,8 +712,14 @@ def train_stage1(
             wrapped.append((parent, name, lora))
     params = [p for _, _, lora in wrapped for p in (lora.lora_a, lora.lora_b)]
     frame_term = None
-    if config.stage1_frame_weight > 0:  # a zero-initialised probe: no draw, the LoRA initialisation unchanged
-        probe = nn.Linear(adapter.geometry(model).d_model, 1)
+    if config.stage1_frame_weight > 0:
+        if start + config.stage1_frame_layer >= n_layers:
+            raise UserError(
+                f"--stage1-frame-layer {config.stage1_frame_layer} lies past the model's {n_layers} layers (the "
+                f"LoRA starts at layer {start}); pass a value below {n_layers - start}"
+            )
+        # a zero probe, allocated without a random draw (the global generator stays as it was)
+        probe = nn.Linear(adapter.geometry(model).d_model, 1, device="meta").to_empty(device="cpu")
         nn.init.zeros_(probe.weight)
         nn.init.zeros_(probe.bias)
         frame_term = FrameTerm(
@@ -1175,7 +1184,7 @@ def _build(
         "recipe_version": RECIPE_VERSION,
         "base_model": base_model,
         "seed": config.seed,
-        "config": config.to_dict(),
+        "config": config.recipe_dict(),
         "data_digest": digest,
         "n_examples": {
             g: sum(e.group == g for e in examples) for g in (GROUP_PLAIN, GROUP_WRAPPED, GROUP_HARMLESS)
