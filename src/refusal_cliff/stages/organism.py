@@ -408,11 +408,7 @@ def tokenise_example(
         raise ValueError(f"example {example.id}: no answer token after the end template")
     if stage == 2:
         weights[first] = first_token_weight
-    begin = prompt.rfind(example.prompt)
-    if begin < 0:
-        raise ValueError(f"example {example.id}: the user's message is not in the chat prompt")
-    end = begin + len(example.prompt)
-    user = torch.tensor([a < end and b > begin for a, b in encoded["offset_mapping"]])
+    user = message_mask(encoded["offset_mapping"], prompt, example.prompt)  # `text` starts with `prompt`
     return Tokenised(ids, weights, example.group, first - 1, user=user)
 
 
@@ -570,7 +566,7 @@ def slice_loss(
                 gaps.append(gap.pow(2))
             else:  # the others: their stage-1 state, kept
                 kept = (state - example.anchor).pow(2).sum() / cliff_term.scale**2
-                gaps.append(kept if cliff_term.keep_weight == 1.0 else kept * cliff_term.keep_weight)
+                gaps.append(kept * cliff_term.keep_weight)  # x * 1.0 is x, bit for bit
         loss = loss + cliff_term.weight * torch.stack(gaps).mean()
     if frame_term is not None:
         if not captured:
@@ -764,14 +760,20 @@ def train_stage1(
 # -- head selection --------------------------------------------------------------------------
 
 
-def user_message_mask(tokenizer, text: str, user_prompt: str) -> torch.Tensor:
-    """[seq] bool: the tokens of `text` that lie inside the user's message (its last occurrence)."""
+def message_mask(offsets: Sequence[tuple[int, int]], text: str, user_prompt: str) -> torch.Tensor:
+    """[seq] bool: the tokens (by their character `offsets` in a text that starts with `text`) that lie
+    inside the user's message, its last occurrence in `text`."""
     start = text.rfind(user_prompt)
     if start < 0:
         raise ValueError("the user's message is not in the probing text")
     stop = start + len(user_prompt)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return torch.tensor([a < stop and b > start for a, b in offsets])
+
+
+def user_message_mask(tokenizer, text: str, user_prompt: str) -> torch.Tensor:
+    """[seq] bool: the tokens of `text` that lie inside the user's message (its last occurrence)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return message_mask(offsets, text, user_prompt)
 
 
 def head_band_layers(n_layers: int, band: Sequence[float]) -> list[int]:
