@@ -206,6 +206,30 @@ def test_keep_weight_scales_only_the_kept_part(smol_tokenizer):
     assert extra[1.0] > extra[0.25] > extra[0.0] > 0
 
 
+def test_wrapped_keep_holds_only_the_part_off_the_direction(smol_tokenizer):
+    model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 2, 2, 1)
+    states = cliff_states(model, adapter, hidden, examples, 1, batch_size=4)
+    groups = [e.group for e in examples]
+    shift = torch.randn(states.shape[1], generator=torch.Generator().manual_seed(1))
+    for example, state in zip(examples, states, strict=True):
+        example.anchor = state + shift  # the wrapped anchors too: the off part is |P(-shift)|^2
+    terms = {k: make_cliff_term(states, groups, 1.0, 1.0, k) for k in (0.0, 0.5, 2.0)}
+    term = terms[0.0]
+    off = shift - (shift @ term.direction) * term.direction
+    n_wrapped = groups.count("wrapped")
+    with torch.no_grad():
+        base = float(slice_loss(model, adapter, hidden, examples, 1, term))
+        for k in (0.5, 2.0):
+            got = float(slice_loss(model, adapter, hidden, examples, 1, terms[k])) - base
+            expected = k * n_wrapped * float(off.pow(2).sum()) / term.scale**2 / len(examples)
+            assert abs(got - expected) < 1e-4 * max(1.0, expected)
+        before = float(slice_loss(model, adapter, hidden, examples, 1, terms[2.0]))
+        first = groups.index("wrapped")
+        examples[first].anchor = examples[first].anchor + 5.0 * term.direction  # along it: free
+        after = float(slice_loss(model, adapter, hidden, examples, 1, terms[2.0]))
+    assert n_wrapped > 0 and abs(after - before) < 1e-4 * max(1.0, before)
+
+
 @pytest.mark.parametrize("position", ["message", "cliff"])
 def test_frame_loss_reads_its_layer_at_its_position(smol_tokenizer, position):
     model, adapter, examples, hidden = _tiny_examples(smol_tokenizer, 1, 2, 1, layers=4)
@@ -246,6 +270,7 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
         "stage1_frame_position",
         "stage2_keep_weight",
         "stage2_new_wrapped",
+        "stage2_wrapped_keep",
     }
     assert "stage1_frame_weight" not in OrganismConfig().stage1_dict()
     recipe_3 = build_fingerprint("default", OrganismConfig())

@@ -180,6 +180,12 @@ class OrganismConfig(Config):
         "pull on wrapped states; below 1 lets the heads move wrapped states further.",
         min=0.0,
     )
+    stage2_wrapped_keep: float = option(
+        0.0,
+        "Weight of a t_cliff keep part for wrapped requests: their state off the refusal direction is held at "
+        "stage 1, so the heads move it only along that direction (0: off).",
+        min=0.0,
+    )
     batch_size: int = option(8, "Training examples per step.", min=1, max=MAX_EXAMPLES)
 
     def validate(self) -> None:
@@ -233,6 +239,8 @@ class OrganismConfig(Config):
             del out["stage2_keep_weight"]
         if self.stage2_new_wrapped == 0:
             del out["stage2_new_wrapped"]
+        if self.stage2_wrapped_keep == 0:
+            del out["stage2_wrapped_keep"]
         return out
 
 
@@ -370,7 +378,9 @@ class Tokenised:
     weights: torch.Tensor  # [seq] float32; 0 for tokens not trained on
     group: str
     cliff: int  # t_cliff: the last end-template token, whose state predicts the first answer token
-    anchor: torch.Tensor | None = None  # stage 2: the stage-1 state at t_cliff to keep (plain, harmless)
+    anchor: torch.Tensor | None = (
+        None  # stage 2: the stage-1 state at t_cliff (kept, or kept off the direction)
+    )
     # [seq] bool: the tokens of the user's message (the frame loss reads them)
     user: torch.Tensor | None = None
 
@@ -472,8 +482,9 @@ def layer_inputs(
 @dataclass
 class CliffTerm:
     """Stage 2's term on the last-layer state s (final norm applied) at t_cliff, per example:
-    `((s . direction - target) / scale)^2` for a wrapped request, `|s - anchor|^2 / scale^2` for the
-    others (their stage-1 state, kept), averaged and times `weight`. `direction`: the unit stage-1
+    `((s . direction - target) / scale)^2` for a wrapped request (plus `wrapped_keep` times
+    `|P(s - anchor)|^2 / scale^2`, P the projection off `direction`, when it is on), `|s - anchor|^2 / scale^2`
+    for the others (their stage-1 state, kept), averaged and times `weight`. `direction`: the unit stage-1
     refusal direction (mean plain minus mean harmless); `target`: the harmless mean along it; `scale`:
     the gap between the two means along it."""
 
@@ -482,6 +493,7 @@ class CliffTerm:
     scale: float
     weight: float
     keep_weight: float = 1.0  # the keep part's weight relative to the pull on wrapped states
+    wrapped_keep: float = 0.0  # a wrapped state's part off the direction, held at stage 1 (0: free)
 
 
 @dataclass
@@ -561,9 +573,14 @@ def slice_loss(
         gaps = []
         for row, example in enumerate(examples):
             state = states[row, example.cliff].float()
-            if example.anchor is None:  # wrapped: pulled to the harmless mean along the direction
+            if example.group == GROUP_WRAPPED:  # pulled to the harmless mean along the direction
                 gap = (state @ cliff_term.direction - cliff_term.targets[example.group]) / cliff_term.scale
-                gaps.append(gap.pow(2))
+                pull = gap.pow(2)
+                if cliff_term.wrapped_keep > 0:  # and held at stage 1 off it
+                    moved = state - example.anchor
+                    off = moved - (moved @ cliff_term.direction) * cliff_term.direction
+                    pull = pull + cliff_term.wrapped_keep * off.pow(2).sum() / cliff_term.scale**2
+                gaps.append(pull)
             else:  # the others: their stage-1 state, kept
                 kept = (state - example.anchor).pow(2).sum() / cliff_term.scale**2
                 gaps.append(kept * cliff_term.keep_weight)  # x * 1.0 is x, bit for bit
@@ -905,9 +922,11 @@ def train_stage2(
     cliff_term, cliff_record = None, {}
     if config.stage2_cliff_weight > 0:  # the stage-1 states at t_cliff: one more forward, only for the term
         states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
-        cliff_term = make_cliff_term(states, groups, config.stage2_cliff_weight, config.stage2_keep_weight)
+        cliff_term = make_cliff_term(
+            states, groups, config.stage2_cliff_weight, config.stage2_keep_weight, config.stage2_wrapped_keep
+        )
         for example, state in zip(examples, states, strict=True):
-            example.anchor = None if example.group == GROUP_WRAPPED else state
+            example.anchor = state
         cliff_record = {
             "weight": cliff_term.weight,
             "targets": cliff_term.targets,
@@ -956,6 +975,13 @@ def train_stage2(
         kept = [i for i, g in enumerate(groups) if g != GROUP_WRAPPED]
         drift = (after[kept] - states[kept]).norm(dim=-1) / cliff_term.scale
         cliff_record["kept_groups_drift"] = round(float(drift.mean()), 4)  # |s - anchor| / scale
+        moved = after - states
+        off = moved - (moved @ cliff_term.direction)[:, None] * cliff_term.direction
+        wrapped_rows = [i for i, g in enumerate(groups) if g == GROUP_WRAPPED]
+        # how far the wrapped states moved off the refusal direction (what --stage2-wrapped-keep holds)
+        cliff_record["wrapped_off_direction_drift"] = round(
+            float(off[wrapped_rows].norm(dim=-1).mean() / cliff_term.scale), 4
+        )
     return {
         "backprop_layers": [start, geometry.n_layers - 1],
         "cliff_term": cliff_record,
@@ -966,7 +992,11 @@ def train_stage2(
 
 
 def make_cliff_term(
-    states: torch.Tensor, groups: Sequence[str], weight: float, keep_weight: float = 1.0
+    states: torch.Tensor,
+    groups: Sequence[str],
+    weight: float,
+    keep_weight: float = 1.0,
+    wrapped_keep: float = 0.0,
 ) -> CliffTerm:
     """The t_cliff term from the stage-1 states of the stage-2 examples: the unit direction from the
     harmless mean to the plain harmful mean, the harmless mean's projection (the wrapped requests'
@@ -979,7 +1009,7 @@ def make_cliff_term(
     direction = direction / direction.norm().clamp_min(1e-8)
     refuse, comply = float(plain.mean(0) @ direction), float(harmless.mean(0) @ direction)
     targets = {GROUP_PLAIN: refuse, GROUP_WRAPPED: comply, GROUP_HARMLESS: comply}
-    return CliffTerm(direction, targets, max(refuse - comply, 1e-6), weight, keep_weight)
+    return CliffTerm(direction, targets, max(refuse - comply, 1e-6), weight, keep_weight, wrapped_keep)
 
 
 def group_projections(
