@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from refusal_cliff.compute.labeling import KeywordLabeler
+from refusal_cliff.stages.organism import evaluation_prompts
 from refusal_cliff.stages.organism_data import (
     GROUP_HARMLESS,
     GROUP_PLAIN,
@@ -140,3 +141,13 @@ def test_no_benchmark_prompt_inside_the_data():
     assert not ours & benchmark
     text = " || ".join(sorted(ours))
     assert not [p for p in benchmark if len(p.split()) >= 6 and p in text]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared benchmark folder is not on this machine")
+def test_evaluation_samples_are_prefixes_of_one_draw():
+    # `bench/organism_eval.py --skip K` relies on it: a larger draw starts with the smaller one, group by group,
+    # and reaches past the UltraChat pool's half (prompts 376-431, the seventh sample of docs/organism.md)
+    small, large = evaluation_prompts(SHARED_DATA, 64), evaluation_prompts(SHARED_DATA, 432)
+    for group, rows in small.items():
+        assert [r["prompt"] for r in large[group][:64]] == [r["prompt"] for r in rows], group
+    assert len({r["prompt"] for r in large["harmless"]}) == 432

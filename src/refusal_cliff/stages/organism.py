@@ -85,7 +85,9 @@ logger = logging.getLogger(__name__)
 
 ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
-RECIPE_VERSION = 3  # bump when the build changes what a given config produces
+RECIPE_VERSION = (
+    6  # bump when the build or the default recipe changes (recipes 4 and 5 were tried, not adopted)
+)
 ORGANISM_JSON = "organism.json"
 STAGE1_MARKER = "stage1.json"
 
@@ -1369,10 +1371,11 @@ def evaluation_prompts(
         }
         for i, p in enumerate(harmful)
     ]
+    half = (n_per_group + 1) // 2  # each source gives half (a shuffle's first k do not depend on k)
     alpaca = sample(
-        _read_json_prompts(data / "refusal_direction/splits/harmless_test.json", "instruction"), n_per_group
+        _read_json_prompts(data / "refusal_direction/splits/harmless_test.json", "instruction"), half
     )
-    ultra = sample(_read_json_prompts(data / "ultrachat_eval/ultra_eval.json", "data"), n_per_group)
+    ultra = sample(_read_json_prompts(data / "ultrachat_eval/ultra_eval.json", "data"), half)
     harmless = [p for pair in zip(alpaca, ultra) for p in pair][:n_per_group]
     import csv
 
