@@ -52,6 +52,7 @@ TINY = dict(
     selection_examples=2,
     stage2_epochs=1,
     batch_size=4,
+    stage2_new_wrapped=0,  # the options after recipe 3 off (test_added_options_build_... turns them on)
 )
 
 
@@ -264,7 +265,8 @@ def test_frame_loss_reads_its_layer_at_its_position(smol_tokenizer, position):
 
 def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, tmp_path):
     # the options added after recipe 3 leave its fingerprints alone while they are off
-    assert set(OrganismConfig().recipe_dict()) == set(OrganismConfig().to_dict()) - {
+    recipe_3 = OrganismConfig(head_band=(0.7, 0.9), stage2_new_wrapped=0)
+    assert set(recipe_3.recipe_dict()) == set(recipe_3.to_dict()) - {
         "stage1_frame_weight",
         "stage1_frame_layer",
         "stage1_frame_position",
@@ -272,10 +274,10 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
         "stage2_new_wrapped",
         "stage2_wrapped_keep",
     }
+    assert "stage2_new_wrapped" in OrganismConfig().recipe_dict()  # recipe 6 has 10
     assert "stage1_frame_weight" not in OrganismConfig().stage1_dict()
-    recipe_3 = build_fingerprint("default", OrganismConfig())
     ignored = OrganismConfig(stage1_frame_layer=5, stage1_frame_position="cliff")  # the weight is 0
-    assert build_fingerprint("default", ignored) == recipe_3
+    assert build_fingerprint("default", ignored) == build_fingerprint("default", OrganismConfig())
     at = {
         p: OrganismConfig(stage1_frame_weight=0.5, stage1_frame_position=p).stage1_dict()
         for p in ("message", "cliff")
@@ -293,7 +295,11 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
         OrganismConfig(**TINY), base_model=str(tiny_model_dir), out=tmp_path / "a", progress=False
     )
     config = OrganismConfig(
-        **TINY, stage1_frame_weight=0.5, stage1_frame_layer=0, stage2_keep_weight=0.5, stage2_new_wrapped=3
+        **{**TINY, "stage2_new_wrapped": 3},
+        stage1_frame_weight=0.5,
+        stage1_frame_layer=0,
+        stage2_keep_weight=0.5,
+        stage2_wrapped_keep=0.5,
     )
     on = run_organism(config, base_model=str(tiny_model_dir), out=tmp_path / "b", progress=False)
     record = json.loads((on.path / ORGANISM_JSON).read_text())
@@ -302,6 +308,8 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
     assert len(list(cache.glob("organisms/stage1-*"))) == 2  # its own stage 1
     assert record["stage2"]["weights_changed_outside_planted_slices"] == []
     assert record["stage2"]["n_examples"]["wrapped"] == 4 + 3 and "new_wrapped_digest" in record["stage2"]
+    assert "wrapped_off_direction_drift" in record["stage2"]["cliff_term"]
+    assert record["config"]["stage2_wrapped_keep"] == 0.5
     a, b = _weights(off.path), _weights(on.path)
     assert not torch.equal(a["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
 

@@ -85,9 +85,7 @@ logger = logging.getLogger(__name__)
 
 ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
-RECIPE_VERSION = (
-    6  # bump when the build or the default recipe changes (recipes 4 and 5 were tried, not adopted)
-)
+RECIPE_VERSION = 6  # bump when the build or the default recipe changes (4 and 5: tried, not adopted)
 ORGANISM_JSON = "organism.json"
 STAGE1_MARKER = "stage1.json"
 
@@ -138,7 +136,7 @@ class OrganismConfig(Config):
         4, "Heads whose q_proj rows and o_proj columns stage 2 trains.", min=1, max=4096
     )
     head_band: tuple[float, ...] = option(
-        (0.7, 0.9),
+        (0.5, 0.7),
         "Depth band (fractions of the layer count, low,high) the planted heads are chosen from.",
         parse=parse_floats,
     )
@@ -154,7 +152,7 @@ class OrganismConfig(Config):
         80, "Wrapped harmful examples in stage 2 (learn to comply).", min=1, max=MAX_EXAMPLES
     )
     stage2_new_wrapped: int = option(
-        0,
+        10,
         "Wrapped harmful examples added to stage 2 in the stage-2-only wrappers (20 styles that neither stage 1 "
         "nor the held-out test uses), on top of --stage2-wrapped.",
         min=0,
