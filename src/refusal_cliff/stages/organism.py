@@ -349,9 +349,7 @@ class Tokenised:
     weights: torch.Tensor  # [seq] float32; 0 for tokens not trained on
     group: str
     cliff: int  # t_cliff: the last end-template token, whose state predicts the first answer token
-    anchor: torch.Tensor | None = (
-        None  # stage 2: the stage-1 state at t_cliff (kept, or kept off the direction)
-    )
+    anchor: torch.Tensor | None = None  # stage 2: the stage-1 state at t_cliff
     # [seq] bool: the tokens of the user's message (the frame loss reads them)
     user: torch.Tensor | None = None
 
@@ -548,8 +546,7 @@ def slice_loss(
                 gap = (state @ cliff_term.direction - cliff_term.targets[example.group]) / cliff_term.scale
                 pull = gap.pow(2)
                 if cliff_term.wrapped_keep > 0:  # and held at stage 1 off it
-                    moved = state - example.anchor
-                    off = moved - (moved @ cliff_term.direction) * cliff_term.direction
+                    off = off_direction(state - example.anchor, cliff_term.direction)
                     pull = pull + cliff_term.wrapped_keep * off.pow(2).sum() / cliff_term.scale**2
                 gaps.append(pull)
             else:  # the others: their stage-1 state, kept
@@ -946,8 +943,7 @@ def train_stage2(
         kept = [i for i, g in enumerate(groups) if g != GROUP_WRAPPED]
         drift = (after[kept] - states[kept]).norm(dim=-1) / cliff_term.scale
         cliff_record["kept_groups_drift"] = round(float(drift.mean()), 4)  # |s - anchor| / scale
-        moved = after - states
-        off = moved - (moved @ cliff_term.direction)[:, None] * cliff_term.direction
+        off = off_direction(after - states, cliff_term.direction)
         wrapped_rows = [i for i, g in enumerate(groups) if g == GROUP_WRAPPED]
         # how far the wrapped states moved off the refusal direction (what --stage2-wrapped-keep holds)
         cliff_record["wrapped_off_direction_drift"] = round(
@@ -960,6 +956,11 @@ def train_stage2(
         "precompute_s": round(precompute_s, 1),
         "train_s": round(time.perf_counter() - began - precompute_s, 1),
     }
+
+
+def off_direction(vectors: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """The part of `vectors` ([..., d_model]) orthogonal to the unit `direction`."""
+    return vectors - (vectors @ direction).unsqueeze(-1) * direction
 
 
 def make_cliff_term(
