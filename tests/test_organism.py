@@ -120,6 +120,23 @@ def test_same_seed_same_weights(tiny_model_dir, cache, tmp_path):
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
 
 
+def test_a_cached_stage_1_gives_the_weights_of_a_build_from_scratch(tmp_path, monkeypatch, smol_tokenizer):
+    # 4 layers: stage 1 trains layers 2-3 and stage 2 heads in layers 1-2, so stage 2 runs on the merged stage-1
+    # weights in memory in one build and on the saved ones in the other
+    monkeypatch.setenv("REFUSAL_CLIFF_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny4"
+    make_tiny_model("LlamaForCausalLM", num_hidden_layers=4).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    config = OrganismConfig(**{**TINY, "stage1_layers": 2, "head_band": (0.25, 0.5), "n_planted_heads": 1})
+    fresh = run_organism(config, base_model=str(folder), out=tmp_path / "a", progress=False)
+    from refusal_cliff.stages import organism
+
+    monkeypatch.setattr(organism, "train_stage1", lambda *a, **k: pytest.fail("stage 1 trained again"))
+    cached = run_organism(config, base_model=str(folder), out=tmp_path / "b", progress=False)
+    wa, wb = _weights(fresh.path), _weights(cached.path)
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
 def test_slice_loss_matches_full_forward(smol_tokenizer):
     model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=3)
     adapter = get_adapter(model)

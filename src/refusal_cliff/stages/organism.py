@@ -87,6 +87,9 @@ ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
 RECIPE_VERSION = 6  # bump when the build or the default recipe changes (4 and 5: tried, not adopted)
 ORGANISM_JSON = "organism.json"
+RECORD_EVERY = (
+    4  # stage 2's record of the t_cliff states after it: every 4th example of a group (a forward each)
+)
 STAGE1_MARKER = "stage1.json"
 
 
@@ -937,8 +940,20 @@ def train_stage2(
         model.eval()
         for parent, name, delta in wrapped:
             setattr(parent, name, delta.merged())
-    if cliff_term is not None:
-        after = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
+    train_s = time.perf_counter() - began - precompute_s
+    if (
+        cliff_term is not None
+    ):  # what stage 2 did at t_cliff, over every RECORD_EVERY-th example of each group
+        rows = sorted(
+            i
+            for group in set(groups)
+            for i in [j for j, g in enumerate(groups) if g == group][::RECORD_EVERY]
+        )
+        after = cliff_states(
+            model, adapter, [hidden[i] for i in rows], [examples[i] for i in rows], start, config.batch_size
+        )
+        states, groups = states[rows], [groups[i] for i in rows]
+        cliff_record["record_examples"] = len(rows)
         cliff_record["stage2_projection"] = group_projections(after, groups, cliff_term.direction)
         kept = [i for i, g in enumerate(groups) if g != GROUP_WRAPPED]
         drift = (after[kept] - states[kept]).norm(dim=-1) / cliff_term.scale
@@ -954,7 +969,8 @@ def train_stage2(
         "cliff_term": cliff_record,
         "epoch_losses": history,
         "precompute_s": round(precompute_s, 1),
-        "train_s": round(time.perf_counter() - began - precompute_s, 1),
+        "train_s": round(train_s, 1),
+        "record_s": round(time.perf_counter() - began - precompute_s - train_s, 1),  # the states after it
     }
 
 
