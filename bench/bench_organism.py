@@ -10,7 +10,8 @@ because the issue states it in minutes on this 2-core machine.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python bench/bench_organism.py [--model default] [--config '{}']
 
-Recipe 3 (the default) on this machine, 2026-12-06: 645 s, from `refusal-cliff organism` (docs/organism.md).
+Recipe 6 (the default) on this machine, 2026-12-07: 790 s (stage 1 445 s), baseline 127 s, 6.2x, over the
+budget (recipe 3, 2026-12-06: 645-727 s; docs/organism.md, "Build time").
 """
 
 from __future__ import annotations
