@@ -11,7 +11,7 @@ because the issue states it in minutes on this 2-core machine.
     OMP_NUM_THREADS=2 PYTHONPATH=src python bench/bench_organism.py [--model default] [--config '{}']
 
 Recipe 6 (the default) on this machine, 2026-12-07: 790 s (stage 1 445 s), baseline 127 s, 6.2x, over the
-budget (recipe 3, 2026-12-06: 645-727 s; docs/organism.md, "Build time").
+budget (recipe 3, 2026-12-06: 727 s with this script, 645-751 s over four builds; docs/organism.md, "Build time").
 """
 
 from __future__ import annotations
