@@ -59,20 +59,25 @@ def _artifacts(folder: Path) -> tuple[list[dict], object]:
     return rows, pq.read_table(folder / "traces.parquet")
 
 
+# the workers run other batches (shards) on one torch thread each: the embedded model's 30 float32 layers then round
+# differently, by about 1e-6 in a score (once 1.55e-6, 3 of 1262 tokens over 1e-6 in a CI run), so: 1e-5
+SCORE_ATOL = 1e-5
+
+
 def assert_same_trace(local: Path, other: Path) -> None:
-    """Same ids in the same order in cliff.jsonl and traces.parquet, scores within 1e-6."""
+    """Same ids in the same order in cliff.jsonl and traces.parquet, scores within SCORE_ATOL."""
     local_rows, local_table = _artifacts(local)
     rows, table = _artifacts(other)
     assert [r["id"] for r in rows] == [r["id"] for r in local_rows]
     for column in ("id", "position", "token_id", "token", "region"):
         assert table.column(column).to_pylist() == local_table.column(column).to_pylist()
     np.testing.assert_allclose(
-        table.column("score").to_numpy(), local_table.column("score").to_numpy(), atol=1e-6
+        table.column("score").to_numpy(), local_table.column("score").to_numpy(), atol=SCORE_ATOL, rtol=0
     )
     for a, b in zip(rows, local_rows):
         assert a.keys() == b.keys() and a["group"] == b["group"] and a["t_cliff"] == b["t_cliff"]
         for key in ("plateau", "final", "ms", "drop"):
-            assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= 1e-6
+            assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= SCORE_ATOL
     assert (
         json.loads((other / "curves.json").read_text()).keys()
         == json.loads((local / "curves.json").read_text()).keys()
@@ -187,7 +192,7 @@ def test_cli_select_ray_equals_local(tiny_model_dir, inputs, tmp_path):
     for a, b in zip(rows["ray"], rows["local"]):
         assert a.keys() == b.keys() and a["refusal"] == b["refusal"] and a["t_cliff"] == b["t_cliff"]
         for key in ("plateau", "final", "ms", "drop"):
-            assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= 1e-6
+            assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= SCORE_ATOL
     for name in ("generations.jsonl", "selection.jsonl"):
         assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text()
     assert not (tmp_path / "ray" / "shards").exists()
