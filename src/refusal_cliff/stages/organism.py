@@ -87,9 +87,8 @@ ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
 RECIPE_VERSION = 6  # bump when the build or the default recipe changes (4 and 5: tried, not adopted)
 ORGANISM_JSON = "organism.json"
-RECORD_EVERY = (
-    4  # stage 2's record of the t_cliff states after it: every 4th example of a group (a forward each)
-)
+# stage 2's record of the t_cliff states after it reads every 4th example of a group (a forward pass each)
+RECORD_EVERY = 4
 STAGE1_MARKER = "stage1.json"
 
 
@@ -941,9 +940,8 @@ def train_stage2(
         for parent, name, delta in wrapped:
             setattr(parent, name, delta.merged())
     train_s = time.perf_counter() - began - precompute_s
-    if (
-        cliff_term is not None
-    ):  # what stage 2 did at t_cliff, over every RECORD_EVERY-th example of each group
+    # what stage 2 did at t_cliff, over every RECORD_EVERY-th example of each group
+    if cliff_term is not None:
         rows = sorted(
             i
             for group in set(groups)
