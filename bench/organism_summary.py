@@ -80,10 +80,11 @@ def measured_record(summary: dict, prober_metadata: dict) -> dict:
     config = prober_metadata.get("config", {})
     cliff = summary.get("cliff", {})
     n, skip = summary["harmful"]["n"], summary["harmful"]["first_index"]
+    prober_skip = summary["prober_harmful"]["first_index"]
+    draw = f"--n {n} --skip {skip}" + (f" --prober-skip {prober_skip}" if prober_skip != skip else "")
     return {
-        "prompts": f"bench/organism_eval.py (seed 0), prompts {skip}-{skip + n - 1} of each group (--n {n} --skip "
-        f"{skip}); prober: {summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} "
-        "harmless_train",
+        "prompts": f"bench/organism_eval.py (seed 0), prompts {skip}-{skip + n - 1} of each group ({draw}); "
+        f"prober: {summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} harmless_train",
         "decoding": "greedy, max thinking 80 tokens, max answer 40 tokens",
         "thinking_states_refusal": {
             "plain": count("harmful", "thinking_refuses"),

@@ -15,12 +15,14 @@ from refusal_cliff.core.errors import UserError
 from refusal_cliff.core.models import load_model
 from refusal_cliff.core.templates import detect_thinking_template
 from refusal_cliff.stages.organism import (
+    FLOAT32_SDPA,
     ORGANISM_JSON,
     FrameTerm,
     LoraLinear,
     OrganismConfig,
     SliceDelta,
     _is_measured_recipe,
+    bfloat16_training,
     build_fingerprint,
     checkpoint_files,
     cliff_states,
@@ -35,6 +37,7 @@ from refusal_cliff.stages.organism import (
     score_ranking,
     slice_loss,
     tokenise_example,
+    training_precision,
 )
 from refusal_cliff.stages.organism_data import build_examples
 
@@ -282,7 +285,7 @@ def test_frame_loss_reads_its_layer_at_its_position(smol_tokenizer, position):
 
 def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, tmp_path):
     # the options added after recipe 3 leave its fingerprints alone while they are off
-    recipe_3 = OrganismConfig(head_band=(0.7, 0.9), stage2_new_wrapped=0)
+    recipe_3 = OrganismConfig(head_band=(0.7, 0.9), stage2_new_wrapped=0, train_dtype="float32")
     assert set(recipe_3.recipe_dict()) == set(recipe_3.to_dict()) - {
         "stage1_frame_weight",
         "stage1_frame_layer",
@@ -290,8 +293,10 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
         "stage2_keep_weight",
         "stage2_new_wrapped",
         "stage2_wrapped_keep",
+        "train_dtype",
     }
-    assert "stage2_new_wrapped" in OrganismConfig().recipe_dict()  # recipe 6 has 10
+    assert "stage2_new_wrapped" in OrganismConfig().recipe_dict()  # recipes 6 and 8 have 10
+    assert OrganismConfig().recipe_dict()["train_dtype"] == "bfloat16"  # recipe 8
     assert "stage1_frame_weight" not in OrganismConfig().stage1_dict()
     ignored = OrganismConfig(stage1_frame_layer=5, stage1_frame_position="cliff")  # the weight is 0
     assert build_fingerprint("default", ignored) == build_fingerprint("default", OrganismConfig())
@@ -329,6 +334,48 @@ def test_added_options_build_and_when_off_keep_recipe_3(tiny_model_dir, cache, t
     assert record["config"]["stage2_wrapped_keep"] == 0.5
     a, b = _weights(off.path), _weights(on.path)
     assert not torch.equal(a["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_train_dtype_gives_its_own_build_and_still_freezes_everything_else(tiny_model_dir, cache, tmp_path):
+    with training_precision("bfloat16"):
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+    with training_precision("float32"):
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.float32
+    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=2)
+    model.set_attn_implementation("sdpa")  # the embedded model's; the tiny one is built with eager
+    adapter = get_adapter(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    implementation = model.config._attn_implementation
+    with bfloat16_training(model, adapter, 1):
+        assert adapter.layers(model)[1].mlp.down_proj.weight.dtype == torch.bfloat16
+        assert (
+            adapter.layers(model)[0].mlp.down_proj.weight.dtype == torch.float32
+        )  # below the trained layers
+        assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+        assert model.config._attn_implementation == FLOAT32_SDPA
+        with training_precision("bfloat16"):  # it runs
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert model.config._attn_implementation == implementation == "sdpa"
+    assert all(
+        torch.equal(before[name], p) and p.dtype == torch.float32 for name, p in model.named_parameters()
+    )
+    dtypes = ("float32", "bfloat16")
+    configs = {d: OrganismConfig(**TINY, train_dtype=d) for d in dtypes}
+    assert configs["float32"].stage1_dict() != configs["bfloat16"].stage1_dict()  # its own stage-1 cache
+    assert "train_dtype" not in OrganismConfig(train_dtype="float32").recipe_dict()  # recipe 6's fingerprint
+    built = {
+        d: run_organism(configs[d], base_model=str(tiny_model_dir), out=tmp_path / d, progress=False)
+        for d in dtypes
+    }
+    records = {d: json.loads((built[d].path / ORGANISM_JSON).read_text()) for d in dtypes}
+    assert records["bfloat16"]["config"]["train_dtype"] == "bfloat16"
+    assert records["bfloat16"]["stage2"]["weights_changed_outside_planted_slices"] == []
+    assert len(list(cache.glob("organisms/stage1-*"))) == 2
+    a, b = _weights(built["float32"].path), _weights(built["bfloat16"].path)
+    assert all(w.dtype == torch.float32 for w in b.values())
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(a[name], b[name])  # trained in another precision
+    assert torch.allclose(a[name], b[name], atol=1e-2)  # but to the same place
 
 
 def test_deltas_merge_exactly():

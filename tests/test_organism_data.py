@@ -151,3 +151,27 @@ def test_evaluation_samples_are_prefixes_of_one_draw():
     for group, rows in small.items():
         assert [r["prompt"] for r in large[group][:64]] == [r["prompt"] for r in rows], group
     assert len({r["prompt"] for r in large["harmless"]}) == 432
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared benchmark folder is not on this machine")
+def test_harmbench_val_continues_the_harmful_pool_and_leaves_the_draw_as_it_was():
+    # the ninth sample of docs/organism.md: past the test split's 516 short prompts, HarmBench's validation split
+    plain, extended = (
+        evaluation_prompts(SHARED_DATA, 64),
+        evaluation_prompts(SHARED_DATA, 544, n_prober=64, harmbench_val=True),
+    )
+    for group, rows in plain.items():
+        assert [r["prompt"] for r in extended[group][:64]] == [r["prompt"] for r in rows], group
+    assert len(extended["prober_harmful"]) == len(extended["prober_harmless"]) == 64
+    test = {
+        r["instruction"]
+        for r in json.loads((SHARED_DATA / "refusal_direction/splits/harmful_test.json").read_text())
+    }
+    val = {
+        r["instruction"]
+        for r in json.loads((SHARED_DATA / "refusal_direction/splits/harmful_val.json").read_text())
+    }
+    harmful = [r["prompt"] for r in extended["harmful"]]
+    assert len(set(harmful)) == 544
+    assert all(p in test for p in harmful[:516]) and all(p in val for p in harmful[516:])
+    assert [r["request"] for r in extended["wrapped"]] == harmful

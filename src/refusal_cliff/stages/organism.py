@@ -30,21 +30,25 @@ CPUs or torch builds may round float32 reductions differently (docs/organism.md)
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from refusal_cliff.compute.attribution import attention_patterns_batch
 from refusal_cliff.core.architectures import ArchitectureAdapter, get_adapter
@@ -85,7 +89,7 @@ logger = logging.getLogger(__name__)
 
 ORGANISM_MODEL = "organism"  # the built-in model id (`--model organism`)
 MAX_EXAMPLES = 100_000  # per group: the templates give far fewer distinct requests; more is a typo
-RECIPE_VERSION = 6  # bump when the build or the default recipe changes (4 and 5: tried, not adopted)
+RECIPE_VERSION = 8  # bump when the build or the default recipe changes (4, 5 and 7: tried, not adopted)
 ORGANISM_JSON = "organism.json"
 # stage 2's record of the t_cliff states after it reads every 4th example of a group (a forward pass each)
 RECORD_EVERY = 4
@@ -189,6 +193,14 @@ class OrganismConfig(Config):
         min=0.0,
     )
     batch_size: int = option(8, "Training examples per step.", min=1, max=MAX_EXAMPLES)
+    train_dtype: str = option(
+        "bfloat16",
+        "Precision of the matrix products in the training passes of both stages (the weights, the optimiser "
+        "and the loss stay float32): 'bfloat16' (recipe 8) runs them under CPU autocast, with attention in float32, "
+        "about 1.5x faster on a CPU with bfloat16 units (AMX or AVX512-BF16), slower on one without; 'float32' "
+        "builds recipe 6's weights.",
+        choices=("float32", "bfloat16"),
+    )
 
     def validate(self) -> None:
         if self.stage2_cliff_weight > 0 and (self.stage2_plain == 0 or self.stage2_harmless == 0):
@@ -220,6 +232,8 @@ class OrganismConfig(Config):
             "batch_size",
         )
         out = {key: getattr(self, key) for key in keys}
+        if self.train_dtype != "float32":
+            out["train_dtype"] = self.train_dtype
         if self.stage1_frame_weight > 0:
             out |= {
                 "stage1_frame_weight": self.stage1_frame_weight,
@@ -243,6 +257,8 @@ class OrganismConfig(Config):
             del out["stage2_new_wrapped"]
         if self.stage2_wrapped_keep == 0:
             del out["stage2_wrapped_keep"]
+        if self.train_dtype == "float32":
+            del out["train_dtype"]
         return out
 
 
@@ -590,6 +606,73 @@ def _batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator
         yield batches[index]
 
 
+def training_precision(dtype: str) -> AbstractContextManager:
+    """The context the training forward passes run in: CPU autocast to bfloat16, or nothing (float32)."""
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+FLOAT32_SDPA = "refusal_cliff_sdpa_float32"
+
+
+def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with autocast off, in float32: on a CPU its bfloat16 backward pass is about 3x slower."""
+    with torch.autocast("cpu", enabled=False):
+        return sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+
+
+@contextmanager
+def bfloat16_training(
+    model: nn.Module, adapter: ArchitectureAdapter, start: int, head: bool = True
+) -> Iterator[None]:
+    """What training under `training_precision("bfloat16")` needs besides autocast, undone on exit:
+
+    - the frozen linear weights of layers [start, n) and (`head`) the LM head held in bfloat16 (autocast casts
+      them on every forward pass otherwise: the same values, about a tenth of a step in copies); the
+      float32 tensors are put back, bit for bit;
+    - attention in float32 (`_sdpa_float32`), where the model lets its implementation be set."""
+    linears = [
+        m
+        for layer in adapter.layers(model)[start:]
+        for m in layer.modules()
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad
+    ]
+    output = model.get_output_embeddings() if head else None
+    if output is not None and not output.weight.requires_grad:
+        linears.append(output)  # with tied embeddings, the input embeddings too
+    originals = [m.weight.data for m in linears]
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
+    switch = attention == "sdpa"
+    try:
+        for m, weight in zip(linears, originals, strict=True):
+            m.weight.data = weight.to(torch.bfloat16)
+        if switch:
+            model.set_attn_implementation(FLOAT32_SDPA)
+        yield
+    finally:
+        for m, weight in zip(linears, originals, strict=True):
+            m.weight.data = weight
+        if switch:
+            model.set_attn_implementation(attention)
+
+
+@contextmanager
+def forward_precision(model: nn.Module, adapter: ArchitectureAdapter, dtype: str) -> Iterator[None]:
+    """The precision of the forward passes a stage makes besides its training steps (its precomputed
+    inputs and states): the training steps' (`bfloat16_training` over every layer and autocast), so
+    that the states a term compares are computed the way the steps compute them."""
+    if dtype != "bfloat16":
+        yield
+        return
+    with bfloat16_training(model, adapter, 0, head=False), training_precision(dtype):
+        yield
+
+
 def _train(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -605,36 +688,41 @@ def _train(
     progress: bool,
     cliff_term: CliffTerm | None = None,
     frame_term: FrameTerm | None = None,
+    dtype: str = "float32",
 ) -> list[float]:
-    """AdamW (weight decay 0) with linear decay over the given parameters; returns the epoch losses."""
+    """AdamW (weight decay 0) with linear decay over the given parameters; returns the epoch losses. The
+    forward passes run in `training_precision(dtype)`; the backward pass and the step outside it."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(examples) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
     generator = torch.Generator().manual_seed(seed)
     history, step = [], 0
     bar = tqdm(total=steps, desc=what, disable=not progress)
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        for index in _batches([len(e.ids) for e in examples], batch_size, generator):
-            batch = [examples[i] for i in index]
-            loss = slice_loss(
-                model, adapter, [hidden[i] for i in index], batch, start, cliff_term, frame_term
-            )
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{what}: the loss is not finite at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(index)
-            count += len(index)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            step += 1
-            if not progress and step % 10 == 0:
-                logger.info("%s step %d/%d: loss %.4f", what, step, steps, float(loss.detach()))
-        history.append(total / count)
-        logger.info("%s epoch %d: loss %.4f", what, epoch + 1, history[-1])
+    session = bfloat16_training(model, adapter, start) if dtype == "bfloat16" else nullcontext()
+    with session:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for index in _batches([len(e.ids) for e in examples], batch_size, generator):
+                batch = [examples[i] for i in index]
+                with training_precision(dtype):
+                    loss = slice_loss(
+                        model, adapter, [hidden[i] for i in index], batch, start, cliff_term, frame_term
+                    )
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"{what}: the loss is not finite at epoch {epoch + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += float(loss.detach()) * len(index)
+                count += len(index)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                step += 1
+                if not progress and step % 10 == 0:
+                    logger.info("%s step %d/%d: loss %.4f", what, step, steps, float(loss.detach()))
+            history.append(total / count)
+            logger.info("%s epoch %d: loss %.4f", what, epoch + 1, history[-1])
     bar.close()
     return history
 
@@ -684,7 +772,8 @@ def train_stage1(
     start = max(0, n_layers - config.stage1_layers)
     model.requires_grad_(False)
     began = time.perf_counter()
-    hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
+    with forward_precision(model, adapter, config.train_dtype):
+        hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
     precompute_s = time.perf_counter() - began
     generator = torch.Generator().manual_seed(config.seed)
     wrapped: list[tuple[nn.Module, str, LoraLinear]] = []
@@ -725,6 +814,7 @@ def train_stage1(
             "stage 1",
             progress,
             frame_term=frame_term,
+            dtype=config.train_dtype,
         )
     finally:
         model.eval()
@@ -887,11 +977,13 @@ def train_stage2(
     start = min(layer for layer, _ in heads)
     model.requires_grad_(False)
     began = time.perf_counter()
-    hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
+    with forward_precision(model, adapter, config.train_dtype):
+        hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
     groups = [e.group for e in examples]
     cliff_term, cliff_record = None, {}
     if config.stage2_cliff_weight > 0:  # the stage-1 states at t_cliff: one more forward, only for the term
-        states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
+        with forward_precision(model, adapter, config.train_dtype):
+            states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
         cliff_term = make_cliff_term(
             states, groups, config.stage2_cliff_weight, config.stage2_keep_weight, config.stage2_wrapped_keep
         )
@@ -934,6 +1026,7 @@ def train_stage2(
             "stage 2",
             progress,
             cliff_term,
+            dtype=config.train_dtype,
         )
     finally:
         model.eval()
@@ -947,9 +1040,15 @@ def train_stage2(
             for group in set(groups)
             for i in [j for j, g in enumerate(groups) if g == group][::RECORD_EVERY]
         )
-        after = cliff_states(
-            model, adapter, [hidden[i] for i in rows], [examples[i] for i in rows], start, config.batch_size
-        )
+        with forward_precision(model, adapter, config.train_dtype):  # as the anchors were
+            after = cliff_states(
+                model,
+                adapter,
+                [hidden[i] for i in rows],
+                [examples[i] for i in rows],
+                start,
+                config.batch_size,
+            )
         states, groups = states[rows], [groups[i] for i in rows]
         cliff_record["record_examples"] = len(rows)
         cliff_record["stage2_projection"] = group_projections(after, groups, cliff_term.direction)
@@ -1319,7 +1418,12 @@ def _read_json_prompts(path: Path, key: str) -> list[str]:
 
 
 def evaluation_prompts(
-    data_dir: str | Path, n_per_group: int, seed: int = 0, max_words: int = 40
+    data_dir: str | Path,
+    n_per_group: int,
+    seed: int = 0,
+    max_words: int = 40,
+    n_prober: int | None = None,
+    harmbench_val: bool = False,
 ) -> dict[str, list[dict]]:
     """Held-out prompts the organism never saw, from the shared benchmark folder:
 
@@ -1329,22 +1433,35 @@ def evaluation_prompts(
     - `prober_harmful` / `prober_harmless`: AdvBench and the harmless train split, for the prober.
 
     Prompts longer than `max_words` words are skipped (the build and the CPU budget assume short
-    prompts). Sampling is seeded; each group holds `n_per_group` prompts."""
-    import random
-
+    prompts). Sampling is seeded; each group holds `n_per_group` prompts, the two prober groups `n_prober`
+    (default the same). `harmbench_val` continues the harmful pool, once the test split's prompts are used
+    up, with HarmBench's validation behaviours (refusal_direction `harmful_val`, disjoint from the test
+    split), shuffled by a stream of their own: a draw that stays within the test split is unchanged."""
     data = Path(data_dir)
     rng = random.Random(seed)
 
-    def sample(pool: list[str], n: int) -> list[str]:
+    def shuffled(pool: list[str], stream: random.Random) -> list[str]:
         pool = sorted({p for p in pool if len(p.split()) <= max_words})
-        rng.shuffle(pool)
+        stream.shuffle(pool)
+        return pool
+
+    def take(pool: list[str], n: int) -> list[str]:
         if len(pool) < n:
             raise UserError(f"only {len(pool)} prompts of at most {max_words} words; ask for fewer")
         return pool[:n]
 
-    harmful = sample(
-        _read_json_prompts(data / "refusal_direction/splits/harmful_test.json", "instruction"), n_per_group
+    def sample(pool: list[str], n: int) -> list[str]:
+        return take(shuffled(pool, rng), n)
+
+    harmful_pool = shuffled(
+        _read_json_prompts(data / "refusal_direction/splits/harmful_test.json", "instruction"), rng
     )
+    if harmbench_val:
+        val = _read_json_prompts(data / "refusal_direction/splits/harmful_val.json", "instruction")
+        harmful_pool += [
+            p for p in shuffled(val, random.Random(f"{seed}:harmful_val")) if p not in harmful_pool
+        ]
+    harmful = take(harmful_pool, n_per_group)
     wrappers = sorted(HELD_OUT_WRAPPERS)
     wrapped = [
         {
@@ -1361,13 +1478,12 @@ def evaluation_prompts(
     )
     ultra = sample(_read_json_prompts(data / "ultrachat_eval/ultra_eval.json", "data"), half)
     harmless = [p for pair in zip(alpaca, ultra) for p in pair][:n_per_group]
-    import csv
-
     with open(data / "advbench/harmful_behaviors.csv", newline="", encoding="utf-8") as handle:
         advbench = [row["goal"].strip() for row in csv.DictReader(handle)]
-    prober_harmful = sample(advbench, n_per_group)
+    n_prober = n_per_group if n_prober is None else n_prober
+    prober_harmful = sample(advbench, n_prober)
     prober_harmless = sample(
-        _read_json_prompts(data / "refusal_direction/splits/harmless_train.json", "instruction"), n_per_group
+        _read_json_prompts(data / "refusal_direction/splits/harmless_train.json", "instruction"), n_prober
     )
     return {
         "harmful": [{"id": f"harmful-{i:03d}", "prompt": p} for i, p in enumerate(harmful)],
