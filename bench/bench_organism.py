@@ -25,13 +25,20 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from refusal_cliff.compute.activations import pad_left
 from refusal_cliff.core.models import cache_dir, load_model
 from refusal_cliff.core.templates import detect_thinking_template
-from refusal_cliff.stages.organism import OrganismConfig, run_organism, tokenise_example
+from refusal_cliff.stages.organism import (
+    OrganismConfig,
+    is_complete,
+    organism_cache_path,
+    run_organism,
+    tokenise_example,
+)
 from refusal_cliff.stages.organism_data import build_examples
 
 BUDGET_S = 12 * 60
@@ -65,12 +72,14 @@ def main() -> None:
     baseline_s, n_tokens = forward_baseline(args.model, config)
     print(f"baseline: one forward pass over the {n_tokens} stage-1 tokens: {baseline_s:.1f} s", flush=True)
     models = cache_dir() / "models"
+    cached = organism_cache_path(args.model, config)  # in the normal cache: a build to compare with
     with tempfile.TemporaryDirectory(prefix="bench-organism-") as tmp:
         (Path(tmp) / "models").symlink_to(models, target_is_directory=True)  # the converted base model
         os.environ["REFUSAL_CLIFF_CACHE"] = tmp  # an empty stage-1 cache
         began = time.perf_counter()
         result = run_organism(config, base_model=args.model, out=Path(tmp) / "organism", progress=False)
         total = time.perf_counter() - began
+        same = compare_weights(result.path, cached) if is_complete(cached) else None
     record = result.record
     stage1 = record["stage1_s"]
     print(
@@ -82,6 +91,16 @@ def main() -> None:
     print(
         f"budget {BUDGET_S} s: {verdict} ({total / BUDGET_S:.2f} of it); planted heads {result.planted_heads}"
     )
+    if same is not None:
+        print(f"the same recipe cached in {cached}: {same[0]} of {same[1]} tensors bitwise equal")
+
+
+def compare_weights(a: Path, b: Path) -> tuple[int, int]:
+    """(tensors equal bit for bit, tensors) between two checkpoint folders of the same model."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    if set(wa) != set(wb):
+        return 0, max(len(wa), len(wb))
+    return sum(torch.equal(wa[name], wb[name]) for name in wa), len(wa)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ def main() -> None:
         n_prober=args.n + prober_skip,
         harmbench_val=args.harmbench_val,
     )
+    flags = f"--n {args.n} --skip {args.skip}" + (" --harmbench-val" if args.harmbench_val else "")
+    flags += f" --prober-skip {args.prober_skip}" if args.prober_skip is not None else ""
+    (out / "draw.json").write_text(
+        json.dumps({"seed": args.seed, "flags": flags}) + "\n"
+    )  # organism_summary.py
     for group, rows in draw.items():
         rows = rows[prober_skip if group.startswith("prober_") else args.skip :]
         with open(out / f"{group}.jsonl", "w", encoding="utf-8") as handle:

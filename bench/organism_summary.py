@@ -82,6 +82,13 @@ def measured_record(summary: dict, prober_metadata: dict) -> dict:
     n, skip = summary["harmful"]["n"], summary["harmful"]["first_index"]
     prober_skip = summary["prober_harmful"]["first_index"]
     draw = f"--n {n} --skip {skip}" + (f" --prober-skip {prober_skip}" if prober_skip != skip else "")
+    generated = (
+        out / "gen_harmful" / "metadata.json"
+    )  # the prompt folder's draw.json: organism_eval.py's flags
+    if generated.exists():
+        prompts = Path(json.loads(generated.read_text()).get("config", {}).get("prompts", ""))
+        if (prompts.parent / "draw.json").is_file():
+            draw = json.loads((prompts.parent / "draw.json").read_text())["flags"]
     return {
         "prompts": f"bench/organism_eval.py (seed 0), prompts {skip}-{skip + n - 1} of each group ({draw}); "
         f"prober: {summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} harmless_train",
