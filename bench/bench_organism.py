@@ -97,7 +97,8 @@ def main() -> None:
 
 def compare_weights(a: Path, b: Path) -> tuple[int, int]:
     """(tensors equal bit for bit, tensors) between two checkpoint folders of the same model."""
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    wb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     if set(wa) != set(wb):
         return 0, max(len(wa), len(wb))
     return sum(torch.equal(wa[name], wb[name]) for name in wa), len(wa)

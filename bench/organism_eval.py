@@ -47,9 +47,8 @@ def main() -> None:
     )
     flags = f"--n {args.n} --skip {args.skip}" + (" --harmbench-val" if args.harmbench_val else "")
     flags += f" --prober-skip {args.prober_skip}" if args.prober_skip is not None else ""
-    (out / "draw.json").write_text(
-        json.dumps({"seed": args.seed, "flags": flags}) + "\n"
-    )  # organism_summary.py
+    # the flags, for bench/organism_summary.py
+    (out / "draw.json").write_text(json.dumps({"seed": args.seed, "flags": flags}) + "\n")
     for group, rows in draw.items():
         rows = rows[prober_skip if group.startswith("prober_") else args.skip :]
         with open(out / f"{group}.jsonl", "w", encoding="utf-8") as handle:

@@ -82,16 +82,19 @@ def measured_record(summary: dict, prober_metadata: dict) -> dict:
     n, skip = summary["harmful"]["n"], summary["harmful"]["first_index"]
     prober_skip = summary["prober_harmful"]["first_index"]
     draw = f"--n {n} --skip {skip}" + (f" --prober-skip {prober_skip}" if prober_skip != skip else "")
-    generated = (
-        out / "gen_harmful" / "metadata.json"
-    )  # the prompt folder's draw.json: organism_eval.py's flags
-    if generated.exists():
-        prompts = Path(json.loads(generated.read_text()).get("config", {}).get("prompts", ""))
-        if (prompts.parent / "draw.json").is_file():
-            draw = json.loads((prompts.parent / "draw.json").read_text())["flags"]
+    # organism_eval.py's flags, from the draw.json beside the prompt files (as generate was run, from the
+    # repository root)
+    generated = out / "gen_harmful" / "metadata.json"
+    prompts = (
+        json.loads(generated.read_text()).get("config", {}).get("prompts") if generated.exists() else None
+    )
+    if prompts and (Path(prompts).parent / "draw.json").is_file():
+        draw = json.loads((Path(prompts).parent / "draw.json").read_text())["flags"]
     return {
-        "prompts": f"bench/organism_eval.py (seed 0), prompts {skip}-{skip + n - 1} of each group ({draw}); "
-        f"prober: {summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} harmless_train",
+        "prompts": f"bench/organism_eval.py (seed 0), prompts {skip}-{skip + n - 1} of the harmful, wrapped and "
+        f"harmless groups, {prober_skip}-{prober_skip + summary['prober_harmful']['n'] - 1} of the prober's "
+        f"({draw}); prober: {summary['prober_harmful']['n']} AdvBench + {summary['prober_harmless']['n']} "
+        "harmless_train",
         "decoding": "greedy, max thinking 80 tokens, max answer 40 tokens",
         "thinking_states_refusal": {
             "plain": count("harmful", "thinking_refuses"),

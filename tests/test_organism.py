@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AttentionInterface
 
 from refusal_cliff.core.architectures import get_adapter
 from refusal_cliff.core.errors import UserError
@@ -22,6 +23,8 @@ from refusal_cliff.stages.organism import (
     OrganismConfig,
     SliceDelta,
     _is_measured_recipe,
+    _sdpa_float32,
+    _top_states,
     bfloat16_training,
     build_fingerprint,
     checkpoint_files,
@@ -362,7 +365,7 @@ def test_train_dtype_gives_its_own_build_and_still_freezes_everything_else(tiny_
     dtypes = ("float32", "bfloat16")
     configs = {d: OrganismConfig(**TINY, train_dtype=d) for d in dtypes}
     assert configs["float32"].stage1_dict() != configs["bfloat16"].stage1_dict()  # its own stage-1 cache
-    assert "train_dtype" not in OrganismConfig(train_dtype="float32").recipe_dict()  # recipe 6's fingerprint
+    assert "train_dtype" not in OrganismConfig(train_dtype="float32").recipe_dict()  # recipe 6's config keys
     built = {
         d: run_organism(configs[d], base_model=str(tiny_model_dir), out=tmp_path / d, progress=False)
         for d in dtypes
@@ -376,6 +379,30 @@ def test_train_dtype_gives_its_own_build_and_still_freezes_everything_else(tiny_
     name = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(a[name], b[name])  # trained in another precision
     assert torch.allclose(a[name], b[name], atol=1e-2)  # but to the same place
+
+
+def test_float32_attention_is_exact_on_right_padded_batches(smol_tokenizer):
+    # it runs causal attention without a padding mask: exact where every pad follows every real token
+    model = make_tiny_model("LlamaForCausalLM", num_hidden_layers=2)
+    model.set_attn_implementation("sdpa")
+    adapter = get_adapter(model)
+    template = detect_thinking_template(smol_tokenizer)
+    examples = [tokenise_example(smol_tokenizer, template, e, 1, 1.0) for e in build_examples(0, 2, 2, 2)]
+    assert len({len(e.ids) for e in examples}) > 1  # padded
+    hidden = layer_inputs(model, adapter, examples, 0, batch_size=6)
+    with torch.no_grad():
+        masked = _top_states(model, adapter, hidden, 0)
+        AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
+        model.set_attn_implementation(FLOAT32_SDPA)
+        unmasked = _top_states(model, adapter, hidden, 0)
+    for row, example in enumerate(examples):
+        n = len(example.ids)
+        assert torch.allclose(masked[row, :n], unmasked[row, :n], atol=1e-5)
+    sliding = make_tiny_model("LlamaForCausalLM", num_hidden_layers=2)
+    sliding.set_attn_implementation("sdpa")
+    sliding.config.sliding_window = 4
+    with bfloat16_training(sliding, get_adapter(sliding), 0):
+        assert sliding.config._attn_implementation == "sdpa"  # a window needs the mask: not switched
 
 
 def test_deltas_merge_exactly():

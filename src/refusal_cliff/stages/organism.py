@@ -25,7 +25,8 @@ stage-1 model is cached the same way, so a re-run after an interrupt restarts at
 
 Reproducibility: every random draw is seeded (data, LoRA initialisation, batch order). On the
 team's 2-core machine a rebuild gave bitwise-identical weights, with 1 or 2 torch threads; other
-CPUs or torch builds may round float32 reductions differently (docs/organism.md).
+CPUs or torch builds may round float32 reductions differently, and bfloat16 products (the default
+`train_dtype`) depend on the CPU's bfloat16 kernels too (docs/organism.md).
 """
 
 from __future__ import annotations
@@ -195,10 +196,10 @@ class OrganismConfig(Config):
     batch_size: int = option(8, "Training examples per step.", min=1, max=MAX_EXAMPLES)
     train_dtype: str = option(
         "bfloat16",
-        "Precision of the matrix products in the training passes of both stages (the weights, the optimiser "
-        "and the loss stay float32): 'bfloat16' (recipe 8) runs them under CPU autocast, with attention in float32, "
-        "about 1.5x faster on a CPU with bfloat16 units (AMX or AVX512-BF16), slower on one without; 'float32' "
-        "builds recipe 6's weights.",
+        "Precision of the matrix products in the forward passes of both stages (the trained weights, the "
+        "optimiser and the loss stay float32): 'bfloat16' (recipe 8) runs them under CPU autocast, with "
+        "attention in float32, about 1.5x faster on a CPU with bfloat16 units (AMX or AVX512-BF16; without them "
+        "probably slower, not measured); 'float32' is recipe 6's arithmetic.",
         choices=("float32", "bfloat16"),
     )
 
@@ -617,7 +618,12 @@ FLOAT32_SDPA = "refusal_cliff_sdpa_float32"
 
 
 def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with autocast off, in float32: on a CPU its bfloat16 backward pass is about 3x slower."""
+    """SDPA with autocast off, in float32: on a CPU its bfloat16 backward pass is about 3x slower.
+
+    transformers builds no mask for an implementation name it does not know, so this runs causal
+    attention without a padding mask. That is exact for the organism's batches, which are right-padded
+    (`_pad`): every pad comes after every real token, so no real token attends to one, and pad positions
+    are never read. `bfloat16_training` uses it only for models without sliding-window attention."""
     with torch.autocast("cpu", enabled=False):
         return sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
@@ -633,7 +639,8 @@ def bfloat16_training(
     - the frozen linear weights of layers [start, n) and (`head`) the LM head held in bfloat16 (autocast casts
       them on every forward pass otherwise: the same values, about a tenth of a step in copies); the
       float32 tensors are put back, bit for bit;
-    - attention in float32 (`_sdpa_float32`), where the model lets its implementation be set."""
+    - attention in float32 (`_sdpa_float32`) when the model runs SDPA without a sliding window (others,
+      eager ones included, keep their attention under autocast: slower, and as exact)."""
     linears = [
         m
         for layer in adapter.layers(model)[start:]
@@ -647,7 +654,12 @@ def bfloat16_training(
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None)
     AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
-    switch = attention == "sdpa"
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    )
+    switch = (
+        attention == "sdpa" and not sliding and "sliding_attention" not in getattr(config, "layer_types", [])
+    )
     try:
         for m, weight in zip(linears, originals, strict=True):
             m.weight.data = weight.to(torch.bfloat16)
