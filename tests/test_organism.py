@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AttentionInterface
 
 from refusal_cliff.core.architectures import get_adapter
 from refusal_cliff.core.errors import UserError
@@ -23,7 +22,6 @@ from refusal_cliff.stages.organism import (
     OrganismConfig,
     SliceDelta,
     _is_measured_recipe,
-    _sdpa_float32,
     _top_states,
     bfloat16_training,
     build_fingerprint,
@@ -392,7 +390,6 @@ def test_float32_attention_is_exact_on_right_padded_batches(smol_tokenizer):
     hidden = layer_inputs(model, adapter, examples, 0, batch_size=6)
     with torch.no_grad():
         masked = _top_states(model, adapter, hidden, 0)
-        AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
         model.set_attn_implementation(FLOAT32_SDPA)
         unmasked = _top_states(model, adapter, hidden, 0)
     for row, example in enumerate(examples):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -426,19 +426,24 @@ PATTERN_REGIONS = ("prompt", "thinking", "end_template")
 
 
 @contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run the block with the eager attention implementation (the only one that returns the
-    weights), whatever the model was loaded with; the implementation is restored afterwards."""
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run the block with the attention implementation `name` (a built-in one or one registered in
+    transformers' `AttentionInterface`), whatever the model was loaded with; restored afterwards."""
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    switch = original not in (None, "eager")
+    switch = original not in (None, name)
     if switch:
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(name)
     try:
         yield
     finally:
         if switch:
             model.set_attn_implementation(original)
+
+
+def eager_attention(model: nn.Module) -> AbstractContextManager:
+    """Run the block with the eager attention implementation (the only one that returns the weights)."""
+    return attention_implementation(model, "eager")
 
 
 @torch.no_grad()

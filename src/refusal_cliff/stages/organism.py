@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from refusal_cliff.compute.attribution import attention_patterns_batch
+from refusal_cliff.compute.attribution import attention_implementation, attention_patterns_batch
 from refusal_cliff.core.architectures import ArchitectureAdapter, get_adapter
 from refusal_cliff.core.config import SEED_BOUNDS, Config, option, parse_floats
 from refusal_cliff.core.errors import UserError
@@ -614,7 +614,7 @@ def training_precision(dtype: str) -> AbstractContextManager:
     return nullcontext()
 
 
-FLOAT32_SDPA = "refusal_cliff_sdpa_float32"
+FLOAT32_SDPA = "refusal_cliff_sdpa_float32"  # registered below, once
 
 
 def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
@@ -628,6 +628,9 @@ def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
         )
+
+
+AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
 
 
 @contextmanager
@@ -653,7 +656,6 @@ def bfloat16_training(
     originals = [m.weight.data for m in linears]
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None)
-    AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
     sliding = getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True
     )
@@ -663,14 +665,11 @@ def bfloat16_training(
     try:
         for m, weight in zip(linears, originals, strict=True):
             m.weight.data = weight.to(torch.bfloat16)
-        if switch:
-            model.set_attn_implementation(FLOAT32_SDPA)
-        yield
+        with attention_implementation(model, FLOAT32_SDPA) if switch else nullcontext():
+            yield
     finally:
         for m, weight in zip(linears, originals, strict=True):
             m.weight.data = weight
-        if switch:
-            model.set_attn_implementation(attention)
 
 
 @contextmanager
