@@ -992,11 +992,15 @@ def train_stage2(
     began = time.perf_counter()
     with forward_precision(model, adapter, config.train_dtype):
         hidden = layer_inputs(model, adapter, examples, start, config.batch_size)
+        # the stage-1 states at t_cliff: one more forward, only for the term
+        states = (
+            cliff_states(model, adapter, hidden, examples, start, config.batch_size)
+            if config.stage2_cliff_weight > 0
+            else None
+        )
     groups = [e.group for e in examples]
     cliff_term, cliff_record = None, {}
-    if config.stage2_cliff_weight > 0:  # the stage-1 states at t_cliff: one more forward, only for the term
-        with forward_precision(model, adapter, config.train_dtype):
-            states = cliff_states(model, adapter, hidden, examples, start, config.batch_size)
+    if states is not None:
         cliff_term = make_cliff_term(
             states, groups, config.stage2_cliff_weight, config.stage2_keep_weight, config.stage2_wrapped_keep
         )
@@ -1471,9 +1475,8 @@ def evaluation_prompts(
     )
     if harmbench_val:
         val = _read_json_prompts(data / "refusal_direction/splits/harmful_val.json", "instruction")
-        harmful_pool += [
-            p for p in shuffled(val, random.Random(f"{seed}:harmful_val")) if p not in harmful_pool
-        ]
+        seen = set(harmful_pool)
+        harmful_pool += [p for p in shuffled(val, random.Random(f"{seed}:harmful_val")) if p not in seen]
     harmful = take(harmful_pool, n_per_group)
     wrappers = sorted(HELD_OUT_WRAPPERS)
     wrapped = [
